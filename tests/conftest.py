@@ -1,0 +1,58 @@
+"""Shared fixtures: seeded RNGs and tiny random models of real architectures."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def make_tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+    """A LlamaForCausalLM with random weights: 2 layers, width 32, 4 heads / 2 KV heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_gpt2(vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+    """A GPT2LMHeadModel (Conv1D layers, fan_in_fan_out) with random weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256
+    )
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2()
