@@ -1,0 +1,169 @@
+"""Hot paths of training: a cross-entropy over the vocabulary that never holds full logits.
+
+For hidden states h (N, H) at supervised positions, output weight W (V, H) and targets y (N,):
+
+    loss = sum_i [ logsumexp_v (h_i . W_v) - h_i . W_{y_i} ]
+    dloss/dlogits = softmax(logits) - onehot(y)
+
+`linear_cross_entropy` computes both in one pass, `chunk_size` rows at a time, so at most
+(chunk_size, V) fp32 logits exist at once and none are kept for backward: the gradients with
+respect to h (and W, when it is trained) are accumulated during the forward and scaled in
+backward. `causal_lm_loss` runs a Hugging Face causal LM's decoder, keeps only positions whose
+shifted label is not -100 (and not the first token of a packed sample), and applies it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (h @ W.T + b) against targets, gradients computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype):  # noqa: D102
+        n = hidden.shape[0]
+        w = weight.to(compute_dtype)  # (V, H)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                h = hidden[start : start + chunk_size].to(compute_dtype)  # (C, H)
+                y = targets[start : start + chunk_size]  # (C,)
+                logits = (h @ w.T).float()  # (C, V)
+                if bias is not None:
+                    logits += bias.float()
+                lse = torch.logsumexp(logits, dim=-1)  # (C,)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                # logits becomes dloss/dlogits in place: softmax - onehot.
+                logits.sub_(lse[:, None]).exp_()
+                logits[torch.arange(len(y), device=y.device), y] -= 1.0
+                if need_h:
+                    grad_h[start : start + chunk_size] = (logits.to(compute_dtype) @ w).to(
+                        hidden.dtype
+                    )
+                if need_w:
+                    grad_w += logits.T @ h.float()
+                if need_b:
+                    grad_b += logits.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, chunked.
+
+    hidden (N, H), weight (V, H), targets (N,) long with no ignored entries. Matmuls run in the
+    autocast dtype when autocast is on (as `nn.Linear` would), the softmax always in fp32.
+    """
+    if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"linear_cross_entropy expects hidden (N, H) and targets (N,); got "
+            f"{tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if hidden.shape[0] == 0:
+        return (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, compute_dtype)
+
+
+def _head_cross_entropy(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Summed cross-entropy through an arbitrary head module, recomputing chunk logits in
+    backward (activation checkpointing) so they are never all held at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
+    return total
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face `*ForCausalLM` inside `model` (a LoraModel or DDP wrapper allowed)."""
+    from transformers import PreTrainedModel
+
+    seen = 0
+    while not isinstance(model, PreTrainedModel) and seen < 4:
+        inner = getattr(model, "module", None) or getattr(model, "base_model", None)
+        if inner is None or inner is model:
+            break
+        model, seen = inner, seen + 1
+    return model
+
+
+def supervised_targets(
+    labels: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean mask (B, T) of positions that predict a supervised next token, and the
+    flattened targets at those positions (shifted by one, first token of packed samples
+    excluded)."""
+    nxt = labels[:, 1:]  # (B, T-1): the token each position predicts
+    keep = nxt != IGNORE_INDEX
+    if position_ids is not None:
+        keep &= position_ids[:, 1:] != 0  # no prediction across a packed-sample boundary
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = keep
+    return mask, nxt[keep]
+
+
+def causal_lm_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024
+) -> tuple[torch.Tensor, int]:
+    """(summed next-token cross-entropy, number of supervised tokens) for one batch.
+
+    Runs the decoder only, gathers supervised positions, then the output head chunk by chunk.
+    """
+    lm = unwrap_causal_lm(model)
+    decoder = lm.base_model  # HF: the bare transformer (`model.model`, `model.transformer`)
+    head = lm.get_output_embeddings()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    mask, targets = supervised_targets(batch["labels"], batch.get("position_ids"))
+    if getattr(lm.config, "final_logit_softcapping", None) or decoder is lm:
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V): no chunked path
+        loss = F.cross_entropy(logits[mask].float(), targets, reduction="sum")
+        return loss, int(targets.numel())
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    selected = hidden[mask]  # (N, H) supervised positions only
+    if type(head) is nn.Linear:
+        loss = linear_cross_entropy(selected, head.weight, targets, head.bias, chunk_size)
+    else:  # e.g. a LoRA-wrapped lm_head: run the module itself, chunk by chunk
+        loss = _head_cross_entropy(selected, head, targets, chunk_size)
+    return loss, int(targets.numel())
