@@ -1,0 +1,209 @@
+"""`LoraConfig`: what to adapt and how, with peft's field names and `adapter_config.json` format.
+
+The scaling of an adapter of rank r is `lora_alpha / r`, or `lora_alpha / sqrt(r)` with
+`use_rslora`. `rank_pattern` / `alpha_pattern` map a regex on the module name to a per-module
+rank / alpha; the first pattern that matches the end of the name wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import AdapterError, ConfigError, closest
+
+CONFIG_NAME = "adapter_config.json"
+
+# peft fields lorakit does not implement. Left at these values they change nothing; any other
+# value means the adapter needs a feature lorakit lacks, so loading it must fail, not drift.
+_UNSUPPORTED_FEATURES: dict[str, Any] = {
+    "use_dora": False,
+    "lora_bias": False,
+    "use_qalora": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+}
+# peft fields that only describe how the adapter was made or initialised: kept, not used.
+_DESCRIPTIVE = {
+    "peft_type", "auto_mapping", "peft_version", "revision", "megatron_config", "megatron_core",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+    "qalora_group_size", "runtime_config", "arrow_config", "kasa_config", "monteclora_config",
+    "ensure_weight_tying",
+}  # fmt: skip
+_BIAS = ("none", "all", "lora_only")
+
+
+@dataclass
+class _LoraFields:
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class LoraConfig(_LoraFields):
+    """Configuration of one LoRA adapter (peft's `LoraConfig` fields and meanings)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        names = [f.name for f in dataclasses.fields(_LoraFields)]
+        for key in kwargs:
+            if key not in names:
+                raise ConfigError(
+                    f"LoraConfig got an unknown argument `{key}`{closest(key, names)}; "
+                    f"allowed: {', '.join(n for n in names if n != 'extra')}"
+                )
+        super().__init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, allowed: str) -> ConfigError:
+            value = getattr(self, name)
+            return ConfigError(f"LoraConfig.{name}={value!r} is invalid: expected {allowed}")
+
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise bad("r", "a positive integer rank such as 8 or 16")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise bad("lora_alpha", "a positive number such as 16 or 32")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "a probability in [0, 1)")
+        if self.bias not in _BIAS:
+            raise bad("bias", f"one of {_BIAS}")
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
+            raise bad("init_lora_weights", "True (kaiming A, zero B), 'gaussian' or False")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+            elif value is not None and not isinstance(value, (str, list)):
+                raise bad(name, "a list of module names, a regex string, or 'all-linear'")
+            if isinstance(value, str) and name == "target_modules":
+                _check_regex(name, value)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int) and not isinstance(
+            self.layers_to_transform, bool
+        ):
+            self.layers_to_transform = [self.layers_to_transform]
+        for pattern, rank in self.rank_pattern.items():
+            _check_regex("rank_pattern", pattern)
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"LoraConfig.rank_pattern[{pattern!r}]={rank!r}: expected r > 0")
+        for pattern in self.alpha_pattern:
+            _check_regex("alpha_pattern", pattern)
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank of the adapter on `module_name` (rank_pattern, else r)."""
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        """The lora_alpha of the adapter on `module_name` (alpha_pattern, else lora_alpha)."""
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        """alpha / r, or alpha / sqrt(r) with use_rslora."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `adapter_config.json` content, peft's layout."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(_LoraFields)}
+        data.pop("extra")
+        data = {**_UNSUPPORTED_FEATURES, **self.extra, **data}
+        data["peft_type"] = "LORA"
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(data[key], list):
+                data[key] = sorted(data[key])
+        return dict(sorted(data.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> LoraConfig:
+        """Build from a peft-style dict; unknown non-default peft features are refused."""
+        known = {f.name for f in dataclasses.fields(_LoraFields)} - {"extra"}
+        kwargs, extra, ignored = {}, {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _UNSUPPORTED_FEATURES:
+                if value not in (_UNSUPPORTED_FEATURES[key], None, False, {}, []):
+                    raise AdapterError(
+                        f"{source}: `{key}`={value!r} needs a feature lorakit does not support; "
+                        f"only adapters with `{key}`={_UNSUPPORTED_FEATURES[key]!r} can be used"
+                    )
+            elif key in _DESCRIPTIVE:
+                extra[key] = value
+            else:
+                extra[key] = value
+                if value not in (None, False, {}, []):
+                    ignored.append(key)
+        if data.get("peft_type", "LORA") != "LORA":
+            raise AdapterError(f"{source}: peft_type={data['peft_type']!r}; lorakit reads LORA")
+        if ignored:
+            warnings.warn(f"{source}: ignoring unknown fields {ignored}", stacklevel=2)
+        try:
+            config = cls(**kwargs)
+        except ConfigError as error:
+            raise AdapterError(f"{source}: {error}") from None
+        config.extra = {k: v for k, v in extra.items() if k not in ("peft_type",)}
+        return config
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `adapter_config.json` into `directory`."""
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LoraConfig:
+        """Read `adapter_config.json` from an adapter directory, with errors naming the file."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise AdapterError(
+                f"{path}: not found; an adapter directory holds {CONFIG_NAME} and "
+                "adapter_model.safetensors (as written by save_pretrained)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise AdapterError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise AdapterError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+
+def _check_regex(field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(
+            f"LoraConfig.{field_name}: {pattern!r} is not a valid regular expression ({error})"
+        ) from None
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name):
+            return value
+    return default

@@ -1,0 +1,271 @@
+"""Finding target modules, wrapping them with `LoraLinear`, and choosing what trains.
+
+Target rules: a list entry matches a module whose full name equals it, ends with `.` + it, or
+whose class name equals it ("Linear", "Conv1D", "Embedding"); a string is a full regex match
+on the name; "all-linear" is every linear layer except the output head; "preset" is the
+architecture's preset from `lorakit.models.target_preset`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError
+from lorakit.layers import CONV1D, LINEAR, LoraLinear, ModulesToSave, layer_kind
+
+_LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every submodule, not descending into LoRA or modules_to_save wrappers."""
+    for name, child in model.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        yield full, child
+        if not isinstance(child, (LoraLinear, ModulesToSave)):
+            yield from walk(child, full)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLinear) else module
+
+
+def _name_matches(spec: list[str] | str | None, name: str, module: nn.Module) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    cls = type(_unwrap(module)).__name__
+    return any(name == e or name.endswith("." + e) or cls == e for e in spec)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    for pattern in patterns or _LAYER_INDEX_PATTERNS:
+        found = re.match(rf"(?:.*\.)?{pattern}\.(\d+)(?:\.|$)", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str | None:
+    targets = config.target_modules
+    if targets == "preset" or targets == ["preset"]:
+        from lorakit.models import target_preset
+
+        preset = target_preset(model)
+        if preset is None:
+            raise ConfigError(_no_preset_message(model))
+        return preset
+    return targets
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs `config` adapts in `model`; raises a clear error on no match."""
+    targets = _resolve_targets(model, config)
+    if targets is None:
+        raise ConfigError(
+            "LoraConfig.target_modules is not set: give a list of module names (e.g. "
+            "['q_proj', 'v_proj']), a regex, 'all-linear', or 'preset'\n" + _layer_names_hint(model)
+        )
+    head = _output_head(model)
+    found = []
+    for name, module in walk(model):
+        if targets == "all-linear":
+            hit = layer_kind(module) in (LINEAR, CONV1D) and _unwrap(module) is not head
+            hit = hit and name.split(".")[-1] != "lm_head"
+        else:
+            hit = _name_matches(targets, name, module)
+        if not hit or _name_matches(config.exclude_modules, name, module):
+            continue
+        if layer_kind(module) is None:
+            if isinstance(targets, list) and type(module).__name__ in targets:
+                continue  # a class-name target matched a container of that name
+            raise ConfigError(
+                f"target `{name}` is a {type(module).__name__}, which LoRA cannot wrap; target "
+                "its nn.Linear / Conv1D / nn.Embedding children instead\n" + _layer_names_hint(model)
+            )
+        if config.layers_to_transform is not None:
+            index = _layer_index(name, config.layers_pattern)
+            if index is None or index not in config.layers_to_transform:
+                continue
+        found.append((name, module))
+    if not found:
+        raise ConfigError(
+            f"target_modules={targets!r} matched no layer of {type(model).__name__}\n"
+            + _layer_names_hint(model)
+        )
+    return found
+
+
+def _layer_names_hint(model: nn.Module) -> str:
+    names = [n for n, m in walk(model) if layer_kind(m) is not None]
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    hint = f"layers LoRA can wrap here ({len(names)}): e.g. {names[:6]}; names: {suffixes[:20]}"
+    try:
+        from lorakit.models import target_preset
+
+        preset = target_preset(model)
+    except ImportError:
+        preset = None
+    if preset:
+        hint += f"\nthe preset for this architecture: target_modules={preset} (or 'preset')"
+    return hint
+
+
+def _no_preset_message(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    return f"no target preset for `{model_type}`: list target_modules\n" + _layer_names_hint(model)
+
+
+def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap (or extend) every target of `config` with adapter `adapter_name`; returns the names."""
+    names = []
+    for name, module in find_targets(model, config):
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module)
+            _replace(model, name, module)
+        if module.kind == CONV1D:
+            config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)
+        module.update_layer(
+            adapter_name,
+            r=config.rank_for(name),
+            lora_alpha=config.alpha_for(name),
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            use_rslora=config.use_rslora,
+        )
+        names.append(name)
+    for name, module in find_modules_to_save(model, config):
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _replace(model, name, module)
+        module.add_copy(adapter_name)
+    return names
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs named by `config.modules_to_save`."""
+    wanted = config.modules_to_save or []
+    found = [(n, m) for n, m in walk(model) if any(n == w or n.endswith("." + w) for w in wanted)]
+    missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n, _ in found)]
+    if missing:
+        raise ConfigError(f"modules_to_save {missing} match no module\n" + _layer_names_hint(model))
+    return found
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none") -> None:
+    """Freeze everything, then unfreeze the named adapters, their module copies and biases."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            for adapter in adapter_names:
+                if adapter in module.r:
+                    for param in module.lora_weights(adapter):
+                        param.requires_grad_(True)
+            if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                module.base_layer.bias.requires_grad_(True)
+        elif isinstance(module, ModulesToSave):
+            for adapter in adapter_names:
+                if adapter in module.modules_to_save:
+                    module.modules_to_save[adapter].requires_grad_(True)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and ".original_module." not in name:
+                param.requires_grad_(True)
+
+
+# ----------------------------------------------------------------- the functional form
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: list[str] | str,
+    rank: int = 16,
+    lora_alpha: float = 32,
+    lora_dropout: float = 0.0,
+    adapter_name: str = "default",
+    **config_fields,
+) -> nn.Module:
+    """Wrap `target_modules` of `model` in place with a fresh adapter and freeze the rest."""
+    config = LoraConfig(
+        r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        target_modules=target_modules, **config_fields,
+    )  # fmt: skip
+    add_adapter_layers(model, config, adapter_name)
+    mark_trainable(model, [adapter_name], config.bias)
+    return model
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors of `model` (all adapters, or one), with the model's own key names."""
+    keys = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.")
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if any(k in name for k in keys) and (
+            adapter_name is None or f".{adapter_name}." in name + "."
+        ):
+            out[name] = tensor
+    return out
+
+
+@dataclass
+class InjectionReport:
+    """What `check_injection` found: LoRA layers, frozen and trainable parameters."""
+
+    lora_layers: list[str] = field(default_factory=list)
+    trainable_lora: int = 0
+    frozen: int = 0
+    trainable_base: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"LoRA layers: {len(self.lora_layers)} ({', '.join(self.lora_layers[:4])}"
+            + (", ..." if len(self.lora_layers) > 4 else "") + ")",
+            f"trainable LoRA params: {self.trainable_lora:,}",
+            f"frozen params: {self.frozen:,}",
+        ]  # fmt: skip
+        if self.trainable_base:
+            lines.append(f"WARNING trainable non-LoRA params: {self.trainable_base}")
+        return "\n".join(lines)
+
+
+def check_injection(model: nn.Module) -> InjectionReport:
+    """List LoRA layers, count frozen and trainable params, flag trainable base params."""
+    report = InjectionReport()
+    report.lora_layers = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            report.frozen += param.numel()
+        elif "lora_" in name:
+            report.trainable_lora += param.numel()
+        else:
+            report.trainable_base.append(name)
+    return report
+
+
+def check_gradients(model: nn.Module) -> list[str]:
+    """Names of trainable parameters whose gradient is missing or all zero after backward."""
+    return [
+        name
+        for name, param in model.named_parameters()
+        if param.requires_grad and (param.grad is None or not param.grad.any())
+    ]

@@ -1,0 +1,257 @@
+"""`LoraLinear`: a base layer plus named low-rank adapters.
+
+For a base weight W (out × in), adapter `a` adds `scaling_a * B_a @ A_a` with
+A_a (r × in), B_a (out × r), so the forward is
+
+    y = base(x) + scaling_a * B_a(A_a(dropout_a(x)))
+
+summed over the active adapters. A transformers `Conv1D` stores W as (in × out)
+(`fan_in_fan_out`); an `nn.Embedding` uses A (r × num_embeddings) and B (dim × r) and looks A up
+by token id. With per-row adapters set (`set_row_groups`), each row gets only its own adapter:
+rows are grouped by adapter and each group costs one small matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d', 'embedding', or None when LoRA cannot wrap `module`."""
+    if isinstance(module, LoraLinear):
+        return module.kind
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return CONV1D
+    if all(hasattr(module, a) for a in ("in_features", "out_features", "dequantize")):
+        return LINEAR
+    return None
+
+
+class LoraLinear(nn.Module):
+    """Wraps `nn.Linear`, GPT-2 `Conv1D`, `nn.Embedding` or a quantized linear with adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        kind = layer_kind(base_layer)
+        if kind is None:
+            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.kind = kind
+        if kind == EMBEDDING:
+            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        elif kind == CONV1D:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._row_groups: list[tuple[str, torch.Tensor]] | None = None
+
+    # ---------------------------------------------------------------- adapters
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+    ) -> None:
+        """Add (or replace) adapter `adapter_name` of rank r."""
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout else nn.Identity()
+        weight = self._base_weight()
+        device = weight.device if weight is not None else None
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        if self.kind == EMBEDDING:
+            self.lora_embedding_A[adapter_name] = nn.Parameter(
+                torch.empty(r, self.in_features, device=device, dtype=dtype)
+            )
+            self.lora_embedding_B[adapter_name] = nn.Parameter(
+                torch.empty(self.out_features, r, device=device, dtype=dtype)
+            )
+        else:
+            self.lora_A[adapter_name] = nn.Linear(self.in_features, r, False, device, dtype)
+            self.lora_B[adapter_name] = nn.Linear(r, self.out_features, False, device, dtype)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if adapter_name not in self.active_adapters and not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """True: A kaiming-uniform, B zero. 'gaussian': A ~ N(0, 1/r), B zero. False: both random."""
+        if self.kind == EMBEDDING:
+            # Embeddings look A up by token id, so the roles swap: A zero, B normal.
+            a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+            nn.init.normal_(b)
+            if init_lora_weights is False:
+                nn.init.normal_(a)
+            else:
+                nn.init.zeros_(a)
+            return
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` (unmerging it first if merged)."""
+        if adapter_name in self.merged_adapters:
+            self.unmerge([adapter_name])
+        for container in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B):
+            if adapter_name in container:
+                del container[adapter_name]
+        self.lora_dropout.pop(adapter_name, None)
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(adapter_name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of an adapter: A (r × in), B (out × r) in every layer kind."""
+        if self.kind == EMBEDDING:
+            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def set_row_groups(self, groups: list[tuple[str, torch.Tensor]] | None) -> None:
+        """Per-row adapters: [(adapter, row indices)], rows absent use no adapter; None: off."""
+        self._row_groups = groups
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters and self.merged_adapters:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or not self.r:
+            return result
+        if self._row_groups is not None:
+            if self.merged_adapters:
+                raise RuntimeError("per-row adapters need unmerged adapters; call unmerge_adapter()")
+            for name, rows in self._row_groups:
+                if name in self.r:
+                    delta = self._delta(x.index_select(0, rows), name, result.dtype)
+                    result = result.index_add(0, rows, delta)
+            return result
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = result + self._delta(x, name, result.dtype)
+        return result
+
+    def _delta(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """scaling * B(A(dropout(x))) in the result's dtype."""
+        a, b = self.lora_weights(name)
+        if self.kind == EMBEDDING:
+            base = self.base_layer
+            h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
+                            base.scale_grad_by_freq, base.sparse)  # fmt: skip
+            return (h @ b.T * self.scaling[name]).to(dtype)  # (..., dim)
+        x = self.lora_dropout[name](x)
+        h = F.linear(x.to(dtype), a.to(dtype)) * self.scaling[name]  # (..., r)
+        return F.linear(h, b.to(dtype))  # (..., out)
+
+    # ---------------------------------------------------------------- merging
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling * B @ A in the base weight's layout: (out, in), (in, out) for Conv1D."""
+        a, b = self.lora_weights(adapter_name)
+        delta = (b.float() @ a.float()) * self.scaling[adapter_name]  # (out, in)
+        return delta.T if self.kind in (CONV1D, EMBEDDING) else delta
+
+    def _base_weight(self) -> torch.Tensor | None:
+        weight = getattr(self.base_layer, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) else None
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' delta weights into the base weight in place."""
+        weight = self._base_weight()
+        if weight is None or not weight.is_floating_point():
+            raise TypeError(
+                f"cannot merge in place into a {type(self.base_layer).__name__} base; "
+                "use merge_and_unload(), which dequantizes first"
+            )
+        for name in adapter_names or self.active_adapters:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            merged = weight.float() + self.delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter `{name}` produced non-finite weights; not merged")
+            weight.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        """Subtract merged adapters from the base weight, newest first."""
+        weight = self._base_weight()
+        for name in reversed(list(self.merged_adapters)):
+            if adapter_names is None or name in adapter_names:
+                weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+                self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
+        return f"kind={self.kind}, adapters=[{ranks}], active={self.active_adapters}"
+
+
+class ModulesToSave(nn.Module):
+    """A trainable copy of a whole module per adapter (peft's `modules_to_save`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self._row_groups: list[tuple[str, torch.Tensor]] | None = None
+
+    def add_copy(self, adapter_name: str) -> None:
+        """A trainable deep copy of the original module for `adapter_name`."""
+        import copy
+
+        module = copy.deepcopy(self.original_module)
+        for param in module.parameters():
+            param.requires_grad_(True)
+        self.modules_to_save[adapter_name] = module
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    def set_row_groups(self, groups: list[tuple[str, torch.Tensor]] | None) -> None:
+        """Per-row adapters, as in `LoraLinear.set_row_groups`."""
+        self._row_groups = groups
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._row_groups is not None:
+            result = self.original_module(x, *args, **kwargs)
+            for name, rows in self._row_groups:
+                if name in self.modules_to_save:
+                    own = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
+                    result = result.index_copy(0, rows, own.to(result.dtype))
+            return result
+        active = [a for a in self.active_adapters if a in self.modules_to_save]
+        if self.disable_adapters or not active:
+            return self.original_module(x, *args, **kwargs)
+        return self.modules_to_save[active[0]](x, *args, **kwargs)

@@ -1,0 +1,337 @@
+"""`LoraModel`: a base model with named LoRA adapters, and `get_peft_model`."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit import adapters as files
+from lorakit.combine import combine_adapters
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError, ConfigError
+from lorakit.inject import add_adapter_layers, mark_trainable
+from lorakit.layers import LoraLinear, ModulesToSave
+
+logger = logging.getLogger("lorakit")
+BASE = "__base__"  # the per-row name meaning "no adapter"
+
+
+class LoraModel(nn.Module):
+    """A base model whose target layers carry named adapters; attributes fall through to it."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        self.chat_template: str | None = None
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---------------------------------------------------------------- adapters
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter's name."""
+        return self.active_adapters[0]
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLinear]]:
+        """(name, layer) for every `LoraLinear` in the base model."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, LoraLinear):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[LoraLinear | ModulesToSave]:
+        for module in self.base_model.modules():
+            if isinstance(module, (LoraLinear, ModulesToSave)):
+                yield module
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add a fresh adapter; the active adapters stay as they are."""
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"an adapter named `{adapter_name}` exists; delete it or pick a name")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
+        config = copy.deepcopy(config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = _name_or_path(self.base_model)
+        add_adapter_layers(self.base_model, config, adapter_name)
+        self.peft_config[adapter_name] = config
+        if self.active_adapters:
+            self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters active (and the only trainable ones, unless inference mode)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require(name)
+        for module in self._wrappers():
+            module.active_adapters = names
+        self.active_adapters = names
+        config = self.peft_config[names[0]]
+        if config.inference_mode:
+            self.base_model.requires_grad_(False)
+        else:
+            mark_trainable(self.base_model, names, config.bias)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer."""
+        self._require(adapter_name)
+        for module in self._wrappers():
+            if isinstance(module, LoraLinear):
+                module.delete_adapter(adapter_name)
+            elif adapter_name in module.modules_to_save:
+                del module.modules_to_save[adapter_name]
+                module.active_adapters = [a for a in module.active_adapters if a != adapter_name]
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        self.active_adapters = remaining or list(self.peft_config)[:1]
+        if self.active_adapters:
+            self.set_adapter(self.active_adapters)
+
+    def _require(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise AdapterError(f"no adapter named `{name}`; loaded: {sorted(self.peft_config)}")
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the context the model computes exactly the base model's output."""
+        wrappers = list(self._wrappers())
+        for module in wrappers:
+            module.disable_adapters = True
+        try:
+            yield
+        finally:
+            for module in wrappers:
+                module.disable_adapters = False
+
+    @contextlib.contextmanager
+    def mixed_adapters(self, adapter_names: list[str | None]) -> Iterator[None]:
+        """Per-row adapters for one batch: row i uses adapter_names[i] (None / '__base__': none)."""
+        device = next(self.base_model.parameters()).device
+        groups = []
+        for name in dict.fromkeys(adapter_names):
+            if name is None or name == BASE:
+                continue
+            self._require(name)
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            groups.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
+        wrappers = list(self._wrappers())
+        for module in wrappers:
+            module.set_row_groups(groups)
+        try:
+            yield
+        finally:
+            for module in wrappers:
+                module.set_row_groups(None)
+
+    # ---------------------------------------------------------------- running
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; `adapter_names` gives one adapter per batch row."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self.mixed_adapters(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's `generate`, optionally with one adapter per batch row."""
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self.mixed_adapters(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its target layers hold LoRA wrappers)."""
+        return self.base_model
+
+    # ---------------------------------------------------------------- parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counting quantized base weights at full size."""
+        trainable = all_params = 0
+        for param in self.parameters():
+            all_params += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        for module in self.base_model.modules():
+            if hasattr(module, "dequantize") and not isinstance(
+                getattr(module, "weight", None), nn.Parameter
+            ):
+                all_params += module.in_features * module.out_features
+        return trainable, all_params
+
+    def print_trainable_parameters(self) -> None:
+        """Print `trainable params: X || all params: Y || trainable%: Z`."""
+        trainable, all_params = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {all_params:,d} || "
+            f"trainable%: {100 * trainable / all_params:.4f}"
+        )
+
+    # ---------------------------------------------------------------- merging
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False):
+        """Merge adapters into the base weights in place (undo with `unmerge_adapter`)."""
+        for _, layer in self.lora_layers():
+            layer.merge(adapter_names or self.active_adapters, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Undo `merge_adapter`: the base weights return to their values before the merge."""
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters and return the plain base model (LoRA wrappers removed)."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every LoRA wrapper without merging and return the plain base model."""
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        names = adapter_names or self.active_adapters
+        replacements = []
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, LoraLinear):
+                replacements.append((name, _merged_base(module, names, safe_merge, merge)))
+            elif isinstance(module, ModulesToSave):
+                chosen = [a for a in names if a in module.modules_to_save]
+                keep = module.modules_to_save[chosen[0]] if merge and chosen else None
+                replacements.append((name, keep or module.original_module))
+        for name, new in replacements:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, new)
+        return self.base_model
+
+    # ---------------------------------------------------------------- combining
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
+        """A new adapter combining `adapters` with `weights` ('linear', 'cat' or 'svd')."""
+        for name in adapters:
+            self._require(name)
+        config = combine_adapters(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        self.peft_config[adapter_name] = config
+
+    # ---------------------------------------------------------------- files
+    def save_pretrained(
+        self, save_directory: str | Path, selected_adapters: list[str] | None = None, **_: Any
+    ) -> None:
+        """Write each adapter in peft's format; adapters other than 'default' go in subfolders."""
+        for name in selected_adapters or list(self.peft_config):
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            files.save_adapter(self.base_model, target, name, config, self.chat_template)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> LoraModel:
+        """Attach the adapter saved in `model_id` to `model` (strictly checked first)."""
+        adapter = files.read_adapter(model_id)
+        files.check_adapter(model, adapter)
+        config = adapter.config
+        config.inference_mode = not is_trainable
+        lora_model = cls(model, config, adapter_name)
+        lora_model._copy_weights(adapter, adapter_name)
+        lora_model.chat_template = adapter.chat_template
+        lora_model.set_adapter(adapter_name)
+        return lora_model
+
+    def load_adapter(
+        self, model_id: str | Path, adapter_name: str, is_trainable: bool = False
+    ) -> None:
+        """Load a saved adapter under `adapter_name`; on any error the model is unchanged."""
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
+        adapter = files.read_adapter(model_id)
+        files.check_adapter(self.base_model, adapter)
+        adapter.config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, adapter.config)
+        self._copy_weights(adapter, adapter_name)
+        if self.chat_template is None:
+            self.chat_template = adapter.chat_template
+
+    @torch.no_grad()
+    def _copy_weights(self, adapter: files.AdapterFiles, adapter_name: str) -> None:
+        tensors = files.normalise_keys(adapter.tensors)
+        params = dict(self.base_model.named_parameters())
+        modules = dict(self.base_model.named_modules())
+        for key, tensor in tensors.items():
+            path = key.removeprefix(files.PREFIX)
+            owner, _, leaf = path.rpartition(".")
+            if leaf in ("lora_embedding_A", "lora_embedding_B"):
+                target = getattr(modules[owner], leaf)[adapter_name]
+            elif owner.endswith((".lora_A", ".lora_B")):
+                target = getattr(modules[owner.rsplit(".", 1)[0]], owner.rsplit(".", 1)[1])
+                target = target[adapter_name].weight
+            else:
+                target = _module_to_save_param(modules, path, adapter_name)
+                target = params[path] if target is None else target
+            target.copy_(tensor.to(target.dtype))
+
+
+def _module_to_save_param(modules: dict, path: str, adapter_name: str) -> torch.Tensor | None:
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = modules.get(".".join(parts[:cut]))
+        if isinstance(module, ModulesToSave):
+            copy_ = module.modules_to_save[adapter_name]
+            return copy_.get_parameter(".".join(parts[cut:])) if parts[cut:] else None
+    return None
+
+
+def _merged_base(layer: LoraLinear, names: list[str], safe_merge: bool, merge: bool) -> nn.Module:
+    """The base layer of `layer` with `names` merged in (dequantized first if quantized)."""
+    base = layer.base_layer
+    if not merge:
+        layer.unmerge()
+        return base
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        layer.merge(names, safe_merge=safe_merge)
+        return base
+    from lorakit.quant import merge_into_quantized
+
+    delta = sum(layer.delta_weight(n) for n in names if n in layer.r)
+    if isinstance(delta, int):
+        return base
+    if safe_merge and not torch.isfinite(delta).all():
+        raise ValueError("merging produced non-finite weights; not merged")
+    merged, message = merge_into_quantized(base, delta)
+    logger.info(message)
+    return merged
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Wrap `model` with a fresh adapter; the base is frozen, only the adapter trains."""
+    return LoraModel(model, config, adapter_name)
