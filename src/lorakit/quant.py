@@ -295,17 +295,24 @@ def prepare_model_for_kbit_training(
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ConfigError(
-                f"gradient_checkpointing=True needs a Hugging Face model with "
-                f"gradient_checkpointing_enable(); {type(model).__name__} has none. "
-                "Pass gradient_checkpointing=False or checkpoint the model yourself."
-            )
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if getattr(getattr(model, "config", None), "use_cache", None):
-            model.config.use_cache = False  # a KV cache is useless when recomputing
+        _enable_checkpointing(model, gradient_checkpointing_kwargs or {"use_reentrant": False})
     return model
+
+
+def _enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
+    """Turn on a Hugging Face model's activation (a.k.a. gradient) checkpointing."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(
+            f"gradient_checkpointing=True needs a Hugging Face model with "
+            f"gradient_checkpointing_enable(); {type(model).__name__} has none. "
+            "Pass gradient_checkpointing=False or checkpoint the model yourself."
+        )
+    if getattr(getattr(model, "config", None), "use_cache", None):
+        model.config.use_cache = False  # a KV cache is useless when recomputing
 
 
 def merge_into_quantized(

@@ -1,0 +1,286 @@
+"""lorakit.quant: code tables, round-trip error, storage, QuantLinear, quantize_model, merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit import quant_codes as qc
+from lorakit.errors import ConfigError
+from lorakit.quant import (
+    QuantLinear,
+    merge_into_quantized,
+    model_nbytes,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
+
+# The NF4 values as printed in the QLoRA paper, appendix E (Dettmers et al., 2023).
+PAPER_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+
+
+def rms(t: torch.Tensor) -> float:
+    return t.pow(2).mean().sqrt().item()
+
+
+def test_nf4_table_is_the_papers():
+    assert list(qc.NF4_VALUES) == PAPER_NF4
+    assert qc.code_table("nf4").tolist() == pytest.approx(PAPER_NF4, abs=0)
+
+
+def test_fp4_table_is_e2m1_scaled_to_one():
+    # E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 over 6; code 8+k is the negative of code k.
+    table = qc.code_table("fp4")
+    assert table[:8].tolist() == pytest.approx([0, 1 / 12, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 1])
+    assert torch.equal(table[8:], -table[:8])
+
+
+def test_pack_puts_first_code_in_high_nibble_and_unpacks():
+    codes = torch.tensor([1, 2, 15, 0, 7, 9], dtype=torch.uint8)
+    packed = qc.pack_4bit(codes)
+    assert packed.tolist() == [0x12, 0xF0, 0x79]
+    assert torch.equal(qc.unpack_4bit(packed), codes)
+
+
+def test_quantize_4bit_picks_the_nearest_code():
+    # One block whose absmax is 1: every value lands on its nearest table entry.
+    table = qc.code_table("nf4")
+    values = torch.cat([table, table[:-1] + 0.3 * (table[1:] - table[:-1])])  # 31 values
+    values = torch.cat([values, torch.zeros(64 - values.numel())])
+    packed, absmax = qc.quantize_4bit(values, "nf4")
+    assert absmax.tolist() == [1.0]
+    expected = torch.cat([torch.arange(16), torch.arange(15), torch.full((33,), 7)])
+    assert torch.equal(qc.unpack_4bit(packed).long(), expected)
+
+
+def test_round_trip_error_int8_below_nf4_below_fp4():
+    """Relative RMS error of W ~ N(0, 1), 256 x 1024, per method.
+
+    int8: step m/127 with m = max |w| over a row of 1024 (E[m] ~ 3.3), uniform rounding error,
+    so rms ~ 3.3 / 127 / sqrt(12) = 0.0075 (measured 0.0079).
+    4-bit: blocks of 64 have E[m] ~ 2.4; 16 evenly spaced levels on [-m, m] would give
+    2 * 2.4 / 15 / sqrt(12) = 0.092. NF4 puts its levels at normal quantiles (measured 0.092);
+    FP4 (E2M1) crowds levels near zero and leaves gaps of m/3 near the top (measured 0.106).
+    Double quantization adds < 1e-4 to either.
+    """
+    weight = torch.randn(256, 1024)
+    errors = {}
+    for method, dq in [("int8", False), ("nf4", False), ("nf4", True), ("fp4", True)]:
+        layer = QuantLinear.from_weight(weight, method=method, double_quant=dq)
+        errors[method, dq] = rms(layer.dequantize(torch.float32) - weight)
+    assert 0.006 < errors["int8", False] < 0.010
+    assert 0.085 < errors["nf4", True] < 0.099
+    assert 0.099 < errors["fp4", True] < 0.113
+    assert errors["int8", False] < errors["nf4", True] < errors["fp4", True]
+    assert abs(errors["nf4", True] - errors["nf4", False]) < 1e-4
+
+
+def test_double_quant_absmax_error_is_small():
+    # Centred absmaxes of 64-blocks of N(0,1) span about +-1, so one int8 step is ~1/127 and the
+    # rounding error rms ~ 1 / 127 / sqrt(12) = 0.0023, against absmaxes of ~2.4: ~0.1 %.
+    _, absmax = qc.quantize_4bit(torch.randn(1024 * 256), "nf4")
+    restored = qc.double_dequantize(*qc.double_quantize(absmax))
+    assert rms(restored - absmax) / absmax.mean().item() < 2e-3
+
+
+@pytest.mark.parametrize(
+    ("method", "double_quant", "bits"),
+    [
+        # 4 bits + one int8 absmax per 64 + one fp32 scale per 256 absmaxes + one fp32 offset
+        ("nf4", True, 4 + 8 / 64 + 32 / (64 * 256) + 32 / (256 * 1024)),
+        ("nf4", False, 4 + 32 / 64),  # 4 bits + one fp32 absmax per 64 weights = 4.5
+        ("fp4", True, 4 + 8 / 64 + 32 / (64 * 256) + 32 / (256 * 1024)),
+        ("int8", False, 8 + 32 / 1024),  # 8 bits + one fp32 absmax per row of 1024
+    ],
+)
+def test_bits_per_parameter(method, double_quant, bits):
+    layer = QuantLinear.from_weight(
+        torch.randn(256, 1024), method=method, double_quant=double_quant
+    )
+    assert layer.bits_per_parameter() == pytest.approx(bits, abs=1e-9)
+    if method == "nf4" and double_quant:
+        assert layer.bits_per_parameter() == pytest.approx(4.127, abs=1e-3)
+
+
+def test_odd_shapes_are_padded_and_restored():
+    weight = torch.randn(5, 7)  # 35 weights: one zero-padded block of 64
+    layer = QuantLinear.from_weight(weight, method="nf4")
+    assert layer.weight_packed.numel() == 32
+    restored = layer.dequantize(torch.float32)
+    assert restored.shape == (5, 7)
+    assert rms(restored - weight) < 0.15
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+def test_forward_is_linear_with_dequantized_weight(method):
+    linear = nn.Linear(48, 20)
+    layer = QuantLinear.from_linear(linear, method=method)
+    x = torch.randn(3, 5, 48)
+    expected = nn.functional.linear(x, layer.dequantize(), linear.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_returns_input_dtype():
+    layer = QuantLinear.from_weight(torch.randn(16, 64), method="nf4", compute_dtype=torch.bfloat16)
+    assert layer.dequantize().dtype == torch.bfloat16
+    x = torch.randn(2, 64)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    reference = x @ layer.dequantize(torch.float32).T
+    # bf16 has an 8-bit mantissa: relative error per product ~2^-9, summed over 64 terms.
+    assert rms(y - reference) / rms(reference) < 1e-2
+
+
+def test_backward_matches_dequantized_weight_and_buffers_get_no_grad():
+    layer = QuantLinear.from_weight(torch.randn(16, 64), torch.randn(16), method="nf4")
+    x = torch.randn(4, 64, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    nn.functional.linear(x_ref, layer.dequantize(), layer.bias).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert [name for name, _ in layer.named_parameters()] == ["bias"]
+    assert not layer.bias.requires_grad
+
+
+def test_state_dict_holds_buffers_and_loads_into_a_fresh_layer(tmp_path):
+    layer = QuantLinear.from_weight(torch.randn(32, 128), torch.randn(32), method="nf4")
+    assert sorted(layer.state_dict()) == [
+        "absmax_int8", "absmax_offset", "absmax_scale", "bias", "weight_packed",
+    ]  # fmt: skip
+    save_file(layer.state_dict(), tmp_path / "q.safetensors")
+    fresh = QuantLinear(128, 32, method="nf4", bias=True)
+    fresh.load_state_dict(load_file(tmp_path / "q.safetensors"))
+    x = torch.randn(3, 128)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_to_bfloat16_changes_compute_dtype_but_keeps_scales_fp32():
+    layer = QuantLinear.from_weight(torch.randn(16, 128), torch.randn(16), method="nf4")
+    before = layer.dequantize(torch.float32)
+    layer.to(torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16
+    assert layer.absmax_scale.dtype == layer.absmax_offset.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.dequantize(torch.float32), before)
+    layer.float()
+    assert layer.compute_dtype == torch.float32
+
+
+def test_unknown_method_is_a_config_error():
+    with pytest.raises(ConfigError, match="did you mean `nf4`"):
+        QuantLinear(8, 8, method="nf5")
+    with pytest.raises(ConfigError, match="nf4, fp4, int8"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), "int4")
+
+
+def test_quantize_model_llama_skips_lm_head_and_stays_close(tiny_llama):
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        reference = tiny_llama(ids).logits
+    quantize_model(tiny_llama, "nf4")
+    kinds = {name: type(m).__name__ for name, m in tiny_llama.named_modules()}
+    assert kinds["lm_head"] == "Linear"
+    assert kinds["model.layers.0.self_attn.q_proj"] == "QuantLinear"
+    assert sum(kind == "QuantLinear" for kind in kinds.values()) == 2 * 7
+    assert not any(p.requires_grad for n, p in tiny_llama.named_parameters() if "proj" in n)
+    with torch.no_grad():
+        logits = tiny_llama(ids).logits
+    # NF4 weight noise is ~9% of each weight (test above); through 2 layers the logits move by
+    # a few percent of their spread.
+    assert rms(logits - reference) / reference.std().item() < 0.2
+
+
+def test_quantize_model_gpt2_conv1d_and_tied_weights(tiny_gpt2):
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        reference = tiny_gpt2(ids).logits
+    quantize_model(tiny_gpt2, "int8", skip=[])  # lm_head is tied to wte: left alone
+    assert type(tiny_gpt2.lm_head).__name__ == "Linear"
+    assert type(tiny_gpt2.transformer.h[0].attn.c_attn).__name__ == "QuantLinear"
+    with torch.no_grad():
+        logits = tiny_gpt2(ids).logits
+    # int8 error ~0.3% of each weight: the logits barely move.
+    assert rms(logits - reference) / reference.std().item() < 0.02
+
+
+def test_quantized_model_state_dict_round_trip(tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    model = quantize_model(make_tiny_llama(), "nf4")
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    torch.manual_seed(1)
+    other = quantize_model(make_tiny_llama(layers=2), "nf4")
+    for param in other.parameters():
+        param.data.normal_()
+    other.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, model(ids).logits)
+
+
+def test_model_nbytes_counts_quantized_storage():
+    model = nn.Sequential(nn.Linear(1024, 256, bias=False))
+    assert model_nbytes(model) == 256 * 1024 * 4
+    quantize_model(model, "nf4", skip=[])
+    assert model_nbytes(model) == 256 * 1024 // 2 + 4096 + 16 * 4 + 4  # codes, absmax, scales
+
+
+def test_merge_into_quantized_default_is_float_linear():
+    layer = QuantLinear.from_weight(torch.randn(24, 64), torch.randn(24), method="nf4")
+    delta = 0.01 * torch.randn(24, 64)
+    merged, message = merge_into_quantized(layer, delta, dtype=torch.bfloat16)
+    assert type(merged) is nn.Linear and merged.weight.dtype == torch.bfloat16
+    assert "not re-quantized" in message and "bfloat16" in message and "nf4" in message
+    x = torch.randn(5, 64)
+    expected = layer(x) + x @ delta.T
+    # bf16 storage rounds each weight by up to 2^-9 relative: outputs agree to ~0.5%.
+    got = merged(x.bfloat16()).float()
+    assert torch.isfinite(got).all()
+    assert rms(got - expected) / rms(expected) < 1e-2
+
+
+def test_merge_into_quantized_requantize_reports_extra_error():
+    layer = QuantLinear.from_weight(torch.randn(24, 64), method="nf4")
+    delta = 0.01 * torch.randn(24, 64)
+    merged, message = merge_into_quantized(layer, delta, requantize=True)
+    assert isinstance(merged, QuantLinear) and merged.method == "nf4" and merged.double_quant
+    assert "re-quantized to nf4" in message and "extra error rms" in message
+    extra = rms(merged.dequantize() - (layer.dequantize() + delta))
+    assert f"{extra:.3e}" in message
+    assert 0 < extra < 0.15  # NF4's own rounding (~9% of unit-variance weights), not more
+
+
+def test_merge_into_quantized_rejects_wrong_shape():
+    layer = QuantLinear.from_weight(torch.randn(24, 64), method="int8")
+    with pytest.raises(ValueError, match=r"\(64, 24\) but .* \(24, 64\)"):
+        merge_into_quantized(layer, torch.zeros(64, 24))
+
+
+def test_prepare_model_for_kbit_training(tiny_llama):
+    quantize_model(tiny_llama.to(torch.bfloat16), "nf4")
+    prepare_model_for_kbit_training(tiny_llama)
+    assert tiny_llama.model.layers[0].gradient_checkpointing  # the flag each layer reads
+    assert tiny_llama.config.use_cache is False
+    assert not any(p.requires_grad for p in tiny_llama.parameters())
+    norm = tiny_llama.model.layers[0].input_layernorm
+    assert norm.weight.dtype == torch.float32
+    assert tiny_llama.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(qc.bitsandbytes_module() is None, reason="needs CUDA and bitsandbytes")
+def test_bitsandbytes_nf4_agrees_with_pytorch():
+    weight = torch.randn(256, 1024, device="cuda")
+    packed, absmax = qc.quantize_4bit(weight, "nf4")
+    fast = qc.dequantize_4bit(packed, absmax, "nf4", weight.numel(), torch.bfloat16)
+    pairs = qc.pair_table("nf4", torch.float32, "cuda")
+    slow = (pairs[packed.long()].view(-1, 64) * absmax[:, None]).view(-1)
+    # Both compute table value * absmax; only the final bf16 rounding (2^-9 relative) differs.
+    torch.testing.assert_close(fast.float(), slow, rtol=2**-8, atol=1e-6)
