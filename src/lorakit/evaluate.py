@@ -1,0 +1,135 @@
+"""Evaluation: loss and perplexity over supervised tokens, exact match, greedy samples.
+
+Eval loss is the mean next-token cross-entropy over every supervised token of the eval set
+(tokens, not batches, are weighted equally); perplexity = exp(eval loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.ops import causal_lm_loss
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put the model in eval mode and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs of a batch (tensors only) on `device`."""
+    keys = ("input_ids", "labels", "position_ids", "attention_mask")
+    return {k: batch[k].to(device) for k in keys if k in batch and batch[k] is not None}
+
+
+@torch.no_grad()
+def eval_loss(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    chunk_size: int = 1024,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """{'eval_loss', 'perplexity', 'eval_tokens'} over the supervised tokens of `batches`."""
+    from lorakit.train_runtime import autocast
+
+    device = torch.device(device)
+    total, tokens = 0.0, 0
+    with eval_mode(model):
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            with autocast(precision, device):
+                loss_sum, n = causal_lm_loss(model, move_batch(batch, device), chunk_size)
+            total += float(loss_sum)
+            tokens += n
+    if tokens == 0:
+        raise ValueError("the eval set has no supervised tokens (every label is -100)")
+    mean = total / tokens
+    ppl = math.exp(mean) if mean < 700 else float("inf")
+    return {"eval_loss": mean, "perplexity": ppl, "eval_tokens": tokens}
+
+
+def exact_match(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    scorer: Callable[[str, str], float] | None = None,
+) -> float:
+    """Mean score of predictions against references; by default whitespace-stripped equality."""
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"exact_match got {len(predictions)} predictions and {len(references)} references"
+        )
+    if not predictions:
+        return float("nan")
+    score = scorer or (lambda p, r: float(p.strip() == r.strip()))
+    return sum(score(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
+
+
+def _chat_template(model: nn.Module, tokenizer: Any) -> str | None:
+    """The chat template to prompt with: the adapter's, else the tokenizer's."""
+    return getattr(model, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+
+
+@torch.no_grad()
+def generate_samples(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, str]]:
+    """Greedy completions of `prompts` (as user turns of the chat template when there is one)."""
+    device = torch.device(device)
+    template = _chat_template(model, tokenizer)
+    samples = []
+    with eval_mode(model):
+        for prompt in prompts:
+            if template:
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}],
+                    chat_template=template,
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                )["input_ids"]
+            else:
+                ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            ids = ids.to(device)
+            pad = (
+                tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else tokenizer.eos_token_id
+            )
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            samples.append({"prompt": prompt, "completion": text})
+    return samples
+
+
+def append_samples(path: Path, step: int, samples: list[dict[str, str]]) -> None:
+    """Append samples with their step to a samples.jsonl for a person to read."""
+    with open(path, "a", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")

@@ -1,0 +1,71 @@
+"""Figures of a run (matplotlib, Agg backend): train and eval loss, learning rate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ema(values: Sequence[float], alpha: float) -> list[float]:
+    """Exponential moving average, for a readable train-loss line."""
+    out, current = [], None
+    for v in values:
+        current = v if current is None else alpha * current + (1 - alpha) * v
+        out.append(current)
+    return out
+
+
+def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Write loss.png (train loss, smoothed, and eval loss) and lr.png from metrics rows."""
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = [r for r in rows if r.get("kind", "train") == "train" and "loss" in r]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train")
+        if len(train) > 10:
+            ax.plot(steps, _ema(losses, 0.9), color="tab:blue", label="train (EMA 0.9)")
+    if evals:
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["eval_loss"] for r in evals],
+            "o-",
+            color="tab:orange",
+            label="eval",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=100)
+    plt.close(fig)
+    written.append(out_dir / "loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    if train:
+        ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "lr.png", dpi=100)
+    plt.close(fig)
+    written.append(out_dir / "lr.png")
+    return written

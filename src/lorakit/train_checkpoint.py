@@ -1,0 +1,256 @@
+"""Training checkpoints: safetensors + JSON only, written atomically, found again on resume.
+
+A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding
+
+    trainable.safetensors   every trainable parameter by its module path (exact resume)
+    optimizer.safetensors   optimizer tensors, keys `state.<param index>.<name>`
+    rng.safetensors         torch CPU (and CUDA) generator states
+    state.json              step, data position, schedule, optimizer scalars, Python/NumPy RNG,
+                            the resolved config
+    adapter/                the adapter in the peft format, when the model is a LoraModel
+    COMPLETE                written last, before the directory is renamed into place
+
+It is staged in a temporary sibling directory, every file fsynced, then renamed; a directory
+without `COMPLETE` (a crash mid-write) is never picked for resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.errors import ConfigError
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync one file or directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON and fsync it."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a staging directory next to `final`; on success fsync it, mark it complete and
+    rename it to `final` (replacing an older one); on error remove it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        for path in sorted(staging.rglob("*"), reverse=True):
+            _fsync_path(path)
+        (staging / MARKER).write_text("ok\n")
+        _fsync_path(staging / MARKER)
+        _fsync_path(staging)
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+        _fsync_path(final.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def is_complete(path: Path) -> bool:
+    """True for a checkpoint directory that was fully written."""
+    return (path / MARKER).is_file() and (path / "state.json").is_file()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under `root`, oldest first."""
+    if not Path(root).is_dir():
+        return []
+    found = []
+    for path in Path(root).iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and stale staging dirs."""
+    complete = list_checkpoints(root)
+    for path in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in Path(root).glob(".tmp-*"):
+        if not path.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, detached, contiguous copies."""
+    return {
+        name: p.detach().contiguous().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable parameters back, insisting on the same set of names and shapes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(tensors):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ConfigError(
+            f"checkpoint parameters do not match the model: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}; resume with the same model and adapter config"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != tensors[name].shape:
+                raise ConfigError(
+                    f"checkpoint parameter {name} has shape {tuple(tensors[name].shape)}, "
+                    f"the model has {tuple(p.shape)}"
+                )
+            p.copy_(tensors[name])
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON scalars."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    """Load what `optimizer_to_flat` wrote back into `optimizer`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Generator states: torch ones as tensors, Python's and NumPy's as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    scalars = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    return tensors, scalars
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    version, internal, gauss = scalars["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    model_files: bool = True,
+) -> Path:
+    """Write one checkpoint atomically at `path` and return it; `model_files` adds the
+    loadable adapter (or model folder) under `adapter/`."""
+    with atomic_dir(path) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_scalars = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        write_json(tmp / "state.json", dict(state, optimizer=opt_meta, rng=rng_scalars))
+        if model_files:
+            save_model_files(model, tmp / "adapter")
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore parameters, optimizer and RNG from a checkpoint; return its state.json."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ConfigError(f"checkpoint {path} is incomplete (no {MARKER} marker); pick another")
+    state = json.loads((path / "state.json").read_text())
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    optimizer_from_flat(
+        optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"]
+    )
+    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state
+
+
+def save_model_files(model: nn.Module, path: Path) -> None:
+    """Save what a user loads later: the peft-format adapter of a LoraModel, or for full
+    fine-tuning the Hugging Face model folder (safetensors)."""
+    from lorakit.ops import unwrap_causal_lm
+
+    if hasattr(model, "save_pretrained"):
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(path))
+        return
+    lm = unwrap_causal_lm(model)
+    if hasattr(lm, "save_pretrained"):
+        lm.save_pretrained(str(path))
+    else:  # a plain nn.Module: its trainable tensors
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state(model), str(path / "model.safetensors"))
+
+
+def save_final(path: Path, model: nn.Module) -> Path:
+    """Atomically write the loadable model files (adapter or model folder) at `path`."""
+    with atomic_dir(path) as tmp:
+        save_model_files(model, tmp)
+    return path

@@ -1,0 +1,124 @@
+"""What a run reports: metrics.jsonl, TensorBoard events (when installed), a progress bar on a
+terminal and plain log lines elsewhere. Used on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl, keeping only those at or before `up_to_step` when given."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a crash
+            continue
+        if up_to_step is None or row.get("step", 0) <= up_to_step:
+            rows.append(row)
+    return rows
+
+
+class RunLog:
+    """Appends metric rows to metrics.jsonl and TensorBoard, and shows progress."""
+
+    def __init__(
+        self, output_dir: Path, total_steps: int, start_step: int, progress: str, tensorboard: bool
+    ) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        self.rows = read_metrics(self.path, up_to_step=start_step)
+        with open(self.path, "w", encoding="utf-8") as f:  # drop rows after the checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()
+        self.writer = _tensorboard_writer(output_dir / "tensorboard") if tensorboard else None
+        mode = progress
+        if mode == "auto":
+            mode = "rich" if sys.stderr.isatty() else "plain"
+        self.mode, self.bar, self.task = mode, None, None
+        if mode == "rich":
+            self._start_rich()
+
+    def _start_rich(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=self.total, completed=self.start, info="")
+
+    def log(self, row: dict[str, Any], show: bool = True) -> None:
+        """Record one row (train or eval); `show` prints/updates progress for it."""
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "kind", "epoch") and isinstance(value, int | float):
+                    self.writer.add_scalar(f"{row.get('kind', 'train')}/{key}", value, row["step"])
+        if show:
+            self._show(row)
+
+    def _show(self, row: dict[str, Any]) -> None:
+        if row.get("kind") == "eval":
+            text = (
+                f"step {row['step']}: eval_loss {row['eval_loss']:.4f} ppl {row['perplexity']:.2f}"
+            )
+        else:
+            text = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
+        if self.mode == "rich" and self.bar is not None:
+            done = row["step"]
+            self.bar.update(self.task, completed=done, info=text)
+            if row.get("kind") == "eval":
+                self.bar.console.print(text)
+        elif self.mode == "plain":
+            done = row["step"] - self.start
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - row["step"]) / rate if rate > 0 else float("nan")
+            prefix = "" if row.get("kind") == "eval" else f"step {row['step']}/{self.total}: "
+            print(f"{prefix}{text} eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        """A one-off line (resume, save, stop)."""
+        if self.mode == "rich" and self.bar is not None:
+            self.bar.console.print(text)
+        elif self.mode != "none":
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Stop the progress bar and flush TensorBoard."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _tensorboard_writer(path: Path):
+    """A SummaryWriter, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))

@@ -1,0 +1,83 @@
+"""AdamW over trainable parameters and the learning-rate schedule.
+
+Schedule, with w warmup steps out of T total and step s counted from 0:
+
+    s < w:   lr * (s + 1) / (w + 1)
+    after:   lr * f(p),  p = (s - w) / max(1, T - w)
+             cosine  f = m + (1 - m) * (1 + cos(pi p)) / 2
+             linear  f = m + (1 - m) * (1 - p)
+             constant f = 1
+    with m = min_lr_ratio.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    lora_b_lr: float | None = None,
+) -> tuple[torch.optim.AdamW, list[nn.Parameter]]:
+    """AdamW over the trainable parameters; returns it and the parameters in a fixed order.
+
+    Groups: decayed matrices, undecayed vectors (biases, norms), and, when `lora_b_lr` is set,
+    the LoRA B matrices at their own learning rate (LoRA+).
+    """
+    decay, no_decay, lora_b = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if lora_b_lr is not None and (".lora_B." in name or ".lora_embedding_B." in name):
+            lora_b.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    if not (decay or no_decay or lora_b):
+        raise ValueError("the model has no trainable parameters; add an adapter or unfreeze some")
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "base_lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": lr},
+        {"params": lora_b, "weight_decay": weight_decay, "base_lr": lora_b_lr or lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = g["base_lr"]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    return optimizer, [p for g in groups for p in g["params"]]
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif kind == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"unknown schedule {kind!r}; use cosine, linear or constant")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def warmup_steps(total: int, steps: int, ratio: float) -> int:
+    """Warmup length: explicit steps when given, else ratio of the total."""
+    return steps if steps > 0 else int(math.ceil(ratio * total))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Set every group's lr to base_lr * factor; returns the first group's lr."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]

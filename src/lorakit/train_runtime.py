@@ -1,0 +1,197 @@
+"""The process around a training run: seeds, torchrun, allocator, precision, memory, preflight."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes.util
+import os
+import random
+import resource
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError
+
+NO_TCMALLOC_ENV = "LORAKIT_NO_TCMALLOC"
+_REEXEC_ENV = "LORAKIT_TCMALLOC_REEXEC"
+_TCMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
+
+
+def find_tcmalloc() -> str | None:
+    """Path of libtcmalloc_minimal on this machine, or None."""
+    for path in _TCMALLOC_PATHS:
+        if os.path.exists(path):
+            return path
+    name = ctypes.util.find_library("tcmalloc_minimal")
+    return name if name else None
+
+
+def tcmalloc_loaded() -> bool:
+    """True when tcmalloc is mapped into this process."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return "tcmalloc" in f.read()
+    except OSError:
+        return "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+
+
+def preload_tcmalloc(argv: list[str] | None = None) -> bool:
+    """Re-exec this process with tcmalloc preloaded when it is installed and not loaded yet.
+
+    Call first thing at CLI startup: CPU training is 1.25-1.75x faster with it. Set
+    LORAKIT_NO_TCMALLOC=1 to opt out. Returns False when nothing was done (it does not return
+    at all when it re-execs).
+    """
+    if os.environ.get(NO_TCMALLOC_ENV) or os.environ.get(_REEXEC_ENV) or tcmalloc_loaded():
+        return False
+    lib = find_tcmalloc()
+    if lib is None or not sys.platform.startswith("linux"):
+        return False
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env[_REEXEC_ENV] = "1"  # never loop, even if the preload silently fails
+    args = (
+        argv if argv is not None else list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *args[1:]], env)
+    return True  # pragma: no cover
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, step: int, rank: int) -> None:
+    """Reseed torch for one optimizer step, so dropout masks depend only on (seed, step, rank):
+    a resumed run draws exactly what an uninterrupted one would."""
+    torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % 2**63)
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    created: bool = False
+
+    @property
+    def main(self) -> bool:
+        """True on rank 0, the process that logs, evaluates and saves."""
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return Dist()
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return Dist(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created
+    )
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: Dist) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op in a single process)."""
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_grads(params: list[nn.Parameter], ctx: Dist) -> None:
+    """Sum gradients over ranks with one flat all-reduce (what DDP does, once per step)."""
+    if ctx.world_size <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), ctx)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).clone()
+        offset += n
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda (this rank's GPU) when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but CUDA is not available; use device='cpu'")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16 mixed precision, or a null context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen floating-point parameters in `dtype` (trainable ones stay as they are);
+    returns how many were cast."""
+    count = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            count += 1
+    return count
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def check_output_dir(path: Path, need_bytes: int) -> None:
+    """Fail before training when `path` cannot be created, written or has too little space."""
+    import shutil
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"output_dir {path} is not writable ({err.strerror or err}); choose another "
+            "directory or fix its permissions"
+        ) from err
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"output_dir {path} has {free / 2**20:.0f} MiB free; checkpoints need about "
+            f"{need_bytes / 2**20:.0f} MiB; free space or lower keep_checkpoints"
+        )
