@@ -1,0 +1,372 @@
+"""Datasets to training batches: load, convert every format to messages, tokenize with masked
+labels, report bad rows, and plan deterministic (packed or length-grouped) batches.
+
+A sample's `labels` equal its `input_ids` on supervised tokens (the assistant responses by
+default) and are -100 elsewhere; the first token of every sample is never a target, so a packed
+row has exactly the targets of its samples run one by one. The modules behind this one:
+`data_formats` (files and row formats), `data_tokenize` (spans and labels), `data_batches`
+(plans, packing, collation), `data_tasks` (built-in datasets, exact match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorakit.data_batches import Plan, collate, make_batches, model_inputs, padding_share
+from lorakit.data_formats import (
+    FILE_TYPES,
+    RawRow,
+    RowProblem,
+    check_format,
+    detect_format,
+    fill_variables,
+    read_rows,
+    rename_columns,
+    to_messages,
+)
+from lorakit.data_tasks import (
+    BUILTIN_DATASETS,
+    BUILTIN_VARIABLES,
+    builtin_dataset_path,
+    exact_match,
+    exact_match_score,
+    name_rate,
+    normalize_answer,
+)
+from lorakit.data_tokenize import (
+    IGNORE_INDEX,
+    encode_conversation,
+    encode_text,
+    finish_labels,
+    supervised_count,
+    truncate,
+)
+from lorakit.errors import DataError
+from lorakit.models import PLAIN_TEMPLATE, chat_template_of
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataConfig",
+    "Sample",
+    "TokenizedDataset",
+    "build_dataset",
+    "collate",
+    "collate_batch",
+    "eval_examples",
+    "exact_match",
+    "exact_match_score",
+    "inspect_dataset",
+    "iter_batches",
+    "load_conversations",
+    "make_batches",
+    "model_inputs",
+    "name_rate",
+    "normalize_answer",
+    "plan_epoch",
+]
+
+
+class DataConfig(BaseModel):
+    """Which dataset to train on and how to turn it into token batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        "identity", description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name."
+    )
+    split: str = Field("train", description="Split of a built-in dataset (train or test).")
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="Row format; auto detects it from the columns of the first row."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map lorakit field names to the file's column names."
+    )
+    template_vars: dict[str, str] | None = Field(
+        None, description="Values for {key} placeholders (None: the built-in dataset's defaults)."
+    )
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="auto: the tokenizer's chat template if it has one, else plain."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message added to conversations that have none."
+    )
+    max_length: int = Field(1024, ge=8, description="Longest sample (and packed row) in tokens.")
+    truncation: Literal["right", "left"] = Field(
+        "right", description="Cut long samples at the end (right) or at the start (left)."
+    )
+    train_on: Literal["responses", "all"] = Field(
+        "responses", description="Train on assistant responses only, or on every token."
+    )
+    packing: bool = Field(False, description="Pack several samples into each row.")
+    group_by_length: bool = Field(
+        True, description="Unpacked: batch samples of similar length to reduce padding."
+    )
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="On an unusable row: stop with its report, or skip it."
+    )
+    max_skipped_share: float = Field(
+        0.1, ge=0.0, le=1.0, description="With bad_rows=skip, the largest share of rows skipped."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+
+@dataclass
+class Sample:
+    """One tokenized sample and the row it came from."""
+
+    input_ids: list[int]
+    labels: list[int]
+    where: str  # file and row, e.g. "train.jsonl line 7"
+
+
+@dataclass
+class TokenizedDataset:
+    """Tokenized samples plus what the pipeline did (rows used, skipped, truncated)."""
+
+    samples: list[Sample]
+    config: DataConfig
+    source: str
+    pad_token_id: int
+    rows_total: int
+    skipped: list[str] = field(default_factory=list)
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def lengths(self) -> list[int]:
+        """Token count of every sample."""
+        return [len(s.input_ids) for s in self.samples]
+
+    def supervised_tokens(self) -> int:
+        """How many tokens are trained on, over the whole dataset."""
+        return sum(supervised_count(s.labels) for s in self.samples)
+
+    def describe(self, sample_ids: list[int] | list[list[int]]) -> str:
+        """The file rows behind sample indices (e.g. a batch's `sample_ids`)."""
+        flat = [i for ids in sample_ids for i in (ids if isinstance(ids, list) else [ids])]
+        return ", ".join(self.samples[i].where for i in flat)
+
+    def summary(self) -> str:
+        """One line: rows used and skipped, tokens and supervised tokens."""
+        tokens = sum(self.lengths())
+        return (
+            f"{self.source}: {len(self)} of {self.rows_total} rows used, {len(self.skipped)} "
+            f"skipped, {self.truncated} truncated; {tokens} tokens, "
+            f"{self.supervised_tokens()} supervised"
+        )
+
+
+def _source(config: DataConfig) -> tuple[Path, dict[str, str]]:
+    """The file to read and the template variables to fill."""
+    path = Path(config.dataset).expanduser()
+    if path.suffix.lower() in FILE_TYPES or path.exists():
+        return path, dict(config.template_vars or {})
+    builtin = builtin_dataset_path(config.dataset, config.split)
+    variables = BUILTIN_VARIABLES.get(config.dataset, {})
+    return builtin, {**variables, **(config.template_vars or {})}
+
+
+def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]]]:
+    """(source name, [(row, messages or text or RowProblem)]) for the configured dataset."""
+    path, variables = _source(config)
+    rows = read_rows(path)[: config.limit]
+    fmt = check_format(config.format)
+    if fmt == "auto":
+        first = next((r.value for r in rows if isinstance(r.value, dict)), None)
+        if first is None:
+            raise DataError(f"{path}: no usable row to detect the format from")
+        fmt = detect_format(rename_columns(first, config.columns).keys())
+    out: list[tuple[RawRow, Any]] = []
+    for row in rows:
+        value = row.value
+        if isinstance(value, dict):
+            value = fill_variables(rename_columns(value, config.columns), variables)
+        try:
+            converted: Any = to_messages(value, fmt)
+        except RowProblem as problem:
+            converted = problem
+        if (
+            config.system_prompt
+            and isinstance(converted, list)
+            and converted[0]["role"] != "system"
+        ):
+            converted = [{"role": "system", "content": config.system_prompt}, *converted]
+        out.append((row, converted))
+    return path.name, out
+
+
+def _template(config: DataConfig, tokenizer: Any) -> str:
+    """The Jinja template conversations are rendered with."""
+    chat = chat_template_of(tokenizer)
+    if config.template == "chat" and chat is None:
+        raise DataError("data.template is `chat` but the tokenizer has no chat template")
+    return PLAIN_TEMPLATE if config.template == "plain" or chat is None else chat
+
+
+def _encode(config: DataConfig, tokenizer: Any, template: str, conversation: Any) -> tuple:
+    """(input_ids, labels, truncated) of one converted row; RowProblem if nothing is trained."""
+    if isinstance(conversation, RowProblem):
+        raise conversation
+    if isinstance(conversation, str):
+        ids, labels = encode_text(tokenizer, conversation)
+    else:
+        ids, labels = encode_conversation(tokenizer, template, conversation, config.train_on)
+    ids, labels, cut = truncate(ids, labels, config.max_length, config.truncation)
+    labels = finish_labels(labels)
+    if supervised_count(labels) == 0:
+        why = f" after truncation to max_length={config.max_length}" if cut else ""
+        raise RowProblem(f"no token is left to train on{why}")
+    return ids, labels, cut
+
+
+def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
+    """Tokenize the configured dataset; bad rows stop the run or are skipped (up to a share)."""
+    source, conversations = load_conversations(config)
+    template = _template(config, tokenizer)
+    samples, problems, truncated = [], [], 0
+    for row, conversation in conversations:
+        try:
+            ids, labels, cut = _encode(config, tokenizer, template, conversation)
+        except RowProblem as problem:
+            problems.append(f"{row.where}: {problem}")
+            continue
+        truncated += cut
+        samples.append(Sample(ids, labels, row.where))
+    dataset = TokenizedDataset(
+        samples, config, source, tokenizer.pad_token_id, len(conversations), problems, truncated
+    )
+    _check_problems(dataset)
+    return dataset
+
+
+def _check_problems(dataset: TokenizedDataset) -> None:
+    """Apply the bad-row policy; a dataset with no supervised token is always an error."""
+    config, problems = dataset.config, dataset.skipped
+    listed = "\n  ".join(problems[:5]) + (
+        f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+    )
+    if problems and config.bad_rows == "error":
+        raise DataError(
+            f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows cannot be used:\n  "
+            f"{listed}\nfix them, or set data.bad_rows=skip to skip them "
+            f"(at most data.max_skipped_share={config.max_skipped_share} of the rows)"
+        )
+    share = len(problems) / max(dataset.rows_total, 1)
+    if share > config.max_skipped_share:
+        raise DataError(
+            f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows ({share:.0%}) are "
+            f"unusable, more than data.max_skipped_share={config.max_skipped_share}:\n  {listed}"
+        )
+    if dataset.supervised_tokens() == 0:
+        raise DataError(
+            f"{dataset.source}: no supervised token in {dataset.rows_total} rows; the loss would "
+            "be undefined. Check the format and columns, or set data.train_on=all"
+        )
+
+
+def plan_epoch(
+    dataset: TokenizedDataset,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+) -> Plan:
+    """This rank's batches of one epoch as sample indices; (epoch, batch index) resumes exactly."""
+    config = dataset.config
+    return make_batches(
+        dataset.lengths(),
+        batch_size,
+        seed=seed,
+        epoch=epoch,
+        packing=config.packing,
+        max_length=config.max_length,
+        group_by_length=config.group_by_length,
+        shuffle=shuffle,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def collate_batch(dataset: TokenizedDataset, rows: list[list[int]]) -> dict[str, Any]:
+    """The tensors of one planned batch (packed rows when the dataset config packs)."""
+    return collate(dataset.samples, rows, dataset.pad_token_id, dataset.config.packing)
+
+
+def iter_batches(
+    dataset: TokenizedDataset,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(batch index, batch) of one epoch from batch `start` on: resuming at (epoch, start)."""
+    plan = plan_epoch(dataset, batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    for index in range(start, len(plan)):
+        yield index, collate_batch(dataset, plan[index])
+
+
+def eval_examples(config: DataConfig) -> list[dict[str, Any]]:
+    """Prompts and reference answers: every conversation minus its last (assistant) message."""
+    source, conversations = load_conversations(config)
+    examples = []
+    for row, conversation in conversations:
+        if isinstance(conversation, RowProblem):
+            raise DataError(f"{row.where}: {conversation}")
+        if isinstance(conversation, str):
+            raise DataError(f"{source}: the text format has no prompts and references")
+        examples.append(
+            {
+                "messages": conversation[:-1],
+                "reference": conversation[-1]["content"],
+                "where": row.where,
+            }
+        )
+    return examples
+
+
+def inspect_dataset(config: DataConfig, tokenizer: Any, n: int = 3, batch_size: int = 8) -> str:
+    """N processed samples with supervised tokens between ⟦ ⟧, and the dataset statistics."""
+    dataset = build_dataset(config, tokenizer)
+    parts = []
+    for sample in dataset.samples[:n]:
+        text, start = "", 0
+        for end in range(1, len(sample.input_ids) + 1):
+            trained = sample.labels[start] != IGNORE_INDEX
+            if end < len(sample.input_ids) and (sample.labels[end] != IGNORE_INDEX) == trained:
+                continue
+            span = tokenizer.decode(sample.input_ids[start:end])
+            text += f"⟦{span}⟧" if trained else span
+            start = end
+        parts.append(f"--- {sample.where} ({len(sample.input_ids)} tokens)\n{text}")
+    lengths = dataset.lengths()
+    stats = [
+        dataset.summary(),
+        f"lengths: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}, "
+        f"max_length {config.max_length}",
+    ]
+    for packing in (False, True):
+        cfg = config.model_copy(update={"packing": packing})
+        plan = plan_epoch(TokenizedDataset(**{**dataset.__dict__, "config": cfg}), batch_size)
+        stats.append(
+            f"padding at batch size {batch_size}, {'packed' if packing else 'unpacked'}: "
+            f"{padding_share(dataset.samples, plan):.1%} of {len(plan)} batches"
+        )
+    if dataset.skipped:
+        stats.append("skipped rows:\n  " + "\n  ".join(dataset.skipped))
+    return "\n".join(parts + stats)
+
+
+# Built-in dataset names, for the CLI's help text.
+BUILTIN_DATASET_NAMES = tuple(BUILTIN_DATASETS)
