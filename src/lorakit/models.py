@@ -235,20 +235,28 @@ def _from_pretrained(cls: Any, name: str, **kwargs: Any) -> Any:
     """cls.from_pretrained for a local folder or hub id, with offline errors that say what to do."""
     is_hub_id = not Path(name).is_dir()
     if is_hub_id and not _hub_reachable():
-        kwargs["local_files_only"] = True
+        name = _cached_snapshot(name, kwargs.pop("revision", None))
+        is_hub_id = False
     try:
         return cls.from_pretrained(name, **kwargs)
     except OSError as err:
-        if not is_hub_id:
-            raise ModelError(f"cannot load the model folder {name}: {err}") from err
-        if kwargs.get("local_files_only"):
-            raise ModelError(
-                f"`{name}` looks like a hub id, but the Hugging Face hub cannot be reached from "
-                "here and the model is not in the local hub cache. Download it where the hub is "
-                f"reachable (`hf download {name} --local-dir DIR`), copy DIR here and pass its "
-                f"path; or use the built-in offline model `{BUILTIN_MODEL}`"
-            ) from err
-        raise ModelError(f"cannot load `{name}` from the Hugging Face hub: {err}") from err
+        where = "from the Hugging Face hub" if is_hub_id else "from the folder"
+        raise ModelError(f"cannot load `{name}` {where}: {err}") from err
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> str:
+    """The local hub-cache folder of a repo, for when the hub cannot be reached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception as err:  # LocalEntryNotFoundError and friends: not in the cache
+        raise ModelError(
+            f"`{repo_id}` looks like a hub id, but the Hugging Face hub cannot be reached from "
+            "here and the model is not in the local hub cache. Download it where the hub is "
+            f"reachable (`hf download {repo_id} --local-dir DIR`), copy DIR here and pass its "
+            f"path; or use the built-in offline model `{BUILTIN_MODEL}`"
+        ) from err
 
 
 def load_tokenizer(

