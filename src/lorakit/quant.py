@@ -264,6 +264,21 @@ def quantize_model(
     return model
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[nn.Module, str]:
+    """Replace every QuantLinear by an nn.Linear in `dtype` (default: its compute dtype), in place."""
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name, layer in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        weight = layer.dequantize(torch.float32)
+        setattr(parent, child, _float_linear(weight, layer.bias, dtype or layer.compute_dtype))
+    kinds = sorted({f"{layer.method}" for _, layer in targets})
+    return model, (
+        f"dequantized {len(targets)} quantized linear layers ({', '.join(kinds) or 'none'}) "
+        f"to nn.Linear in {_dtype_name(dtype) if dtype else 'their compute dtype'}"
+    )
+
+
 def model_nbytes(model: nn.Module) -> int:
     """Bytes held by a model's parameters and buffers, each shared tensor counted once."""
     seen: set[int] = set()
@@ -350,13 +365,22 @@ def merge_into_quantized(
             f"re-quantized to {what}: extra error rms {error.pow(2).mean().sqrt():.3e}, "
             f"max {error.abs().max():.3e}, relative {relative:.3e}"
         )
-    layer = nn.Linear(shape[1], shape[0], bias=bias is not None, dtype=dtype, device=merged.device)
+    return _float_linear(merged, bias, dtype), (
+        f"dequantized {what} {shape[0]}x{shape[1]} weight, added the LoRA delta, "
+        f"stored as nn.Linear in {_dtype_name(dtype)} (not re-quantized)"
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen nn.Linear holding `weight` (out, in) and `bias` in `dtype`."""
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias is not None, weight.device, dtype)
     with torch.no_grad():
-        layer.weight.copy_(merged)
+        layer.weight.copy_(weight)
         if bias is not None:
             layer.bias.copy_(bias)
-    layer.requires_grad_(False)
-    return layer, (
-        f"dequantized {what} {shape[0]}x{shape[1]} weight, added the LoRA delta, "
-        f"stored as nn.Linear in {str(dtype).removeprefix('torch.')} (not re-quantized)"
-    )
+    return layer.requires_grad_(False)
