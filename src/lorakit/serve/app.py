@@ -1,0 +1,356 @@
+"""The OpenAI-compatible HTTP API: models, completions, chat, streaming, adapter loading."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+except ImportError as missing:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"lorakit serve needs FastAPI and uvicorn ({missing.name} is missing): "
+        "pip install 'lorakit[serve]'"
+    ) from missing
+
+from lorakit.errors import LorakitError, closest
+from lorakit.serve.decode import SamplingParams
+from lorakit.serve.engine import FINISH_ERROR, Engine, Event
+from lorakit.serve.middleware import GuardMiddleware
+from lorakit.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    UnloadAdapterRequest,
+    parse_body,
+)
+from lorakit.serve.registry import ModelHost, check_adapter_name, resolve_under_root
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need."""
+
+    host: ModelHost
+    engine: Engine
+    tokenizer: Any
+    max_context: int
+    adapters_root: Path | None = None
+    allow_runtime_loading: bool = False
+
+
+@dataclass
+class _Job:
+    """A validated generation request, ready for the engine."""
+
+    model: str
+    adapter: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    chat: bool
+    include_usage: bool
+
+
+def create_app(
+    state: ServerState, *, api_key: str | None = None, max_body_bytes: int = 1 << 20
+) -> Any:
+    """The ASGI app: FastAPI routes behind the key and body-size guard."""
+    app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lorakit = state
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        running, waiting = state.engine.load
+        return {"status": "ok", "running": running, "waiting": waiting}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": _model_cards(state.host)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = parse_body(CompletionRequest, await _json(request))
+        return await _run(request, state, _completion_job(state, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = parse_body(ChatRequest, await _json(request))
+        return await _run(request, state, _chat_job(state, body))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(request: Request) -> dict:
+        body = parse_body(LoadAdapterRequest, await _json(request))
+        return await _load(state, body)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(request: Request) -> dict:
+        body = parse_body(UnloadAdapterRequest, await _json(request))
+        return await _unload(state, body)
+
+    return GuardMiddleware(app, api_key, max_body_bytes)
+
+
+def _add_error_handlers(app: Any) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        wrapped = ApiError(error.status_code, str(error.detail))
+        return JSONResponse(wrapped.body(), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, error: Exception) -> JSONResponse:
+        wrapped = ApiError(500, f"internal error: {type(error).__name__}: {error}")
+        return JSONResponse(wrapped.body(), status_code=500)
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+
+
+def _model_cards(host: ModelHost) -> list[dict]:
+    base = {"id": host.base_name, "object": "model", "created": host.created}
+    cards = [{**base, "owned_by": "lorakit", "root": host.base_name, "parent": None}]
+    for entry in list(host.adapters.values()):
+        cards.append(
+            {
+                "id": entry.name,
+                "object": "model",
+                "created": entry.created,
+                "owned_by": "lorakit",
+                "root": str(entry.path),
+                "parent": host.base_name,
+            }
+        )
+    return cards
+
+
+def _pick_adapter(state: ServerState, model: str) -> str | None:
+    """None for the base model's name, the adapter's name for an adapter; 404 otherwise."""
+    if model == state.host.base_name:
+        return None
+    if model in state.host.adapters:
+        return model
+    names = [state.host.base_name, *state.host.adapters]
+    raise ApiError(404, f"The model `{model}` does not exist{closest(model, names)}.", "model")
+
+
+def _completion_job(state: ServerState, body: CompletionRequest) -> _Job:
+    adapter = _pick_adapter(state, body.model)
+    if isinstance(body.prompt, str):
+        prompt_ids = list(state.tokenizer(body.prompt)["input_ids"])
+    else:
+        vocab = state.host.forward_model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.prompt):
+            raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
+        prompt_ids = list(body.prompt)
+    return _job(state, body, adapter, prompt_ids, body.max_tokens, chat=False)
+
+
+def _chat_job(state: ServerState, body: ChatRequest) -> _Job:
+    adapter = _pick_adapter(state, body.model)
+    template = state.host.template_for(adapter)
+    if not template:
+        raise ApiError(400, f"`{body.model}` has no chat template; use /v1/completions", "model")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = state.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as error:
+        raise ApiError(400, f"messages: the chat template failed: {error}", "messages") from None
+    prompt_ids = list(state.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _job(state, body, adapter, prompt_ids, body.token_budget(), chat=True)
+
+
+def _job(
+    state: ServerState, body: Any, adapter: str | None, prompt_ids: list[int], budget, chat: bool
+) -> _Job:
+    if not prompt_ids:
+        raise ApiError(400, "the prompt is empty", "prompt")
+    room = state.max_context - len(prompt_ids)
+    if budget is None:
+        budget = room
+    if budget < 1 or len(prompt_ids) + budget > state.max_context:
+        raise ApiError(
+            400,
+            f"this model's context is {state.max_context} tokens; the prompt has "
+            f"{len(prompt_ids)} and max_tokens asks for {budget}: shorten the prompt or lower "
+            "max_tokens",
+            "max_tokens",
+        )
+    params = SamplingParams(
+        max_tokens=budget,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k_value(),
+        stop=body.stop_strings(),
+        seed=body.seed,
+    )
+    usage = bool((body.stream_options or {}).get("include_usage"))
+    return _Job(body.model, adapter, prompt_ids, params, body.stream, chat, usage)
+
+
+async def _run(request: Request, state: ServerState, job: _Job) -> Any:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    seq = state.engine.submit(job.prompt_ids, job.adapter, job.params, sink)
+    if job.stream:
+        stream = _stream(state.engine, seq, events, job)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    collector = asyncio.ensure_future(_collect(events))
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not collector.done():
+            raise ApiError(499, "the client closed the connection")
+        text, finish, error, count = collector.result()
+    finally:
+        watcher.cancel()
+        collector.cancel()
+        if not seq.finished:
+            state.engine.cancel(seq)
+    if error is not None or finish == FINISH_ERROR:
+        raise ApiError(500, f"generation failed: {error}")
+    if finish not in ("stop", "length"):
+        raise ApiError(503, "the server is shutting down")
+    return _final_body(job, text, finish, count)
+
+
+async def _collect(events: asyncio.Queue) -> tuple[str, str, str | None, int]:
+    parts: list[str] = []
+    count = 0
+    while True:
+        event = await events.get()
+        parts.append(event.text)
+        count += len(event.token_ids)
+        if event.finish_reason is not None:
+            return "".join(parts), event.finish_reason, event.error, count
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _final_body(job: _Job, text: str, finish: str, count: int) -> dict:
+    usage = _usage(job, count)
+    if job.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        kind, prefix = "chat.completion", "chatcmpl"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None}
+        kind, prefix = "text_completion", "cmpl"
+    choice["finish_reason"] = finish
+    return {**_header(job, kind, prefix), "choices": [choice], "usage": usage}
+
+
+def _usage(job: _Job, count: int) -> dict:
+    prompt = len(job.prompt_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
+
+
+def _header(job: _Job, kind: str, prefix: str, ident: str | None = None) -> dict:
+    ident = ident or f"{prefix}-{uuid.uuid4().hex}"
+    return {"id": ident, "object": kind, "created": int(time.time()), "model": job.model}
+
+
+async def _stream(engine: Engine, seq: Any, events: asyncio.Queue, job: _Job) -> AsyncIterator:
+    """Server-sent events: one chunk per step, an error event if one happens, then [DONE]."""
+    kind, prefix = (
+        ("chat.completion.chunk", "chatcmpl") if job.chat else ("text_completion", "cmpl")
+    )
+    header = _header(job, kind, prefix)
+    count = 0
+    try:
+        if job.chat:
+            yield _sse({**header, "choices": [_delta(job, {"role": "assistant", "content": ""})]})
+        while True:
+            event = await events.get()
+            count += len(event.token_ids)
+            if event.finish_reason in (None, "stop", "length"):
+                choice = _delta(job, {"content": event.text}, event.finish_reason)
+                if event.text or event.finish_reason:
+                    yield _sse({**header, "choices": [choice]})
+            else:
+                message = event.error or "generation was cancelled"
+                yield _sse(ApiError(500, f"generation failed: {message}").body())
+            if event.finish_reason is not None:
+                break
+        if job.include_usage:
+            yield _sse({**header, "choices": [], "usage": _usage(job, count)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if not seq.finished:
+            engine.cancel(seq)
+
+
+def _delta(job: _Job, delta: dict, finish: str | None = None) -> dict:
+    if job.chat:
+        return {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _load(state: ServerState, body: LoadAdapterRequest) -> dict:
+    if not state.allow_runtime_loading or state.adapters_root is None:
+        raise ApiError(
+            404,
+            "runtime adapter loading is off; start the server with --adapters-root DIR "
+            "--allow-runtime-loading",
+        )
+    try:
+        check_adapter_name(body.lora_name, state.host.base_name)
+        path = resolve_under_root(state.adapters_root, body.lora_path)
+    except LorakitError as error:
+        raise ApiError(400, str(error), "lora_path") from None
+    except FileNotFoundError as error:
+        raise ApiError(404, str(error), "lora_path") from None
+    try:
+        await run_in_threadpool(state.host.load, body.lora_name, path)
+    except Exception as error:  # a broken adapter is the client's problem, never a 500
+        raise ApiError(400, f"adapter `{body.lora_name}` was not loaded: {error}") from None
+    return {"status": "ok", "lora_name": body.lora_name}
+
+
+async def _unload(state: ServerState, body: UnloadAdapterRequest) -> dict:
+    if not state.allow_runtime_loading:
+        raise ApiError(404, "runtime adapter loading is off; see --allow-runtime-loading")
+
+    def unload() -> None:
+        with state.host.lock:
+            if body.lora_name not in state.host.adapters:
+                raise ApiError(404, f"no adapter named `{body.lora_name}` is loaded", "lora_name")
+            busy = state.engine.uses(body.lora_name)
+            if busy:
+                raise ApiError(400, f"adapter `{body.lora_name}` is in use by {busy} requests")
+            state.host.unload(body.lora_name)
+
+    await run_in_threadpool(unload)
+    return {"status": "ok", "lora_name": body.lora_name}

@@ -1,0 +1,159 @@
+"""Putting a server together: the model, its adapters, the engine and the app; `serve_main`."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.serve.engine import Engine
+from lorakit.serve.registry import ModelHost, parse_adapter_specs
+
+log = logging.getLogger("lorakit.serve")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, allow_insecure_bind: bool) -> None:
+    """Refuse a non-loopback address without an API key unless explicitly allowed."""
+    if is_loopback(host) or api_key or allow_insecure_bind:
+        return
+    raise ConfigError(
+        f"refusing to listen on {host!r} without an API key: anyone who can reach it could use "
+        "the model. Pass --api-key KEY (or set LORAKIT_API_KEY), bind 127.0.0.1, or pass "
+        "--allow-insecure-bind if the network is trusted"
+    )
+
+
+def context_length(model: torch.nn.Module, tokenizer: Any, limit: int | None = None) -> int:
+    """Tokens one sequence may hold: `limit`, else the model's position limit."""
+    if limit is not None:
+        if limit < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {limit}")
+        return limit
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 1_000_000:
+        return value
+    raise ConfigError("cannot tell the model's context length; pass max_model_len")
+
+
+def eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """End-of-sequence token ids from the tokenizer and the model's generation config."""
+    ids: set[int] = set()
+    candidates = [getattr(tokenizer, "eos_token_id", None)]
+    generation = getattr(model, "generation_config", None)
+    candidates.append(getattr(generation, "eos_token_id", None))
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def build_state(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    base_name: str,
+    adapters: dict[str, str | Path] | None = None,
+    max_batch: int = 8,
+    max_model_len: int | None = None,
+    adapters_root: str | Path | None = None,
+    allow_runtime_loading: bool = False,
+    chat_template: str | None = None,
+):
+    """Load the adapters into the model and start the engine; returns the app's ServerState."""
+    from lorakit.serve.app import ServerState
+
+    if allow_runtime_loading and adapters_root is None:
+        raise ConfigError("--allow-runtime-loading needs --adapters-root DIR")
+    root = None
+    if adapters_root is not None:
+        root = Path(adapters_root).resolve()
+        if not root.is_dir():
+            raise ConfigError(f"--adapters-root {adapters_root}: not a directory")
+    model.eval()
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    host = ModelHost(model, base_name, template if isinstance(template, str) else None)
+    for name, path in (adapters or {}).items():
+        host.load(name, path)  # raises with the reason; the server does not start
+        log.info("adapter %s loaded from %s", name, path)
+    max_context = context_length(model, tokenizer, max_model_len)
+    engine = Engine(
+        host,
+        tokenizer,
+        max_context=max_context,
+        max_batch=max_batch,
+        eos_token_ids=eos_ids(model, tokenizer),
+    )
+    engine.start()
+    return ServerState(host, engine, tokenizer, max_context, root, allow_runtime_loading)
+
+
+def serve_main(
+    model: str,
+    adapters: list[str] | dict[str, str] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    adapters_root: str | Path | None = None,
+    allow_runtime_loading: bool = False,
+    allow_insecure_bind: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_model_len: int | None = None,
+    max_body_bytes: int = 1 << 20,
+    served_model_name: str | None = None,
+) -> None:
+    """`lorakit serve`: load the base and adapters, then serve the OpenAI API until stopped."""
+    api_key = api_key or os.environ.get("LORAKIT_API_KEY") or None
+    check_bind(host, api_key, allow_insecure_bind)
+    try:
+        import uvicorn
+
+        from lorakit.serve.app import create_app
+    except ImportError as missing:
+        raise ImportError(
+            f"{missing}; install the serve extra: pip install 'lorakit[serve]'"
+        ) from None
+    from lorakit.models import load_model, load_tokenizer
+
+    specs = adapters if isinstance(adapters, dict) else parse_adapter_specs(list(adapters or []))
+    base = load_model(model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model)
+    state = build_state(
+        base,
+        tokenizer,
+        base_name=served_model_name or model,
+        adapters=specs,
+        max_batch=max_batch,
+        max_model_len=max_model_len,
+        adapters_root=adapters_root,
+        allow_runtime_loading=allow_runtime_loading,
+    )
+    app = create_app(state, api_key=api_key, max_body_bytes=max_body_bytes)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        state.engine.shutdown()

@@ -1,0 +1,141 @@
+"""Request bodies of the OpenAI-compatible API, and errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body."""
+        kinds = {
+            401: ("authentication_error", "invalid_api_key"),
+            404: ("invalid_request_error", "model_not_found"),
+            413: ("invalid_request_error", "request_too_large"),
+        }
+        kind, code = kinds.get(self.status, ("invalid_request_error", None))
+        if self.status >= 500:
+            kind = "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": code}}
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="base model name or adapter name")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int | None = Field(None, ge=-1, description="keep the k best tokens; -1/0/None: all")
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
+    seed: int | None = Field(None, description="seed of this request's sampler")
+    n: int = Field(1, description="completions per request; only 1 is supported")
+    stream: bool = Field(False, description="send server-sent events")
+    stream_options: dict[str, Any] | None = Field(None, description="accepted, not used")
+    user: str | None = Field(None, description="accepted, not used")
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"only n=1 is supported, got {value}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings of at most 256 characters")
+        return stops
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings as a tuple."""
+        return tuple(self.stop or ())
+
+    def top_k_value(self) -> int:
+        """top_k with 'off' as 0."""
+        return max(self.top_k or 0, 0)
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] = Field(description="one prompt: text or token ids")
+    max_tokens: int | None = Field(16, ge=1, description="tokens to generate at most")
+    echo: Literal[False] = Field(False, description="not supported")
+
+
+class TextPart(BaseModel):
+    """One text part of a message's content list."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
+
+    def token_budget(self) -> int | None:
+        """max_completion_tokens, else max_tokens."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class LoadAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_path: str = Field(min_length=1, max_length=512)
+
+
+class UnloadAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_path: str | None = None
+
+
+def parse_body(model: type[BaseModel], body: Any) -> Any:
+    """Validate a JSON body, turning the first problem into a 400 that names the field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        given = first.get("input")
+        shown = repr(given)[:80] if first["type"] != "missing" else "nothing"
+        message = f"{field}: {first['msg']} (given: {shown})"
+        raise ApiError(400, message, param=field) from None

@@ -1,0 +1,173 @@
+"""The served model: one base, the adapters loaded into it, and where adapters may come from."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import AdapterError, ConfigError
+
+BASE_ROW = "__base__"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
+_TEMPLATE_FILE = "chat_template.jinja"
+_MAX_TEMPLATE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """An adapter being served."""
+
+    name: str
+    path: Path
+    chat_template: str | None
+    created: int
+
+
+class ModelHost:
+    """The base model and its adapters; `lock` serialises compute with loading and unloading."""
+
+    def __init__(
+        self, base: torch.nn.Module, base_name: str, chat_template: str | None = None
+    ) -> None:
+        self.base, self.base_name, self.chat_template = base, base_name, chat_template
+        self.lora = None  # a lorakit LoraModel once the first adapter is loaded
+        self.adapters: dict[str, AdapterEntry] = {}
+        self.lock = threading.RLock()
+        self.created = int(time.time())
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live."""
+        return next(self.base.parameters()).device
+
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """The Hugging Face model to call (with LoRA layers inside once adapters are loaded)."""
+        return self.base if self.lora is None else self.lora.base_model
+
+    def mixed(self, rows: list[str]):
+        """Context in which batch row i uses adapter rows[i] (BASE_ROW for none)."""
+        if self.lora is None:
+            if any(name != BASE_ROW for name in rows):
+                raise LookupError("no adapters are loaded")
+            return contextlib.nullcontext()
+        return self.lora.mixed_adapters(rows)
+
+    def template_for(self, adapter: str | None) -> str | None:
+        """The adapter's own chat template if it ships one, else the base model's."""
+        entry = self.adapters.get(adapter) if adapter else None
+        if entry is not None and entry.chat_template:
+            return entry.chat_template
+        return self.chat_template
+
+    def load(self, name: str, path: str | Path) -> AdapterEntry:
+        """Load an adapter (the core checks it against the base first) and list it.
+
+        On any failure the adapter is not listed and the model is left as it was.
+        """
+        check_adapter_name(name, self.base_name)
+        path = Path(path)
+        with self.lock:
+            if name in self.adapters:
+                raise AdapterError(f"an adapter named `{name}` is already loaded; unload it first")
+            template = _read_template(path)
+            if self.lora is None:
+                from lorakit.model import LoraModel
+
+                self.lora = LoraModel.from_pretrained(self.base, path, adapter_name=name)
+            else:
+                try:
+                    self.lora.load_adapter(path, name)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        self.lora.delete_adapter(name)
+                    raise
+            entry = AdapterEntry(name, path, template, int(time.time()))
+            self.adapters[name] = entry
+            return entry
+
+    def unload(self, name: str) -> None:
+        """Remove an adapter's weights and stop listing it."""
+        with self.lock:
+            if name not in self.adapters:
+                raise KeyError(name)
+            del self.adapters[name]
+            if self.lora is not None:
+                self.lora.delete_adapter(name)
+
+
+def check_adapter_name(name: str, base_name: str) -> None:
+    """Adapter names are 1-64 of [A-Za-z0-9._-], start alphanumeric, and differ from the base's."""
+    if not _NAME.fullmatch(name or ""):
+        raise ConfigError(
+            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if name == base_name:
+        raise ConfigError(f"adapter name {name!r} is the base model's name; choose another")
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
+    """['name=path', ...] from the command line -> {name: path}."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {spec!r}: expected NAME=PATH, e.g. --adapter sql=./out")
+        if name in adapters:
+            raise ConfigError(f"--adapter: the name `{name}` is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def resolve_under_root(root: str | Path, requested: str) -> Path:
+    """The adapter folder `requested` names under `root`; refuses anything that could leave it.
+
+    Refused: empty names, absolute paths, `..`, backslashes, drive letters, `~`, '%' (encoded
+    tricks), control characters, and any path (or file inside it) whose real location, after
+    following symlinks, is outside the root.
+    """
+    if not requested or len(requested) > 512:
+        raise AdapterError("lora_path must be a non-empty relative path under the adapters root")
+    bad = ("\\", "%", "~", ":")
+    parts = requested.split("/")
+    if (
+        requested.startswith("/")
+        or any(ch in requested for ch in bad)
+        or any(ord(ch) < 32 for ch in requested)
+        or any(part == ".." for part in parts)
+    ):
+        raise AdapterError(
+            f"lora_path {requested!r} is not allowed: give a plain relative path under the "
+            "adapters root (no '..', absolute paths, '~', '%', ':' or backslashes)"
+        )
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(real_root, requested))
+    if not _inside(real_root, target):
+        raise AdapterError(f"lora_path {requested!r} leaves the adapters root")
+    if not os.path.isdir(target):
+        raise FileNotFoundError(f"no adapter folder {requested!r} under the adapters root")
+    for entry in os.scandir(target):
+        if not _inside(real_root, os.path.realpath(entry.path)):
+            raise AdapterError(f"lora_path {requested!r}: {entry.name} links outside the root")
+    return Path(target)
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def _read_template(path: Path) -> str | None:
+    file = path / _TEMPLATE_FILE
+    if not file.is_file():
+        return None
+    if file.stat().st_size > _MAX_TEMPLATE_BYTES:
+        raise AdapterError(f"{file}: chat template larger than {_MAX_TEMPLATE_BYTES} bytes")
+    return file.read_text(encoding="utf-8")

@@ -1,0 +1,143 @@
+"""The serving engine: sampling, stop strings, the batch KV cache, continuous batching."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lorakit.serve import build_state
+from lorakit.serve.decode import SamplingParams, TextStream, sample_token
+from lorakit.serve.kvcache import BatchCache
+from test_serve_support import BASE_NAME, make_adapters, make_model, make_tokenizer
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tmp_path_factory):
+    return make_adapters(tmp_path_factory.mktemp("adapters"), ["a", "b"])
+
+
+@pytest.fixture
+def state(adapter_paths):
+    state = build_state(
+        make_model(), make_tokenizer(), base_name=BASE_NAME, adapters=adapter_paths, max_batch=16
+    )
+    yield state
+    state.engine.shutdown()
+
+
+def test_sample_token_filters():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert sample_token(logits, GREEDY, None) == 1
+    top1 = SamplingParams(max_tokens=1, temperature=1.0, top_k=1, seed=0)
+    assert {sample_token(logits, top1, top1.generator()) for _ in range(20)} == {1}
+    nucleus = SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-6, seed=0)
+    assert sample_token(logits, nucleus, nucleus.generator()) == 1
+    seeded = SamplingParams(max_tokens=1, temperature=1.5, seed=7)
+    first, second = seeded.generator(), seeded.generator()
+    draws = [sample_token(logits, seeded, first) for _ in range(30)]
+    assert draws == [sample_token(logits, seeded, second) for _ in range(30)]
+    assert len(set(draws)) > 1
+
+
+def test_text_stream_holds_back_possible_stop():
+    tokenizer = make_tokenizer()
+    stream = TextStream(tokenizer, stop=("STOP",))
+    sent = []
+    for token in tokenizer("say ST then STOP now")["input_ids"]:
+        delta, stopped = stream.push(token)
+        sent.append(delta)
+        if stopped:
+            break
+    assert stopped and "".join(sent) == "say ST then "
+    assert "".join(sent[:4]) == "say "  # "S" and "T" waited until "T " ruled out "STOP"
+
+
+def test_text_stream_waits_for_whole_utf8_character():
+    tokenizer = make_tokenizer()
+    stream = TextStream(tokenizer)
+    first, second = tokenizer("é")["input_ids"]  # two bytes, two tokens
+    assert stream.push(first) == ("", False)
+    assert stream.push(second) == ("é", False)
+
+
+def test_batch_cache_pads_left_and_trims():
+    from transformers import DynamicCache
+
+    def solo(length, fill):
+        keys = torch.full((1, 2, length, 4), float(fill))
+        return DynamicCache(ddp_cache_data=[(keys, keys.clone())])
+
+    batch = BatchCache()
+    batch.add(solo(3, 1))
+    batch.add(solo(5, 2))
+    assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert batch.cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]
+    batch.keep([0])  # the long row leaves: its padding goes too
+    assert batch.mask.tolist() == [[1, 1, 1]]
+    assert batch.cache.layers[0].keys.shape == (1, 2, 3, 4)
+    assert batch.step_mask().shape == (1, 4)
+
+
+def _prompts(tokenizer, count):
+    words = ["alpha", "bravo charlie", "delta", "echo foxtrot golf", "hotel", "india juliet"]
+    return [tokenizer(" ".join(words[: 1 + i % 6]) + f" {i}")["input_ids"] for i in range(count)]
+
+
+def test_batched_greedy_equals_alone(state):
+    prompts = _prompts(state.tokenizer, 12)
+    adapters = [[None, "a", "b"][i % 3] for i in range(12)]
+    alone = [
+        state.engine.generate(p, a, GREEDY, timeout=60)
+        for p, a in zip(prompts, adapters, strict=True)
+    ]
+    steps_alone = state.engine.steps
+    results: list[list[int] | None] = [None] * 12
+    all_done = threading.Event()
+
+    def sink_for(i):
+        parts = []
+
+        def sink(event):  # runs on the engine thread: never block here
+            parts.append(event)
+            if event.finish_reason:
+                results[i] = [t for e in parts for t in e.token_ids]
+                if all(r is not None for r in results):
+                    all_done.set()
+
+        return sink
+
+    for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)):
+        state.engine.submit(p, a, GREEDY, sink_for(i))
+    assert all_done.wait(timeout=60)
+    assert results == [event.token_ids for event in alone]
+    assert state.engine.steps - steps_alone < steps_alone / 3  # the decode steps were shared
+    assert len({tuple(r) for r in results}) > 6  # adapters and prompts really differ
+
+
+def test_cancel_frees_the_slot(adapter_paths):
+    state = build_state(make_model(), make_tokenizer(), base_name=BASE_NAME, max_batch=1)
+    try:
+        events, started = [], threading.Event()
+
+        def sink(event):
+            events.append(event)
+            started.set()
+
+        long = SamplingParams(max_tokens=200, temperature=0)
+        seq = state.engine.submit([1, 2, 3], None, long, sink)
+        assert started.wait(30)
+        state.engine.cancel(seq)
+        short = state.engine.generate([4, 5], None, GREEDY, timeout=30)  # needs the only slot
+        assert short.finish_reason in ("stop", "length")
+        deadline = time.monotonic() + 10
+        while events[-1].finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events[-1].finish_reason == "cancelled"
+        assert len(events) < 200 and state.engine.load == (0, 0)
+    finally:
+        state.engine.shutdown()
