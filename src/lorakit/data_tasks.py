@@ -8,8 +8,8 @@
   `exact_match`.
 
 Exact-match normalisation (`normalize_answer`): Unicode NFKC; only the first line counts;
-lowercase; runs of whitespace become one space; surrounding whitespace, quotes and backticks and
-a final `.`/`!`/`。` are removed.
+lowercase; runs of whitespace become one space; surrounding quotes and backticks and final
+`.`/`!`/`。` are removed (so " `42`! " matches "42", "42.5" does not).
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def normalize_answer(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).strip()
     text = text.splitlines()[0] if text else ""
     text = re.sub(r"\s+", " ", text.lower()).strip()
-    text = text.strip("\"'`").strip()
-    return re.sub(r"[.!。]$", "", text).strip()
+    text = re.sub(r"[.!。]+$", "", text.strip(" \"'`"))
+    return text.strip(" \"'`")
 
 
 def exact_match(prediction: str, reference: str) -> bool:
