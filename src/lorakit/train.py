@@ -26,20 +26,22 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn.utils import clip_grad_norm_
 
 from lorakit.errors import ConfigError, DataError, LorakitError
 from lorakit.evaluate import append_samples, eval_loss, generate_samples, move_batch
 from lorakit.ops import causal_lm_loss, supervised_targets, unwrap_causal_lm
 from lorakit.plots import plot_run
 from lorakit.train_checkpoint import (
-    latest_checkpoint,
+    find_resume,
     load_checkpoint,
     prune_checkpoints,
+    resume_differences,
     save_checkpoint,
     save_final,
     write_json,
 )
-from lorakit.train_data import data_fingerprint, sample_ids, step_batches
+from lorakit.train_data import StepPlan, eval_batches, sample_ids
 from lorakit.train_log import RunLog, read_metrics
 from lorakit.train_optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from lorakit.train_runtime import (
@@ -49,6 +51,7 @@ from lorakit.train_runtime import (
     cast_frozen,
     check_output_dir,
     init_distributed,
+    install_sigint,
     peak_memory_mb,
     resolve_device,
     seed_everything,
@@ -62,6 +65,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="Seed for Python, NumPy, torch and the data order.")
+    batch_size: int = Field(
+        8, ge=1, description="Rows per micro-batch of a tokenized dataset, over all processes."
+    )
     epochs: int = Field(
         1, ge=1, description="Passes over the training data (ignored with max_steps)."
     )
@@ -116,13 +122,6 @@ class TrainConfig(BaseModel):
     tensorboard: bool = Field(True, description="Write TensorBoard events when it is installed.")
 
 
-# Fields that may change between a run and its resume without changing the result.
-_RESUME_FREE = {
-    "eval_every", "eval_max_batches", "eval_prompts", "eval_max_new_tokens", "save_every",
-    "keep_checkpoints", "log_every", "progress", "tensorboard", "device",
-}  # fmt: skip
-
-
 class NonFiniteError(LorakitError, FloatingPointError):
     """The loss or the gradient became NaN or infinite; the run stopped without saving it."""
 
@@ -152,27 +151,6 @@ def _all_finite(params: list[nn.Parameter]) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
-def _resume_differences(saved: dict, now: dict) -> list[str]:
-    """'key: saved -> now' for every result-changing setting that differs."""
-    keys = sorted((set(saved) | set(now)) - _RESUME_FREE)
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
-
-
-def _find_resume(output_dir: Path, resume: str | Path | bool | None) -> Path | None:
-    """The checkpoint to resume from: None, 'auto'/True (newest complete one), or a path."""
-    root = output_dir / "checkpoints"
-    if resume in (None, False):
-        if latest_checkpoint(root) is not None:
-            raise ConfigError(
-                f"{output_dir} holds checkpoints of an earlier run; pass resume='auto' to "
-                "continue it, or choose a new output_dir"
-            )
-        return None
-    if resume in ("auto", True):
-        return latest_checkpoint(root)
-    return Path(resume)
-
-
 def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -> list:
     """Move, cast frozen weights, set up checkpointing; return the trainable parameters."""
     model.to(device)
@@ -193,12 +171,18 @@ def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) 
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _due(step: int, every: int | None) -> bool:
+    """True when a periodic action (every N steps) falls on `step`."""
+    return bool(every) and step % every == 0
+
+
 def _save_state(
-    output_dir: Path, step: int, model: nn.Module, optimizer, scaler, state: dict, keep: int
+    output_dir: Path, model: nn.Module, optimizer, scaler, state: dict, config: TrainConfig
 ) -> Path:
-    """Checkpoint after `step` completed optimizer steps, then prune old ones."""
+    """Checkpoint after state['data_position']['step'] optimizer steps; prune old ones."""
     root = output_dir / "checkpoints"
-    scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+    step = state["data_position"]["step"]
+    scaler_state = scaler.state_dict() if scaler.is_enabled() else None
     path = save_checkpoint(
         root / f"step-{step:08d}",
         model,
@@ -206,7 +190,7 @@ def _save_state(
         dict(state, step=step, scaler=scaler_state),
         model_files=hasattr(model, "peft_config"),  # else trainable.safetensors is the model
     )
-    prune_checkpoints(root, keep)
+    prune_checkpoints(root, config.keep_checkpoints)
     return path
 
 
@@ -226,27 +210,11 @@ def _evaluate(
     return {"kind": "eval", "step": step, **metrics}
 
 
-def _install_sigint() -> tuple[dict[str, bool], Any]:
-    """Turn Ctrl-C into a flag the loop checks after each step; returns (flag, old handler)."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):  # noqa: ARG001
-        if flag["stop"]:  # a second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        flag["stop"] = True
-
-    try:
-        old = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
-        old = None
-    return flag, old
-
-
 def train(
     model: nn.Module,
     tokenizer: Any,
-    train_data: Sequence[dict[str, Any]],
-    eval_data: Sequence[dict[str, Any]] | None,
+    train_data: Sequence[dict[str, Any]] | Any,
+    eval_data: Sequence[dict[str, Any]] | Any | None,
     config: TrainConfig | None,
     output_dir: str | Path,
     *,
@@ -256,8 +224,9 @@ def train(
 ) -> TrainResult:
     """Train `model` (a LoraModel, or a model with trainable parameters) on batches.
 
-    train_data / eval_data: sequences of collated batches (dicts with input_ids, labels,
-    optional position_ids, attention_mask, sample_ids). resume: None (fresh run; refuses a
+    train_data / eval_data: a `lorakit.data.TokenizedDataset` (batched by config.batch_size),
+    or a sequence of collated batches (dicts with input_ids, labels, optional position_ids,
+    attention_mask, sample_ids). resume: None (fresh run; refuses a
     directory that already has checkpoints), 'auto' (newest complete checkpoint, if any) or a
     checkpoint path. force: resume even when result-changing settings differ. run_config: the
     full resolved run config to save next to the train config (the CLI's).
@@ -266,27 +235,22 @@ def train(
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
     ctx = init_distributed(device)
-    if config.grad_accum_steps % ctx.world_size:
-        raise ConfigError(
-            f"grad_accum_steps={config.grad_accum_steps} is not a multiple of the "
-            f"{ctx.world_size} processes; it counts micro-batches per step over all processes"
-        )
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
-    if len(train_data) == 0:
-        raise DataError("train_data has no batches")
-    per_epoch = math.ceil(len(train_data) / config.grad_accum_steps)
-    total_steps = config.max_steps or config.epochs * per_epoch
+    plan = StepPlan(
+        train_data, config.batch_size, config.grad_accum_steps, config.seed, config.shuffle
+    )
+    total_steps = config.max_steps or plan.total_steps(config.epochs)
     warmup = warmup_steps(total_steps, config.warmup_steps, config.warmup_ratio)
     settings = {
         **config.model_dump(mode="json"),
-        "data": data_fingerprint(train_data),
+        "data": plan.fingerprint(),
         "world_size": ctx.world_size,
         **{f"run.{k}": v for k, v in (run_config or {}).items() if k != "train"},
     }
 
     # Preflight: fail on an unwritable directory before any work; then build the state.
-    checkpoint_path = _find_resume(output_dir, resume)
+    checkpoint_path = find_resume(output_dir, resume)
     seed_everything(config.seed)
     params = _prepare_model(model, config, device)
     n_trainable = sum(p.numel() for p in params)
@@ -296,10 +260,10 @@ def train(
         model, config.lr, config.weight_decay, config.betas, config.eps, config.lora_b_lr
     )
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    start_step, best = 0, {"loss": math.inf}
+    start_step, best = 0, math.inf
     if checkpoint_path is not None:
         saved = json.loads((checkpoint_path / "state.json").read_text())
-        diffs = _resume_differences(saved["settings"], settings)
+        diffs = resume_differences(saved["settings"], settings)
         if diffs and not force:
             raise ConfigError(
                 f"checkpoint {checkpoint_path} was made with other settings: {'; '.join(diffs)}."
@@ -308,7 +272,7 @@ def train(
         state = load_checkpoint(checkpoint_path, model, optimizer)
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
-        start_step, best["loss"] = state["step"], state.get("best_eval_loss") or math.inf
+        start_step, best = state["step"], state.get("best_eval_loss") or math.inf
     elif ctx.world_size > 1:  # every rank starts from rank 0's initial adapter
         import torch.distributed as dist
 
@@ -324,125 +288,108 @@ def train(
         log = RunLog(output_dir, total_steps, start_step, config.progress, config.tensorboard)
         if checkpoint_path is not None:
             log.message(f"resumed from {checkpoint_path} at step {start_step}/{total_steps}")
-    stop, old_handler = _install_sigint()
+    stop, old_handler = install_sigint()
     result = TrainResult(output_dir=output_dir, steps=start_step, total_steps=total_steps)
+    evals = eval_batches(eval_data, config.batch_size)
 
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
-            step_seed(config.seed, step, ctx.rank)
-            batches = [
-                move_batch(b, device)
-                for b in step_batches(
-                    train_data, step, config.grad_accum_steps, config.seed, config.shuffle, ctx
-                )
-            ]
-            # Normaliser: supervised tokens of the whole global batch.
-            counts = [
-                int(supervised_targets(b["labels"], b.get("position_ids"))[1].numel())
-                for b in batches
-            ]
-            n_global = int(all_reduce_sum(torch.tensor(float(sum(counts))), ctx))
+            step_seed(config.seed, step, ctx.rank)  # dropout masks depend on (seed, step, rank)
+            batches = plan.rank_batches(step, ctx)
+            ids = sample_ids(batches)
+            batches = [move_batch(b, device) for b in batches]
+            # The loss is normalised by the supervised tokens of the whole global batch.
+            local = sum(
+                supervised_targets(b["labels"], b.get("position_ids"))[1].numel() for b in batches
+            )
+            n_global = int(all_reduce_sum(torch.tensor(float(local)), ctx))
             if n_global == 0:
                 raise DataError(
-                    f"step {step + 1}: no supervised tokens in the batch (every label is -100); "
-                    f"sample ids {sample_ids(batches)}. Drop fully masked rows"
+                    f"step {step + 1}: no supervised token in the batch (every label is -100); "
+                    f"samples {plan.describe(ids)}. Drop fully masked rows"
                 )
 
             loss_total, real_tokens, bad = 0.0, 0, 0
             for batch in batches:
                 with autocast(config.precision, device):
                     loss_sum, _ = causal_lm_loss(model, batch, config.loss_chunk_size)
-                if not torch.isfinite(loss_sum):
-                    bad = 1  # every rank must hear about it before anyone raises
+                bad |= not bool(torch.isfinite(loss_sum))  # all ranks hear of it before raising
                 scaler.scale(loss_sum / n_global).backward()
                 loss_total += float(loss_sum.detach())
                 mask = batch.get("attention_mask")
                 real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            stats = all_reduce_sum(
-                torch.tensor(
-                    [loss_total, real_tokens, bad, float(stop["stop"])], dtype=torch.float64
-                ),
-                ctx,
-            )
-            loss, tokens = float(stats[0]) / n_global, int(stats[1])
-            if stats[2] > 0 or not math.isfinite(loss):
+            stats = torch.tensor([loss_total, real_tokens, bad, stop["stop"]], dtype=torch.float64)
+            loss_total, tokens, bad, stopping = all_reduce_sum(stats, ctx).tolist()
+            loss = loss_total / n_global
+            if bad or not math.isfinite(loss):
                 raise NonFiniteError(
-                    f"non-finite loss at step {step + 1}; sample ids on rank {ctx.rank}: "
-                    f"{sample_ids(batches)}. Nothing was saved for this step; lower lr, check "
+                    f"non-finite loss at step {step + 1}; samples on rank {ctx.rank}: "
+                    f"{plan.describe(ids)}. Nothing was saved for this step; lower lr, check "
                     "these rows, or use precision='fp32'"
                 )
 
-            all_reduce_grads(params, ctx)
+            all_reduce_grads(params, ctx)  # sum over ranks, once per step
             scaler.unscale_(optimizer)
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-            )
-            if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            grad_norm = float(clip_grad_norm_(params, config.max_grad_norm or math.inf))
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: scaler skips
                 raise NonFiniteError(
-                    f"non-finite gradient norm at step {step + 1}; sample ids on rank "
-                    f"{ctx.rank}: {sample_ids(batches)}. Lower lr or use max_grad_norm"
+                    f"non-finite gradient norm at step {step + 1}; samples on rank {ctx.rank}: "
+                    f"{plan.describe(ids)}. Lower lr or set max_grad_norm"
                 )
-            lr = set_lr(
-                optimizer,
-                lr_factor(step, total_steps, warmup, config.scheduler, config.min_lr_ratio),
-            )
+            factor = lr_factor(step, total_steps, warmup, config.scheduler, config.min_lr_ratio)
+            lr = set_lr(optimizer, factor)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            result.steps = step + 1
+            result.steps = done = step + 1
             elapsed = time.perf_counter() - t0
 
-            if ctx.main:
-                row = {
-                    "kind": "train", "step": step + 1, "epoch": step // per_epoch, "loss": loss,
-                    "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                    "tokens_per_s": tokens / elapsed, "step_s": elapsed,
-                    "memory_mb": peak_memory_mb(device),
-                }  # fmt: skip
-                log.log(row, show=(step + 1) % config.log_every == 0 or step + 1 == total_steps)
-                last = step + 1 == total_steps
-                due_eval = config.eval_every and (step + 1) % config.eval_every == 0
-                if eval_data is not None and (due_eval or last):
+            if ctx.main:  # rank 0 logs, evaluates and saves
+                epoch, index = plan.locate(done)  # where the next step starts
+                log.log(
+                    {
+                        "kind": "train",
+                        "step": done,
+                        "epoch": plan.locate(step)[0],
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": int(tokens),
+                        "tokens_per_s": tokens / elapsed,
+                        "step_s": elapsed,
+                        "memory_mb": peak_memory_mb(device),
+                    },  # fmt: skip
+                    show=done % config.log_every == 0 or done == total_steps,
+                )
+                last = done == total_steps
+                if eval_data is not None and (last or _due(done, config.eval_every)):
                     evaluation = _evaluate(
-                        model, tokenizer, eval_data, config, device, step + 1, output_dir
+                        model, tokenizer, evals, config, device, done, output_dir
                     )
                     log.log(evaluation)
-                    if evaluation["eval_loss"] < best["loss"] and _all_finite(params):
-                        best["loss"] = evaluation["eval_loss"]
+                    if evaluation["eval_loss"] < best and _all_finite(params):
+                        best = evaluation["eval_loss"]
                         result.best_dir = save_final(output_dir / "best", model)
                         write_json(output_dir / "best" / "eval.json", evaluation)
-                due_save = config.save_every and (step + 1) % config.save_every == 0
-                if due_save or last or stats[3] > 0:
-                    state = {
-                        "settings": settings,
-                        "epoch": step // per_epoch + (1 if (step + 1) % per_epoch == 0 else 0),
-                        "batch_index": ((step + 1) % per_epoch) * config.grad_accum_steps,
-                        "total_steps": total_steps,
-                        "best_eval_loss": best["loss"] if math.isfinite(best["loss"]) else None,
-                    }
+                if last or stopping or _due(done, config.save_every):
+                    if not _all_finite(params):
+                        raise NonFiniteError(f"parameters are not finite after step {done}")
+                    position = {"epoch": epoch, "batch_index": index, "step": done}
+                    state = {"settings": settings, "data_position": position,
+                             "best_eval_loss": best if math.isfinite(best) else None}  # fmt: skip
                     result.checkpoint = _save_state(
-                        output_dir,
-                        step + 1,
-                        model,
-                        optimizer,
-                        scaler,
-                        state,
-                        config.keep_checkpoints,
+                        output_dir, model, optimizer, scaler, state, config
                     )
-            if stats[3] > 0:  # Ctrl-C: the checkpoint above is written; stop cleanly
+            if stopping:  # Ctrl-C: the checkpoint above is written; stop cleanly
                 result.interrupted = True
                 if log is not None:
-                    log.message(
-                        f"interrupted: checkpoint saved at step {step + 1}; resume='auto' continues"
-                    )
+                    log.message(f"interrupted: checkpoint saved at step {done}; resume continues")
                 break
 
         if ctx.main:
             if not _all_finite(params):
-                raise NonFiniteError(
-                    "trained parameters are not finite; the final adapter was not saved"
-                )
+                raise NonFiniteError("trained parameters are not finite; nothing final was saved")
             if not result.interrupted:
                 result.final_dir = save_final(output_dir / "final", model)
             result.history = read_metrics(output_dir / "metrics.jsonl")
@@ -456,7 +403,7 @@ def train(
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    result.best_eval_loss = best["loss"] if math.isfinite(best["loss"]) else None
+    result.best_eval_loss = best if math.isfinite(best) else None
     if result.best_dir is None and (output_dir / "best").is_dir():
         result.best_dir = output_dir / "best"
     return result

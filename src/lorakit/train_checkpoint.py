@@ -254,3 +254,31 @@ def save_final(path: Path, model: nn.Module) -> Path:
     with atomic_dir(path) as tmp:
         save_model_files(model, tmp)
     return path
+
+
+# Fields that may change between a run and its resume without changing the result.
+RESUME_FREE = {
+    "eval_every", "eval_max_batches", "eval_prompts", "eval_max_new_tokens", "save_every",
+    "keep_checkpoints", "log_every", "progress", "tensorboard", "device",
+}  # fmt: skip
+
+
+def resume_differences(saved: dict, now: dict) -> list[str]:
+    """'key: saved -> now' for every result-changing setting that differs."""
+    keys = sorted((set(saved) | set(now)) - RESUME_FREE)
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def find_resume(output_dir: Path, resume: str | Path | bool | None) -> Path | None:
+    """The checkpoint to resume from: None, 'auto'/True (newest complete one), or a path."""
+    root = output_dir / "checkpoints"
+    if resume in (None, False):
+        if latest_checkpoint(root) is not None:
+            raise ConfigError(
+                f"{output_dir} holds checkpoints of an earlier run; pass resume='auto' to "
+                "continue it, or choose a new output_dir"
+            )
+        return None
+    if resume in ("auto", True):
+        return latest_checkpoint(root)
+    return Path(resume)

@@ -7,6 +7,7 @@ import ctypes.util
 import os
 import random
 import resource
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
@@ -195,3 +196,19 @@ def check_output_dir(path: Path, need_bytes: int) -> None:
             f"output_dir {path} has {free / 2**20:.0f} MiB free; checkpoints need about "
             f"{need_bytes / 2**20:.0f} MiB; free space or lower keep_checkpoints"
         )
+
+
+def install_sigint() -> tuple[dict[str, bool], object]:
+    """Turn Ctrl-C into a flag the loop checks after each step; returns (flag, old handler)."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag["stop"]:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        old = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+        old = None
+    return flag, old

@@ -1,0 +1,278 @@
+"""The training loop on tiny models: learning, exact resume, crash safety, NaN, full fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from safetensors.torch import load_file
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.errors import ConfigError
+from lorakit.train import NonFiniteError, TrainConfig, train
+from lorakit.train_checkpoint import latest_checkpoint
+
+
+def make_batches(n: int = 6, rows: int = 2, length: int = 12, seed: int = 0) -> list[dict]:
+    """Learnable batches: each row counts up from a random start; the first 3 labels masked."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n):
+        start = torch.randint(0, 100, (rows, 1), generator=g)
+        ids = (start + torch.arange(length)) % 128  # (rows, length)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        batches.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "sample_ids": list(range(i * rows, i * rows + rows)),
+            }
+        )
+    return batches
+
+
+def lora_model(dropout: float = 0.1):
+    """A tiny Llama with LoRA on q/v (and attention dropout, so RNG matters for resume)."""
+    base = make_tiny_llama()
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"]
+    )
+    return get_peft_model(base, config)
+
+
+def quick(**overrides) -> TrainConfig:
+    """A fast fp32 config for unit tests."""
+    base = dict(precision="fp32", lr=1e-2, max_steps=8, grad_accum_steps=2, warmup_steps=2,
+                progress="none", tensorboard=False)  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_loss_goes_down_and_only_adapter_changes(tmp_path):
+    model = lora_model(dropout=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = make_batches(2)
+    config = quick(max_steps=20, grad_accum_steps=1, lr=3e-2)
+    result = train(model, None, batches, batches, config, tmp_path)
+    # two fixed batches, 20 steps: a tiny random model memorises a little (4.88 -> ~4.75)
+    assert result.losses[-1] < result.losses[0] - 0.05
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed)
+    # outputs a person and the CLI rely on
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 21))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"} <= set(train_rows[0])
+    assert any(r["kind"] == "eval" for r in rows)
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "lr.png").stat().st_size > 0
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 3e-2
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "best" / "adapter_config.json").is_file()
+
+
+def _crash_at_forward(model, calls: int):
+    """Raise (a simulated kill) at the `calls`-th forward of the decoder."""
+    count = {"n": 0}
+
+    def hook(module, args, kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise RuntimeError("simulated crash")
+
+    return model.base_model.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_resume_after_crash_is_bitwise_identical(tmp_path):
+    batches = make_batches(6)
+    straight = lora_model()
+    expected = train(straight, None, batches, None, quick(save_every=4), tmp_path / "a")
+
+    crashed = lora_model()
+    handle = _crash_at_forward(crashed, 9)  # 2 micro-batches per step: step 5, first forward
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashed, None, batches, None, quick(save_every=4), tmp_path / "b")
+    handle.remove()
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-00000004"
+
+    resumed = lora_model()
+    got = train(resumed, None, batches, None, quick(save_every=4), tmp_path / "b", resume="auto")
+    assert got.losses == expected.losses  # exact, not approximate
+    for name, value in trainable(straight).items():
+        assert torch.equal(value, trainable(resumed)[name]), name
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    batches = make_batches(6)
+    expected = train(lora_model(), None, batches, None, quick(save_every=4), tmp_path / "a")
+
+    crashed = lora_model()
+    handle = _crash_at_forward(crashed, 13)  # step 7
+    with pytest.raises(RuntimeError):
+        train(crashed, None, batches, None, quick(save_every=4), tmp_path / "b")
+    handle.remove()
+    root = tmp_path / "b" / "checkpoints"
+    # A newer checkpoint cut off mid-write: files present, no completion marker ...
+    cut = root / "step-00000006"
+    cut.mkdir()
+    (cut / "state.json").write_text('{"step": 6, "settin')
+    (cut / "trainable.safetensors").write_bytes(b"\x00" * 10)
+    # ... and a staging directory left by a killed writer.
+    (root / ".tmp-step-00000007-99999").mkdir()
+    assert latest_checkpoint(root).name == "step-00000004"
+
+    resumed = lora_model()
+    got = train(resumed, None, batches, None, quick(save_every=4), tmp_path / "b", resume="auto")
+    assert got.losses == expected.losses
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+    batches = make_batches(6)
+    straight = lora_model()
+    expected = train(straight, None, batches, None, quick(), tmp_path / "a")
+
+    interrupted = lora_model()
+    count = {"n": 0}
+
+    def press_ctrl_c(module, args, kwargs):
+        count["n"] += 1
+        if count["n"] == 5:  # during step 3
+            signal.raise_signal(signal.SIGINT)
+
+    handle = interrupted.base_model.model.register_forward_pre_hook(press_ctrl_c, with_kwargs=True)
+    first = train(interrupted, None, batches, None, quick(), tmp_path / "b")
+    handle.remove()
+    assert first.interrupted and first.steps == 3 and first.final_dir is None
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-00000003"
+
+    resumed = lora_model()
+    got = train(resumed, None, batches, None, quick(), tmp_path / "b", resume="auto")
+    assert got.losses == expected.losses
+    for name, value in trainable(straight).items():
+        assert torch.equal(value, trainable(resumed)[name]), name
+
+
+def test_nonfinite_loss_stops_with_step_and_samples(tmp_path):
+    model = lora_model()
+    count = {"n": 0}
+
+    def poison(module, args, output):
+        count["n"] += 1
+        if count["n"] == 7:  # step 3, first micro-batch (2 train + 1 eval forward a step)
+            output[0].fill_(float("nan")) if isinstance(output, tuple) else output.fill_(
+                float("nan")
+            )
+        return output
+
+    model.base_model.model.layers[0].register_forward_hook(poison)
+    batches = make_batches(6)
+    with pytest.raises(NonFiniteError, match=r"step 3.*samples") as err:
+        train(model, None, batches, batches[:1], quick(save_every=1, eval_every=1), tmp_path)
+    assert re.search(r"samples on rank 0: \[\d+, \d+, \d+, \d+\]", str(err.value))
+    assert not (tmp_path / "final").exists()
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"
+    for path in tmp_path.rglob("*.safetensors"):
+        for name, tensor in load_file(str(path)).items():
+            if tensor.is_floating_point():
+                assert torch.isfinite(tensor).all(), f"{path}: {name}"
+
+
+def test_full_finetuning_through_the_same_loop(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = make_tiny_llama()
+    batches = make_batches(2)
+    result = train(
+        model, None, batches, None, quick(max_steps=10, lr=3e-3, grad_accum_steps=1), tmp_path
+    )
+    assert result.losses[-1] < result.losses[0]
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "final")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_resume_with_other_settings_lists_them_and_needs_force(tmp_path):
+    batches = make_batches(4)
+    train(lora_model(), None, batches, None, quick(max_steps=2), tmp_path)
+    with pytest.raises(ConfigError, match=r"lr: 0.01 -> 0.02.*seed: 0 -> 1"):
+        train(
+            lora_model(),
+            None,
+            batches,
+            None,
+            quick(max_steps=4, seed=1, lr=2e-2),
+            tmp_path,
+            resume="auto",
+        )
+    with pytest.raises(ConfigError, match="data"):
+        train(
+            lora_model(),
+            None,
+            make_batches(4, seed=1),
+            None,
+            quick(max_steps=2),
+            tmp_path,
+            resume="auto",
+        )
+    result = train(
+        lora_model(),
+        None,
+        batches,
+        None,
+        quick(max_steps=4, seed=1),
+        tmp_path,
+        resume="auto",
+        force=True,
+    )
+    assert result.steps == 4
+    with pytest.raises(ConfigError, match="resume"):  # a fresh run never overwrites a run
+        train(lora_model(), None, batches, None, quick(max_steps=2), tmp_path)
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model = lora_model()
+    before = trainable(model)
+    with pytest.raises(ConfigError, match="not writable"):
+        train(model, None, make_batches(2), None, quick(), blocker / "run")
+    for name, value in trainable(model).items():
+        assert torch.equal(value, before[name])
+
+
+def test_schedule_and_lora_plus_groups(tmp_path):
+    model = lora_model(dropout=0.0)
+    result = train(
+        model, None, make_batches(2), None,
+        quick(max_steps=6, grad_accum_steps=1, warmup_steps=2, scheduler="linear", lora_b_lr=1e-1),
+        tmp_path,
+    )  # fmt: skip
+    lrs = [r["lr"] for r in result.history if r["kind"] == "train"]
+    assert lrs[0] == pytest.approx(1e-2 / 3) and lrs[1] == pytest.approx(2e-2 / 3)
+    assert lrs[2] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-2 / 4)
+
+
+def test_bf16_base_dtype_keeps_adapter_fp32(tmp_path):
+    model = lora_model(dropout=0.0)
+    batches = make_batches(2)
+    result = train(
+        model,
+        None,
+        batches,
+        None,
+        quick(precision="bf16", max_steps=6, grad_accum_steps=1),
+        tmp_path,
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert model.base_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert result.losses[-1] < result.losses[0]
