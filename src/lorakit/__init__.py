@@ -8,7 +8,9 @@ from lorakit.model import LoraModel, get_peft_model
 
 __version__ = "0.1.0"
 
-PeftModel = LoraModel  # `from lorakit import PeftModel` reads like peft's `PeftModel.from_pretrained`
+PeftModel = (
+    LoraModel  # `from lorakit import PeftModel` reads like peft's `PeftModel.from_pretrained`
+)
 
 __all__ = [
     "AdapterError",

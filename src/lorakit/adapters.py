@@ -20,7 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.inject import find_modules_to_save, find_targets
+from lorakit.inject import find_modules_to_save, find_targets, is_shared_bias
 from lorakit.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,9 +49,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
                 out[f"{path}.{key}"] = tensor
     if bias == "all":
         for name, param in model.named_parameters():
-            if name.endswith("bias") and ".original_module." not in name:
-                if ".modules_to_save." not in name:
-                    out[name] = param
+            if is_shared_bias(name):
+                out[name] = param
     return {PREFIX + k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
@@ -67,7 +66,9 @@ def save_adapter(
     tensors = adapter_state_dict(model, adapter_name, config.bias)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise AdapterError(f"refusing to save adapter `{adapter_name}`: non-finite values in {bad[0]}")
+        raise AdapterError(
+            f"refusing to save adapter `{adapter_name}`: non-finite values in {bad[0]}"
+        )
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -88,11 +89,11 @@ def save_adapter(
 
 def _replace_dir(staging: Path, directory: Path) -> None:
     """Swap a complete staging dir in; files of `directory` not written by us are kept."""
-    for item in staging.iterdir():
-        os.replace(item, directory / item.name)
     stale = directory / CHAT_TEMPLATE_NAME
     if stale.exists() and not (staging / CHAT_TEMPLATE_NAME).exists():
         stale.unlink()  # a template left from an earlier save would not belong to this adapter
+    for item in staging.iterdir():
+        os.replace(item, directory / item.name)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -186,9 +187,7 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
     if config.bias == "all":
         targets = set(check.target_names)
         for pname, param in model.named_parameters():
-            if not pname.endswith("bias") or ".original_module." in pname or "lora_" in pname:
-                continue
-            if ".modules_to_save." in pname:
+            if not is_shared_bias(pname):
                 continue
             owner = pname.rsplit(".", 1)[0].removesuffix(".base_layer")
             key = f"{owner}.base_layer.bias" if owner in targets else pname
@@ -219,7 +218,9 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
     try:
         check = expected_shapes(base, files.config)
     except ConfigError as error:
-        raise AdapterError(f"{files.directory}: the adapter does not fit this base: {error}") from None
+        raise AdapterError(
+            f"{files.directory}: the adapter does not fit this base: {error}"
+        ) from None
     tensors = normalise_keys(files.tensors)
     for key, shape in check.expected.items():
         if key not in tensors:

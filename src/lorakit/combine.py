@@ -40,7 +40,9 @@ def combine_adapters(
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type={combination_type!r}: expected one of {COMBINATIONS}")
     if len(adapters) != len(weights) or not adapters:
-        raise ConfigError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+        raise ConfigError(
+            f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights"
+        )
     if adapter_name in model.peft_config:
         raise ConfigError(f"an adapter named `{adapter_name}` exists; pick another name")
     configs = [model.peft_config[a] for a in adapters]
@@ -48,7 +50,9 @@ def combine_adapters(
         combination_type = "linear"
     ranks = {c.r for c in configs} | {r for c in configs for r in c.rank_pattern.values()}
     if combination_type == "linear" and len(ranks) > 1:
-        raise ConfigError(f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
+        raise ConfigError(
+            f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'"
+        )
     new_rank = {
         "linear": configs[0].r,
         "cat": sum(c.r for c in configs),

@@ -101,6 +101,11 @@ class LoraConfig(_LoraFields):
                 raise bad(name, "a list of module names, a regex string, or 'all-linear'")
             if isinstance(value, str) and name == "target_modules":
                 _check_regex(name, value)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError(
+                "LoraConfig: layers_to_transform works with a list of target_modules, not a regex "
+                "string; put the layer indices in the regex instead"
+            )
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int) and not isinstance(

@@ -94,7 +94,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 continue  # a class-name target matched a container of that name
             raise ConfigError(
                 f"target `{name}` is a {type(module).__name__}, which LoRA cannot wrap; target "
-                "its nn.Linear / Conv1D / nn.Embedding children instead\n" + _layer_names_hint(model)
+                "its nn.Linear / Conv1D / nn.Embedding children instead\n"
+                + _layer_names_hint(model)
             )
         if config.layers_to_transform is not None:
             index = _layer_index(name, config.layers_pattern)
@@ -175,7 +176,7 @@ def mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none
     """Freeze everything, then unfreeze the named adapters, their module copies and biases."""
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, LoraLinear):
             for adapter in adapter_names:
                 if adapter in module.r:
@@ -189,8 +190,15 @@ def mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none
                     module.modules_to_save[adapter].requires_grad_(True)
     if bias == "all":
         for name, param in model.named_parameters():
-            if name.endswith("bias") and ".original_module." not in name:
+            if is_shared_bias(name):
                 param.requires_grad_(True)
+
+
+def is_shared_bias(name: str) -> bool:
+    """A base-model bias that `bias="all"` trains (not one inside a module copy)."""
+    return name.endswith("bias") and not any(
+        part in name for part in (".original_module.", ".modules_to_save.", "lora_")
+    )
 
 
 # ----------------------------------------------------------------- the functional form

@@ -32,9 +32,16 @@ def layer_kind(module: nn.Module) -> str | None:
         return EMBEDDING
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return CONV1D
-    if all(hasattr(module, a) for a in ("in_features", "out_features", "dequantize")):
+    if is_quantized_linear(module):
         return LINEAR
     return None
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A linear layer that stores its weight in another form and offers `dequantize()`."""
+    return all(hasattr(module, a) for a in ("in_features", "out_features", "dequantize")) and (
+        not isinstance(getattr(module, "weight", None), nn.Parameter)
+    )
 
 
 class LoraLinear(nn.Module):
@@ -48,7 +55,10 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.kind = kind
         if kind == EMBEDDING:
-            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+            self.in_features, self.out_features = (
+                base_layer.num_embeddings,
+                base_layer.embedding_dim,
+            )
         elif kind == CONV1D:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
@@ -80,7 +90,9 @@ class LoraLinear(nn.Module):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout else nn.Identity()
+        self.lora_dropout[adapter_name] = (
+            nn.Dropout(lora_dropout) if lora_dropout else nn.Identity()
+        )
         weight = self._base_weight()
         device = weight.device if weight is not None else None
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
@@ -124,10 +136,10 @@ class LoraLinear(nn.Module):
         """Remove adapter `adapter_name` (unmerging it first if merged)."""
         if adapter_name in self.merged_adapters:
             self.unmerge([adapter_name])
-        for container in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B):
+        for container in (self.lora_A, self.lora_B, self.lora_embedding_A,
+                          self.lora_embedding_B, self.lora_dropout):  # fmt: skip
             if adapter_name in container:
                 del container[adapter_name]
-        self.lora_dropout.pop(adapter_name, None)
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
@@ -151,7 +163,9 @@ class LoraLinear(nn.Module):
             return result
         if self._row_groups is not None:
             if self.merged_adapters:
-                raise RuntimeError("per-row adapters need unmerged adapters; call unmerge_adapter()")
+                raise RuntimeError(
+                    "per-row adapters need unmerged adapters; call unmerge_adapter()"
+                )
             for name, rows in self._row_groups:
                 if name in self.r:
                     delta = self._delta(x.index_select(0, rows), name, result.dtype)
@@ -199,7 +213,9 @@ class LoraLinear(nn.Module):
                 continue
             merged = weight.float() + self.delta_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter `{name}` produced non-finite weights; not merged")
+                raise ValueError(
+                    f"merging adapter `{name}` produced non-finite weights; not merged"
+                )
             weight.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
 

@@ -17,7 +17,7 @@ from lorakit.combine import combine_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.inject import add_adapter_layers, mark_trainable
-from lorakit.layers import LoraLinear, ModulesToSave
+from lorakit.layers import LoraLinear, ModulesToSave, is_quantized_linear
 
 logger = logging.getLogger("lorakit")
 BASE = "__base__"  # the per-row name meaning "no adapter"
@@ -166,9 +166,7 @@ class LoraModel(nn.Module):
             all_params += param.numel()
             trainable += param.numel() if param.requires_grad else 0
         for module in self.base_model.modules():
-            if hasattr(module, "dequantize") and not isinstance(
-                getattr(module, "weight", None), nn.Parameter
-            ):
+            if is_quantized_linear(module):
                 all_params += module.in_features * module.out_features
         return trainable, all_params
 
@@ -332,6 +330,8 @@ def _name_or_path(model: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
-def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+def get_peft_model(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default"
+) -> LoraModel:
     """Wrap `model` with a fresh adapter; the base is frozen, only the adapter trains."""
     return LoraModel(model, config, adapter_name)
