@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import signal
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
+from conftest import make_tiny_llama
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import ConfigError
 from lorakit.train import NonFiniteError, TrainConfig, train
