@@ -1,0 +1,86 @@
+"""Evaluation: token-weighted loss and perplexity, exact match, greedy samples, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lorakit.evaluate import eval_loss, exact_match, generate_samples
+from lorakit.plots import plot_run
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer of 128 ids (w0..w124 plus specials) with a ChatML-like template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(125)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tok.chat_template = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}w2"
+    return tok
+
+
+def test_eval_loss_is_token_weighted_mean(tiny_llama):
+    ids = torch.randint(0, 128, (4, 10))
+    labels = ids.clone()
+    labels[:2, :7] = -100  # batch 1 has far fewer supervised tokens than batch 2
+    batches = [
+        {"input_ids": ids[:2], "labels": labels[:2]},
+        {"input_ids": ids[2:], "labels": labels[2:]},
+    ]
+    got = eval_loss(tiny_llama, batches)
+    want = tiny_llama(input_ids=ids, labels=labels).loss.item()  # HF: mean over all tokens
+    assert got["eval_loss"] == pytest.approx(want, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
+    assert got["eval_tokens"] == 2 * 3 + 2 * 9  # labels 7..9, and 1..9, after the shift
+
+
+def test_eval_loss_refuses_fully_masked_data(tiny_llama):
+    ids = torch.randint(0, 128, (1, 6))
+    with pytest.raises(ValueError, match="no supervised tokens"):
+        eval_loss(tiny_llama, [{"input_ids": ids, "labels": torch.full_like(ids, -100)}])
+
+
+def test_exact_match():
+    assert exact_match(["4 ", "x"], ["4", "y"]) == 0.5
+    assert exact_match(["A"], ["a"], scorer=lambda p, r: float(p.lower() == r.lower())) == 1.0
+    with pytest.raises(ValueError):
+        exact_match(["a"], [])
+
+
+def test_generate_samples_greedy_and_deterministic(tiny_llama):
+    tok = tiny_tokenizer()
+    first = generate_samples(tiny_llama, tok, ["w5 w6", "w7"], max_new_tokens=5)
+    again = generate_samples(tiny_llama, tok, ["w5 w6", "w7"], max_new_tokens=5)
+    assert first == again and [s["prompt"] for s in first] == ["w5 w6", "w7"]
+    assert all(isinstance(s["completion"], str) for s in first)
+
+
+def test_training_writes_samples_and_eval_rows(tmp_path):
+    from lorakit.train import train
+    from test_train import lora_model, make_batches, quick
+
+    batches = make_batches(2)
+    config = quick(max_steps=2, grad_accum_steps=1, eval_every=1, eval_prompts=["w3 w4"],
+                   eval_max_new_tokens=3)  # fmt: skip
+    result = train(lora_model(0.0), tiny_tokenizer(), batches, batches, config, tmp_path)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2] and samples[0]["prompt"] == "w3 w4"
+    evals = [r for r in result.history if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert result.best_eval_loss == min(r["eval_loss"] for r in evals)
+
+
+def test_plot_run_writes_both_figures(tmp_path):
+    rows = [{"kind": "train", "step": s, "loss": 3 - s / 10, "lr": 1e-3} for s in range(1, 30)]
+    rows += [{"kind": "eval", "step": 10, "eval_loss": 2.5, "perplexity": 12.2}]
+    written = plot_run(rows, tmp_path)
+    assert [p.name for p in written] == ["loss.png", "lr.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
