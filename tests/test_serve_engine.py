@@ -24,7 +24,12 @@ def adapter_paths(tmp_path_factory):
 @pytest.fixture
 def state(adapter_paths):
     state = build_state(
-        make_model(), make_tokenizer(), base_name=BASE_NAME, adapters=adapter_paths, max_batch=16
+        make_model(),
+        make_tokenizer(),
+        base_name=BASE_NAME,
+        adapters=adapter_paths,
+        max_batch=16,
+        threads=1,
     )
     yield state
     state.engine.shutdown()
@@ -120,7 +125,7 @@ def test_batched_greedy_equals_alone(state):
 
 
 def test_cancel_frees_the_slot(adapter_paths):
-    state = build_state(make_model(), make_tokenizer(), base_name=BASE_NAME, max_batch=1)
+    state = build_state(make_model(), make_tokenizer(), base_name=BASE_NAME, max_batch=1, threads=1)
     try:
         events, started = [], threading.Event()
 
@@ -135,7 +140,9 @@ def test_cancel_frees_the_slot(adapter_paths):
         short = state.engine.generate([4, 5], None, GREEDY, timeout=30)  # needs the only slot
         assert short.finish_reason in ("stop", "length")
         deadline = time.monotonic() + 10
-        while events[-1].finish_reason is None and time.monotonic() < deadline:
+        while (events[-1].finish_reason is None or state.engine.load != (0, 0)) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         assert events[-1].finish_reason == "cancelled"
         assert len(events) < 200 and state.engine.load == (0, 0)

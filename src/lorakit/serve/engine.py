@@ -79,12 +79,14 @@ class Engine:
         max_context: int,
         max_batch: int = 8,
         eos_token_ids: set[int] | None = None,
+        threads: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.host, self.tokenizer = host, tokenizer
         self.max_context, self.max_batch = max_context, max_batch
         self.eos_token_ids = set(eos_token_ids or ())
+        self.threads = threads  # torch CPU threads for the engine thread; None: torch's default
         self.steps = 0  # decode steps run so far (for tests and benchmarks)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
@@ -169,6 +171,8 @@ class Engine:
     # ---- the engine thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._active:
@@ -280,14 +284,14 @@ class Engine:
 
     def _drop_done(self) -> None:
         """Remove finished and cancelled rows from the batch, freeing their slots."""
-        for seq in self._active:
-            if seq.cancelled:
-                self._finish(seq, FINISH_CANCELLED)
-        keep = [i for i, seq in enumerate(self._active) if not seq.finished]
+        cancelled = [seq for seq in self._active if seq.cancelled and not seq.finished]
+        keep = [i for i, seq in enumerate(self._active) if not (seq.finished or seq.cancelled)]
         if len(keep) != len(self._active):
             self._batch.keep(keep)
             with self._wake:
                 self._active = [self._active[i] for i in keep]
+        for seq in cancelled:  # told only once the slot is free
+            self._finish(seq, FINISH_CANCELLED)
 
     def _fail_active(self, error: str | None) -> None:
         with self._wake:

@@ -80,6 +80,7 @@ def build_state(
     adapters_root: str | Path | None = None,
     allow_runtime_loading: bool = False,
     chat_template: str | None = None,
+    threads: int | None = None,
 ):
     """Load the adapters into the model and start the engine; returns the app's ServerState."""
     from lorakit.serve.app import ServerState
@@ -104,6 +105,7 @@ def build_state(
         max_context=max_context,
         max_batch=max_batch,
         eos_token_ids=eos_ids(model, tokenizer),
+        threads=threads,
     )
     engine.start()
     return ServerState(host, engine, tokenizer, max_context, root, allow_runtime_loading)

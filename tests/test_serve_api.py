@@ -1,0 +1,314 @@
+"""The HTTP API's guarantees: auth everywhere, OpenAI-shaped errors, limits, path containment,
+runtime loading that never breaks other adapters, streaming and cancellation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.serve import build_state, check_bind, serve_main
+from lorakit.serve.app import create_app
+from test_serve_support import (
+    BASE_NAME,
+    VOCAB,
+    live_server,
+    make_adapters,
+    make_model,
+    make_tokenizer,
+)
+
+KEY = "sk-serve-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BODY = 64 * 1024
+
+
+def _make_root(tmp):
+    """adapters root with a good, a truncated, a wrong-base and two escaping adapters."""
+    root, outside = tmp / "root", tmp / "outside"
+    root.mkdir()
+    outside.mkdir()
+    make_adapters(root, ["good"])
+    make_adapters(outside, ["secret"])
+    shutil.copytree(root / "good", root / "broken")
+    weights = root / "broken" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    _wrong_base_adapter(root / "wrongbase")
+    os.symlink(outside / "secret", root / "escape")
+    (root / "sneaky").mkdir()
+    shutil.copy(root / "good" / "adapter_config.json", root / "sneaky")
+    os.symlink(
+        outside / "secret" / "adapter_model.safetensors",
+        root / "sneaky" / "adapter_model.safetensors",
+    )
+    return root, outside
+
+
+def _wrong_base_adapter(path):
+    from conftest import make_tiny_llama
+    from lorakit import LoraConfig, get_peft_model
+
+    wide = make_tiny_llama(vocab_size=VOCAB, hidden=64)
+    lora = get_peft_model(wide, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    lora.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve_api")
+    root, _ = _make_root(tmp)
+    startup = make_adapters(tmp / "startup", ["a"])
+    state = build_state(
+        make_model(),
+        make_tokenizer(),
+        base_name=BASE_NAME,
+        adapters=startup,
+        max_batch=8,
+        adapters_root=root,
+        allow_runtime_loading=True,
+        threads=1,
+    )
+    try:
+        app = create_app(state, api_key=KEY, max_body_bytes=MAX_BODY)
+        with (
+            live_server(app) as url,
+            httpx.Client(base_url=url, headers=AUTH, timeout=30) as client,
+        ):
+            yield client, state
+    finally:
+        state.engine.shutdown()
+
+
+def _complete(client, model="a", **extra):
+    body = {"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0, **extra}
+    return client.post("/v1/completions", json=body)
+
+
+def _listed(client):
+    return {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+
+def _assert_error(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    return error
+
+
+ROUTES = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("GET", "/no/such/route"),
+]
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+@pytest.mark.parametrize("header", [None, "Bearer wrong", f"Bearer {KEY}x", KEY, f"bearer {KEY}"])
+def test_every_route_but_health_needs_the_key(server, method, path, header):
+    client, _ = server
+    headers = {} if header is None else {"Authorization": header}
+    url = str(client.base_url).rstrip("/") + path
+    response = httpx.request(method, url, headers=headers, json={}, timeout=10)
+    assert _assert_error(response, 401)["type"] == "authentication_error"
+
+
+def test_health_is_open(server):
+    client, _ = server
+    response = httpx.get(str(client.base_url).rstrip("/") + "/health", timeout=10)
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+def test_unknown_model_is_404(server):
+    client, _ = server
+    error = _assert_error(_complete(client, model="aa"), 404)
+    assert error["code"] == "model_not_found" and "`a`" in error["message"]
+    chat = {"model": "zzz", "messages": [{"role": "user", "content": "hi"}]}
+    _assert_error(client.post("/v1/chat/completions", json=chat), 404)
+
+
+@pytest.mark.parametrize(
+    "change,param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "ten"}, "max_tokens"),
+        ({"max_tokens": 300}, "max_tokens"),  # 5 prompt tokens + 300 > context 256
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -5}, "top_k"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"prompt": [1, 2, VOCAB + 5]}, "prompt"),
+        ({"prompt": "x" * 300}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+    ],
+)
+def test_bad_parameters_are_400(server, change, param):
+    client, _ = server
+    error = _assert_error(_complete(client, **change), 400)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_bad_bodies_are_400(server):
+    client, _ = server
+    headers = {**AUTH, "content-type": "application/json"}
+    _assert_error(client.post("/v1/completions", content=b"{not json", headers=headers), 400)
+    _assert_error(client.post("/v1/completions", content=b"[1, 2]", headers=headers), 400)
+    bad_role = {"model": "a", "messages": [{"role": "wizard", "content": "hi"}]}
+    _assert_error(client.post("/v1/chat/completions", json=bad_role), 400)
+    _assert_error(client.post("/v1/chat/completions", json={"model": "a", "messages": []}), 400)
+
+
+def test_oversized_body_is_413(server):
+    client, _ = server
+    body = json.dumps({"model": "a", "prompt": "x" * (MAX_BODY + 10)}).encode()
+    _assert_error(client.post("/v1/completions", content=body), 413)
+
+    def chunked():  # no Content-Length: the cap applies while reading
+        for start in range(0, len(body), 8192):
+            yield body[start : start + 8192]
+
+    _assert_error(client.post("/v1/completions", content=chunked()), 413)
+
+
+TRAVERSALS = [
+    "../outside/secret",
+    "good/../../outside/secret",
+    "./../outside/secret",
+    "%2e%2e/outside/secret",
+    "..%2foutside%2fsecret",
+    "..\\outside\\secret",
+    "~/secret",
+    "escape",  # a symlink to a folder outside the root
+    "sneaky",  # a folder whose weights file links outside the root
+    "good\u0000",
+    "C:/secret",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_paths_leaving_the_root_are_refused(server, path):
+    client, _ = server
+    before = _listed(client)
+    response = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+    assert response.status_code in (400, 404), response.text
+    assert _listed(client) == before
+
+
+def test_absolute_paths_are_refused(server, tmp_path_factory):
+    client, _ = server
+    secret = next(tmp_path_factory.getbasetemp().glob("serve_api*/outside/secret"))
+    for path in (str(secret), "/etc"):
+        body = {"lora_name": "x", "lora_path": path}
+        _assert_error(client.post("/v1/load_lora_adapter", json=body), 400)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", BASE_NAME, "-x", "x" * 65])
+def test_bad_adapter_names_are_refused(server, name):
+    client, _ = server
+    body = {"lora_name": name, "lora_path": "good"}
+    assert client.post("/v1/load_lora_adapter", json=body).status_code == 400
+
+
+def test_broken_adapters_fail_alone(server):
+    """Truncated weights, a wrong base and a missing folder fail while `a` keeps serving."""
+    client, _ = server
+    before = _complete(client).json()["choices"][0]["text"]
+    answers: list[int] = []
+
+    def traffic():
+        for _ in range(6):
+            answers.append(_complete(client).status_code)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    for path, status, says in [
+        ("broken", 400, "adapter_model.safetensors"),
+        ("wrongbase", 400, "shape"),
+        ("missing", 404, "missing"),
+    ]:
+        response = client.post("/v1/load_lora_adapter", json={"lora_name": path, "lora_path": path})
+        assert says in _assert_error(response, status)["message"]
+    thread.join(timeout=60)
+    assert answers == [200] * 6
+    assert _listed(client) == {BASE_NAME, "a"}
+    assert _complete(client).json()["choices"][0]["text"] == before
+
+
+def test_load_use_and_unload(server):
+    client, _ = server
+    body = {"lora_name": "good", "lora_path": "good"}
+    assert client.post("/v1/load_lora_adapter", json=body).status_code == 200
+    cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert cards["good"]["parent"] == BASE_NAME
+    assert _complete(client, model="good").status_code == 200
+    _assert_error(client.post("/v1/load_lora_adapter", json=body), 400)  # already loaded
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "good"}).status_code == 200
+    _assert_error(_complete(client, model="good"), 404)
+    _assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "good"}), 404)
+
+
+def test_stream_ends_with_done(server):
+    client, _ = server
+    body = {"model": "a", "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_disconnect_stops_generation(server):
+    client, state = server
+    body = {"model": "a", "prompt": "Hi", "max_tokens": 240, "temperature": 1.0, "seed": 1}
+    steps = state.engine.steps
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        next(response.iter_lines())  # the first token arrived; now hang up
+    deadline = time.monotonic() + 20
+    while state.engine.load != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state.engine.load == (0, 0)
+    assert state.engine.steps - steps < 200  # stopped well before max_tokens
+
+
+def test_runtime_loading_is_off_by_default():
+    state = build_state(make_model(), make_tokenizer(), base_name=BASE_NAME, threads=1)
+    try:
+        with live_server(create_app(state)) as url:
+            body = {"lora_name": "x", "lora_path": "x"}
+            response = httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=10)
+            assert "allow-runtime-loading" in _assert_error(response, 404)["message"]
+            assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 200  # no key set
+    finally:
+        state.engine.shutdown()
+
+
+def test_non_loopback_bind_needs_a_key():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind(host, None, False)
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.com"):
+        with pytest.raises(ConfigError, match="--api-key"):
+            check_bind(host, None, False)
+        check_bind(host, "key", False)
+        check_bind(host, None, True)
+    with pytest.raises(ConfigError):  # refused before any model is loaded
+        serve_main("no-such-model", host="0.0.0.0")
+
+
+def test_torch_is_not_left_in_grad_mode(server):
+    _, state = server
+    assert not any(p.requires_grad for p in state.host.forward_model.parameters())
+    assert torch.is_grad_enabled()
