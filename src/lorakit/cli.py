@@ -1,0 +1,163 @@
+"""The `lorakit` command: each subcommand is a thin shell over the library.
+
+`main(argv)` runs the app in-process and returns the exit code; a `LorakitError` becomes a
+one-paragraph message on stderr and exit code 1 (no traceback), a usage error exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from lorakit import __version__
+from lorakit.cli_generate import register_generation
+from lorakit.cli_tools import register_tools
+from lorakit.errors import LorakitError
+
+HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge"}
+
+app = typer.Typer(
+    name="lorakit",
+    help="LoRA and QLoRA fine-tuning for Hugging Face causal LMs.\n\n"
+    "Start with `lorakit quickstart`; train your own with `lorakit init` and "
+    "`lorakit train CONFIG.yaml`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorakit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """LoRA and QLoRA fine-tuning for Hugging Face causal LMs."""
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides, e.g. train.lr=1e-4")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="'auto': continue the newest complete checkpoint; or a checkpoint dir."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Resume even when result-changing settings differ.")
+    ] = False,
+) -> None:
+    """Fine-tune as CONFIG says (validated before any work); writes adapter, metrics, plots."""
+    from lorakit.cli_train import run_training
+    from lorakit.schema import load_run_config
+
+    run = load_run_config(config, overrides)
+    result = run_training(run, resume=resume, force=force, show=typer.echo)
+    typer.echo(f"run directory: {result.output_dir}")
+
+
+@app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides.")] = None,
+) -> None:
+    """Check a run config and print it fully resolved (every default filled in)."""
+    import yaml
+
+    from lorakit.schema import load_run_config
+
+    run = load_run_config(config, overrides)
+    typer.echo(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    typer.echo(f"{config}: valid", err=True)
+
+
+@app.command()
+def quickstart(
+    output: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/quickstart"),
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 30,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    rank: Annotated[int, typer.Option("--rank", "-r", min=1, help="LoRA rank.")] = 16,
+    name: Annotated[str, typer.Option(help="The new name to teach.")] = "Lumi",
+    author: Annotated[str, typer.Option(help="The new maker to teach.")] = "lorakit",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 32,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier quickstart in the output directory.")
+    ] = False,
+) -> None:
+    """Teach the built-in model a new name in a few minutes on a CPU, and show before/after."""
+    from lorakit.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings(
+        output_dir=output, steps=steps, lr=lr, r=rank, lora_alpha=2 * rank, name=name,
+        author=author, max_new_tokens=max_new_tokens, overwrite=overwrite,
+    )  # fmt: skip
+    run_quickstart(settings, show=typer.echo)
+
+
+register_generation(app)
+register_tools(app)
+
+
+def _heavy(argv: list[str]) -> bool:
+    """True when the command will load a model (and --help is not asked for)."""
+    if any(a in ("-h", "--help", "--version") for a in argv):
+        return False
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first in HEAVY
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. argv=None: sys.argv (and maybe re-exec for speed)."""
+    if argv is None:
+        argv = sys.argv[1:]
+        if _heavy(argv):
+            from lorakit.train_runtime import preload_tcmalloc
+
+            preload_tcmalloc()  # re-execs this process with tcmalloc when it helps
+    try:
+        app(args=argv, prog_name="lorakit", standalone_mode=False)
+    except LorakitError as error:
+        _fail(str(error))
+        return 1
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+def _fail(message: str) -> None:
+    """Print a LorakitError as one paragraph (its first lines) prefixed with `error:`."""
+    text = message.strip() or "unknown error"
+    if os.environ.get("LORAKIT_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    typer.echo(f"error: {text}", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

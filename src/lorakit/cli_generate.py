@@ -1,0 +1,220 @@
+"""`lorakit generate` and `lorakit chat`: a base model with zero, one or several adapters, tokens
+streamed to the terminal, greedy unless a temperature is given."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+import typer
+from torch import nn
+
+from lorakit.errors import ConfigError
+
+ADAPTER_HELP = "Adapter dir, or name=dir; repeat for several (all applied, or --weights)."
+
+
+@dataclass
+class Sampling:
+    """Sampling parameters; temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for transformers' `generate`."""
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(
+                f"sampling: temperature={self.temperature} (>= 0), top_p={self.top_p} (0 < p <= 1)"
+                f", top_k={self.top_k} (>= 0): a value is out of range"
+            )
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty}: expected > 0")
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.temperature == 0:
+            return {**kwargs, "do_sample": False}
+        return {**kwargs, "do_sample": True, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k}  # fmt: skip
+
+
+def prepare_model(
+    base: str, adapter_specs: list[str], weights: list[float] | None, dtype: str, device: str
+) -> tuple[nn.Module, Any, str | None]:
+    """(model, tokenizer, chat template): adapters loaded, all active or combined with weights."""
+    from lorakit.cli_train import load_with_adapters, parse_adapters
+    from lorakit.model import LoraModel
+    from lorakit.models import chat_template_of
+
+    adapters = parse_adapters(adapter_specs)
+    model, tokenizer = load_with_adapters(base, adapters, dtype, device)
+    if isinstance(model, LoraModel):
+        names = list(adapters)
+        if weights:
+            if len(weights) != len(names):
+                raise ConfigError(f"--weights: {len(weights)} weights for {len(names)} adapters")
+            model.add_weighted_adapter(names, weights, "combined", combination_type="cat")
+            names = ["combined"]
+        model.set_adapter(names)
+    template = getattr(model, "chat_template", None) or chat_template_of(tokenizer)
+    return model, tokenizer, template
+
+
+class _Streamer:
+    """Prints decoded text as tokens arrive (a transformers generate streamer)."""
+
+    def __init__(self, tokenizer: Any, prompt_tokens: int, out=None) -> None:
+        self.tokenizer, self.skip, self.out = tokenizer, prompt_tokens, out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        """Receive the prompt (skipped) or a new token."""
+        ids = value.reshape(-1).tolist()
+        if self.skip:
+            self.skip = 0  # the first call carries the prompt
+            return
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+    def end(self) -> None:
+        """Generation finished."""
+        self.out.write("\n")
+        self.out.flush()
+
+    def text(self) -> str:
+        """Everything generated so far."""
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def stream_reply(
+    model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: Sampling, out=None
+) -> str:
+    """Generate from prompt ids (1, T), streaming the text to `out` (stdout); returns it."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    streamer = _Streamer(tokenizer, ids.shape[1], out)
+    model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+        **sampling.generate_kwargs(),
+    )
+    return streamer.text()
+
+
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, str]], template: str | None
+) -> torch.Tensor:
+    """Prompt ids (1, T) of a conversation ready for the assistant's turn."""
+    if template is None:
+        text = "\n".join(m["content"] for m in messages)
+        return tokenizer(text, return_tensors="pt")["input_ids"]
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]  # fmt: skip
+
+
+def register_generation(app: typer.Typer) -> None:
+    """Add `generate` and `chat` to the app."""
+
+    @app.command()
+    def generate(
+        base: Annotated[str, typer.Argument(help="Base model: folder, hub id or built-in alias.")],
+        prompt: Annotated[str, typer.Argument(help="The prompt ('-' reads stdin).")],
+        adapter: Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)] = None,
+        weights: Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")] = None,
+        raw: Annotated[bool, typer.Option(help="Plain text prompt, no chat template.")] = False,
+        max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+        temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+        top_p: Annotated[float, typer.Option()] = 1.0,
+        top_k: Annotated[int, typer.Option(help="0: off.")] = 0,
+        repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+        seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+        dtype: Annotated[str, typer.Option()] = "float32",
+        device: Annotated[str, typer.Option()] = "cpu",
+    ) -> None:
+        """Complete one prompt, streaming tokens to the terminal."""
+        torch.manual_seed(seed)
+        sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        model, tokenizer, template = prepare_model(
+            base, adapter or [], _floats(weights), dtype, device
+        )
+        text = sys.stdin.read() if prompt == "-" else prompt
+        messages = [{"role": "user", "content": text}]
+        ids = encode_chat(tokenizer, messages, None if raw else template)
+        stream_reply(model, tokenizer, ids, sampling)
+
+    @app.command()
+    def chat(
+        base: Annotated[str, typer.Argument(help="Base model: folder, hub id or built-in alias.")],
+        adapter: Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)] = None,
+        weights: Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")] = None,
+        system: Annotated[str | None, typer.Option(help="System message.")] = None,
+        max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+        temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+        top_p: Annotated[float, typer.Option()] = 1.0,
+        top_k: Annotated[int, typer.Option(help="0: off.")] = 0,
+        repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+        seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+        dtype: Annotated[str, typer.Option()] = "float32",
+        device: Annotated[str, typer.Option()] = "cpu",
+    ) -> None:
+        """Talk with the model; the conversation is kept (/reset clears it, /exit quits)."""
+        torch.manual_seed(seed)
+        sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        model, tokenizer, template = prepare_model(
+            base, adapter or [], _floats(weights), dtype, device
+        )
+        chat_loop(model, tokenizer, template, sampling, system)
+
+
+def chat_loop(
+    model: nn.Module, tokenizer: Any, template: str | None, sampling: Sampling, system: str | None
+) -> list[dict[str, str]]:
+    """Read user turns from stdin until EOF or /exit; returns the conversation."""
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    typer.echo("chat: type a message; /reset clears the conversation, /exit quits", err=True)
+    while True:
+        if interactive:
+            typer.echo("you> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return messages
+        if line.strip() == "/reset":
+            messages = list(start)
+            typer.echo("(conversation cleared)", err=True)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        typer.echo("assistant> ", nl=False)
+        reply = stream_reply(model, tokenizer, encode_chat(tokenizer, messages, template), sampling)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _floats(text: str | None) -> list[float] | None:
+    """'0.7,0.3' -> [0.7, 0.3]."""
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights {text!r}: expected comma-separated numbers") from None

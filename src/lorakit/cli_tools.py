@@ -1,0 +1,229 @@
+"""`lorakit eval`, `merge`, `inspect`, `serve`, `data inspect` and `init`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lorakit.errors import ConfigError
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def register_tools(app: typer.Typer) -> None:
+    """Add the tool commands (and the `data` group) to the app."""
+    app.command(name="eval")(eval_command)
+    app.command()(merge)
+    app.command()(inspect)
+    app.command()(serve)
+    app.command()(init)
+    data_app = typer.Typer(
+        help="Look at datasets the way training sees them.", no_args_is_help=True
+    )
+    data_app.command(name="inspect")(data_inspect)
+    app.add_typer(data_app, name="data")
+
+
+def eval_command(
+    model: Annotated[str, typer.Option(help="Base model: folder, hub id or built-in alias.")] = (
+        "smollm2-135m-instruct"
+    ),
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="Adapter dir or name=dir; repeat to compare several.")
+    ] = None,
+    dataset: Annotated[str, typer.Option(help="Dataset file or built-in name.")] = "identity",
+    split: Annotated[str, typer.Option(help="Split of a built-in dataset.")] = "test",
+    limit: Annotated[int | None, typer.Option(min=1, help="First N rows only.")] = None,
+    exact_match: Annotated[
+        bool, typer.Option(help="Also generate answers and score exact match.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    device: Annotated[str, typer.Option()] = "cpu",
+    output: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
+) -> None:
+    """Loss, perplexity and exact match of the base model, and of base + each adapter."""
+    from lorakit.cli_train import default_eval_data, evaluate_models, parse_adapters
+
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision {precision!r}: expected fp32 or bf16")
+    rows = evaluate_models(
+        model, parse_adapters(adapter or []), default_eval_data(dataset, split, limit),
+        exact_match=exact_match, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        precision=precision, device=device,
+    )  # fmt: skip
+    _print_table(rows, f"{dataset} ({split})")
+    if output is not None:
+        output.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = [c for c in ("eval_loss", "perplexity", "exact_match", "name_rate") if c in rows[0]]
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        cells = [f"{row[c]:.1%}" if c in ("exact_match", "name_rate") else f"{row[c]:.4f}"
+                 for c in columns]  # fmt: skip
+        table.add_row(row["model"], *cells)
+    Console(width=100).print(table)
+
+
+def merge(
+    base: Annotated[str, typer.Argument(help="Base model: folder, hub id or built-in alias.")],
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (a plain Hugging Face model).")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    quantization: Annotated[
+        str | None, typer.Option(help="The QLoRA base (nf4/fp4/int8): dequantized, then merged.")
+    ] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Largest accepted merged-vs-unmerged logit difference.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Merge ADAPTER into BASE and write OUT; refuses if the logits disagree or weights are NaN."""
+    from lorakit.merge import merge_and_export
+
+    report = merge_and_export(
+        base, adapter, out, dtype=dtype, quantization=quantization, device=device,
+        tolerance=tolerance, overwrite=overwrite,
+    )  # fmt: skip
+    for line in report.lines():
+        typer.echo(line)
+
+
+def inspect(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory.")],
+    base: Annotated[
+        str | None, typer.Option(help="Check that the adapter fits this base model.")
+    ] = None,
+) -> None:
+    """Show an adapter's config, rank, targets, parameters and size; with --base, check the fit."""
+    from lorakit.adapters import WEIGHTS_NAME, check_adapter, read_adapter
+
+    files = read_adapter(adapter)
+    config = files.config
+    modules = sorted({_module_of(k) for k in files.tensors})
+    n_params = sum(t.numel() for t in files.tensors.values())
+    size = sum(p.stat().st_size for p in adapter.iterdir() if p.is_file())
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in files.tensors.values()})
+    lines = [
+        f"adapter:      {adapter}",
+        f"base model:   {config.base_model_name_or_path or '(not recorded)'}",
+        f"rank:         r={config.r}, lora_alpha={config.lora_alpha}, scaling="
+        f"{config.lora_alpha / config.r:g}{', rsLoRA' if config.use_rslora else ''}"
+        + (f", rank_pattern={config.rank_pattern}" if config.rank_pattern else ""),
+        f"targets:      {config.target_modules} ({len(modules)} modules)",
+        f"parameters:   {n_params:,} in {len(files.tensors)} tensors ({', '.join(dtypes)})",
+        f"size:         {size / 2**20:.2f} MiB ({WEIGHTS_NAME} and config)",
+        f"dropout, bias: {config.lora_dropout}, {config.bias}",
+        f"modules_to_save: {config.modules_to_save or 'none'}",
+        f"chat template: {'saved with the adapter' if files.chat_template else 'none'}",
+    ]
+    for line in lines:
+        typer.echo(line)
+    if base is None:
+        return
+    from lorakit.models import load_model
+
+    model = load_model(base)
+    check = check_adapter(model, files)  # raises AdapterError with the reason
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    typer.echo(
+        f"fits {base}: {len(check.expected)} keys with matching shapes on "
+        f"{len(check.target_names)} target modules; base vocab {vocab}"
+    )
+
+
+def _module_of(key: str) -> str:
+    for marker in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B"):
+        if marker in key:
+            return key.split(marker)[0]
+    return key.rsplit(".", 1)[0]
+
+
+def serve(
+    base: Annotated[str, typer.Argument(help="Base model: folder, hub id or built-in alias.")],
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="name=dir; repeat to serve several adapters.")
+    ] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require this bearer key (or set LORAKIT_API_KEY).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
+    max_model_len: Annotated[int | None, typer.Option(help="Context limit in tokens.")] = None,
+    adapters_root: Annotated[
+        Path | None, typer.Option(help="Folder adapters may be loaded from at run time.")
+    ] = None,
+    allow_runtime_loading: Annotated[
+        bool, typer.Option(help="Enable the load/unload endpoints (needs --adapters-root).")
+    ] = False,
+    allow_insecure_bind: Annotated[
+        bool, typer.Option(help="Listen on a non-loopback address without an API key.")
+    ] = False,
+    served_model_name: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str, typer.Option()] = "float32",
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Serve the base model and adapters with an OpenAI-compatible API."""
+    from lorakit.serve import serve_main
+
+    serve_main(
+        base, list(adapter or []), host=host, port=port, api_key=api_key, max_batch=max_batch,
+        adapters_root=adapters_root, allow_runtime_loading=allow_runtime_loading,
+        allow_insecure_bind=allow_insecure_bind, dtype=dtype, device=device,
+        max_model_len=max_model_len, served_model_name=served_model_name,
+    )  # fmt: skip
+
+
+def data_inspect(
+    config: Annotated[
+        Path | None, typer.Argument(help="Run config (YAML); default: built-in model + identity.")
+    ] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides.")] = None,
+    n: Annotated[int, typer.Option("-n", min=0, help="Samples to show.")] = 3,
+    batch_size: Annotated[int | None, typer.Option(help="Default: train.batch_size.")] = None,
+) -> None:
+    """Show samples as training sees them (trained tokens between ⟦ ⟧) and dataset statistics."""
+    from lorakit.data import inspect_dataset
+    from lorakit.models import load_tokenizer
+    from lorakit.schema import load_run_config
+
+    run = load_run_config(config, overrides)
+    tokenizer = load_tokenizer(
+        run.model.name_or_path, trust_remote_code=run.model.trust_remote_code
+    )
+    typer.echo(inspect_dataset(run.data, tokenizer, n, batch_size or run.train.batch_size))
+
+
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to write the example configs.")] = Path(
+        "configs"
+    ),
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Copy the ready-made run configs (built-in model, Llama, Qwen, GPT-2, Pythia) to DIRECTORY."""
+    sources = sorted(PACKAGED_CONFIGS.glob("*.yaml"))
+    if not sources:
+        raise ConfigError(f"no packaged configs found in {PACKAGED_CONFIGS}")
+    directory.mkdir(parents=True, exist_ok=True)
+    clashes = [s.name for s in sources if (directory / s.name).exists()]
+    if clashes and not force:
+        raise ConfigError(f"{directory} already has {', '.join(clashes)}; pass --force to replace")
+    for source in sources:
+        shutil.copyfile(source, directory / source.name)
+        typer.echo(f"wrote {directory / source.name}")
+    typer.echo(f"next: lorakit train {directory / sources[0].name}")

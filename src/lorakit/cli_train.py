@@ -1,0 +1,225 @@
+"""What `lorakit train` and `lorakit eval` run: a RunConfig to a trained model, and a side by side
+evaluation of a base model with and without adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from lorakit.data import (
+    DataConfig,
+    build_dataset,
+    eval_examples,
+    exact_match_score,
+    name_rate,
+)
+from lorakit.data_tasks import BUILTIN_VARIABLES
+from lorakit.errors import ConfigError
+from lorakit.evaluate import eval_loss
+from lorakit.model import LoraModel, get_peft_model
+from lorakit.models import PLAIN_TEMPLATE, chat_template_of, load_model, load_tokenizer
+from lorakit.schema import RunConfig
+from lorakit.train import TrainResult, train
+from lorakit.train_data import eval_batches
+from lorakit.train_runtime import autocast, resolve_device
+
+
+def prompt_template(data: DataConfig, tokenizer: Any) -> str:
+    """The template training renders conversations with (saved with the adapter for chat)."""
+    chat = chat_template_of(tokenizer)
+    return PLAIN_TEMPLATE if data.template == "plain" or chat is None else chat
+
+
+def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
+    """The model to train (a LoraModel, or the whole model for method=full) and its tokenizer."""
+    from lorakit.models import load_model_and_tokenizer
+
+    if run.method == "full" and run.model.quantization:
+        raise ConfigError(
+            f"method=full with model.quantization={run.model.quantization!r}: quantized weights "
+            "cannot be trained; use method=lora (QLoRA) or drop model.quantization"
+        )
+    model, tokenizer = load_model_and_tokenizer(run.model)
+    if run.method == "full":
+        model.requires_grad_(True)
+        show(f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
+        return model, tokenizer
+    if run.model.quantization:
+        from lorakit.quant import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, run.train.gradient_checkpointing)
+    lora = get_peft_model(model, run.lora.to_lora_config())
+    lora.chat_template = prompt_template(run.data, tokenizer)
+    trainable, total = lora.get_nb_trainable_parameters()
+    show(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    return lora, tokenizer
+
+
+def save_resolved(run: RunConfig, output_dir: Path) -> Path:
+    """Write the fully resolved config as config.yaml in the run directory."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "config.yaml"
+    text = yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_training(
+    run: RunConfig,
+    *,
+    resume: str | None = None,
+    force: bool = False,
+    show: Callable[[str], None] = print,
+) -> TrainResult:
+    """Load, tokenize, train and (optionally) score exact match, as the run config says."""
+    output_dir = Path(run.output_dir)
+    model, tokenizer = build_model(run, show)
+    train_set = build_dataset(run.data, tokenizer)
+    show(train_set.summary())
+    eval_config = run.eval_data_config()
+    eval_set = build_dataset(eval_config, tokenizer) if eval_config else None
+    if eval_set is not None:
+        show(eval_set.summary())
+    save_resolved(run, output_dir)
+    result = train(
+        model, tokenizer, train_set, eval_set, run.train, output_dir,
+        resume=resume, force=force, run_config=run.model_dump(mode="json"),
+    )  # fmt: skip
+    if result.final_dir is not None and run.method == "full":
+        tokenizer.save_pretrained(result.final_dir)
+    if eval_config is not None and run.eval.exact_match and not result.interrupted:
+        device = resolve_device(run.train.device)
+        score = score_answers(model, tokenizer, eval_config, run.eval.max_new_tokens, device)
+        show(f"exact match: {score['exact_match']:.1%} of {score['answers']} answers")
+    if result.final_dir is not None:
+        show(f"final model: {result.final_dir}")
+    show(f"plots: {output_dir / 'plots'}; metrics: {output_dir / 'metrics.jsonl'}")
+    return result
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def answer(
+    model: nn.Module,
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    template: str | None,
+    max_new_tokens: int,
+    device: torch.device,
+) -> str:
+    """The greedy answer to a conversation (its last message is the user's)."""
+    if template:
+        ids = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True,
+            return_tensors="pt", return_dict=True,
+        )["input_ids"]  # fmt: skip
+    else:
+        ids = tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
+    ids = ids.to(device)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def score_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    data: DataConfig,
+    max_new_tokens: int,
+    device: torch.device,
+    precision: str = "bf16",
+) -> dict[str, Any]:
+    """Exact match (and the name rate, for the identity task) of greedy answers."""
+    examples = eval_examples(data)
+    template = getattr(model, "chat_template", None) or prompt_template(data, tokenizer)
+    model.eval()
+    with autocast(precision, device):
+        answers = [
+            answer(model, tokenizer, e["messages"], template, max_new_tokens, device)
+            for e in examples
+        ]
+    refs = [e["reference"] for e in examples]
+    score: dict[str, Any] = {"exact_match": exact_match_score(answers, refs), "answers": len(refs)}
+    if data.dataset == "identity":
+        variables = {**BUILTIN_VARIABLES["identity"], **(data.template_vars or {})}
+        score["name_rate"] = name_rate(answers, variables["name"])
+    return score
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """'name=path' or 'path' (named after its folder) -> {name: path}."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name or "adapter", spec
+        if name in out:
+            raise ConfigError(f"two adapters are named `{name}`; use name=path to rename one")
+        out[name] = Path(path)
+    return out
+
+
+def load_with_adapters(
+    base: str, adapters: dict[str, Path], dtype: str = "float32", device: str = "cpu"
+) -> tuple[nn.Module, Any]:
+    """The base model with these adapters loaded (a LoraModel), or the bare base; + tokenizer."""
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, dtype=dtype, device=device)
+    if not adapters:
+        return model.eval(), tokenizer
+    items = list(adapters.items())
+    lora = LoraModel.from_pretrained(model, items[0][1], adapter_name=items[0][0])
+    for name, path in items[1:]:
+        lora.load_adapter(path, name)
+    return lora.eval(), tokenizer
+
+
+def evaluate_models(
+    base: str,
+    adapters: dict[str, Path],
+    data: DataConfig,
+    *,
+    exact_match: bool = False,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Eval loss, perplexity (and exact match) of the base, then of base + each adapter."""
+    model, tokenizer = load_with_adapters(base, adapters, device=device)
+    dev = resolve_device(device)
+    batches = eval_batches(build_dataset(data.model_copy(update={"packing": False}), tokenizer),
+                           batch_size)  # fmt: skip
+    rows = []
+    for name in [None, *adapters]:
+        if isinstance(model, LoraModel) and name is not None:
+            model.set_adapter(name)
+        with _maybe_disabled(model, name is None):
+            row: dict[str, Any] = {"model": "base" if name is None else f"base + {name}"}
+            row.update(eval_loss(model, batches, dev, precision))
+            if exact_match:
+                row.update(score_answers(model, tokenizer, data, max_new_tokens, dev, precision))
+        rows.append(row)
+    return rows
+
+
+def _maybe_disabled(model: nn.Module, disable: bool):
+    import contextlib
+
+    if disable and isinstance(model, LoraModel):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
+def default_eval_data(dataset: str, split: str, limit: int | None) -> DataConfig:
+    """The DataConfig `lorakit eval` uses for a dataset name or file."""
+    return DataConfig(dataset=dataset, split=split, limit=limit)

@@ -1,0 +1,172 @@
+"""Verified merge and export: base + adapter -> one plain Hugging Face model folder.
+
+Before anything is written, the merged model's logits are compared with the unmerged model's
+(base + adapter) on a few inputs; a merge with non-finite weights, or whose logits differ by
+more than the tolerance, is refused. The folder holds safetensors weights, the tokenizer and the
+chat template, and loads with plain transformers (no lorakit needed). After writing, the folder
+is loaded back with transformers and its logits are compared again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterError, ConfigError
+from lorakit.model import LoraModel
+from lorakit.models import chat_template_of, load_model, load_tokenizer
+
+# Largest allowed |merged - unmerged| logit, per weight dtype: fp32 differs only by summation
+# order; a 16-bit merge also rounds W + delta W to 16 bits.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
+PROMPTS = [
+    "Who are you?",
+    "Write one sentence about the sea.",
+    "What is 12 times 7?",
+]
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MergeReport:
+    """What `merge_and_export` did and measured."""
+
+    output_dir: Path
+    max_abs_diff: float
+    reload_max_abs_diff: float
+    tolerance: float
+    inputs: int
+    dtype: str
+    dequantized: str | None = None
+
+    def lines(self) -> list[str]:
+        """A human summary, one fact per line."""
+        out = []
+        if self.dequantized:
+            out.append(f"quantized base: {self.dequantized} before merging")
+        out += [
+            f"merged vs unmerged logits on {self.inputs} inputs: max |diff| = "
+            f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:g}, {self.dtype})",
+            f"reloaded with plain transformers: max |diff| = {self.reload_max_abs_diff:.3g}",
+            f"wrote {self.output_dir} (safetensors, tokenizer, chat template)",
+        ]
+        return out
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], template: str | None) -> dict:
+    """A padded batch of prompts (chat-formatted when there is a template)."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], chat_template=template, tokenize=False,
+            add_generation_prompt=True,
+        ) if template else p
+        for p in prompts
+    ]  # fmt: skip
+    tokenizer.padding_side = "right"
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not template)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
+    """fp32 logits (B, T, V) at the real (unpadded) positions set to 0 elsewhere."""
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    logits = model(**inputs).logits.float().cpu()
+    return logits * batch["attention_mask"].unsqueeze(-1)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise AdapterError naming the first parameter with NaN or inf values."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise AdapterError(
+                f"the merge produced non-finite weights in {name}; nothing was written. The "
+                "adapter holds extreme values: check it with `lorakit inspect`"
+            )
+
+
+def merge_model(lora: LoraModel) -> nn.Module:
+    """merge_and_unload with a NaN/inf check; errors become AdapterError."""
+    try:
+        merged = lora.merge_and_unload(safe_merge=True)
+    except (ValueError, RuntimeError) as error:
+        raise AdapterError(f"merge refused: {error}; nothing was written") from None
+    check_finite(merged)
+    return merged
+
+
+def save_folder(model: nn.Module, tokenizer: Any, template: str | None, out: Path) -> None:
+    """Write a plain HF folder atomically: staging directory, then rename into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.config.use_cache = True
+        model.save_pretrained(staging, safe_serialization=True)
+        if template:
+            tokenizer.chat_template = template
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def merge_and_export(
+    base: str,
+    adapter: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    quantization: str | None = None,
+    device: str = "cpu",
+    prompts: list[str] | None = None,
+    tolerance: float | None = None,
+    overwrite: bool = False,
+) -> MergeReport:
+    """Merge `adapter` into `base`, check the logits, write a plain HF folder, check it again."""
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose another")
+    if dtype not in TOLERANCE:
+        raise ConfigError(f"dtype `{dtype}`: expected one of {', '.join(TOLERANCE)}")
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, dtype=dtype, device=device, quantization=quantization)
+    dequantized = None
+    if quantization is not None:
+        from lorakit.quant import dequantize_model
+
+        model, dequantized = dequantize_model(model, _TORCH_DTYPES[dtype])
+    lora = LoraModel.from_pretrained(model, adapter)
+    template = lora.chat_template or chat_template_of(tokenizer)
+    batch = encode_prompts(tokenizer, prompts or PROMPTS, template)
+    unmerged = logits_of(lora, batch)
+    merged = merge_model(lora)
+    diff = float((logits_of(merged, batch) - unmerged).abs().max())
+    if not diff <= tolerance:
+        raise AdapterError(
+            f"merged and unmerged logits differ by {diff:.3g} > tolerance {tolerance:g}; "
+            "nothing was written (pass --tolerance to accept it)"
+        )
+    save_folder(merged, tokenizer, template, out)
+    reload_diff = _reload_diff(out, batch, unmerged)
+    return MergeReport(
+        out, diff, reload_diff, tolerance, len(batch["input_ids"]), dtype, dequantized
+    )
+
+
+def _reload_diff(out: Path, batch: dict, reference: torch.Tensor) -> float:
+    """Load the written folder with plain transformers and compare its logits."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    return float((logits_of(reloaded, batch) - reference).abs().max())

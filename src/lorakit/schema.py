@@ -1,0 +1,337 @@
+"""The run config: one YAML file (model, LoRA, data, training, eval, output) as typed data.
+
+`load_run_config(path, overrides)` reads the YAML, applies `key.path=value` overrides (values
+parsed as YAML scalars), and validates everything before any work starts. Every error names the
+key path, the value given, what is allowed and, for a typo, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorakit.config import LoraConfig
+from lorakit.data import DataConfig
+from lorakit.errors import ConfigError, closest
+from lorakit.models import ModelConfig
+from lorakit.train import TrainConfig
+
+
+class LoraSection(BaseModel):
+    """The LoRA adapter to train (the fields of `lorakit.LoraConfig`, peft's names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, gt=0, description="Rank of the update B @ A.")
+    lora_alpha: float = Field(32, gt=0, description="Scaling numerator: scaling = lora_alpha / r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "preset",
+        description="Layers to adapt: names or suffixes, a regex, 'all-linear', or 'preset' "
+        "(the architecture's usual projections).",
+    )
+    exclude_modules: list[str] | str | None = Field(
+        None, description="Layers never to adapt (same matching rules)."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    modules_to_save: list[str] | None = Field(
+        None, description="Whole modules to train and save next to the adapter (e.g. lm_head)."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling lora_alpha / sqrt(r).")
+    init_lora_weights: bool | Literal["gaussian"] = Field(
+        True, description="True: kaiming A, zero B; 'gaussian'; False: random B (tests only)."
+    )
+    layers_to_transform: list[int] | None = Field(
+        None, description="Only these layer indices (None: all layers)."
+    )
+    layers_pattern: list[str] | str | None = Field(
+        None, description="Name of the layer list used with layers_to_transform (e.g. 'layers')."
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Regex on the layer name -> rank for that layer."
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Regex on the layer name -> lora_alpha for that layer."
+    )
+
+    def to_lora_config(self) -> LoraConfig:
+        """The `lorakit.LoraConfig` this section describes."""
+        return LoraConfig(**self.model_dump())
+
+
+class EvalSection(BaseModel):
+    """What to evaluate on: a held-out dataset for loss and perplexity, and exact match."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(
+        None,
+        description="Eval dataset file or built-in name; None: the train dataset's `test` split "
+        "for a built-in dataset, else no evaluation.",
+    )
+    split: str = Field("test", description="Split of a built-in eval dataset.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
+    exact_match: bool = Field(
+        False, description="Also generate answers to the eval prompts and score exact match."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per exact-match answer.")
+
+
+class RunConfig(BaseModel):
+    """A whole run: `lorakit train CONFIG.yaml` validates and runs this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: train an adapter (QLoRA with model.quantization); full: all."
+    )
+    output_dir: str = Field(
+        "runs/lorakit", description="Run directory: checkpoints, adapter, logs."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def eval_data_config(self) -> DataConfig | None:
+        """The DataConfig of the eval set, or None when the run has none."""
+        dataset = self.eval.dataset
+        if dataset is None:
+            from lorakit.data_tasks import BUILTIN_DATASETS
+
+            if self.data.dataset not in BUILTIN_DATASETS:
+                return None
+            dataset = self.data.dataset
+        update = {"dataset": dataset, "split": self.eval.split, "limit": self.eval.limit}
+        return self.data.model_copy(update={**update, "packing": False})
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig,
+    "lora": LoraSection,
+    "data": DataConfig,
+    "eval": EvalSection,
+    "train": TrainConfig,
+}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; `lorakit init` writes example configs")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"override `{item}` is not `key.path=value` (e.g. train.lr=1e-4, lora.r=8)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override `{item}`: `{where}` is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; raises ConfigError naming the bad key."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    source = str(path) if path is not None else "config"
+    return validate_run_config(data, source)
+
+
+def validate_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict as a RunConfig, converting pydantic errors to one ConfigError."""
+    try:
+        config = RunConfig.model_validate(data)
+        if config.method == "lora":
+            config.lora.to_lora_config()
+    except ValidationError as error:
+        raise ConfigError(f"{source}: " + "; ".join(_describe_all(error, data))) from None
+    except ConfigError as error:
+        raise ConfigError(f"{source}: lora: {error}") from None
+    return config
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "tuple"}
+
+
+def _key_path(loc: tuple) -> list[str]:
+    """The config key path of an error location, without pydantic's union-member tags."""
+    return [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+
+
+def _describe_all(error: ValidationError, data: dict[str, Any]) -> list[str]:
+    """One message per bad key; the errors of a union's members are joined with 'or'."""
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for item in error.errors():
+        by_path.setdefault(".".join(_key_path(item["loc"])), []).append(item)
+    out = []
+    for items in by_path.values():
+        first = dict(items[0], msg=" or ".join(dict.fromkeys(i["msg"] for i in items)))
+        out.append(_describe(first, data))
+    return out
+
+
+def _describe(item: dict[str, Any], data: dict[str, Any]) -> str:
+    """One validation error as 'key path: value given; what is allowed'."""
+    loc = _key_path(item["loc"])
+    path = ".".join(loc)
+    if item["type"] == "extra_forbidden":
+        valid = sorted(_fields_at(loc[:-1]))
+        hint = closest(loc[-1], valid)
+        return (
+            f"unknown key `{path}`{hint}; valid keys "
+            f"{'in `' + '.'.join(loc[:-1]) + '`' if loc[:-1] else 'at the top level'}: "
+            f"{', '.join(valid)}"
+        )
+    allowed = _allowed(loc)
+    given = item.get("input", _lookup(data, item["loc"]))
+    given_text = "missing" if item["type"] == "missing" else f"{given!r}"
+    return f"`{path}` = {given_text} is invalid: {item['msg']}{f' (allowed: {allowed})' if allowed else ''}"
+
+
+def _lookup(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    return model
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model else []
+
+
+def _allowed(loc: list[str]) -> str:
+    """The allowed values of the field at `loc`, from its type and bounds."""
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model and loc else None
+    if field is None:
+        return ""
+    text = type_name(field.annotation)
+    bounds = [
+        f"{name} {getattr(meta, attr)}"
+        for meta in field.metadata
+        for attr, name in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if getattr(meta, attr, None) is not None
+    ]
+    return text + (f", {' and '.join(bounds)}" if bounds else "")
+
+
+# ---------------------------------------------------------------- the reference document
+
+
+def type_name(annotation: Any) -> str:
+    """A short, readable name of a field's type (`int | None`, `'cosine' | 'linear'`)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin in (list, tuple, dict):
+        inner = ", ".join(type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field: Any) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, BaseModel):
+            return "(section)"
+    else:
+        value = field.default
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return (
+        "`"
+        + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        + "`"
+    )
+
+
+def config_reference() -> str:
+    """docs/configuration.md: every key of the run config with its type, default and meaning."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by lorakit.schema.config_reference(); do not edit by hand. Regenerate: -->",
+        "<!-- python -c 'import lorakit.schema as s; print(s.config_reference(), end=\"\")' -->",
+        "",
+        "A run config is one YAML file; `lorakit train CONFIG.yaml key.path=value ...` reads it,",
+        "applies the overrides and validates every key before any work starts. Unknown keys are",
+        "errors. `lorakit validate CONFIG.yaml` only checks it.",
+        "",
+        "## Top level",
+        "",
+        *_table(RunConfig, skip=set(SECTIONS)),
+    ]
+    for name, model in SECTIONS.items():
+        doc = (model.__doc__ or "").strip().splitlines()[0]
+        lines += ["", f"## `{name}`", "", doc, "", *_table(model)]
+    return "\n".join(lines) + "\n"
+
+
+def _table(model: type[BaseModel], skip: set[str] = frozenset()) -> list[str]:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        kind = type_name(field.annotation).replace("|", "\\|")
+        default = _default_text(field).replace("|", "\\|")
+        rows.append(f"| `{name}` | {kind} | {default} | {field.description or ''} |")
+    return rows
