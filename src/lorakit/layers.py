@@ -173,8 +173,23 @@ class LoraLinear(nn.Module):
             return result
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
-                result = result + self._delta(x, name, result.dtype)
+                result = self._add_lora(result, x, name)
         return result
+
+    def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """result + scaling * B(A(dropout(x))), the add and scaling fused into one addmm."""
+        if self.kind == EMBEDDING:
+            return result + self._delta(x, name, result.dtype)
+        a, b = self.lora_weights(name)
+        dtype = result.dtype
+        h = F.linear(self.lora_dropout[name](x).to(dtype), a.to(dtype))  # (..., r)
+        out = torch.addmm(
+            result.reshape(-1, self.out_features),
+            h.reshape(-1, h.shape[-1]),
+            b.to(dtype).T,
+            alpha=self.scaling[name],
+        )  # (N, out)
+        return out.view(result.shape)
 
     def _delta(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         """scaling * B(A(dropout(x))) in the result's dtype."""
