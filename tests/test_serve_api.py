@@ -28,6 +28,7 @@ from test_serve_support import (
 KEY = "sk-serve-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 64 * 1024
+PLAIN_TEMPLATE = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
 
 
 def _make_root(tmp):
@@ -36,6 +37,7 @@ def _make_root(tmp):
     root.mkdir()
     outside.mkdir()
     make_adapters(root, ["good"])
+    make_adapters(root, ["templated"], template=PLAIN_TEMPLATE)
     make_adapters(outside, ["secret"])
     shutil.copytree(root / "good", root / "broken")
     weights = root / "broken" / "adapter_model.safetensors"
@@ -260,6 +262,22 @@ def test_load_use_and_unload(server):
     _assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "good"}), 404)
 
 
+def test_chat_uses_the_adapters_own_template(server):
+    client, _ = server
+    body = {"lora_name": "templated", "lora_path": "templated"}
+    assert client.post("/v1/load_lora_adapter", json=body).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    own = client.post("/v1/chat/completions", json={**chat, "model": "templated"}).json()
+    base = client.post("/v1/chat/completions", json={**chat, "model": BASE_NAME}).json()
+    assert own["usage"]["prompt_tokens"] == len("[hi]")
+    tokenizer = make_tokenizer()
+    chatml = tokenizer.apply_chat_template(
+        chat["messages"], add_generation_prompt=True, tokenize=False
+    )
+    assert base["usage"]["prompt_tokens"] == len(tokenizer(chatml)["input_ids"]) > 10
+    client.post("/v1/unload_lora_adapter", json={"lora_name": "templated"})
+
+
 def test_stream_ends_with_done(server):
     client, _ = server
     body = {"model": "a", "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True}
@@ -271,12 +289,34 @@ def test_stream_ends_with_done(server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+LONG = {"model": "a", "prompt": "Hi", "max_tokens": 240, "temperature": 0}
+
+
+def test_long_request_runs_to_max_tokens(server):
+    """The request the cancellation tests cut short really would run for 240 tokens."""
+    client, _ = server
+    assert client.post("/v1/completions", json=LONG).json()["usage"]["completion_tokens"] == 240
+
+
 def test_disconnect_stops_generation(server):
     client, state = server
-    body = {"model": "a", "prompt": "Hi", "max_tokens": 240, "temperature": 1.0, "seed": 1}
+    body = LONG
     steps = state.engine.steps
     with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
         next(response.iter_lines())  # the first token arrived; now hang up
+    deadline = time.monotonic() + 20
+    while state.engine.load != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state.engine.load == (0, 0)
+    assert state.engine.steps - steps < 200  # stopped well before max_tokens
+
+
+def test_client_timeout_stops_a_non_streaming_request(server):
+    client, state = server
+    body = LONG
+    steps = state.engine.steps
+    with pytest.raises(httpx.TimeoutException):
+        client.post("/v1/completions", json=body, timeout=0.05)
     deadline = time.monotonic() + 20
     while state.engine.load != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.01)

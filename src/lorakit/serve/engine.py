@@ -221,7 +221,12 @@ class Engine:
             model = self.host.forward_model
             input_ids = torch.tensor([seq.prompt_ids], device=self.host.device)
             with self.host.mixed([seq.adapter or BASE_ROW]):
-                out = model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True)
+                out = model(
+                    input_ids=input_ids,
+                    past_key_values=DynamicCache(),
+                    use_cache=True,
+                    logits_to_keep=1,  # only the last position's logits are needed
+                )
         return out.logits[0, -1].float(), out.past_key_values
 
     @torch.inference_mode()

@@ -1,0 +1,173 @@
+"""Serving throughput: lorakit's engine with 0, 1 and 8 adapters per batch, and peft's mixed batch.
+
+One SmolLM2-135M-shaped Llama (random weights), 8 LoRA adapters (r=16 on all 7 projections).
+Each scenario sends the same `--requests` prompts of `--prompt-len` tokens and generates
+exactly `--new-tokens` greedy tokens per request (end-of-sequence ignored), and reports
+generated tokens per second, prefill included:
+
+- base:    lorakit engine, every request on the base model
+- 1 adapter: lorakit engine, every request on adapter a0
+- 8 mixed: lorakit engine, request i on adapter a{i % 8}, all in one batch
+- peft mixed: peft's `generate(..., adapter_names=[...])` on the same model and adapter files
+
+Scenarios are interleaved `--repeats` times and the median is printed. Usage:
+
+    python benchmarks/bench_serve.py [--layers 30] [--requests 8] [--prompt-len 64]
+        [--new-tokens 32] [--repeats 3] [--dtype float32] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import peft
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from lorakit.serve import build_state
+from lorakit.serve.decode import SamplingParams
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = [f"a{i}" for i in range(8)]
+
+
+def smollm2_shape(layers: int, dtype: torch.dtype) -> LlamaForCausalLM:
+    """SmolLM2-135M's architecture (hidden 576, 9 heads / 3 KV heads, MLP 1536), random weights."""
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+class _NoTokenizer:
+    """The engine only decodes text; the benchmark needs token ids alone."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def save_adapters(base: torch.nn.Module, root: Path, rank: int) -> dict[str, Path]:
+    """Eight random non-zero adapters saved in peft's format."""
+    paths = {}
+    for seed, name in enumerate(ADAPTERS):
+        torch.manual_seed(seed + 1)
+        config = lorakit.LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False
+        )
+        lorakit.get_peft_model(copy.deepcopy(base), config).save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def run_engine(state, prompts: list[list[int]], adapters: list[str | None], new: int) -> float:
+    """Submit every request at once; seconds until the last one finishes."""
+    params = SamplingParams(max_tokens=new, temperature=0)
+    left, done, lock = [len(prompts)], threading.Event(), threading.Lock()
+
+    def sink(event) -> None:
+        if event.finish_reason is not None:
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+    start = time.perf_counter()
+    for prompt, adapter in zip(prompts, adapters, strict=True):
+        state.engine.submit(prompt, adapter, params, sink)
+    if not done.wait(1800):
+        raise TimeoutError("the engine did not finish")
+    return time.perf_counter() - start
+
+
+def run_peft(model, prompts: list[list[int]], adapters: list[str], new: int) -> float:
+    """peft's mixed-adapter batch generation over the same prompts (equal lengths, no padding)."""
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            adapter_names=adapters,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    base = smollm2_shape(args.layers, dtype)
+    root = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    paths = save_adapters(base, root, args.rank)
+    state = build_state(
+        copy.deepcopy(base), _NoTokenizer(), base_name="base", adapters=paths,
+        max_batch=args.requests, threads=args.threads,
+    )  # fmt: skip
+    state.engine.eos_token_ids = set()  # always generate exactly --new-tokens
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a0"], adapter_name="a0")
+    for name in ADAPTERS[1:]:
+        reference.load_adapter(paths[name], adapter_name=name)
+    reference.eval()
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 49152, (args.requests, args.prompt_len), generator=gen).tolist()
+    mixed = [ADAPTERS[i % 8] for i in range(args.requests)]
+    scenarios = {
+        "lorakit base": lambda: run_engine(state, prompts, [None] * len(prompts), args.new_tokens),
+        "lorakit 1 adapter": lambda: run_engine(
+            state, prompts, ["a0"] * len(prompts), args.new_tokens
+        ),
+        "lorakit 8 mixed": lambda: run_engine(state, prompts, mixed, args.new_tokens),
+        "peft 8 mixed": lambda: run_peft(reference, prompts, mixed, args.new_tokens),
+    }
+    for scenario in scenarios.values():  # warm-up
+        scenario()
+    times: dict[str, list[float]] = {name: [] for name in scenarios}
+    for _ in range(args.repeats):
+        for name, scenario in scenarios.items():
+            times[name].append(scenario())
+    state.engine.shutdown()
+
+    tokens = args.requests * args.new_tokens
+    print(
+        f"SmolLM2-135M shape, {args.layers} layers, {args.dtype}, {args.requests} requests x "
+        f"{args.prompt_len} prompt tokens -> {args.new_tokens} new tokens, r={args.rank} on 7 "
+        f"projections, torch threads {torch.get_num_threads()}, median of {args.repeats}"
+    )
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    for name, value in rate.items():
+        spread = f"{min(times[name]):.2f}-{max(times[name]):.2f} s"
+        print(f"{name:<18} {value:8.1f} tokens/s   ({spread})")
+    print(f"8 mixed / 1 adapter: {rate['lorakit 8 mixed'] / rate['lorakit 1 adapter']:.2f}x")
+    print(f"8 mixed / peft mixed: {rate['lorakit 8 mixed'] / rate['peft 8 mixed']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
