@@ -18,6 +18,7 @@ from lorakit.models import (
     ModelConfig,
     chat_template_of,
     load_model,
+    load_tokenizer,
     prompt_template_of,
     target_preset,
 )
@@ -87,7 +88,14 @@ def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch):
         load_model("someone/no-such-model-here")
     assert "cannot be reached" in str(err.value)
     assert "--local-dir" in str(err.value)
+    with pytest.raises(ModelError, match="cannot be reached"):
+        load_tokenizer("gpt2")  # hub ids without an organisation are hub ids too
     assert time.perf_counter() - start < 10  # no network retries
+
+
+def test_missing_local_folder(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(str(tmp_path / "nothing"))
 
 
 def test_missing_package_names_the_install_command(monkeypatch, tmp_path):

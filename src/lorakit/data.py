@@ -11,7 +11,7 @@ row has exactly the targets of its samples run one by one. The modules behind th
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,6 @@ from lorakit.data_formats import (
     to_messages,
 )
 from lorakit.data_tasks import (
-    BUILTIN_DATASETS,
     BUILTIN_VARIABLES,
     builtin_dataset_path,
     exact_match,
@@ -68,6 +67,7 @@ __all__ = [
     "name_rate",
     "normalize_answer",
     "plan_epoch",
+    "prompt_template",
 ]
 
 
@@ -201,15 +201,17 @@ def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]
     return path.name, out
 
 
-def _template(config: DataConfig, tokenizer: Any) -> str:
-    """The Jinja template conversations are rendered with."""
+def prompt_template(config: DataConfig, tokenizer: Any) -> str:
+    """The Jinja template conversations are rendered with (save it with the adapter)."""
     chat = chat_template_of(tokenizer)
     if config.template == "chat" and chat is None:
         raise DataError("data.template is `chat` but the tokenizer has no chat template")
     return PLAIN_TEMPLATE if config.template == "plain" or chat is None else chat
 
 
-def _encode(config: DataConfig, tokenizer: Any, template: str, conversation: Any) -> tuple:
+def _encode(
+    config: DataConfig, tokenizer: Any, template: str, conversation: Any
+) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated) of one converted row; RowProblem if nothing is trained."""
     if isinstance(conversation, RowProblem):
         raise conversation
@@ -228,7 +230,7 @@ def _encode(config: DataConfig, tokenizer: Any, template: str, conversation: Any
 def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
     """Tokenize the configured dataset; bad rows stop the run or are skipped (up to a share)."""
     source, conversations = load_conversations(config)
-    template = _template(config, tokenizer)
+    template = prompt_template(config, tokenizer)
     samples, problems, truncated = [], [], 0
     for row, conversation in conversations:
         try:
@@ -358,7 +360,7 @@ def inspect_dataset(config: DataConfig, tokenizer: Any, n: int = 3, batch_size: 
     ]
     for packing in (False, True):
         cfg = config.model_copy(update={"packing": packing})
-        plan = plan_epoch(TokenizedDataset(**{**dataset.__dict__, "config": cfg}), batch_size)
+        plan = plan_epoch(replace(dataset, config=cfg), batch_size)
         stats.append(
             f"padding at batch size {batch_size}, {'packed' if packing else 'unpacked'}: "
             f"{padding_share(dataset.samples, plan):.1%} of {len(plan)} batches"
@@ -366,7 +368,3 @@ def inspect_dataset(config: DataConfig, tokenizer: Any, n: int = 3, batch_size: 
     if dataset.skipped:
         stats.append("skipped rows:\n  " + "\n  ".join(dataset.skipped))
     return "\n".join(parts + stats)
-
-
-# Built-in dataset names, for the CLI's help text.
-BUILTIN_DATASET_NAMES = tuple(BUILTIN_DATASETS)

@@ -208,14 +208,15 @@ def resolve_model_path(name_or_path: str) -> str:
                 "(config.json + weights), e.g. one written by save_pretrained"
             )
         return str(path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_local or name_or_path.count("/") != 1:
+    if name_or_path.startswith((".", "/", "~")) or path.exists():
+        raise ModelError(f"model folder {path} does not exist (or is not a folder)")
+    hint = closest(name_or_path.lower(), BUILTIN_ALIASES)
+    if hint and "/" not in name_or_path:
         raise ModelError(
-            f"model `{name_or_path}` is not a local model folder, a hub id (`org/name`), or a "
-            f"built-in alias ({', '.join(BUILTIN_ALIASES)})"
-            f"{closest(name_or_path.lower(), BUILTIN_ALIASES)}"
+            f"model `{name_or_path}` is not a local folder or a built-in alias "
+            f"({', '.join(BUILTIN_ALIASES)}){hint}"
         )
-    return name_or_path
+    return name_or_path  # a hub id
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
