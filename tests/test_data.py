@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -118,6 +119,29 @@ def test_plain_template_for_base_models(tok, tmp_path):
         "<|im_start|>### Instruction:\nSay hi.\n\n### Response:\nHi!<|im_end|>"
     )
     assert spans(tok, sample) == ["Hi!<|im_end|>"]
+
+
+def test_tokenizer_without_chat_template_gets_the_plain_template(tok, tmp_path):
+    base = copy.deepcopy(tok)
+    base.chat_template = None
+    sample = one(base, tmp_path, {"prompt": "Say hi.", "completion": "Hi!"})
+    assert tok.decode(sample.input_ids).startswith("<|im_start|>### Instruction:\nSay hi.")
+    with pytest.raises(DataError, match="no chat template"):
+        one(base, tmp_path, {"prompt": "Say hi.", "completion": "Hi!"}, template="chat")
+
+
+def test_template_errors_are_row_reports(tok, tmp_path):
+    strict = copy.deepcopy(tok)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a"}]}  # fmt: skip
+    with pytest.raises(
+        DataError, match="d.jsonl line 1: the chat template refuses.*no system role"
+    ):
+        one(strict, tmp_path, row)
 
 
 def test_system_prompt_and_column_mapping(tok, tmp_path):

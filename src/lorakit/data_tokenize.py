@@ -19,9 +19,14 @@ IGNORE_INDEX = -100
 
 def render(tokenizer: Any, template: str, messages: list[dict[str, str]], prompt: bool) -> str:
     """Render messages with a Jinja chat template (and the generation prompt when `prompt`)."""
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
-    )
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+        )
+    except TemplateError as err:  # e.g. a template that allows no system message
+        raise RowProblem(f"the chat template refuses this conversation: {err}") from err
 
 
 def conversation_pieces(
