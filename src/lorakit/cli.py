@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from lorakit import __version__
@@ -135,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as error:
         _fail(str(error))
         return 1
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except click.ClickException as error:
+    except typer.TyperException as error:  # usage errors: show() prints usage and the reason
         error.show()
-        return error.exit_code
+        return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130

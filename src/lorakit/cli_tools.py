@@ -202,6 +202,9 @@ def data_inspect(
     from lorakit.models import load_tokenizer
     from lorakit.schema import load_run_config
 
+    overrides = list(overrides or [])
+    if config is not None and "=" in str(config) and not config.exists():
+        config, overrides = None, [str(config), *overrides]  # only overrides were given
     run = load_run_config(config, overrides)
     tokenizer = load_tokenizer(
         run.model.name_or_path, trust_remote_code=run.model.trust_remote_code

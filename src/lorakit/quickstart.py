@@ -23,7 +23,13 @@ from lorakit.data_tasks import IDENTITY_DEFAULTS
 from lorakit.errors import ConfigError
 from lorakit.evaluate import eval_loss, generate_samples
 from lorakit.model import get_peft_model
-from lorakit.models import BUILTIN_MODEL, chat_template_of, load_model, load_tokenizer
+from lorakit.models import (
+    BUILTIN_MODEL,
+    chat_template_of,
+    load_model,
+    load_tokenizer,
+    target_preset,
+)
 from lorakit.train import TrainConfig, train
 from lorakit.train_data import eval_batches
 from lorakit.train_runtime import autocast, cast_frozen, resolve_device
@@ -132,7 +138,9 @@ def run_quickstart(
 
     lora = get_peft_model(
         model,
-        LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, target_modules="preset"),
+        LoraConfig(
+            r=settings.r, lora_alpha=settings.lora_alpha, target_modules=target_preset(model)
+        ),
     )
     lora.chat_template = chat_template_of(tokenizer)
     cast_frozen(lora, torch.bfloat16)  # what training does; the adapter stays fp32

@@ -8,6 +8,7 @@ key path, the value given, what is allowed and, for a typo, the closest valid ke
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -60,9 +61,15 @@ class LoraSection(BaseModel):
         default_factory=dict, description="Regex on the layer name -> lora_alpha for that layer."
     )
 
-    def to_lora_config(self) -> LoraConfig:
-        """The `lorakit.LoraConfig` this section describes."""
-        return LoraConfig(**self.model_dump())
+    def to_lora_config(self, model: Any = None) -> LoraConfig:
+        """The `lorakit.LoraConfig` this section describes; with a model, 'preset' becomes the
+        architecture's explicit list, so the saved adapter config names its modules."""
+        fields = self.model_dump()
+        if model is not None and fields["target_modules"] in ("preset", ["preset"]):
+            from lorakit.models import target_preset
+
+            fields["target_modules"] = target_preset(model) or "preset"
+        return LoraConfig(**fields)
 
 
 class EvalSection(BaseModel):
@@ -186,6 +193,16 @@ def validate_run_config(data: dict[str, Any], source: str = "config") -> RunConf
     return config
 
 
+# Names other tools use for our keys: a hint when spelling alone finds no close key.
+ALIASES = {
+    "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "learning_rate": "lr",
+    "num_epochs": "epochs", "num_train_epochs": "epochs", "model_name": "name_or_path",
+    "model_name_or_path": "name_or_path", "path": "name_or_path", "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum_steps",
+    "target_modules": "target_modules", "max_seq_length": "max_length", "sequence_len": "max_length",
+    "lr_scheduler_type": "scheduler", "output": "output_dir", "bf16": "precision",
+    "load_in_4bit": "quantization", "load_in_8bit": "quantization", "torch_dtype": "dtype",
+}  # fmt: skip
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "tuple"}
 
 
@@ -213,6 +230,10 @@ def _describe(item: dict[str, Any], data: dict[str, Any]) -> str:
     if item["type"] == "extra_forbidden":
         valid = sorted(_fields_at(loc[:-1]))
         hint = closest(loc[-1], valid)
+        if not hint:
+            aliases = [a for a, key in ALIASES.items() if key in valid]
+            alias = difflib.get_close_matches(loc[-1], aliases, n=1, cutoff=0.75)
+            hint = f" (did you mean `{ALIASES[alias[0]]}`?)" if alias else ""
         return (
             f"unknown key `{path}`{hint}; valid keys "
             f"{'in `' + '.'.join(loc[:-1]) + '`' if loc[:-1] else 'at the top level'}: "

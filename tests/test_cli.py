@@ -1,0 +1,200 @@
+"""The `lorakit` command in-process (`main(argv)`): help, config errors with exit codes, and each
+command on a tiny model folder."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import yaml
+
+from lorakit import __version__
+from lorakit.cli import main
+from tiny_folders import save_tiny
+
+COMMANDS = ["train", "validate", "quickstart", "generate", "chat", "eval", "merge", "inspect",
+            "serve", "init", "data"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir, tmp_path_factory):
+    """A 2-step LoRA run through `lorakit train` (module-wide: the commands below use it)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    config = write_config(tmp_path_factory.mktemp("cfg"), tiny_dir, out)
+    assert main(["train", str(config), "train.save_every=1"]) == 0
+    return out
+
+
+def write_config(folder, model_dir, out, **train) -> str:
+    data = {
+        "output_dir": str(out),
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "lora_alpha": 8},
+        "data": {"dataset": "identity", "limit": 12, "max_length": 128},
+        "eval": {"limit": 4, "exact_match": True, "max_new_tokens": 3},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "precision": "fp32",
+                  "progress": "none", "tensorboard": False, **train},
+    }  # fmt: skip
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_help_and_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"lorakit {__version__}"
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in text
+    for command in COMMANDS:
+        assert main([command, "--help"]) == 0, command
+        assert "Usage" in capsys.readouterr().out
+    assert main(["data", "inspect", "--help"]) == 0
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert main(["trian"]) == 2
+    assert "trian" in capsys.readouterr().err
+
+
+def test_config_errors_exit_1_with_their_message(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  learning_rat: 0.001\n")
+    assert main(["train", str(typo)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key `train.learning_rat` (did you mean `lr`?)" in err
+    assert "Traceback" not in err and err.startswith("error: ")
+
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("train:\n  max_steps: many\n")
+    assert main(["train", str(wrong)]) == 1
+    assert "`train.max_steps` = 'many' is invalid" in capsys.readouterr().err
+
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 1
+    assert "nope.yaml not found" in capsys.readouterr().err
+
+    assert main(["validate", str(wrong), "train.max_steps=3", "lora.r=0"]) == 1
+    assert "`lora.r` = 0 is invalid" in capsys.readouterr().err
+
+
+def test_validate_prints_the_resolved_config(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora: {r: 4}\n")
+    assert main(["validate", str(path), "train.lr=0.005"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["lora"]["r"] == 4 and resolved["train"]["lr"] == 0.005
+    assert resolved["train"]["batch_size"] == 8  # defaults filled in
+
+
+def test_train_writes_adapter_and_resolved_config(run_dir):
+    final = run_dir / "final"
+    assert (final / "adapter_model.safetensors").is_file()
+    assert (final / "chat_template.jinja").is_file()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["lora"]["r"] == 4 and saved["train"]["save_every"] == 1
+    adapter_config = json.loads((final / "adapter_config.json").read_text())
+    assert "q_proj" in adapter_config["target_modules"]  # the preset, spelled out
+    assert (run_dir / "plots" / "loss.png").is_file()
+
+
+def test_train_resume_auto(run_dir, tiny_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_dir, run_dir)
+    assert main(["train", config]) == 1  # a fresh run refuses a directory with checkpoints
+    assert "resume" in capsys.readouterr().err
+    assert main(["train", config, "train.max_steps=3", "--resume", "auto", "--force"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_generate_streams_with_adapters_and_sampling(tiny_dir, run_dir, capsys):
+    adapter = str(run_dir / "final")
+    argv = ["generate", str(tiny_dir), "Who are you?", "--adapter", adapter, "--max-new-tokens",
+            "4", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20",
+            "--repetition-penalty", "1.1"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip()
+    argv = ["generate", str(tiny_dir), "hi", "--adapter", f"a={adapter}", "--adapter",
+            f"b={adapter}", "--weights", "0.5,0.5", "--max-new-tokens", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["generate", str(tiny_dir), "hi", "--temperature", "-1"]) == 1
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_chat_keeps_the_conversation(tiny_dir, run_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand then?\n/reset\nhi\n/exit\n"))
+    seen = []
+    import lorakit.cli_generate as gen
+
+    original = gen.encode_chat
+
+    def spy(tokenizer, messages, template):
+        seen.append([m["role"] for m in messages])
+        assert template == (run_dir / "final" / "chat_template.jinja").read_text()
+        return original(tokenizer, messages, template)
+
+    monkeypatch.setattr(gen, "encode_chat", spy)
+    argv = ["chat", str(tiny_dir), "--adapter", str(run_dir / "final"), "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    assert seen == [["user"], ["user", "assistant", "user"], ["user"]]
+    assert capsys.readouterr().out.count("assistant>") == 3
+
+
+def test_eval_side_by_side(tiny_dir, run_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(tiny_dir), "--adapter", f"tuned={run_dir / 'final'}",
+            "--limit", "4", "--exact-match", "--max-new-tokens", "2", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "base + tuned" in text and "perplexity" in text
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["base", "base + tuned"]
+    assert rows[0]["eval_loss"] != rows[1]["eval_loss"]
+    assert {"exact_match", "name_rate"} <= set(rows[0])
+
+
+def test_inspect_and_fit_check(tiny_dir, run_dir, tmp_path, capsys):
+    adapter = str(run_dir / "final")
+    assert main(["inspect", adapter]) == 0
+    text = capsys.readouterr().out
+    assert "r=4" in text and "q_proj" in text and "parameters:" in text
+    assert main(["inspect", adapter, "--base", str(tiny_dir)]) == 0
+    assert "fits" in capsys.readouterr().out
+    other = save_tiny(tmp_path / "gpt2", family="gpt2")
+    assert main(["inspect", adapter, "--base", str(other)]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_merge_prints_the_difference(tiny_dir, run_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(tiny_dir), str(run_dir / "final"), str(out)]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()
+    assert main(["merge", str(tiny_dir), str(run_dir / "final"), str(out)]) == 1  # not empty
+
+
+def test_data_inspect_marks_trained_tokens(tiny_dir, capsys):
+    argv = ["data", "inspect", "model.name_or_path=" + str(tiny_dir), "data.limit=4", "-n", "1"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "⟦" in text and "supervised" in text
+
+
+def test_init_copies_configs(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "cfg")]) == 0
+    assert (tmp_path / "cfg" / "smollm2-lora.yaml").is_file()
+    assert main(["init", str(tmp_path / "cfg")]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "cfg" / "smollm2-qlora.yaml")]) == 0
+
+
+def test_serve_refuses_open_bind_without_key(capsys):
+    argv = ["serve", "smollm2-135m-instruct", "--host", "0.0.0.0"]
+    assert main(argv) == 1
+    assert "API key" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""Every shipped config validates, the packaged copies match, and LoRA targets exist in a tiny
+model of each config's architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorakit.inject import find_targets
+from lorakit.schema import load_run_config
+
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+PACKAGED = ROOT / "src" / "lorakit" / "configs"
+FAMILY = {"smollm2": "llama", "llama": "llama", "qwen": "qwen2", "gpt2": "gpt2",
+          "pythia": "gpt_neox"}  # fmt: skip
+
+
+def tiny_model(model_type: str):
+    """A 2-layer random model of this architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"vocab_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if model_type == "gpt2":
+        sizes = {"vocab_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 32}
+    else:
+        sizes.update(hidden_size=32, intermediate_size=64)
+    config = AutoConfig.for_model(model_type, **sizes)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"smollm2-lora.yaml", "smollm2-qlora.yaml", "smollm2-full.yaml"} <= names
+    assert len(names) >= 7
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_and_targets_exist(path):
+    config = load_run_config(path)
+    assert (PACKAGED / path.name).read_text() == path.read_text(), "run: cp configs/*.yaml " + str(
+        PACKAGED
+    )
+    family = FAMILY[path.name.split("-")[0]]
+    if config.method == "lora":
+        model = tiny_model(family)
+        lora = config.lora.to_lora_config(model)
+        assert find_targets(model, lora)
+
+
+def test_packaged_configs_have_no_strays():
+    assert {p.name for p in PACKAGED.glob("*.yaml")} == {p.name for p in CONFIGS}

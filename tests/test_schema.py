@@ -1,0 +1,111 @@
+"""The run config: YAML + overrides, errors that name the key path, the generated reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorakit.errors import ConfigError
+from lorakit.schema import (
+    RunConfig,
+    apply_overrides,
+    config_reference,
+    load_run_config,
+    validate_run_config,
+)
+
+DOCS = Path(__file__).parents[1] / "docs" / "configuration.md"
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_run_config(data, "run.yaml")
+    return str(info.value)
+
+
+def test_defaults_are_a_valid_run():
+    config = validate_run_config({})
+    assert config.method == "lora" and config.model.name_or_path == "smollm2-135m-instruct"
+    assert config.lora.to_lora_config().r == config.lora.r
+
+
+def test_typo_names_path_and_closest_key():
+    message = error_of({"train": {"learning_rate": 1e-4, "lr": 1e-4}, "lora": {"rank": 8}})
+    assert "unknown key `train.learning_rate`" in message
+    assert "unknown key `lora.rank`" in message and "did you mean `r`" in message
+    assert "run.yaml" in message
+    top = error_of({"trian": {}})
+    assert "unknown key `trian` (did you mean `train`?)" in top
+
+
+def test_wrong_type_and_range_say_what_is_allowed():
+    message = error_of({"train": {"lr": "fast"}})
+    assert "`train.lr` = 'fast'" in message and "float, > 0" in message
+    message = error_of({"model": {"dtype": "fp99"}})
+    assert "'float32'" in message and "'bfloat16'" in message
+    message = error_of({"lora": {"target_modules": 5}})
+    assert "`lora.target_modules` = 5" in message and "list[str] | str" in message
+
+
+def test_lora_config_errors_surface_with_the_section():
+    message = error_of({"lora": {"rank_pattern": {"(": 4}}})
+    assert message.startswith("run.yaml: lora:") and "regular expression" in message
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    data = apply_overrides(
+        {"train": {"lr": 1.0}},
+        ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "train.max_steps=5",
+         "data.template_vars.name=Nova", "model.revision=null"],
+    )  # fmt: skip
+    config = validate_run_config(data)
+    assert config.train.lr == 1e-4 and config.train.max_steps == 5
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.data.template_vars == {"name": "Nova"}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="`method` is a value"):
+        apply_overrides({"method": "lora"}, ["method.x=1"])
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_run_config(listed)
+
+
+def test_eval_data_follows_builtin_train_dataset():
+    config = RunConfig()
+    assert config.eval_data_config().split == "test"
+    custom = validate_run_config({"data": {"dataset": "mine.jsonl"}})
+    assert custom.eval_data_config() is None
+    explicit = validate_run_config({"data": {"dataset": "mine.jsonl", "packing": True},
+                                    "eval": {"dataset": "held.jsonl"}})  # fmt: skip
+    assert explicit.eval_data_config().dataset == "held.jsonl"
+    assert explicit.eval_data_config().packing is False
+
+
+def test_preset_resolves_to_explicit_names(tiny_llama):
+    config = RunConfig().lora.to_lora_config(tiny_llama)
+    assert config.target_modules[0] == "q_proj" and "down_proj" in config.target_modules
+
+
+def test_reference_lists_every_key_and_is_up_to_date():
+    text = config_reference()
+    for section, model in RunConfig.model_fields.items():
+        assert section in text
+        annotation = model.annotation
+        for key in getattr(annotation, "model_fields", {}):
+            assert f"| `{key}` |" in text, (section, key)
+    assert DOCS.read_text(encoding="utf-8") == text, (
+        "docs/configuration.md is out of date; regenerate it with: python -c 'import "
+        'lorakit.schema as s; print(s.config_reference(), end="")\' > docs/configuration.md'
+    )
