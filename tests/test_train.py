@@ -275,3 +275,22 @@ def test_bf16_base_dtype_keeps_adapter_fp32(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert model.base_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert result.losses[-1] < result.losses[0]
+
+
+def test_gradient_checkpointing_with_frozen_base_gives_the_same_training(tmp_path):
+    batches = make_batches(2)
+    config = quick(max_steps=3, grad_accum_steps=1)
+    plain = train(lora_model(0.0), None, batches, None, config, tmp_path / "a")
+    checkpointed_model = lora_model(0.0)
+    config = quick(max_steps=3, grad_accum_steps=1, gradient_checkpointing=True)
+    checkpointed = train(checkpointed_model, None, batches, None, config, tmp_path / "b")
+    assert checkpointed_model.base_model.is_gradient_checkpointing
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
+def test_precision_auto_resolves_per_device():
+    from lorakit.train_runtime import cpu_has_native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"

@@ -53,7 +53,9 @@ from lorakit.train_runtime import (
     init_distributed,
     install_sigint,
     peak_memory_mb,
+    reset_peak_memory,
     resolve_device,
+    resolve_precision,
     seed_everything,
     step_seed,
 )
@@ -92,8 +94,9 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup as a fraction of all steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; None: off.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16", description="fp32, or bf16/fp16 autocast (fp16 with loss scaling, CUDA only)."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="fp32, bf16/fp16 autocast (fp16: loss scaling, CUDA only); auto: fastest.",
     )
     base_dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Storage of frozen weights; auto: bf16 when precision is bf16."
@@ -234,6 +237,8 @@ def train(
     config = config or TrainConfig()
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)  # auto: bf16 only where it is fast
+    config = config.model_copy(update={"precision": precision})
     ctx = init_distributed(device)
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
@@ -289,6 +294,7 @@ def train(
         if checkpoint_path is not None:
             log.message(f"resumed from {checkpoint_path} at step {start_step}/{total_steps}")
     stop, old_handler = install_sigint()
+    reset_peak_memory(device)  # memory_mb: the peak since training began
     result = TrainResult(output_dir=output_dir, steps=start_step, total_steps=total_steps)
     evals = eval_batches(eval_data, config.batch_size)
 

@@ -1,0 +1,237 @@
+"""Training throughput and peak memory: lorakit's loop against peft + transformers.
+
+Same base model, same data, same LoRA config (r=16, alpha=32, dropout 0, all 7 projections),
+batch 8 x 256, AdamW, one optimizer step per batch. Each configuration runs in its own
+subprocess; peft runs twice, with the default allocator and with tcmalloc preloaded
+(LD_PRELOAD); lorakit's worker calls `preload_tcmalloc()` at startup, as the CLI does.
+
+    python benchmarks/bench_train.py                       # built-in 135M model + tiny model
+    python benchmarks/bench_train.py --models tiny --steps 5
+    python benchmarks/bench_train.py --json results.json
+
+Data: random token ids (throughput does not depend on the text). Every sample's first quarter
+is prompt (label -100). Fixed-length: 8 rows of 256 tokens. Variable-length: sample lengths
+uniform in 32..256; lorakit packs them into rows of 256 (lorakit.data_batches), peft pads each
+batch of 8 samples to its longest. tokens/s counts real (non-padding) tokens; peak memory is the
+peak RSS from the first training step on (Linux VmHWM, reset after setup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, LENGTH = 8, 256
+
+
+# ----------------------------------------------------------------------------- worker side
+def build_model(name: str):
+    """The base model: the built-in SmolLM2-135M-Instruct, or a tiny Llama of the same kind."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name == "builtin":
+        from lorakit.models import ensure_builtin_model
+
+        return AutoModelForCausalLM.from_pretrained(ensure_builtin_model(), dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=384,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def make_samples(vocab: int, variable: bool, count: int):
+    """Samples (input_ids, labels) with the first quarter of each masked as prompt."""
+    import numpy as np
+
+    from lorakit.data import Sample
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(count):
+        n = int(rng.integers(32, LENGTH + 1)) if variable else LENGTH
+        ids = rng.integers(0, vocab, n).tolist()
+        labels = [-100] * (n // 4) + ids[n // 4 :]
+        samples.append(Sample(ids, labels, f"sample {i}"))
+    return samples
+
+
+def make_batches(vocab: int, variable: bool, packed: bool, n_batches: int) -> list[dict]:
+    """Collated batches: fixed rows, packed rows (lorakit) or padded rows (peft)."""
+    from lorakit.data_batches import collate
+    from lorakit.data_batches import make_batches as plan
+
+    samples = make_samples(vocab, variable, 40 * n_batches if variable else BATCH * n_batches)
+    lengths = [len(s.input_ids) for s in samples]
+    rows = plan(lengths, BATCH, packing=packed, max_length=LENGTH, group_by_length=False,
+                shuffle=False)  # fmt: skip
+    batches = [collate(samples, r, 0, packed) for r in rows[:n_batches]]
+    for b in batches:
+        b.pop("sample_ids")
+        if not variable:  # fixed length: no padding anywhere, no mask needed
+            b["attention_mask"] = None
+    return batches
+
+
+def real_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int((batch["labels"] != -200).numel())
+
+
+def run_lorakit(args, model, batches) -> dict:
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.train import TrainConfig, train
+
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                            target_modules=TARGETS))  # fmt: skip
+    config = TrainConfig(precision=args.precision, max_steps=len(batches), shuffle=False,
+                         lr=1e-4, scheduler="constant", progress="none", tensorboard=False,
+                         device="cpu")  # fmt: skip
+    with tempfile.TemporaryDirectory() as out:
+        result = train(lora, None, batches, None, config, out)
+    rows = [r for r in result.history if r["kind"] == "train"][args.warmup :]
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in rows) / sum(r["step_s"] for r in rows),
+        "step_s": statistics.median(r["step_s"] for r in rows),
+        "peak_mb": max(r["memory_mb"] for r in rows),
+    }
+
+
+def run_peft(args, model, batches) -> dict:
+    import peft
+    import torch
+
+    from lorakit.train_runtime import peak_memory_mb, reset_peak_memory
+
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    model = peft.get_peft_model(model, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    device = torch.device("cpu")
+    reset_peak_memory(device)
+    times, tokens = [], []
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if v is not None}
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        tokens.append(real_tokens(batch))
+    times, tokens = times[args.warmup :], tokens[args.warmup :]
+    return {
+        "tokens_per_s": sum(tokens) / sum(times),
+        "step_s": statistics.median(times),
+        "peak_mb": peak_memory_mb(device),
+    }
+
+
+def worker(args) -> None:
+    if args.engine == "lorakit":
+        from lorakit.train_runtime import preload_tcmalloc
+
+        preload_tcmalloc()  # what the CLI does at startup (re-execs with tcmalloc when found)
+    from lorakit.train_runtime import tcmalloc_loaded
+
+    model = build_model(args.model)
+    variable = args.data == "variable"
+    batches = make_batches(model.config.vocab_size, variable, args.engine == "lorakit" and variable,
+                           args.steps + args.warmup)  # fmt: skip
+    run = run_lorakit if args.engine == "lorakit" else run_peft
+    out = run(args, model, batches)
+    out["tcmalloc"] = tcmalloc_loaded()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver side
+def run_config(model: str, engine: str, precision: str, data: str, allocator: str, args) -> dict:
+    """One configuration in a fresh subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if allocator == "tcmalloc":
+        from lorakit.train_runtime import find_tcmalloc
+
+        lib = find_tcmalloc()
+        if lib is None:
+            return {"error": "libtcmalloc_minimal not installed"}
+        env["LD_PRELOAD"] = lib
+    command = [sys.executable, __file__, "--worker", "--model", model, "--engine", engine,
+               "--precision", precision, "--data", data, "--steps", str(args.steps),
+               "--warmup", str(args.warmup)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no result"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,builtin", help="comma list: tiny, builtin")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    parser.add_argument(
+        "--cases",
+        default="fixed-bf16,fixed-fp32,variable-bf16",
+        help="comma list of <fixed|variable>-<bf16|fp32>",
+    )
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    results = []
+    print(f"batch {BATCH} x {LENGTH}, r=16 on {len(TARGETS)} projections, {args.steps} timed "
+          f"steps after {args.warmup} warmup, {os.cpu_count()} CPUs")  # fmt: skip
+    header = f"{'model':8} {'case':14} {'engine':18} {'tok/s':>8} {'s/step':>7} {'peak MB':>8}"
+    print(header)
+    for model in args.models.split(","):
+        for case in args.cases.split(","):
+            data, precision = case.split("-")
+            row = {"model": model, "case": case}
+            for engine, allocator in (
+                ("lorakit", "auto"),
+                ("peft", "default"),
+                ("peft", "tcmalloc"),
+            ):
+                name = f"{engine}+{allocator}" if engine == "peft" else "lorakit"
+                out = run_config(model, engine, precision, data, allocator, args)
+                row[name] = out
+                if "error" in out:
+                    print(f"{model:8} {case:14} {name:18} error: {out['error']}", flush=True)
+                    continue
+                print(f"{model:8} {case:14} {name:18} {out['tokens_per_s']:8.0f} "
+                      f"{out['step_s']:7.2f} {out['peak_mb']:8.0f}", flush=True)  # fmt: skip
+            lk, best_peft = row["lorakit"], row.get("peft+tcmalloc", {})
+            if "error" not in lk and "tokens_per_s" in best_peft:
+                row["speed_ratio"] = lk["tokens_per_s"] / best_peft["tokens_per_s"]
+                row["memory_ratio"] = lk["peak_mb"] / best_peft["peak_mb"]
+                print(f"{'':8} {case:14} lorakit / peft+tcmalloc: {row['speed_ratio']:.2f}x "
+                      f"tokens/s, {row['memory_ratio']:.2f}x peak memory", flush=True)  # fmt: skip
+            results.append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
