@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from test_train import lora_model, make_batches, quick
 
 from lorakit.train import train
+from test_train import lora_model, make_batches, quick
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
