@@ -21,8 +21,8 @@ def adapter_paths(tmp_path_factory):
     return make_adapters(tmp_path_factory.mktemp("adapters"), ["a", "b"])
 
 
-@pytest.fixture
-def state(adapter_paths):
+@pytest.fixture(params=[256, 0], ids=["packed", "grouped"])
+def state(adapter_paths, request):
     state = build_state(
         make_model(),
         make_tokenizer(),
@@ -30,6 +30,7 @@ def state(adapter_paths):
         adapters=adapter_paths,
         max_batch=16,
         threads=1,
+        pack_max_rank=request.param,
     )
     yield state
     state.engine.shutdown()
@@ -148,3 +149,22 @@ def test_cancel_frees_the_slot(adapter_paths):
         assert len(events) < 200 and state.engine.load == (0, 0)
     finally:
         state.engine.shutdown()
+
+
+def test_packed_rows_equal_the_cores_grouped_rows(adapter_paths):
+    """The packed decode path computes the same LoRA as the core's mixed-adapter forward."""
+    state = build_state(make_model(), make_tokenizer(), base_name=BASE_NAME, adapters=adapter_paths)
+    state.engine.shutdown()
+    host, model = state.host, state.host.forward_model
+    rows = ["a", "__base__", "b", "a", "b"]
+    ids = torch.randint(0, 200, (len(rows), 6))
+    with torch.inference_mode():
+        with host.mixed(rows):
+            grouped = model(input_ids=ids).logits
+        with host.decode_rows(rows):
+            packed = model(input_ids=ids).logits
+        with host.mixed(["__base__"] * len(rows)):
+            base = model(input_ids=ids).logits
+    torch.testing.assert_close(packed, grouped, rtol=1e-5, atol=1e-5)
+    assert (grouped - base).abs().amax(-1).amax(-1)[[0, 2, 3, 4]].min() > 1e-2  # LoRA is on
+    torch.testing.assert_close(packed[1], base[1], rtol=0, atol=0)

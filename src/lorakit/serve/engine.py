@@ -236,7 +236,7 @@ class Engine:
         input_ids = torch.tensor([[seq.output_ids[-1]] for seq in rows], device=device)
         positions = torch.tensor([[seq.length - 1] for seq in rows], device=device)
         mask = self._batch.step_mask()
-        with self.host.lock, self.host.mixed([seq.adapter or BASE_ROW for seq in rows]):
+        with self.host.lock, self.host.decode_rows([seq.adapter or BASE_ROW for seq in rows]):
             out = self.host.forward_model(
                 input_ids=input_ids,
                 position_ids=positions,

@@ -81,6 +81,7 @@ def build_state(
     allow_runtime_loading: bool = False,
     chat_template: str | None = None,
     threads: int | None = None,
+    pack_max_rank: int = 256,
 ):
     """Load the adapters into the model and start the engine; returns the app's ServerState."""
     from lorakit.serve.app import ServerState
@@ -94,7 +95,8 @@ def build_state(
             raise ConfigError(f"--adapters-root {adapters_root}: not a directory")
     model.eval()
     template = chat_template or getattr(tokenizer, "chat_template", None)
-    host = ModelHost(model, base_name, template if isinstance(template, str) else None)
+    chat = template if isinstance(template, str) else None
+    host = ModelHost(model, base_name, chat, pack_max_rank=pack_max_rank)
     for name, path in (adapters or {}).items():
         host.load(name, path)  # raises with the reason; the server does not start
         log.info("adapter %s loaded from %s", name, path)

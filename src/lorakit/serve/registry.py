@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.serve.packed import PackedLora
 
 BASE_ROW = "__base__"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
@@ -34,13 +35,20 @@ class ModelHost:
     """The base model and its adapters; `lock` serialises compute with loading and unloading."""
 
     def __init__(
-        self, base: torch.nn.Module, base_name: str, chat_template: str | None = None
+        self,
+        base: torch.nn.Module,
+        base_name: str,
+        chat_template: str | None = None,
+        pack_max_rank: int = 256,
     ) -> None:
         self.base, self.base_name, self.chat_template = base, base_name, chat_template
         self.lora = None  # a lorakit LoraModel once the first adapter is loaded
         self.adapters: dict[str, AdapterEntry] = {}
         self.lock = threading.RLock()
         self.created = int(time.time())
+        self.pack_max_rank = pack_max_rank  # 0: never pack, always the core's grouped rows
+        self._packed: PackedLora | None = None
+        self._packed_for: tuple[str, ...] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +67,19 @@ class ModelHost:
                 raise LookupError("no adapters are loaded")
             return contextlib.nullcontext()
         return self.lora.mixed_adapters(rows)
+
+    def decode_rows(self, rows: list[str]):
+        """Context for a decode step: packed adapters while they fit, else the core's groups."""
+        if self.lora is None or not self.pack_max_rank or all(r == BASE_ROW for r in rows):
+            return self.mixed(rows)
+        loaded = tuple(self.adapters)
+        if self._packed_for != loaded:
+            usable = PackedLora.supported(self.lora, self.pack_max_rank)
+            self._packed = PackedLora(self.lora, list(loaded)) if usable else None
+            self._packed_for = loaded
+        if self._packed is None:
+            return self.mixed(rows)
+        return self._packed.rows([None if name == BASE_ROW else name for name in rows])
 
     def template_for(self, adapter: str | None) -> str | None:
         """The adapter's own chat template if it ships one, else the base model's."""
