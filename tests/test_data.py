@@ -157,6 +157,11 @@ def test_system_prompt_and_column_mapping(tok, tmp_path):
     assert spans(tok, sample) == ["Because.<|im_end|>\n"]
 
 
+def test_column_mapping_checks_field_names():
+    with pytest.raises(ValueError, match="did you mean `completion`"):
+        DataConfig(columns={"completon": "answer"})
+
+
 def test_unknown_columns_name_the_formats(tok, tmp_path):
     with pytest.raises(DataError, match="cannot tell the dataset format"):
         one(tok, tmp_path, {"question": "Why?", "answer": "Because."})

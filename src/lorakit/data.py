@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorakit.data_batches import Plan, collate, make_batches, model_inputs, padding_share
 from lorakit.data_formats import (
+    FIELDS,
     FILE_TYPES,
     RawRow,
     RowProblem,
@@ -45,7 +46,7 @@ from lorakit.data_tokenize import (
     supervised_count,
     truncate,
 )
-from lorakit.errors import DataError
+from lorakit.errors import DataError, closest
 from lorakit.models import PLAIN_TEMPLATE, chat_template_of
 
 __all__ = [
@@ -113,6 +114,17 @@ class DataConfig(BaseModel):
         0.1, ge=0.0, le=1.0, description="With bad_rows=skip, the largest share of rows skipped."
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        for key in columns:
+            if key not in FIELDS:
+                raise ValueError(
+                    f"data.columns maps `{key}`, which is not a lorakit field{closest(key, FIELDS)}"
+                    f"; fields: {', '.join(FIELDS)} (write {{field: file column}})"
+                )
+        return columns
 
 
 @dataclass

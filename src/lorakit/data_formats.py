@@ -15,6 +15,10 @@ from typing import Any
 from lorakit.errors import DataError, closest
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
+FIELDS = (
+    "text", "prompt", "completion", "instruction", "input", "output", "system", "history",
+    "conversations", "messages",
+)  # fmt: skip
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SHAREGPT_ROLES = {
     "system": "system",
