@@ -125,6 +125,11 @@ class TrainConfig(BaseModel):
     tensorboard: bool = Field(True, description="Write TensorBoard events when it is installed.")
 
 
+# Sections of the CLI's run config that do not change the result (train is compared field by
+# field, with its own exceptions).
+RUN_FREE = {"train", "eval", "output_dir"}
+
+
 class NonFiniteError(LorakitError, FloatingPointError):
     """The loss or the gradient became NaN or infinite; the run stopped without saving it."""
 
@@ -251,7 +256,7 @@ def train(
         **config.model_dump(mode="json"),
         "data": plan.fingerprint(),
         "world_size": ctx.world_size,
-        **{f"run.{k}": v for k, v in (run_config or {}).items() if k != "train"},
+        **{f"run.{k}": v for k, v in (run_config or {}).items() if k not in RUN_FREE},
     }
 
     # Preflight: fail on an unwritable directory before any work; then build the state.
