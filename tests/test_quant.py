@@ -295,8 +295,8 @@ def _nf4_lora_model(compute_dtype=None, checkpointing_kwargs=None):
     return get_peft_model(base, config)
 
 
-def _train(model, ids, steps: int) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+def _train(model, ids, steps: int, lr: float = 2e-2) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
     for _ in range(steps):
@@ -398,3 +398,62 @@ def test_merged_from_nf4_matches_nf4_plus_adapter(compute_dtype, tolerance, capl
     assert torch.isfinite(merged).all()
     error = (merged - unmerged).abs().max().item() / unmerged.abs().max().item()
     assert error < tolerance
+
+
+# ------------------------------------------------------------------ the built-in 135M model
+# Its linear layers: 30 blocks x (q, o: 576x576; k, v: 192x576; gate, up: 1536x576; down:
+# 576x1536) = 30 x 3,538,944 = 106,168,320 weights. The tied embedding (49152 x 576 =
+# 28,311,552) stays unquantized; the 61 norms hold 61 x 576 = 35,136 weights.
+BUILTIN_LINEAR = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)
+BUILTIN_REST = 49152 * 576 + 61 * 576
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "expected_mb"),
+    [
+        ("float32", None, 4 * (BUILTIN_LINEAR + BUILTIN_REST) / 1e6),  # 538.1 MB
+        ("bfloat16", None, 2 * (BUILTIN_LINEAR + BUILTIN_REST) / 1e6),  # 269.0 MB
+        # int8: 1 byte per linear weight + one fp32 absmax per output row, rest in bf16
+        ("bfloat16", "int8", (BUILTIN_LINEAR + 2 * BUILTIN_REST) / 1e6),  # 163.3 MB
+        # nf4 + double quant: ~4.127 bits per linear weight, rest in bf16
+        ("bfloat16", "nf4", (BUILTIN_LINEAR * 4.127 / 8 + 2 * BUILTIN_REST) / 1e6),  # 111.4 MB
+    ],
+)
+def test_builtin_model_bytes_by_precision(dtype, quantization, expected_mb):
+    from lorakit.models import load_model
+
+    model = load_model("smollm2-135m-instruct", dtype=dtype, quantization=quantization)
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == (30 * 7 if quantization else 0)
+    # The rest of the per-layer scales (int8 rows, the nf4 offsets, padding) is < 0.5%.
+    assert model_nbytes(model) / 1e6 == pytest.approx(expected_mb, rel=5e-3)
+
+
+@pytest.mark.slow
+def test_builtin_model_qlora_trains_and_merges():
+    from builtin_model import builtin_tokenizer
+    from lorakit.models import load_model
+
+    tokenizer = builtin_tokenizer()
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :32]
+    model = prepare_model_for_kbit_training(
+        load_model("smollm2-135m-instruct", dtype="float32", quantization="nf4")
+    )
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
+    losses = _train(model, ids, steps=4, lr=1e-3)
+    # The sentence repeats, so the model predicts much of it already (first loss ~1.4) and the
+    # adapter quickly learns the rest.
+    assert losses[-1] < 0.8 * losses[0], losses
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+    merged_model, _ = dequantize_model(model.merge_and_unload())
+    with torch.no_grad():
+        merged = merged_model(input_ids=ids).logits
+    assert torch.isfinite(merged).all()
+    # fp32 compute on both sides: the merged weight is dequantize() + delta exactly, so only
+    # summation order differs through 30 layers.
+    assert (merged - unmerged).abs().max().item() < 1e-3 * unmerged.abs().max().item()
