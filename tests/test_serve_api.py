@@ -36,7 +36,7 @@ def _make_root(tmp):
     root, outside = tmp / "root", tmp / "outside"
     root.mkdir()
     outside.mkdir()
-    make_adapters(root, ["good"])
+    make_adapters(root, ["good", "other"])
     make_adapters(root, ["templated"], template=PLAIN_TEMPLATE)
     make_adapters(outside, ["secret"])
     shutil.copytree(root / "good", root / "broken")
@@ -260,6 +260,21 @@ def test_load_use_and_unload(server):
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "good"}).status_code == 200
     _assert_error(_complete(client, model="good"), 404)
     _assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "good"}), 404)
+
+
+def test_reloading_a_name_serves_the_new_weights(server):
+    client, _ = server
+
+    def run_as(name, path):
+        body = {"lora_name": name, "lora_path": path}
+        assert client.post("/v1/load_lora_adapter", json=body).status_code == 200
+        text = _complete(client, model=name, max_tokens=8).json()["choices"][0]["text"]
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+        return text
+
+    first = run_as("swap", "good")
+    second = run_as("swap", "other")
+    assert second == run_as("other", "other") and second != first
 
 
 def test_chat_uses_the_adapters_own_template(server):

@@ -15,6 +15,7 @@ from typing import Any
 try:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 except ImportError as missing:  # pragma: no cover - depends on the environment
@@ -220,7 +221,9 @@ async def _run(request: Request, state: ServerState, job: _Job) -> Any:
     seq = state.engine.submit(job.prompt_ids, job.adapter, job.params, sink)
     if job.stream:
         stream = _stream(state.engine, seq, events, job)
-        return StreamingResponse(stream, media_type="text/event-stream")
+        # also runs when the client left before the stream started
+        cleanup = BackgroundTask(lambda: None if seq.finished else state.engine.cancel(seq))
+        return StreamingResponse(stream, media_type="text/event-stream", background=cleanup)
     collector = asyncio.ensure_future(_collect(events))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:

@@ -180,11 +180,12 @@ class Engine:
                 if self._stopping:
                     break
             try:
-                self._admit()
-                self._drop_done()
-                if self._active:
-                    self._decode_step()
+                with torch.inference_mode():
+                    self._admit()
                     self._drop_done()
+                    if self._active:
+                        self._decode_step()
+                        self._drop_done()
             except Exception as error:  # a failed step ends its requests, never the server
                 log.exception("engine step failed")
                 self._fail_active(f"{type(error).__name__}: {error}")
@@ -211,7 +212,6 @@ class Engine:
                 with self._wake:
                     self._active.append(seq)
 
-    @torch.inference_mode()
     def _prefill(self, seq: Sequence) -> tuple[torch.Tensor, object]:
         from transformers import DynamicCache
 
@@ -229,7 +229,6 @@ class Engine:
                 )
         return out.logits[0, -1].float(), out.past_key_values
 
-    @torch.inference_mode()
     def _decode_step(self) -> None:
         rows = self._active
         device = self.host.device
@@ -262,7 +261,7 @@ class Engine:
             return self._finish(seq, FINISH_STOP, text=delta, token=token)
         if len(seq.output_ids) >= seq.params.max_tokens or seq.length >= self.max_context:
             return self._finish(seq, FINISH_LENGTH, text=delta + seq.stream.flush(), token=token)
-        seq.sink(Event(text=delta, token_ids=[token]))
+        _send(seq, Event(text=delta, token_ids=[token]))
         return False
 
     def _finish(
@@ -281,10 +280,7 @@ class Engine:
         if flush:
             text += seq.stream.flush()
         tokens = [] if token is None else [token]
-        try:
-            seq.sink(Event(text=text, token_ids=tokens, finish_reason=reason, error=error))
-        except Exception:
-            log.exception("a request's sink failed")
+        _send(seq, Event(text=text, token_ids=tokens, finish_reason=reason, error=error))
         return True
 
     def _drop_done(self) -> None:
@@ -307,3 +303,12 @@ class Engine:
         self._batch = BatchCache()
         for seq in failed:
             self._finish(seq, FINISH_CANCELLED if error is None else FINISH_ERROR, error)
+
+
+def _send(seq: Sequence, event: Event) -> None:
+    """Hand an event to the request's owner; a failing sink cancels only that request."""
+    try:
+        seq.sink(event)
+    except Exception:
+        log.exception("a request's sink failed; cancelling the request")
+        seq.cancelled = True

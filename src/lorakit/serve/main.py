@@ -94,8 +94,9 @@ def build_state(
         if not root.is_dir():
             raise ConfigError(f"--adapters-root {adapters_root}: not a directory")
     model.eval()
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    chat = template if isinstance(template, str) else None
+    from lorakit.models import chat_template_of
+
+    chat = chat_template or chat_template_of(tokenizer)
     host = ModelHost(model, base_name, chat, pack_max_rank=pack_max_rank)
     for name, path in (adapters or {}).items():
         host.load(name, path)  # raises with the reason; the server does not start
@@ -129,6 +130,7 @@ def serve_main(
     max_model_len: int | None = None,
     max_body_bytes: int = 1 << 20,
     served_model_name: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """`lorakit serve`: load the base and adapters, then serve the OpenAI API until stopped."""
     api_key = api_key or os.environ.get("LORAKIT_API_KEY") or None
@@ -155,6 +157,7 @@ def serve_main(
         max_model_len=max_model_len,
         adapters_root=adapters_root,
         allow_runtime_loading=allow_runtime_loading,
+        threads=threads,
     )
     app = create_app(state, api_key=api_key, max_body_bytes=max_body_bytes)
     try:

@@ -48,7 +48,8 @@ class ModelHost:
         self.created = int(time.time())
         self.pack_max_rank = pack_max_rank  # 0: never pack, always the core's grouped rows
         self._packed: PackedLora | None = None
-        self._packed_for: tuple[str, ...] | None = None
+        self._version = 0  # bumped by every load and unload
+        self._packed_version = -1
 
     @property
     def device(self) -> torch.device:
@@ -72,11 +73,10 @@ class ModelHost:
         """Context for a decode step: packed adapters while they fit, else the core's groups."""
         if self.lora is None or not self.pack_max_rank or all(r == BASE_ROW for r in rows):
             return self.mixed(rows)
-        loaded = tuple(self.adapters)
-        if self._packed_for != loaded:
+        if self._packed_version != self._version:
             usable = PackedLora.supported(self.lora, self.pack_max_rank)
-            self._packed = PackedLora(self.lora, list(loaded)) if usable else None
-            self._packed_for = loaded
+            self._packed = PackedLora(self.lora, list(self.adapters)) if usable else None
+            self._packed_version = self._version
         if self._packed is None:
             return self.mixed(rows)
         return self._packed.rows([None if name == BASE_ROW else name for name in rows])
@@ -112,6 +112,7 @@ class ModelHost:
                     raise
             entry = AdapterEntry(name, path, template, int(time.time()))
             self.adapters[name] = entry
+            self._version += 1
             return entry
 
     def unload(self, name: str) -> None:
@@ -120,6 +121,7 @@ class ModelHost:
             if name not in self.adapters:
                 raise KeyError(name)
             del self.adapters[name]
+            self._version += 1
             if self.lora is not None:
                 self.lora.delete_adapter(name)
 
