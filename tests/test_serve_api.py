@@ -304,6 +304,23 @@ def test_stream_ends_with_done(server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_mid_stream_failure_arrives_as_an_error_event(server, monkeypatch):
+    client, state = server
+
+    def broken_prefill(seq):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(state.engine, "_prefill", broken_prefill)
+    body = {"model": "a", "prompt": "Hi", "max_tokens": 3, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    monkeypatch.undo()
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: ") :])["error"]
+    assert "simulated failure" in error["message"] and error["type"] == "server_error"
+    assert _complete(client).status_code == 200  # the engine serves on
+
+
 LONG = {"model": "a", "prompt": "Hi", "max_tokens": 240, "temperature": 0}
 
 
