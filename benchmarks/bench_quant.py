@@ -125,13 +125,14 @@ def measure_one(name: str, repeats: int) -> dict:
     }
 
 
-def model_memory(repeats: int) -> None:
+def model_memory(repeats: int, threads: int) -> None:
     """The 135M model's size in each precision, each in a fresh process."""
     print(f"\n### SmolLM2-135M size; forward of 1 x 128 tokens (ms, best of {repeats})\n")
     print("| precision | parameters + buffers (MB) | RSS growth after load (MB) | forward (ms) |")
     print("|---|---|---|---|")
     for name in PRECISIONS:
-        command = [sys.executable, __file__, "--one", name, "--repeats", str(repeats)]
+        command = [sys.executable, __file__, "--one", name, "--model-repeats", str(repeats)]
+        command += ["--threads", str(threads)]
         result = json.loads(
             subprocess.run(command, check=True, capture_output=True, text=True).stdout
         )
@@ -155,7 +156,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.one:
-        print(json.dumps(measure_one(args.one, args.repeats)))
+        print(json.dumps(measure_one(args.one, args.model_repeats)))
         return
     print(f"torch {torch.__version__}, {args.threads} threads")
     layer_timings(torch.float32, args.repeats)
@@ -163,7 +164,7 @@ def main() -> None:
         layer_timings(torch.bfloat16, args.repeats)
     error_and_storage()
     if not args.layers:
-        model_memory(args.model_repeats)
+        model_memory(args.model_repeats, args.threads)
 
 
 if __name__ == "__main__":
