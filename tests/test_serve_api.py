@@ -384,3 +384,13 @@ def test_torch_is_not_left_in_grad_mode(server):
     _, state = server
     assert not any(p.requires_grad for p in state.host.forward_model.parameters())
     assert torch.is_grad_enabled()
+
+
+def test_missing_fastapi_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    monkeypatch.delitem(sys.modules, "lorakit.serve.app", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'lorakit\[serve\]'"):
+        importlib.import_module("lorakit.serve.app")

@@ -2,11 +2,11 @@
 
 Each request is prefilled alone (batch 1, no padding, its own adapter), so its prompt's keys and
 values are exactly those of a solo run. Decoding then runs every active request together: one
-forward per step over a batch whose rows may use different adapters (the core's mixed-adapter
-forward), with a left-padded KV cache, per-row position ids and a mask that hides the padding.
-New requests join between steps; finished or cancelled ones leave and free their slot.
-The model runs in float32 by default, where a batched row's logits stay within ~1e-6 of its solo
-run's, and the tests check that greedy tokens match exactly.
+forward per step over a batch whose rows may use different adapters (packed adapters, see
+`packed.py`, or the core's grouped rows), with a left-padded KV cache, per-row position ids and a
+mask that hides the padding. New requests join between steps; finished or cancelled ones leave
+and free their slot. Batched and solo decode steps differ only in floating-point rounding (about
+1e-6 of the logits in float32, the default), and the tests check greedy tokens match exactly.
 """
 
 from __future__ import annotations
