@@ -8,6 +8,7 @@ generated tokens per second, prefill included:
 - base:    lorakit engine, every request on the base model
 - 1 adapter: lorakit engine, every request on adapter a0
 - 8 mixed: lorakit engine, request i on adapter a{i % 8}, all in one batch
+- 8 mixed, grouped: the same with packing off (the core's one-group-per-adapter rows)
 - peft mixed: peft's `generate(..., adapter_names=[...])` on the same model and adapter files
 
 Scenarios are interleaved `--repeats` times and the median is printed. Usage:
@@ -72,32 +73,52 @@ def save_adapters(base: torch.nn.Module, root: Path, rank: int) -> dict[str, Pat
     return paths
 
 
-def run_engine(state, prompts: list[list[int]], adapters: list[str | None], new: int) -> float:
+def run_engine(
+    state, prompts: list[list[int]], adapters: list[str | None], new: int, outputs=None
+) -> float:
     """Submit every request at once; seconds until the last one finishes."""
     params = SamplingParams(max_tokens=new, temperature=0)
     left, done, lock = [len(prompts)], threading.Event(), threading.Lock()
+    tokens: list[list[int]] = [[] for _ in prompts]
 
-    def sink(event) -> None:
-        if event.finish_reason is not None:
-            with lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
+    def sink_for(row: int):
+        def sink(event) -> None:
+            tokens[row].extend(event.token_ids)
+            if event.finish_reason is not None:
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+
+        return sink
 
     start = time.perf_counter()
-    for prompt, adapter in zip(prompts, adapters, strict=True):
-        state.engine.submit(prompt, adapter, params, sink)
+    for row, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
+        state.engine.submit(prompt, adapter, params, sink_for(row))
     if not done.wait(1800):
         raise TimeoutError("the engine did not finish")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if outputs is not None:
+        outputs.extend(tokens)
+    return seconds
 
 
-def run_peft(model, prompts: list[list[int]], adapters: list[str], new: int) -> float:
+def run_grouped(state, prompts: list[list[int]], adapters: list[str], new: int) -> float:
+    """The engine with packed adapters switched off for this run."""
+    packing = state.host.pack_max_rank
+    state.host.pack_max_rank = 0
+    try:
+        return run_engine(state, prompts, adapters, new)
+    finally:
+        state.host.pack_max_rank = packing
+
+
+def run_peft(model, prompts: list[list[int]], adapters: list[str], new: int, outputs=None) -> float:
     """peft's mixed-adapter batch generation over the same prompts (equal lengths, no padding)."""
     ids = torch.tensor(prompts)
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(
+        generated = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             adapter_names=adapters,
@@ -106,7 +127,10 @@ def run_peft(model, prompts: list[list[int]], adapters: list[str], new: int) -> 
             do_sample=False,
             pad_token_id=0,
         )
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if outputs is not None:
+        outputs.extend(generated[:, ids.shape[1] :].tolist())
+    return seconds
 
 
 def main() -> None:
@@ -145,9 +169,14 @@ def main() -> None:
             state, prompts, ["a0"] * len(prompts), args.new_tokens
         ),
         "lorakit 8 mixed": lambda: run_engine(state, prompts, mixed, args.new_tokens),
+        "lorakit 8 grouped": lambda: run_grouped(state, prompts, mixed, args.new_tokens),
         "peft 8 mixed": lambda: run_peft(reference, prompts, mixed, args.new_tokens),
     }
-    for scenario in scenarios.values():  # warm-up
+    ours: list[list[int]] = []  # warm-up, and the greedy tokens of both sides compared
+    theirs: list[list[int]] = []
+    run_engine(state, prompts, mixed, args.new_tokens, ours)
+    run_peft(reference, prompts, mixed, args.new_tokens, theirs)
+    for scenario in scenarios.values():
         scenario()
     times: dict[str, list[float]] = {name: [] for name in scenarios}
     for _ in range(args.repeats):
@@ -167,6 +196,8 @@ def main() -> None:
         print(f"{name:<18} {value:8.1f} tokens/s   ({spread})")
     print(f"8 mixed / 1 adapter: {rate['lorakit 8 mixed'] / rate['lorakit 1 adapter']:.2f}x")
     print(f"8 mixed / peft mixed: {rate['lorakit 8 mixed'] / rate['peft 8 mixed']:.2f}x")
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    print(f"greedy tokens identical to peft's mixed batch: {same}/{len(ours)} requests")
 
 
 if __name__ == "__main__":
