@@ -431,7 +431,7 @@ def test_builtin_model_bytes_by_precision(dtype, quantization, expected_mb):
 
 
 @pytest.mark.slow
-def test_builtin_model_qlora_trains_and_merges():
+def test_builtin_model_qlora_trains_loads_on_bf16_and_merges(tmp_path):
     from builtin_model import builtin_tokenizer
     from lorakit.models import load_model
 
@@ -448,6 +448,13 @@ def test_builtin_model_qlora_trains_and_merges():
     # The sentence repeats, so the model predicts much of it already (first loss ~1.4) and the
     # adapter quickly learns the rest.
     assert losses[-1] < 0.8 * losses[0], losses
+    model.save_pretrained(tmp_path)
+    bf16 = load_model("smollm2-135m-instruct", dtype="bfloat16")
+    with torch.no_grad():
+        base_loss = bf16(input_ids=ids, labels=ids).loss.item()
+        on_bf16 = LoraModel.from_pretrained(bf16, tmp_path).eval()
+        adapted_loss = on_bf16(input_ids=ids, labels=ids).loss.item()
+    assert base_loss - adapted_loss > 0.5 * (losses[0] - losses[-1]), (base_loss, adapted_loss)
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits
     merged_model, _ = dequantize_model(model.merge_and_unload())
