@@ -330,6 +330,21 @@ def test_checkpointed_nf4_base_sends_gradients_to_every_lora_weight(use_reentran
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+def test_nf4_base_trains_under_bf16_autocast():
+    # The trainer's mixed precision: the custom backward returns a bf16 gradient for an fp32
+    # input, which autograd casts back; every LoRA B (the only nonzero-gradient side at B=0)
+    # must still get a finite, nonzero gradient.
+    model = _nf4_lora_model()
+    model.train()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(grads) == 6
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
 def test_lora_on_nf4_trains_saves_no_base_and_loads_on_nf4_and_bf16(tmp_path):
     model = _nf4_lora_model()
     ids = torch.randint(0, 128, (2, 16))
