@@ -48,7 +48,7 @@ def lora_model(dropout: float = 0.1):
 def quick(**overrides) -> TrainConfig:
     """A fast fp32 config for unit tests."""
     base = dict(precision="fp32", lr=1e-2, max_steps=8, grad_accum_steps=2, warmup_steps=2,
-                progress="none", tensorboard=False)  # fmt: skip
+                progress="none", tensorboard=False, plots=False)  # fmt: skip
     return TrainConfig(**{**base, **overrides})
 
 
@@ -60,7 +60,7 @@ def test_loss_goes_down_and_only_adapter_changes(tmp_path):
     model = lora_model(dropout=0.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = make_batches(2)
-    config = quick(max_steps=20, grad_accum_steps=1, lr=3e-2)
+    config = quick(max_steps=20, grad_accum_steps=1, lr=3e-2, plots=True, tensorboard=True)
     result = train(model, None, batches, batches, config, tmp_path)
     # two fixed batches, 20 steps: a tiny random model memorises a little (4.88 -> ~4.75)
     assert result.losses[-1] < result.losses[0] - 0.05
@@ -78,6 +78,7 @@ def test_loss_goes_down_and_only_adapter_changes(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 3e-2
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "best" / "adapter_config.json").is_file()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def _crash_at_forward(model, calls: int):

@@ -123,6 +123,7 @@ class TrainConfig(BaseModel):
         "auto", description="Progress display; auto: rich on a terminal, plain lines otherwise."
     )
     tensorboard: bool = Field(True, description="Write TensorBoard events when it is installed.")
+    plots: bool = Field(True, description="Write plots/loss.png and plots/lr.png at the end.")
 
 
 # Sections of the CLI's run config that do not change the result (train is compared field by
@@ -261,11 +262,17 @@ def train(
 
     # Preflight: fail on an unwritable directory before any work; then build the state.
     checkpoint_path = find_resume(output_dir, resume)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    preflight = None
+    if ctx.main:
+        try:
+            check_output_dir(output_dir, 16 * n_trainable * (config.keep_checkpoints + 2))
+        except ConfigError as err:
+            preflight = err
+    if all_reduce_sum(torch.tensor(float(preflight is not None)), ctx) > 0:  # all ranks stop
+        raise preflight or ConfigError(f"rank 0 cannot write to {output_dir}")
     seed_everything(config.seed)
     params = _prepare_model(model, config, device)
-    n_trainable = sum(p.numel() for p in params)
-    if ctx.main:
-        check_output_dir(output_dir, need_bytes=16 * n_trainable * (config.keep_checkpoints + 2))
     optimizer, params = build_optimizer(
         model, config.lr, config.weight_decay, config.betas, config.eps, config.lora_b_lr
     )
@@ -404,7 +411,8 @@ def train(
             if not result.interrupted:
                 result.final_dir = save_final(output_dir / "final", model)
             result.history = read_metrics(output_dir / "metrics.jsonl")
-            plot_run(result.history, output_dir / "plots")
+            if config.plots:
+                plot_run(result.history, output_dir / "plots")
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)

@@ -259,7 +259,7 @@ def save_final(path: Path, model: nn.Module) -> Path:
 # Fields that may change between a run and its resume without changing the result.
 RESUME_FREE = {
     "eval_every", "eval_max_batches", "eval_prompts", "eval_max_new_tokens", "save_every",
-    "keep_checkpoints", "log_every", "progress", "tensorboard", "device",
+    "keep_checkpoints", "log_every", "progress", "tensorboard", "device", "plots",
 }  # fmt: skip
 
 
@@ -281,4 +281,10 @@ def find_resume(output_dir: Path, resume: str | Path | bool | None) -> Path | No
         return None
     if resume in ("auto", True):
         return latest_checkpoint(root)
-    return Path(resume)
+    path = Path(resume)
+    if not is_complete(path):
+        raise ConfigError(
+            f"resume={str(resume)!r} is not a complete checkpoint directory (it needs state.json "
+            f"and {MARKER}); complete ones here: {[p.name for p in list_checkpoints(root)]}"
+        )
+    return path
