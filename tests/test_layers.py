@@ -144,3 +144,11 @@ def test_safe_merge_refuses_non_finite(tiny_llama):
     with pytest.raises(ValueError, match="non-finite"):
         model.merge_and_unload(safe_merge=True)
     assert torch.equal(tiny_llama.model.layers[0].self_attn.q_proj.base_layer.weight, before)
+
+
+def test_half_precision_base_keeps_fp32_adapters_and_its_own_output_dtype(tiny_llama):
+    model = get_peft_model(tiny_llama.to(torch.bfloat16), LoraConfig(r=4, target_modules=ALL))
+    a, b = model.base_model.model.layers[0].self_attn.q_proj.lora_weights("default")
+    assert a.dtype == b.dtype == torch.float32
+    logits = model(input_ids=torch.randint(0, 128, (1, 4))).logits
+    assert logits.dtype == torch.bfloat16

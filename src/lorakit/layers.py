@@ -93,9 +93,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout[adapter_name] = (
             nn.Dropout(lora_dropout) if lora_dropout else nn.Identity()
         )
-        weight = self._base_weight()
-        device = weight.device if weight is not None else None
-        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        device, dtype = self._adapter_placement()
         if self.kind == EMBEDDING:
             self.lora_embedding_A[adapter_name] = nn.Parameter(
                 torch.empty(r, self.in_features, device=device, dtype=dtype)
@@ -209,6 +207,15 @@ class LoraLinear(nn.Module):
         a, b = self.lora_weights(adapter_name)
         delta = (b.float() @ a.float()) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.kind in (CONV1D, EMBEDDING) else delta
+
+    def _adapter_placement(self) -> tuple[torch.device | None, torch.dtype]:
+        """Adapters live on the base layer's device, in fp32 unless the base is fp32/fp64."""
+        tensor = next(iter(self.base_layer.parameters()), None)
+        tensor = tensor if tensor is not None else next(iter(self.base_layer.buffers()), None)
+        device = tensor.device if tensor is not None else None
+        weight = self._base_weight()
+        keep = weight is not None and weight.dtype in (torch.float32, torch.float64)
+        return device, weight.dtype if keep else torch.float32
 
     def _base_weight(self) -> torch.Tensor | None:
         weight = getattr(self.base_layer, "weight", None)
