@@ -295,3 +295,11 @@ def test_precision_auto_resolves_per_device():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolve_precision("fp32", cpu) == "fp32"
+
+
+@pytest.mark.parametrize("progress", ["rich", "plain"])
+def test_progress_shows_loss_and_speed(tmp_path, capsys, progress):
+    config = quick(max_steps=2, grad_accum_steps=1, progress=progress)
+    train(lora_model(0.0), None, make_batches(2), None, config, tmp_path)
+    err = capsys.readouterr().err
+    assert "loss" in err and "tok/s" in err

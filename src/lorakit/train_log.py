@@ -47,6 +47,7 @@ class RunLog:
             self._start_rich()
 
     def _start_rich(self) -> None:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -63,6 +64,7 @@ class RunLog:
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            console=Console(stderr=True),
         )
         self.bar.start()
         self.task = self.bar.add_task("train", total=self.total, completed=self.start, info="")

@@ -177,11 +177,12 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store frozen floating-point parameters in `dtype` (trainable ones stay as they are);
-    returns how many were cast."""
+    """Store frozen floating-point weight matrices in `dtype`, so autocast has nothing to cast
+    per step; trainable parameters and 1-d ones (norms, biases) stay as they are. Returns how
+    many were cast."""
     count = 0
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+        if not p.requires_grad and p.is_floating_point() and p.ndim >= 2 and p.dtype != dtype:
             p.data = p.data.to(dtype)
             count += 1
     return count
