@@ -312,7 +312,7 @@ def train(
 
     try:
         for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step_seed(config.seed, step, ctx.rank)  # dropout masks depend on (seed, step, rank)
             batches = plan.rank_batches(step, ctx)
             ids = sample_ids(batches)
@@ -361,7 +361,7 @@ def train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             result.steps = done = step + 1
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 
             if ctx.main:  # rank 0 logs, evaluates and saves
                 epoch, index = plan.locate(done)  # where the next step starts
@@ -376,6 +376,7 @@ def train(
                         "tokens": int(tokens),
                         "tokens_per_s": tokens / elapsed,
                         "step_s": elapsed,
+                        "cpu_s": cpu,
                         "memory_mb": peak_memory_mb(device),
                     },  # fmt: skip
                     show=done % config.log_every == 0 or done == total_steps,
