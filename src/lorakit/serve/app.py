@@ -183,7 +183,12 @@ def _chat_job(state: ServerState, body: ChatRequest) -> _Job:
 
 
 def _job(
-    state: ServerState, body: Any, adapter: str | None, prompt_ids: list[int], budget, chat: bool
+    state: ServerState,
+    body: Any,
+    adapter: str | None,
+    prompt_ids: list[int],
+    budget: int | None,
+    chat: bool,
 ) -> _Job:
     if not prompt_ids:
         raise ApiError(400, "the prompt is empty", "prompt")
