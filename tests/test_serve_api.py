@@ -330,30 +330,53 @@ def test_long_request_runs_to_max_tokens(server):
     assert client.post("/v1/completions", json=LONG).json()["usage"]["completion_tokens"] == 240
 
 
-def test_disconnect_stops_generation(server):
-    client, state = server
-    body = LONG
-    steps = state.engine.steps
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
-        next(response.iter_lines())  # the first token arrived; now hang up
+@pytest.fixture
+def slow_engine(server, monkeypatch):
+    """Decode steps of at least 5 ms, and the finish reason of every request recorded.
+
+    240 tokens then take over 1.2 s, so a cancellation that works always lands first.
+    """
+    _, state = server
+    decode, finish, reasons = state.engine._decode_step, state.engine._finish, []
+
+    def slow_decode():
+        time.sleep(0.005)
+        decode()
+
+    def recording_finish(seq, reason, *args, **kwargs):
+        reasons.append(reason)
+        return finish(seq, reason, *args, **kwargs)
+
+    monkeypatch.setattr(state.engine, "_decode_step", slow_decode)
+    monkeypatch.setattr(state.engine, "_finish", recording_finish)
+    return reasons
+
+
+def _wait_until_idle(state):
     deadline = time.monotonic() + 20
     while state.engine.load != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert state.engine.load == (0, 0)
-    assert state.engine.steps - steps < 200  # stopped well before max_tokens
 
 
-def test_client_timeout_stops_a_non_streaming_request(server):
+def test_disconnect_stops_generation(server, slow_engine):
     client, state = server
-    body = LONG
+    steps = state.engine.steps
+    with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+        next(response.iter_lines())  # the first token arrived; now hang up
+    _wait_until_idle(state)
+    assert slow_engine == ["cancelled"]
+    assert state.engine.steps - steps < 200
+
+
+def test_client_timeout_stops_a_non_streaming_request(server, slow_engine):
+    client, state = server
     steps = state.engine.steps
     with pytest.raises(httpx.TimeoutException):
-        client.post("/v1/completions", json=body, timeout=0.05)
-    deadline = time.monotonic() + 20
-    while state.engine.load != (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert state.engine.load == (0, 0)
-    assert state.engine.steps - steps < 200  # stopped well before max_tokens
+        client.post("/v1/completions", json=LONG, timeout=0.05)
+    _wait_until_idle(state)
+    assert slow_engine == ["cancelled"]
+    assert state.engine.steps - steps < 200
 
 
 def test_runtime_loading_is_off_by_default():

@@ -127,6 +127,13 @@ def test_batched_greedy_equals_alone(state):
 
 def test_cancel_frees_the_slot(adapter_paths):
     state = build_state(make_model(), make_tokenizer(), base_name=BASE_NAME, max_batch=1, threads=1)
+    decode = state.engine._decode_step
+
+    def slow_decode():  # 200 tokens take over a second, so the cancel always lands first
+        time.sleep(0.005)
+        decode()
+
+    state.engine._decode_step = slow_decode
     try:
         events, started = [], threading.Event()
 
