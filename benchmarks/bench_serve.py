@@ -133,7 +133,8 @@ def run_peft(model, prompts: list[list[int]], adapters: list[str], new: int, out
     return seconds
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--requests", type=int, default=8)
@@ -143,11 +144,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    return parser.parse_args()
 
-    base = smollm2_shape(args.layers, dtype)
+
+def setup(args: argparse.Namespace):
+    """The engine's server state and peft's model, both with the same 8 adapter files."""
+    base = smollm2_shape(args.layers, getattr(torch, args.dtype))
     root = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     paths = save_adapters(base, root, args.rank)
     state = build_state(
@@ -159,7 +161,13 @@ def main() -> None:
     for name in ADAPTERS[1:]:
         reference.load_adapter(paths[name], adapter_name=name)
     reference.eval()
+    return state, reference
 
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    state, reference = setup(args)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 49152, (args.requests, args.prompt_len), generator=gen).tolist()
     mixed = [ADAPTERS[i % 8] for i in range(args.requests)]
