@@ -3,11 +3,13 @@ runtime loading that never breaks other adapters, streaming and cancellation."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -417,3 +419,47 @@ def test_missing_fastapi_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "lorakit.serve.app", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'lorakit\[serve\]'"):
         importlib.import_module("lorakit.serve.app")
+
+
+def test_serve_main_in_a_subprocess(tmp_path):
+    """serve_main loads a model folder and an adapter, listens on 127.0.0.1 and answers."""
+    import socket
+    import subprocess
+    import sys
+
+    import lorakit
+
+    make_model().save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    make_adapters(tmp_path, ["x"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = (
+        "from lorakit.serve import serve_main; "
+        f"serve_main({str(tmp_path / 'model')!r}, ['x={tmp_path / 'x'}'], port={port}, "
+        "api_key='k', served_model_name='tiny', threads=1)"
+    )
+    src = str(Path(lorakit.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    log = (tmp_path / "server.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        assert process.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        headers = {"Authorization": "Bearer k"}
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [("tiny", None), ("x", "tiny")]
+        body = {"model": "x", "prompt": "Hi", "max_tokens": 3}
+        answer = httpx.post(f"{url}/v1/completions", headers=headers, json=body, timeout=30)
+        assert answer.status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
