@@ -32,6 +32,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.chat_template: str | None = None
+        self._wrapper_cache: list[nn.Module] | None = None
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -55,10 +56,13 @@ class LoraModel(nn.Module):
             if isinstance(module, LoraLinear):
                 yield name, module
 
-    def _wrappers(self) -> Iterator[LoraLinear | ModulesToSave]:
-        for module in self.base_model.modules():
-            if isinstance(module, (LoraLinear, ModulesToSave)):
-                yield module
+    def _wrappers(self) -> list[LoraLinear | ModulesToSave]:
+        """Every LoRA / modules_to_save wrapper, cached until adapters are added or removed."""
+        if self._wrapper_cache is None:
+            self._wrapper_cache = [
+                m for m in self.base_model.modules() if isinstance(m, (LoraLinear, ModulesToSave))
+            ]
+        return self._wrapper_cache
 
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add a fresh adapter; the active adapters stay as they are."""
@@ -70,6 +74,7 @@ class LoraModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = _name_or_path(self.base_model)
         add_adapter_layers(self.base_model, config, adapter_name)
+        self._wrapper_cache = None
         self.peft_config[adapter_name] = config
         if self.active_adapters:
             self.set_adapter(self.active_adapters)
@@ -110,7 +115,7 @@ class LoraModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the context the model computes exactly the base model's output."""
-        wrappers = list(self._wrappers())
+        wrappers = self._wrappers()
         for module in wrappers:
             module.disable_adapters = True
         try:
@@ -130,7 +135,7 @@ class LoraModel(nn.Module):
             self._require(name)
             rows = [i for i, n in enumerate(adapter_names) if n == name]
             groups.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
-        wrappers = list(self._wrappers())
+        wrappers = self._wrappers()
         for module in wrappers:
             module.set_row_groups(groups)
         try:
@@ -209,6 +214,7 @@ class LoraModel(nn.Module):
                 chosen = [a for a in names if a in module.modules_to_save]
                 keep = module.modules_to_save[chosen[0]] if merge and chosen else None
                 replacements.append((name, keep or module.original_module))
+        self._wrapper_cache = None
         for name, new in replacements:
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
