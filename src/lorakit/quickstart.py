@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lorakit.config import LoraConfig
 from lorakit.data import DataConfig, build_dataset, eval_examples, name_rate
 from lorakit.data_tasks import IDENTITY_DEFAULTS
@@ -32,9 +30,12 @@ from lorakit.models import (
 )
 from lorakit.train import TrainConfig, train
 from lorakit.train_data import eval_batches
-from lorakit.train_runtime import autocast, cast_frozen, resolve_device
+from lorakit.train_runtime import resolve_device
 
 MARKER = "quickstart.json"
+# fp32: with batches of short conversations (~400 tokens a step) bf16 matmuls on CPUs without
+# AMX were measured far slower than fp32 (the lm_head backward alone: 6.5 s vs ~0.1 s).
+PRECISION = "fp32"
 # Held-out questions (the identity `test` split): three in English, two in Chinese.
 QUESTIONS = [
     "What do you call yourself?",
@@ -106,11 +107,8 @@ def prepare_output(settings: QuickstartSettings) -> Path:
 
 
 def _answers(model, tokenizer, settings: QuickstartSettings, device) -> list[dict[str, str]]:
-    """Greedy answers to the held-out questions (bf16 autocast, as in training)."""
-    with autocast("bf16", device):
-        return generate_samples(
-            model, tokenizer, settings.questions, settings.max_new_tokens, device
-        )
+    """Greedy answers to the held-out questions."""
+    return generate_samples(model, tokenizer, settings.questions, settings.max_new_tokens, device)
 
 
 def run_quickstart(
@@ -143,12 +141,11 @@ def run_quickstart(
         ),
     )
     lora.chat_template = chat_template_of(tokenizer)
-    cast_frozen(lora, torch.bfloat16)  # what training does; the adapter stays fp32
 
     show("\nBefore fine-tuning, the base model answers:")
     with lora.disable_adapter():
         before = _answers(lora, tokenizer, settings, device)
-        loss_before = eval_loss(lora, evals, device, "bf16")["eval_loss"]
+        loss_before = eval_loss(lora, evals, device, PRECISION)["eval_loss"]
     _show_answers(before, show)
     show(f"eval loss on {len(eval_set)} held-out questions: {loss_before:.3f}")
 
@@ -162,7 +159,7 @@ def run_quickstart(
         batch_size=settings.batch_size,
         lr=settings.lr,
         warmup_steps=max(1, settings.steps // 10),
-        precision="bf16",
+        precision=PRECISION,
         progress=settings.progress,
         log_every=5,
         tensorboard=False,
