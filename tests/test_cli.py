@@ -198,3 +198,20 @@ def test_serve_refuses_open_bind_without_key(capsys):
     argv = ["serve", "smollm2-135m-instruct", "--host", "0.0.0.0"]
     assert main(argv) == 1
     assert "API key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [["model.quantization=nf4"], ["method=full"]])
+def test_train_qlora_and_full(tiny_dir, tmp_path, overrides):
+    config = write_config(tmp_path, tiny_dir, tmp_path / "out")
+    assert main(["train", config, "eval.exact_match=false", *overrides]) == 0
+    final = tmp_path / "out" / "final"
+    expected = "model.safetensors" if "method=full" in overrides else "adapter_model.safetensors"
+    assert (final / expected).is_file()
+    if "method=full" in overrides:
+        assert (final / "tokenizer.json").is_file()  # a complete model folder
+
+
+def test_full_with_quantization_is_refused(tiny_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_dir, tmp_path / "out")
+    assert main(["train", config, "method=full", "model.quantization=int8"]) == 1
+    assert "quantized weights cannot be trained" in capsys.readouterr().err
