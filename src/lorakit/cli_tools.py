@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -181,12 +181,15 @@ def serve(
     """Serve the base model and adapters with an OpenAI-compatible API."""
     from lorakit.serve import serve_main
 
-    serve_main(
-        base, list(adapter or []), host=host, port=port, api_key=api_key, max_batch=max_batch,
-        adapters_root=adapters_root, allow_runtime_loading=allow_runtime_loading,
-        allow_insecure_bind=allow_insecure_bind, dtype=dtype, device=device,
-        max_model_len=max_model_len, served_model_name=served_model_name,
-    )  # fmt: skip
+    try:
+        serve_main(
+            base, list(adapter or []), host=host, port=port, api_key=api_key, max_batch=max_batch,
+            adapters_root=adapters_root, allow_runtime_loading=allow_runtime_loading,
+            allow_insecure_bind=allow_insecure_bind, dtype=dtype, device=device,
+            max_model_len=max_model_len, served_model_name=served_model_name,
+        )  # fmt: skip
+    except ImportError as missing:  # the serve extra is not installed
+        raise LorakitError(str(missing)) from None
 
 
 def data_inspect(
