@@ -8,6 +8,7 @@ subprocess; peft runs twice, with the default allocator and with tcmalloc preloa
     python benchmarks/bench_train.py                       # built-in 135M model + tiny model
     python benchmarks/bench_train.py --models tiny --steps 5
     python benchmarks/bench_train.py --json results.json
+    python benchmarks/bench_train.py --interleaved --models builtin --cases fixed-fp32 --rows 2
 
 Data: random token ids (throughput does not depend on the text). Every sample's first quarter
 is prompt (label -100). Fixed-length: 8 rows of 256 tokens. Variable-length: sample lengths
@@ -162,6 +163,49 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def interleaved(args) -> None:
+    """lorakit and peft in one process, steps alternating, so both see the same machine load:
+    the fairer comparison on a shared machine (one allocator for both, though)."""
+    import copy
+
+    import peft
+    import torch
+
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.ops import causal_lm_loss
+    from lorakit.train_runtime import autocast
+
+    base = build_model(args.models.split(",")[0])
+    twin = copy.deepcopy(base)
+    batch = make_batches(base.config.vocab_size, False, False, 1)[0]
+    batch = {k: v[: args.rows] for k, v in batch.items() if v is not None}
+    ours = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    theirs = peft.get_peft_model(twin, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    precision = args.cases.split(",")[0].split("-")[1]
+
+    def lorakit_step() -> None:
+        with autocast(precision, torch.device("cpu")):
+            loss_sum, n = causal_lm_loss(ours, batch)
+        (loss_sum / n).backward()
+
+    def peft_step() -> None:
+        with autocast(precision, torch.device("cpu")):
+            loss = theirs(**batch, use_cache=False).loss
+        loss.backward()
+
+    cpu: dict[str, list[float]] = {"lorakit": [], "peft": []}
+    for _ in range(args.warmup + args.steps):
+        for name, step in (("lorakit", lorakit_step), ("peft", peft_step)):
+            c0 = time.process_time()
+            step()
+            cpu[name].append(time.process_time() - c0)
+    tokens = batch["input_ids"].numel()
+    med = {k: statistics.median(v[args.warmup :]) for k, v in cpu.items()}
+    for name, value in med.items():
+        print(f"{name:8} forward+backward {value:6.2f} cpu-s ({tokens / value:.0f} tokens/cpu-s)")
+    print(f"lorakit / peft: {med['peft'] / med['lorakit']:.2f}x tokens per CPU-second")
+
+
 # ----------------------------------------------------------------------------- driver side
 def run_config(model: str, engine: str, precision: str, data: str, allocator: str, args) -> dict:
     """One configuration in a fresh subprocess."""
@@ -194,6 +238,12 @@ def main() -> None:
         help="comma list of <fixed|variable>-<bf16|fp32>",
     )
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="one process, lorakit and peft steps alternating (first model/case)",
+    )
+    parser.add_argument("--rows", type=int, default=BATCH, help="rows per batch (--interleaved)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
@@ -202,6 +252,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.interleaved:
+        interleaved(args)
         return
     results = []
     print(f"batch {BATCH} x {LENGTH}, r=16 on {len(TARGETS)} projections, {args.steps} timed "
