@@ -50,9 +50,13 @@ def _root(
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config (YAML).")],
     overrides: Annotated[
-        list[str] | None, typer.Argument(help="key.path=value overrides, e.g. train.lr=1e-4")
+        list[str] | None,
+        typer.Argument(
+            metavar="OVERRIDES",
+            help="key.path=value overrides, e.g. train.lr=1e-4",
+        ),
     ] = None,
     resume: Annotated[
         str | None,
@@ -73,8 +77,10 @@ def train(
 
 @app.command()
 def validate(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides.")] = None,
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config (YAML).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(metavar="OVERRIDES", help="key.path=value overrides.")
+    ] = None,
 ) -> None:
     """Check a run config and print it fully resolved (every default filled in)."""
     import yaml

@@ -135,8 +135,13 @@ def register_generation(app: typer.Typer) -> None:
 
     @app.command()
     def generate(
-        base: Annotated[str, typer.Argument(help="Base model: folder, hub id or built-in alias.")],
-        prompt: Annotated[str, typer.Argument(help="The prompt ('-' reads stdin).")],
+        base: Annotated[
+            str,
+            typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias."),
+        ],
+        prompt: Annotated[
+            str, typer.Argument(metavar="PROMPT", help="The prompt ('-' reads stdin).")
+        ],
         adapter: Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)] = None,
         weights: Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")] = None,
         raw: Annotated[bool, typer.Option(help="Plain text prompt, no chat template.")] = False,
@@ -162,7 +167,10 @@ def register_generation(app: typer.Typer) -> None:
 
     @app.command()
     def chat(
-        base: Annotated[str, typer.Argument(help="Base model: folder, hub id or built-in alias.")],
+        base: Annotated[
+            str,
+            typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias."),
+        ],
         adapter: Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)] = None,
         weights: Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")] = None,
         system: Annotated[str | None, typer.Option(help="System message.")] = None,

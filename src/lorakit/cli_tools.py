@@ -79,9 +79,13 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def merge(
-    base: Annotated[str, typer.Argument(help="Base model: folder, hub id or built-in alias.")],
-    adapter: Annotated[Path, typer.Argument(help="Adapter directory.")],
-    out: Annotated[Path, typer.Argument(help="Output folder (a plain Hugging Face model).")],
+    base: Annotated[
+        str, typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias.")
+    ],
+    adapter: Annotated[Path, typer.Argument(metavar="ADAPTER", help="Adapter directory.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output folder (a plain Hugging Face model).")
+    ],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     quantization: Annotated[
         str | None, typer.Option(help="The QLoRA base (nf4/fp4/int8): dequantized, then merged.")
@@ -104,7 +108,7 @@ def merge(
 
 
 def inspect(
-    adapter: Annotated[Path, typer.Argument(help="Adapter directory.")],
+    adapter: Annotated[Path, typer.Argument(metavar="ADAPTER", help="Adapter directory.")],
     base: Annotated[
         str | None, typer.Option(help="Check that the adapter fits this base model.")
     ] = None,
@@ -154,7 +158,9 @@ def _module_of(key: str) -> str:
 
 
 def serve(
-    base: Annotated[str, typer.Argument(help="Base model: folder, hub id or built-in alias.")],
+    base: Annotated[
+        str, typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias.")
+    ],
     adapter: Annotated[
         list[str] | None, typer.Option(help="name=dir; repeat to serve several adapters.")
     ] = None,
@@ -194,9 +200,15 @@ def serve(
 
 def data_inspect(
     config: Annotated[
-        Path | None, typer.Argument(help="Run config (YAML); default: built-in model + identity.")
+        Path | None,
+        typer.Argument(
+            metavar="CONFIG",
+            help="Run config (YAML); default: built-in model + identity.",
+        ),
     ] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(metavar="OVERRIDES", help="key.path=value overrides.")
+    ] = None,
     n: Annotated[int, typer.Option("-n", min=0, help="Samples to show.")] = 3,
     batch_size: Annotated[int | None, typer.Option(help="Default: train.batch_size.")] = None,
 ) -> None:
@@ -216,9 +228,9 @@ def data_inspect(
 
 
 def init(
-    directory: Annotated[Path, typer.Argument(help="Where to write the example configs.")] = Path(
-        "configs"
-    ),
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIRECTORY", help="Where to write the example configs.")
+    ] = Path("configs"),
     force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
 ) -> None:
     """Copy the ready-made run configs (built-in model, Llama, Qwen, GPT-2, Pythia) to DIRECTORY."""
