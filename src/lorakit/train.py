@@ -3,9 +3,10 @@
 Per optimizer step the loss is the mean next-token cross-entropy over every supervised token of
 the global batch (all micro-batches of the step, on all ranks): each micro-batch contributes
 sum(token losses) / (supervised tokens in the global batch), so accumulation and the number of
-processes change nothing but speed. `grad_accum_steps` counts micro-batches per optimizer step
-across all processes; under torchrun each rank takes every world_size-th of them and gradients
-are summed with one all-reduce per step.
+processes change nothing but speed. Under torchrun every rank takes its share of the rows of
+each micro-batch (train_data.StepPlan), so the global batch is the single-process one; instead
+of wrapping the model in DistributedDataParallel (an all-reduce per micro-batch), trainable
+gradients are summed with one flat all-reduce per optimizer step (gloo on CPU, NCCL on CUDA).
 
 Exact resume: a checkpoint holds trainable parameters, optimizer, schedule step, data position
 and RNG states, and torch's generator is reseeded from (seed, step, rank) at each step, so an
