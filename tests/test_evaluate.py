@@ -50,6 +50,7 @@ def test_eval_loss_refuses_fully_masked_data(tiny_llama):
 
 def test_exact_match():
     assert exact_match(["4 ", "x"], ["4", "y"]) == 0.5
+    assert exact_match(["Paris.", "The answer"], ["paris", "answer"]) == 0.5  # normalised
     assert exact_match(["A"], ["a"], scorer=lambda p, r: float(p.lower() == r.lower())) == 1.0
     with pytest.raises(ValueError):
         exact_match(["a"], [])

@@ -70,15 +70,18 @@ def exact_match(
     references: Sequence[str],
     scorer: Callable[[str, str], float] | None = None,
 ) -> float:
-    """Mean score of predictions against references; by default whitespace-stripped equality."""
+    """Mean score of predictions against references; by default lorakit.data_tasks' normalised
+    exact match (case, whitespace, trailing punctuation, first line only)."""
     if len(predictions) != len(references):
         raise ValueError(
             f"exact_match got {len(predictions)} predictions and {len(references)} references"
         )
     if not predictions:
         return float("nan")
-    score = scorer or (lambda p, r: float(p.strip() == r.strip()))
-    return sum(score(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
+    if scorer is None:
+        from lorakit.data_tasks import exact_match as scorer
+    pairs = zip(predictions, references, strict=True)
+    return sum(float(scorer(p, r)) for p, r in pairs) / len(predictions)
 
 
 def _chat_template(model: nn.Module, tokenizer: Any) -> str | None:
