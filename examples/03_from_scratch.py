@@ -50,7 +50,7 @@ def main() -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", default=bool(os.environ.get("TINY")))
     args = parser.parse_args()
-    hidden, layers, steps = (32, 2, 12) if args.tiny else (128, 4, 300)
+    hidden, layers, steps = (32, 2, 6) if args.tiny else (128, 4, 300)
 
     model = inject_lora(build_base(hidden, layers), TARGETS,
                         rank=8, lora_alpha=16)  # fmt: skip

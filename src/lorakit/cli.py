@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             from lorakit.train_runtime import preload_tcmalloc
 
             preload_tcmalloc()  # re-execs this process with tcmalloc when it helps
+    argv = list(argv) or ["--help"]  # bare `lorakit`: the overview, exit code 0
     try:
         app(args=argv, prog_name="lorakit", standalone_mode=False)
     except LorakitError as error:
