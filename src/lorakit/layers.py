@@ -175,22 +175,22 @@ class LoraLinear(nn.Module):
         return result
 
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """result + scaling * B(A(dropout(x))), the add and scaling fused into one addmm."""
-        if self.kind == EMBEDDING:
-            return result + self._delta(x, name, result.dtype)
+        """result + scaling * B(A(dropout(x))); one fused addmm when the dtypes allow it."""
         a, b = self.lora_weights(name)
-        dtype = result.dtype
-        h = F.linear(self.lora_dropout[name](x).to(dtype), a.to(dtype))  # (..., r)
+        same_dtype = result.dtype == a.dtype or torch.is_autocast_enabled(result.device.type)
+        if self.kind == EMBEDDING or not same_dtype:
+            return result + self._delta(x, name, result.dtype)
+        h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
         out = torch.addmm(
             result.reshape(-1, self.out_features),
             h.reshape(-1, h.shape[-1]),
-            b.to(dtype).T,
+            b.T,
             alpha=self.scaling[name],
         )  # (N, out)
         return out.view(result.shape)
 
     def _delta(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """scaling * B(A(dropout(x))) in the result's dtype."""
+        """scaling * B(A(dropout(x))), computed in the adapter's dtype, returned in `dtype`."""
         a, b = self.lora_weights(name)
         if self.kind == EMBEDDING:
             base = self.base_layer
@@ -198,8 +198,8 @@ class LoraLinear(nn.Module):
                             base.scale_grad_by_freq, base.sparse)  # fmt: skip
             return (h @ b.T * self.scaling[name]).to(dtype)  # (..., dim)
         x = self.lora_dropout[name](x)
-        h = F.linear(x.to(dtype), a.to(dtype)) * self.scaling[name]  # (..., r)
-        return F.linear(h, b.to(dtype))  # (..., out)
+        h = F.linear(x.to(a.dtype), a) * self.scaling[name]  # (..., r)
+        return F.linear(h, b).to(dtype)  # (..., out)
 
     # ---------------------------------------------------------------- merging
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
