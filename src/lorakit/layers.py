@@ -181,13 +181,11 @@ class LoraLinear(nn.Module):
         if self.kind == EMBEDDING or not same_dtype:
             return result + self._delta(x, name, result.dtype)
         h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
-        out = torch.addmm(
-            result.reshape(-1, self.out_features),
-            h.reshape(-1, h.shape[-1]),
-            b.T,
-            alpha=self.scaling[name],
-        )  # (N, out)
-        return out.view(result.shape)
+        flat, h = result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(flat, h, b.T, alpha=self.scaling[name]).view(result.shape)
+        # Without autograd the base output is ours alone: add into it, saving a pass over it.
+        return flat.addmm_(h, b.T, alpha=self.scaling[name]).view(result.shape)
 
     def _delta(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         """scaling * B(A(dropout(x))), computed in the adapter's dtype, returned in `dtype`."""
