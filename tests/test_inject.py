@@ -102,3 +102,12 @@ def test_check_injection_flags_trainable_base_params():
     inject_lora(model, target_modules=["0"], rank=2)
     model[1].weight.requires_grad_(True)
     assert check_injection(model).trainable_base == ["1.weight"]
+
+
+def test_preset_targets_are_written_out_in_the_saved_config(tiny_llama, tmp_path):
+    model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules="preset"))
+    model.save_pretrained(tmp_path)
+    saved = LoraConfig.load(tmp_path)
+    assert saved.target_modules == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )

@@ -59,7 +59,8 @@ def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | Non
     return None
 
 
-def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str | None:
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str | None:
+    """`config.target_modules` with 'preset' replaced by the architecture's module names."""
     targets = config.target_modules
     if targets == "preset" or targets == ["preset"]:
         from lorakit.models import target_preset
@@ -73,7 +74,7 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str | 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config` adapts in `model`; raises a clear error on no match."""
-    targets = _resolve_targets(model, config)
+    targets = resolve_targets(model, config)
     if targets is None:
         raise ConfigError(
             "LoraConfig.target_modules is not set: give a list of module names (e.g. "

@@ -16,7 +16,7 @@ from lorakit import adapters as files
 from lorakit.combine import combine_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.inject import add_adapter_layers, mark_trainable
+from lorakit.inject import add_adapter_layers, mark_trainable, resolve_targets
 from lorakit.layers import LoraLinear, ModulesToSave, is_quantized_linear
 
 logger = logging.getLogger("lorakit")
@@ -71,6 +71,7 @@ class LoraModel(nn.Module):
         if not isinstance(config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
         config = copy.deepcopy(config)
+        config.target_modules = resolve_targets(self.base_model, config)  # saved files name modules
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = _name_or_path(self.base_model)
         add_adapter_layers(self.base_model, config, adapter_name)
