@@ -45,7 +45,7 @@ def test_config_validates_and_targets_exist(path):
     family = FAMILY[path.name.split("-")[0]]
     if config.method == "lora":
         model = tiny_model(family)
-        lora = config.lora.to_lora_config(model)
+        lora = config.lora.to_lora_config()
         assert find_targets(model, lora)
 
 

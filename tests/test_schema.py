@@ -94,8 +94,11 @@ def test_eval_data_follows_builtin_train_dataset():
 
 
 def test_preset_resolves_to_explicit_names(tiny_llama):
-    config = RunConfig().lora.to_lora_config(tiny_llama)
-    assert config.target_modules[0] == "q_proj" and "down_proj" in config.target_modules
+    from lorakit import get_peft_model
+
+    model = get_peft_model(tiny_llama, RunConfig().lora.to_lora_config())
+    targets = model.peft_config["default"].target_modules
+    assert targets[0] == "q_proj" and "down_proj" in targets
 
 
 def test_reference_lists_every_key_and_is_up_to_date():

@@ -53,7 +53,7 @@ def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn
         from lorakit.quant import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, run.train.gradient_checkpointing)
-    lora = get_peft_model(model, run.lora.to_lora_config(model))
+    lora = get_peft_model(model, run.lora.to_lora_config())
     lora.chat_template = prompt_template(run.data, tokenizer)
     trainable, total = lora.get_nb_trainable_parameters()
     show(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")

@@ -61,15 +61,9 @@ class LoraSection(BaseModel):
         default_factory=dict, description="Regex on the layer name -> lora_alpha for that layer."
     )
 
-    def to_lora_config(self, model: Any = None) -> LoraConfig:
-        """The `lorakit.LoraConfig` this section describes; with a model, 'preset' becomes the
-        architecture's explicit list, so the saved adapter config names its modules."""
-        fields = self.model_dump()
-        if model is not None and fields["target_modules"] in ("preset", ["preset"]):
-            from lorakit.models import target_preset
-
-            fields["target_modules"] = target_preset(model) or "preset"
-        return LoraConfig(**fields)
+    def to_lora_config(self) -> LoraConfig:
+        """The `lorakit.LoraConfig` this section describes ('preset' is resolved on injection)."""
+        return LoraConfig(**self.model_dump())
 
 
 class EvalSection(BaseModel):
