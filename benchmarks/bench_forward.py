@@ -4,7 +4,7 @@ Runs the base model, lorakit and peft on the same SmolLM2-135M-shaped Llama (ran
 one process, interleaving the three so machine noise hits them alike, and prints the median
 time of each and the overhead over the base. Usage:
 
-    python benchmarks/bench_forward.py [--layers 30] [--batch 8] [--seq 128] [--repeats 7]
+    python benchmarks/bench_forward.py [--layers 30] [--batch 8] [--seq 128] [--repeats 7] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
     args = parser.parse_args()
     print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch} x {args.seq}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'dtype':<6} {'base s':>8} {'lorakit s':>10} {'peft s':>8} {'lorakit +%':>11} {'peft +%':>8}")
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         t = measure(dtype, args)
         ours, theirs = t["lorakit"] / t["base"] - 1, t["peft"] / t["base"] - 1
         print(f"{str(dtype).removeprefix('torch.'):<6} {t['base']:>8.3f} {t['lorakit']:>10.3f} "

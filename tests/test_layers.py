@@ -152,3 +152,14 @@ def test_half_precision_base_keeps_fp32_adapters_and_its_own_output_dtype(tiny_l
     assert a.dtype == b.dtype == torch.float32
     logits = model(input_ids=torch.randint(0, 128, (1, 4))).logits
     assert logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_autocast_with_and_without_grad(tiny_llama, grad):
+    model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=ALL, init_lora_weights=False))
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    assert torch.allclose(logits.float(), reference, atol=0.1)  # bf16 rounding through 2 layers

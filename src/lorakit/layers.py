@@ -177,12 +177,13 @@ class LoraLinear(nn.Module):
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """result + scaling * B(A(dropout(x))); one fused addmm when the dtypes allow it."""
         a, b = self.lora_weights(name)
-        same_dtype = result.dtype == a.dtype or torch.is_autocast_enabled(result.device.type)
-        if self.kind == EMBEDDING or not same_dtype:
+        same_dtype = result.dtype == a.dtype
+        autocast = torch.is_autocast_enabled(result.device.type)
+        if self.kind == EMBEDDING or not (same_dtype or autocast):
             return result + self._delta(x, name, result.dtype)
         h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
         flat, h = result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1])
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or autocast:  # in-place ops are not autocast
             return torch.addmm(flat, h, b.T, alpha=self.scaling[name]).view(result.shape)
         # Without autograd the base output is ours alone: add into it, saving a pass over it.
         return flat.addmm_(h, b.T, alpha=self.scaling[name]).view(result.shape)
