@@ -51,9 +51,11 @@ def measure(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, float]:
     }
     for model in models.values():
         model.eval()
-    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+    )
     times: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():  # warm-up
+    for model in models.values():  # warm-up
         timed(model, ids)
     for _ in range(args.repeats):
         for name, model in models.items():
@@ -71,7 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch} x {args.seq}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'dtype':<6} {'base s':>8} {'lorakit s':>10} {'peft s':>8} {'lorakit +%':>11} {'peft +%':>8}")
+    print(
+        f"{'dtype':<6} {'base s':>8} {'lorakit s':>10} {'peft s':>8} {'lorakit +%':>11} {'peft +%':>8}"
+    )
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         t = measure(dtype, args)
         ours, theirs = t["lorakit"] / t["base"] - 1, t["peft"] / t["base"] - 1

@@ -17,22 +17,17 @@ from lorakit.data import (
     eval_examples,
     exact_match_score,
     name_rate,
+    prompt_template,
 )
 from lorakit.data_tasks import BUILTIN_VARIABLES
 from lorakit.errors import ConfigError
 from lorakit.evaluate import eval_loss
 from lorakit.model import LoraModel, get_peft_model
-from lorakit.models import PLAIN_TEMPLATE, chat_template_of, load_model, load_tokenizer
+from lorakit.models import load_model, load_tokenizer
 from lorakit.schema import RunConfig
 from lorakit.train import TrainResult, train
 from lorakit.train_data import eval_batches
 from lorakit.train_runtime import autocast, resolve_device
-
-
-def prompt_template(data: DataConfig, tokenizer: Any) -> str:
-    """The template training renders conversations with (saved with the adapter for chat)."""
-    chat = chat_template_of(tokenizer)
-    return PLAIN_TEMPLATE if data.template == "plain" or chat is None else chat
 
 
 def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
