@@ -100,8 +100,11 @@ class PackedLora:
 
 def _hook(a_cat: torch.Tensor, b_cat: torch.Tensor, mask: torch.Tensor):
     def add_lora(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0].to(a_cat.dtype)
-        delta = F.linear(F.linear(x, a_cat) * mask, b_cat)  # (B, T, out)
-        return output + delta.to(output.dtype)
+        h = F.linear(args[0].to(a_cat.dtype), a_cat).mul_(mask)  # (B, T, n·r)
+        if torch.is_grad_enabled() or output.dtype != h.dtype:
+            return output + F.linear(h, b_cat).to(output.dtype)
+        # Decoding runs without autograd: add B_cat·h into the layer's output in place.
+        flat = output.reshape(-1, output.shape[-1])
+        return flat.addmm_(h.reshape(-1, h.shape[-1]), b_cat.T).view(output.shape)
 
     return add_lora
