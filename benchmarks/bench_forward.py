@@ -16,22 +16,9 @@ import time
 
 import peft
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from shapes import TARGETS, smollm2_shape
 
 import lorakit
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def smollm2_shape(layers: int) -> LlamaForCausalLM:
-    """SmolLM2-135M's architecture (hidden 576, 9 heads / 3 KV heads, MLP 1536) with random weights."""
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def timed(model, ids: torch.Tensor) -> float:
@@ -42,7 +29,7 @@ def timed(model, ids: torch.Tensor) -> float:
 
 
 def measure(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, float]:
-    base = smollm2_shape(args.layers).to(dtype)
+    base = smollm2_shape(args.layers, dtype)
     config = dict(r=16, lora_alpha=32, target_modules=TARGETS)
     models = {
         "base": base,

@@ -29,25 +29,13 @@ from pathlib import Path
 
 import peft
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from shapes import TARGETS, smollm2_shape
 
 import lorakit
 from lorakit.serve import build_state
 from lorakit.serve.decode import SamplingParams
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = [f"a{i}" for i in range(8)]
-
-
-def smollm2_shape(layers: int, dtype: torch.dtype) -> LlamaForCausalLM:
-    """SmolLM2-135M's architecture (hidden 576, 9 heads / 3 KV heads, MLP 1536), random weights."""
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 class _NoTokenizer:
