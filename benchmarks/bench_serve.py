@@ -93,12 +93,11 @@ def run_engine(
 
 def run_grouped(state, prompts: list[list[int]], adapters: list[str], new: int) -> float:
     """The engine with packed adapters switched off for this run."""
-    packing = state.host.pack_max_rank
-    state.host.pack_max_rank = 0
+    state.host.packed = False
     try:
         return run_engine(state, prompts, adapters, new)
     finally:
-        state.host.pack_max_rank = packing
+        state.host.packed = True
 
 
 def run_peft(model, prompts: list[list[int]], adapters: list[str], new: int, outputs=None) -> float:

@@ -21,7 +21,7 @@ def adapter_paths(tmp_path_factory):
     return make_adapters(tmp_path_factory.mktemp("adapters"), ["a", "b"])
 
 
-@pytest.fixture(params=[256, 0], ids=["packed", "grouped"])
+@pytest.fixture(params=[True, False], ids=["packed", "grouped"])
 def state(adapter_paths, request):
     state = build_state(
         make_model(),
@@ -30,7 +30,7 @@ def state(adapter_paths, request):
         adapters=adapter_paths,
         max_batch=16,
         threads=1,
-        pack_max_rank=request.param,
+        packed=request.param,
     )
     yield state
     state.engine.shutdown()
@@ -76,17 +76,30 @@ def test_batch_cache_pads_left_and_trims():
 
     def solo(length, fill):
         keys = torch.full((1, 2, length, 4), float(fill))
-        return DynamicCache(ddp_cache_data=[(keys, keys.clone())])
+        return DynamicCache(ddp_cache_data=[(keys, keys.clone())]), torch.ones(1, length).long()
 
     batch = BatchCache()
-    batch.add(solo(3, 1))
-    batch.add(solo(5, 2))
+    batch.add(*solo(3, 1))
+    batch.add(*solo(5, 2))
     assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert batch.cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]
     batch.keep([0])  # the long row leaves: its padding goes too
     assert batch.mask.tolist() == [[1, 1, 1]]
     assert batch.cache.layers[0].keys.shape == (1, 2, 3, 4)
-    assert batch.step_mask().shape == (1, 4)
+    # a decode step writes into the spare room in place; past the room the buffers grow
+    layer = batch.cache.layers[0]
+    for step in range(100):
+        assert batch.step_mask().shape == (1, 4 + step)
+        new = torch.full((1, 2, 1, 4), float(10 + step))
+        keys, values = layer.update(new, new.clone())
+    assert keys.shape == (1, 2, 103, 4) and values.shape == (1, 2, 103, 4)
+    assert keys[0, 0, :, 0].tolist() == [1.0] * 3 + [float(10 + s) for s in range(100)]
+    # rows of a padded prefill batch join, chosen by index
+    two = torch.arange(2 * 2 * 4 * 4, dtype=torch.float).view(2, 2, 4, 4)
+    prefill = DynamicCache(ddp_cache_data=[(two, two.clone())])
+    batch.add(prefill, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), [1])
+    assert batch.mask.shape == (2, 103) and batch.mask[1].tolist() == [0] * 99 + [1] * 4
+    assert torch.equal(batch.cache.layers[0].keys[1, :, -4:], two[1])
 
 
 def _prompts(tokenizer, count):
@@ -166,11 +179,13 @@ def test_packed_rows_equal_the_cores_grouped_rows(adapter_paths):
     rows = ["a", "__base__", "b", "a", "b"]
     ids = torch.randint(0, 200, (len(rows), 6))
     with torch.inference_mode():
-        with host.mixed(rows):
+        host.packed = False
+        with host.rows(rows):
             grouped = model(input_ids=ids).logits
-        with host.decode_rows(rows):
+        host.packed = True
+        with host.rows(rows):
             packed = model(input_ids=ids).logits
-        with host.mixed(["__base__"] * len(rows)):
+        with host.rows(["__base__"] * len(rows)):
             base = model(input_ids=ids).logits
     torch.testing.assert_close(packed, grouped, rtol=1e-5, atol=1e-5)
     assert (grouped - base).abs().amax(-1).amax(-1)[[0, 2, 3, 4]].min() > 1e-2  # LoRA is on

@@ -7,8 +7,8 @@ A_a (r × in), B_a (out × r), so the forward is
 
 summed over the active adapters. A transformers `Conv1D` stores W as (in × out)
 (`fan_in_fan_out`); an `nn.Embedding` uses A (r × num_embeddings) and B (dim × r) and looks A up
-by token id. With per-row adapters set (`set_row_groups`), each row gets only its own adapter:
-rows are grouped by adapter and each group costs one small matmul.
+by token id. With a per-row plan set (`set_rows`, see `rows.py`), each batch row gets only its
+own adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorakit.ops import FEW_ROWS, few_rows
+from lorakit.rows import RowPlan
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 
@@ -74,7 +77,7 @@ class LoraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self._row_groups: list[tuple[str, torch.Tensor]] | None = None
+        self._rows: RowPlan | None = None
 
     # ---------------------------------------------------------------- adapters
     def update_layer(
@@ -148,9 +151,9 @@ class LoraLinear(nn.Module):
             return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
-    def set_row_groups(self, groups: list[tuple[str, torch.Tensor]] | None) -> None:
-        """Per-row adapters: [(adapter, row indices)], rows absent use no adapter; None: off."""
-        self._row_groups = groups
+    def set_rows(self, plan: RowPlan | None) -> None:
+        """Per-row adapters for the next forwards (None: the active adapters for every row)."""
+        self._rows = plan
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -159,16 +162,8 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.r:
             return result
-        if self._row_groups is not None:
-            if self.merged_adapters:
-                raise RuntimeError(
-                    "per-row adapters need unmerged adapters; call unmerge_adapter()"
-                )
-            for name, rows in self._row_groups:
-                if name in self.r:
-                    delta = self._delta(x.index_select(0, rows), name, result.dtype)
-                    result = result.index_add(0, rows, delta)
-            return result
+        if self._rows is not None:
+            return self._add_rows(result, x, self._rows)
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
                 result = self._add_lora(result, x, name)
@@ -187,6 +182,54 @@ class LoraLinear(nn.Module):
             return torch.addmm(flat, h, b.T, alpha=self.scaling[name]).view(result.shape)
         # Without autograd the base output is ours alone: add into it, saving a pass over it.
         return flat.addmm_(h, b.T, alpha=self.scaling[name]).view(result.shape)
+
+    def _add_rows(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        """result + each row's own adapter (see `rows.py` for the three ways)."""
+        if self.merged_adapters:
+            raise RuntimeError("per-row adapters need unmerged adapters; call unmerge_adapter()")
+        if x.shape[0] != plan.rows:
+            raise ValueError(f"the batch has {x.shape[0]} rows but {plan.rows} adapter names")
+        if plan.single is not None:
+            return self._add_lora(result, x, plan.single) if plan.single in self.r else result
+        inference = not (torch.is_grad_enabled() or self.training)
+        packed = None  # packed weights are detached copies, and pay off for few tokens only
+        if inference and x.numel() // x.shape[-1] <= FEW_ROWS:
+            packed = plan.packed_layout(self)
+        if packed is not None:
+            return self._add_packed(result, x, plan, packed)
+        for name, rows, span in plan.groups:
+            if name not in self.r:
+                continue
+            if inference and span is not None and self.kind != EMBEDDING:
+                part = result[span[0] : span[1]]  # the group's rows are one block: no gather
+                added = self._add_lora(part, x[span[0] : span[1]], name)
+                if added.data_ptr() != part.data_ptr():
+                    part.copy_(added)
+                continue
+            delta = self._delta(x.index_select(0, rows), name, result.dtype)
+            result = result.index_add(0, rows, delta)
+        return result
+
+    def _add_packed(
+        self,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        plan: RowPlan,
+        packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """result + ((x @ A^T) * M) @ B^T over the packed adapters (see `rows.py`)."""
+        a, b, mask = packed
+        x = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (tokens, in)
+        if x.shape[0] != plan.rows:  # several tokens per row: each token takes its row's mask
+            mask = mask.repeat_interleave(x.shape[0] // plan.rows, 0)
+        if few_rows(x):
+            delta = torch.mm(b, torch.mm(a, x.T).mul_(mask.T)).T  # see lorakit.ops.few_rows
+        else:
+            delta = F.linear(F.linear(x, a).mul_(mask), b)
+        flat = result.reshape(-1, self.out_features)
+        if flat.dtype == delta.dtype and not torch.is_autocast_enabled(result.device.type):
+            return flat.add_(delta).view(result.shape)
+        return result + delta.to(result.dtype).view(result.shape)
 
     def _delta(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         """scaling * B(A(dropout(x))), computed in the adapter's dtype, returned in `dtype`."""
@@ -263,7 +306,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disable_adapters = False
-        self._row_groups: list[tuple[str, torch.Tensor]] | None = None
+        self._rows: RowPlan | None = None
 
     def add_copy(self, adapter_name: str) -> None:
         """A trainable deep copy of the original module for `adapter_name`."""
@@ -276,14 +319,14 @@ class ModulesToSave(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
 
-    def set_row_groups(self, groups: list[tuple[str, torch.Tensor]] | None) -> None:
-        """Per-row adapters, as in `LoraLinear.set_row_groups`."""
-        self._row_groups = groups
+    def set_rows(self, plan: RowPlan | None) -> None:
+        """Per-row adapters, as in `LoraLinear.set_rows` (always as grouped rows)."""
+        self._rows = plan
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._row_groups is not None:
+        if self._rows is not None:
             result = self.original_module(x, *args, **kwargs)
-            for name, rows in self._row_groups:
+            for name, rows, _ in self._rows.groups:
                 if name in self.modules_to_save:
                     own = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
                     result = result.index_copy(0, rows, own.to(result.dtype))

@@ -18,9 +18,9 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.inject import add_adapter_layers, mark_trainable, resolve_targets
 from lorakit.layers import LoraLinear, ModulesToSave, is_quantized_linear
+from lorakit.rows import BASE, PackedAdapters, RowPlan
 
 logger = logging.getLogger("lorakit")
-BASE = "__base__"  # the per-row name meaning "no adapter"
 
 
 class LoraModel(nn.Module):
@@ -126,24 +126,38 @@ class LoraModel(nn.Module):
                 module.disable_adapters = False
 
     @contextlib.contextmanager
-    def mixed_adapters(self, adapter_names: list[str | None]) -> Iterator[None]:
-        """Per-row adapters for one batch: row i uses adapter_names[i] (None / '__base__': none)."""
-        device = next(self.base_model.parameters()).device
-        groups = []
+    def mixed_adapters(
+        self, adapter_names: list[str | None], packed: PackedAdapters | None = None
+    ) -> Iterator[None]:
+        """Per-row adapters for one batch: row i uses adapter_names[i] (None / '__base__': none).
+
+        `packed` (from `pack_adapters()`) makes inference batches that mix adapters cost two
+        matmuls per layer instead of two per adapter; training always uses grouped rows.
+        """
         for name in dict.fromkeys(adapter_names):
-            if name is None or name == BASE:
-                continue
-            self._require(name)
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            groups.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
+            if name is not None and name != BASE:
+                self._require(name)
+        device = next(self.base_model.parameters()).device
+        plan = RowPlan(list(adapter_names), device, packed)
         wrappers = self._wrappers()
         for module in wrappers:
-            module.set_row_groups(groups)
+            module.set_rows(plan)
         try:
             yield
         finally:
             for module in wrappers:
-                module.set_row_groups(None)
+                module.set_rows(None)
+
+    def pack_adapters(self, adapter_names: list[str] | None = None) -> PackedAdapters:
+        """Every LoRA layer's adapters side by side, for `mixed_adapters(..., packed=...)`.
+
+        A snapshot: build it again after loading, deleting, merging or training adapters.
+        """
+        names = list(self.peft_config) if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._require(name)
+        with torch.no_grad():
+            return PackedAdapters([m for m in self._wrappers() if isinstance(m, LoraLinear)], names)
 
     # ---------------------------------------------------------------- running
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
@@ -256,7 +270,11 @@ class LoraModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
     ) -> LoraModel:
-        """Attach the adapter saved in `model_id` to `model` (strictly checked first)."""
+        """Attach the adapter saved in `model_id` to `model` (strictly checked first).
+
+        As in peft, an adapter loaded for inference (`is_trainable=False`) leaves the whole
+        model in eval mode, so LoRA dropout is off.
+        """
         adapter = files.read_adapter(model_id)
         files.check_adapter(model, adapter)
         config = adapter.config
@@ -265,12 +283,17 @@ class LoraModel(nn.Module):
         lora_model._copy_weights(adapter, adapter_name)
         lora_model.chat_template = adapter.chat_template
         lora_model.set_adapter(adapter_name)
+        if not is_trainable:
+            lora_model.eval()
         return lora_model
 
     def load_adapter(
         self, model_id: str | Path, adapter_name: str, is_trainable: bool = False
     ) -> None:
-        """Load a saved adapter under `adapter_name`; on any error the model is unchanged."""
+        """Load a saved adapter under `adapter_name`; on any error the model is unchanged.
+
+        With `is_trainable=False` the model is put in eval mode, as peft does.
+        """
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
         adapter = files.read_adapter(model_id)
@@ -280,6 +303,8 @@ class LoraModel(nn.Module):
         self._copy_weights(adapter, adapter_name)
         if self.chat_template is None:
             self.chat_template = adapter.chat_template
+        if not is_trainable:
+            self.eval()
 
     @torch.no_grad()
     def _copy_weights(self, adapter: files.AdapterFiles, adapter_name: str) -> None:

@@ -1,12 +1,14 @@
 """The batching engine: continuous batching of requests for one base model and many adapters.
 
-Each request is prefilled alone (batch 1, no padding, its own adapter), so its prompt's keys and
-values are exactly those of a solo run. Decoding then runs every active request together: one
-forward per step over a batch whose rows may use different adapters (packed adapters, see
-`packed.py`, or the core's grouped rows), with a left-padded KV cache, per-row position ids and a
-mask that hides the padding. New requests join between steps; finished or cancelled ones leave
-and free their slot. Batched and solo decode steps differ only in floating-point rounding (about
-1e-6 of the logits in float32, the default), and the tests check greedy tokens match exactly.
+Requests that wait together are prefilled together: sorted by prompt length, cut into groups
+whose left padding stays under a quarter of the group's tokens (and whose padded size stays under
+`max_prefill_tokens`), each group one forward whose rows may use different adapters. Decoding
+then runs every active request together: one forward per step over a batch whose rows may use
+different adapters (packed adapters or grouped rows, see `lorakit.rows`), with a left-padded KV
+cache, per-row position ids and a mask that hides the padding. New requests join between steps;
+finished or cancelled ones leave and free their slot. Batched and solo runs differ only in
+floating-point rounding (about 1e-6 of the logits in float32, the default), and the tests check
+greedy tokens match exactly.
 """
 
 from __future__ import annotations
@@ -80,11 +82,13 @@ class Engine:
         max_batch: int = 8,
         eos_token_ids: set[int] | None = None,
         threads: int | None = None,
+        max_prefill_tokens: int = 4096,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.host, self.tokenizer = host, tokenizer
         self.max_context, self.max_batch = max_context, max_batch
+        self.max_prefill_tokens = max_prefill_tokens  # padded tokens per prefill forward
         self.eos_token_ids = set(eos_token_ids or ())
         self.threads = threads  # torch CPU threads for the engine thread; None: torch's default
         self.steps = 0  # decode steps run so far (for tests and benchmarks)
@@ -192,42 +196,64 @@ class Engine:
         self._fail_active(None)
 
     def _admit(self) -> None:
-        """Prefill waiting requests while there are free slots."""
-        while len(self._active) < self.max_batch:
-            with self._wake:
-                if not self._waiting:
-                    return
-                seq = self._waiting.popleft()
+        """Prefill waiting requests, in length-sorted groups, while there are free slots."""
+        with self._wake:
+            free = self.max_batch - len(self._active)
+            taken = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        live = []
+        for seq in taken:
             if seq.cancelled:
                 self._finish(seq, FINISH_CANCELLED)
-                continue
-            try:
-                logits, cache = self._prefill(seq)
-            except Exception as error:
-                log.exception("prefill failed")
-                self._finish(seq, FINISH_ERROR, f"{type(error).__name__}: {error}")
-                continue
-            if not self._accept(seq, logits):
-                self._batch.add(cache)
+            else:
+                live.append(seq)
+        for group in prefill_groups(live, self.max_prefill_tokens):
+            with self.host.lock:
+                group = [seq for seq in group if self._adapter_still_loaded(seq)]
+                if not group:
+                    continue
+                try:
+                    logits, cache, mask = self._prefill(group)
+                except Exception as error:
+                    log.exception("prefill failed")
+                    for seq in group:
+                        self._finish(seq, FINISH_ERROR, f"{type(error).__name__}: {error}")
+                    continue
+            keep = [i for i, seq in enumerate(group) if not self._accept(seq, logits[i])]
+            if keep:
+                self._batch.add(cache, mask, keep)
                 with self._wake:
-                    self._active.append(seq)
+                    self._active.extend(group[i] for i in keep)
 
-    def _prefill(self, seq: Sequence) -> tuple[torch.Tensor, object]:
+    def _adapter_still_loaded(self, seq: Sequence) -> bool:
+        if seq.adapter is None or seq.adapter in self.host.adapters:
+            return True
+        self._finish(seq, FINISH_ERROR, f"LookupError: adapter `{seq.adapter}` was unloaded")
+        return False
+
+    def _prefill(self, group: list[Sequence]) -> tuple[torch.Tensor, object, torch.Tensor]:
+        """One forward over the group's prompts, left-padded; (last logits, cache, mask)."""
         from transformers import DynamicCache
 
-        with self.host.lock:
-            if seq.adapter is not None and seq.adapter not in self.host.adapters:
-                raise LookupError(f"adapter `{seq.adapter}` was unloaded")
-            model = self.host.forward_model
-            input_ids = torch.tensor([seq.prompt_ids], device=self.host.device)
-            with self.host.mixed([seq.adapter or BASE_ROW]):
-                out = model(
-                    input_ids=input_ids,
-                    past_key_values=DynamicCache(),
-                    use_cache=True,
-                    logits_to_keep=1,  # only the last position's logits are needed
-                )
-        return out.logits[0, -1].float(), out.past_key_values
+        device = self.host.device
+        width = max(len(seq.prompt_ids) for seq in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(group), width, dtype=torch.long, device=device)
+        for row, seq in enumerate(group):
+            ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+            mask[row, width - len(seq.prompt_ids) :] = 1
+        padded = not bool(mask.all())
+        extra = {}
+        if padded:  # a row's positions count its own tokens only
+            extra = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+        with self.host.rows([seq.adapter or BASE_ROW for seq in group]):
+            out = self.host.forward_model(
+                input_ids=ids,
+                past_key_values=DynamicCache(),
+                use_cache=True,
+                logits_to_keep=1,  # only the last position's logits are needed
+                **extra,
+            )
+        return out.logits[:, -1].float(), out.past_key_values, mask
 
     def _decode_step(self) -> None:
         rows = self._active
@@ -235,7 +261,7 @@ class Engine:
         input_ids = torch.tensor([[seq.output_ids[-1]] for seq in rows], device=device)
         positions = torch.tensor([[seq.length - 1] for seq in rows], device=device)
         mask = self._batch.step_mask()
-        with self.host.lock, self.host.decode_rows([seq.adapter or BASE_ROW for seq in rows]):
+        with self.host.lock, self.host.decode([seq.adapter or BASE_ROW for seq in rows]):
             out = self.host.forward_model(
                 input_ids=input_ids,
                 position_ids=positions,
@@ -303,6 +329,26 @@ class Engine:
         self._batch = BatchCache()
         for seq in failed:
             self._finish(seq, FINISH_CANCELLED if error is None else FINISH_ERROR, error)
+
+
+def prefill_groups(seqs: list[Sequence], max_tokens: int) -> list[list[Sequence]]:
+    """Length-sorted groups with padding under a quarter of each group and under max_tokens;
+    within a group, the rows of one adapter are next to each other."""
+    groups: list[list[Sequence]] = []
+    group: list[Sequence] = []
+    tokens = 0
+    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+        length = len(seq.prompt_ids)  # the longest so far: the group's new padded width
+        padded = length * (len(group) + 1)
+        if group and (padded > max_tokens or padded - (tokens + length) > padded / 4):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(seq)
+        tokens += length
+    if group:
+        groups.append(group)
+    # rows of one adapter side by side: each adapter then adds into one block of rows
+    return [sorted(group, key=lambda s: s.adapter or "") for group in groups]
 
 
 def _send(seq: Sequence, event: Event) -> None:

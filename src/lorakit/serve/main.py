@@ -81,7 +81,7 @@ def build_state(
     allow_runtime_loading: bool = False,
     chat_template: str | None = None,
     threads: int | None = None,
-    pack_max_rank: int = 256,
+    packed: bool = True,
 ):
     """Load the adapters into the model and start the engine; returns the app's ServerState."""
     from lorakit.serve.app import ServerState
@@ -97,7 +97,7 @@ def build_state(
     from lorakit.models import chat_template_of
 
     chat = chat_template or chat_template_of(tokenizer)
-    host = ModelHost(model, base_name, chat, pack_max_rank=pack_max_rank)
+    host = ModelHost(model, base_name, chat, packed=packed)
     for name, path in (adapters or {}).items():
         host.load(name, path)  # raises with the reason; the server does not start
         log.info("adapter %s loaded from %s", name, path)

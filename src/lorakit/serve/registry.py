@@ -7,15 +7,16 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.serve.packed import PackedLora
-
-BASE_ROW = "__base__"
+from lorakit.ops import few_rows_linears
+from lorakit.rows import BASE as BASE_ROW
+from lorakit.rows import PackedAdapters
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 _TEMPLATE_FILE = "chat_template.jinja"
 _MAX_TEMPLATE_BYTES = 1 << 20
@@ -39,15 +40,19 @@ class ModelHost:
         base: torch.nn.Module,
         base_name: str,
         chat_template: str | None = None,
-        pack_max_rank: int = 256,
+        packed: bool = True,
     ) -> None:
         self.base, self.base_name, self.chat_template = base, base_name, chat_template
         self.lora = None  # a lorakit LoraModel once the first adapter is loaded
         self.adapters: dict[str, AdapterEntry] = {}
         self.lock = threading.RLock()
         self.created = int(time.time())
-        self.pack_max_rank = pack_max_rank  # 0: never pack, always the core's grouped rows
-        self._packed: PackedLora | None = None
+        self.packed = packed  # False: always the core's grouped rows (see lorakit.rows)
+        # the decode step's plain linear layers (see lorakit.ops.few_rows); CPU only
+        self._linears = [
+            m for m in base.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+        ]
+        self._packed: PackedAdapters | None = None
         self._version = 0  # bumped by every load and unload
         self._packed_version = -1
 
@@ -61,25 +66,22 @@ class ModelHost:
         """The Hugging Face model to call (with LoRA layers inside once adapters are loaded)."""
         return self.base if self.lora is None else self.lora.base_model
 
-    def mixed(self, rows: list[str]):
+    @contextlib.contextmanager
+    def decode(self, rows: list[str]) -> Iterator[None]:
+        """Context for a decode step: per-row adapters, and few-row linear layers on CPU."""
+        with few_rows_linears(self._linears), self.rows(rows):
+            yield
+
+    def rows(self, rows: list[str]):
         """Context in which batch row i uses adapter rows[i] (BASE_ROW for none)."""
         if self.lora is None:
             if any(name != BASE_ROW for name in rows):
                 raise LookupError("no adapters are loaded")
             return contextlib.nullcontext()
-        return self.lora.mixed_adapters(rows)
-
-    def decode_rows(self, rows: list[str]):
-        """Context for a decode step: packed adapters while they fit, else the core's groups."""
-        if self.lora is None or not self.pack_max_rank or all(r == BASE_ROW for r in rows):
-            return self.mixed(rows)
-        if self._packed_version != self._version:
-            usable = PackedLora.supported(self.lora, self.pack_max_rank)
-            self._packed = PackedLora(self.lora, list(self.adapters)) if usable else None
+        if self.packed and self._packed_version != self._version:
+            self._packed = self.lora.pack_adapters(list(self.adapters))
             self._packed_version = self._version
-        if self._packed is None:
-            return self.mixed(rows)
-        return self._packed.rows([None if name == BASE_ROW else name for name in rows])
+        return self.lora.mixed_adapters(rows, self._packed if self.packed else None)
 
     def template_for(self, adapter: str | None) -> str | None:
         """The adapter's own chat template if it ships one, else the base model's."""

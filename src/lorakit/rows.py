@@ -1,0 +1,125 @@
+"""Per-row adapters for one batch: row i of the batch uses adapter names[i], or none.
+
+A `RowPlan` is built once per batch and read by every LoRA layer. A layer adds its LoRA in
+one of three ways:
+
+- one adapter for every row: the ordinary single-adapter forward, nothing per row;
+- grouped rows (works with autograd): per adapter, gather its rows, two small matmuls, add back
+  (at inference, an adapter whose rows are one block adds into that block in place, no gather);
+- packed adapters (inference only, from `PackedAdapters`): the loaded adapters' A and B side
+  by side as A_cat (n·r, in) and B_cat (out, n·r), so that whatever the mix of adapters
+
+      delta = ((x @ A_cat^T) * M) @ B_cat^T,   M (rows, n·r): a row's scaling on its own
+                                              adapter's r columns, 0 elsewhere
+
+  is two dense matmuls per layer instead of a gather, two matmuls and a scatter per adapter.
+  Every token pays for all packed columns, so layers pack only for few tokens (a decode step,
+  up to `lorakit.ops.FEW_ROWS`), and only over the column span from the first to the last
+  adapter present in the batch; they use grouped rows when that span would be mostly waste.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BASE = "__base__"  # the per-row name meaning "no adapter"
+_MIN_PACKED_SPAN = 64  # columns; below this a wasted column costs less than a grouped matmul
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One layer's adapters packed side by side."""
+
+    a: torch.Tensor  # (n·r, in), adapter i in rows starts[i] : starts[i] + r_i
+    b: torch.Tensor  # (out, n·r), adapter i in columns starts[i] : starts[i] + r_i
+    blocks: tuple[tuple[str, int, int, float], ...]  # (adapter, start, r, scaling)
+
+
+class PackedAdapters:
+    """A snapshot of every packable LoRA layer's adapters, for inference batches.
+
+    The weights are copies: build a new one after loading, deleting, merging or training
+    adapters (`LoraModel.pack_adapters()`). Embedding LoRA and merged adapters are not packed;
+    those layers use grouped rows.
+    """
+
+    def __init__(self, layers: list[nn.Module], adapters: list[str]) -> None:
+        from lorakit.layers import EMBEDDING
+
+        self.adapters = list(adapters)
+        self._layers: dict[nn.Module, PackedLayer] = {}
+        for layer in layers:
+            names = [name for name in self.adapters if name in layer.r]
+            if not names or layer.kind == EMBEDDING or layer.merged_adapters:
+                continue
+            a_parts, b_parts, blocks, start = [], [], [], 0
+            for name in names:
+                a, b = layer.lora_weights(name)
+                a_parts.append(a.detach())
+                b_parts.append(b.detach())
+                blocks.append((name, start, layer.r[name], layer.scaling[name]))
+                start += layer.r[name]
+            self._layers[layer] = PackedLayer(
+                torch.cat(a_parts).contiguous(), torch.cat(b_parts, 1).contiguous(), tuple(blocks)
+            )
+
+    def get(self, layer: nn.Module) -> PackedLayer | None:
+        """The layer's packed adapters, or None when the layer is not packed."""
+        return self._layers.get(layer)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+class RowPlan:
+    """Which adapter each row of one batch uses, in the forms the LoRA layers need."""
+
+    def __init__(
+        self,
+        names: list[str | None],
+        device: torch.device | None = None,
+        packed: PackedAdapters | None = None,
+    ) -> None:
+        self.names = [None if name in (None, BASE) else name for name in names]
+        self.rows = len(self.names)
+        self.groups: list[tuple[str, torch.Tensor, tuple[int, int] | None]] = []
+        for name in dict.fromkeys(n for n in self.names if n is not None):
+            rows = [i for i, n in enumerate(self.names) if n == name]
+            block = (rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else None
+            self.groups.append((name, torch.tensor(rows, dtype=torch.long, device=device), block))
+        only = {n for n in self.names}
+        self.single = self.names[0] if len(only) == 1 and self.names[0] is not None else None
+        self.packed = packed
+        self._layouts: dict[tuple, tuple[int, int, torch.Tensor] | None] = {}
+
+    def packed_layout(
+        self, layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(A span, B span, per-row scaling mask (rows, span)) for a packed layer, else None."""
+        entry = None if self.packed is None else self.packed.get(layer)
+        if entry is None:
+            return None
+        if entry.blocks not in self._layouts:  # layers with the same adapters share one mask
+            self._layouts[entry.blocks] = self._layout(entry)
+        layout = self._layouts[entry.blocks]
+        if layout is None:
+            return None
+        lo, hi, mask = layout
+        return entry.a[lo:hi], entry.b[:, lo:hi], mask
+
+    def _layout(self, entry: PackedLayer) -> tuple[int, int, torch.Tensor] | None:
+        present = [block for block in entry.blocks if block[0] in self.names]
+        if not present:
+            return None
+        lo, hi = present[0][1], present[-1][1] + present[-1][2]
+        used = sum(r for _, _, r, _ in present)
+        if hi - lo > max(2 * used, _MIN_PACKED_SPAN):
+            return None  # mostly adapters this batch does not use: grouped rows are cheaper
+        mask = torch.zeros(self.rows, hi - lo, dtype=entry.a.dtype, device=entry.a.device)
+        for name, start, r, scaling in present:
+            rows = [i for i, n in enumerate(self.names) if n == name]
+            mask[rows, start - lo : start - lo + r] = scaling
+        return lo, hi, mask
