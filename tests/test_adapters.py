@@ -253,3 +253,23 @@ def test_non_finite_adapter_is_not_saved(tmp_path):
     with pytest.raises(AdapterError, match="non-finite"):
         model.save_pretrained(tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_loading_for_inference_turns_dropout_off(tmp_path):
+    """As in peft: an adapter loaded with is_trainable=False leaves the whole model in eval mode."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+    get_peft_model(make_tiny_llama(), config).save_pretrained(tmp_path / "a")
+    ids = torch.randint(0, 128, (2, 5))
+
+    model = LoraModel.from_pretrained(make_tiny_llama().train(), tmp_path / "a")
+    assert not any(module.training for module in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.train()
+    model.load_adapter(tmp_path / "a", "again")
+    assert not any(module.training for module in model.modules())
+
+    trainable = LoraModel.from_pretrained(
+        make_tiny_llama().train(), tmp_path / "a", is_trainable=True
+    )
+    assert all(module.training for module in trainable.modules())

@@ -190,3 +190,44 @@ def test_packed_rows_equal_the_cores_grouped_rows(adapter_paths):
     torch.testing.assert_close(packed, grouped, rtol=1e-5, atol=1e-5)
     assert (grouped - base).abs().amax(-1).amax(-1)[[0, 2, 3, 4]].min() > 1e-2  # LoRA is on
     torch.testing.assert_close(packed[1], base[1], rtol=0, atol=0)
+
+
+def _seq(prompt, adapter=None):
+    from lorakit.serve.engine import Sequence
+
+    return Sequence(list(prompt), adapter, GREEDY, lambda event: None, TextStream(None))
+
+
+def test_prefill_groups_bound_padding_and_size():
+    from lorakit.serve.engine import prefill_groups
+
+    def lengths(groups):
+        return [[len(seq.prompt_ids) for seq in group] for group in groups]
+
+    seqs = [_seq([1] * n) for n in (41, 10, 100, 11, 10, 40)]
+    assert lengths(prefill_groups(seqs, 4096)) == [[10, 10, 11], [40, 41], [100]]
+    # 10 and 30 tokens padded to 2 x 30: 20 of 60 are padding (> 1/4), so two groups
+    assert lengths(prefill_groups([_seq([1] * 10), _seq([1] * 30)], 4096)) == [[10], [30]]
+    assert lengths(prefill_groups([_seq([1] * 50) for _ in range(3)], 120)) == [[50, 50], [50]]
+    mixed = [_seq([1] * 8, adapter) for adapter in ("b", None, "a", "b", "a")]
+    (group,) = prefill_groups(mixed, 4096)
+    assert [seq.adapter for seq in group] == [None, "a", "a", "b", "b"]  # one block per adapter
+
+
+def test_padded_prefill_equals_each_prompt_alone(state):
+    """A left-padded prefill batch gives each row the logits and cache of its solo prefill."""
+    state.engine.shutdown()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15, 16, 17], [18]]
+    adapters = ["a", None, "b", "a"]
+    group = [_seq(p, a) for p, a in zip(prompts, adapters, strict=True)]
+    with torch.inference_mode():
+        logits, cache, mask = state.engine._prefill(group)
+        assert mask.sum(1).tolist() == [3, 6, 4, 1]
+        for row, seq in enumerate(group):
+            solo_logits, solo_cache, _ = state.engine._prefill([seq])
+            torch.testing.assert_close(logits[row], solo_logits[0], rtol=1e-5, atol=1e-5)
+            n = len(seq.prompt_ids)
+            for layer, solo in zip(cache.layers, solo_cache.layers, strict=True):
+                assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+                torch.testing.assert_close(layer.keys[row, :, -n:], solo.keys[0])
+                torch.testing.assert_close(layer.values[row, :, -n:], solo.values[0])

@@ -17,6 +17,7 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.ops import few_rows_linears
 from lorakit.rows import BASE as BASE_ROW
 from lorakit.rows import PackedAdapters
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 _TEMPLATE_FILE = "chat_template.jinja"
 _MAX_TEMPLATE_BYTES = 1 << 20
@@ -50,7 +51,9 @@ class ModelHost:
         self.packed = packed  # False: always the core's grouped rows (see lorakit.rows)
         # the decode step's plain linear layers (see lorakit.ops.few_rows); CPU only
         self._linears = [
-            m for m in base.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+            m
+            for m in base.modules()
+            if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
         ]
         self._packed: PackedAdapters | None = None
         self._version = 0  # bumped by every load and unload
