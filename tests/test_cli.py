@@ -113,6 +113,27 @@ def test_train_resume_auto(run_dir, tiny_dir, tmp_path, capsys):
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_train_reports_on_rank_0_only(tiny_dir, tmp_path, monkeypatch, capsys, rank):
+    # torchrun sets RANK in every process; in-process, with no WORLD_SIZE, training itself runs
+    # as one process, so this checks the CLI's own lines only.
+    monkeypatch.setenv("RANK", rank)
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_dir, out)
+    assert main(["train", config, "eval.exact_match=false"]) == 0
+    text = capsys.readouterr().out
+    lines = ["LoRA: ", "rows used", "final model: ", "plots: ", f"run directory: {out}"]
+    if rank == "0":
+        assert all(line in text for line in lines), text
+        assert (out / "config.yaml").is_file()
+    else:
+        assert not any(line in text for line in lines), text
+        assert not (out / "config.yaml").exists()  # rank 0 writes it
+    # errors still surface from every rank
+    assert main(["train", config]) == 1
+    assert "error: " in capsys.readouterr().err
+
+
 def test_generate_streams_with_adapters_and_sampling(tiny_dir, run_dir, capsys):
     adapter = str(run_dir / "final")
     argv = ["generate", str(tiny_dir), "Who are you?", "--adapter", adapter, "--max-new-tokens",

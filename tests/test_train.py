@@ -14,7 +14,7 @@ from conftest import make_tiny_llama
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import ConfigError
 from lorakit.train import NonFiniteError, TrainConfig, train
-from lorakit.train_checkpoint import latest_checkpoint
+from lorakit.train_checkpoint import MARKER, find_resume, latest_checkpoint
 
 
 def make_batches(n: int = 6, rows: int = 2, length: int = 12, seed: int = 0) -> list[dict]:
@@ -110,6 +110,30 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path):
     assert got.losses == expected.losses  # exact, not approximate
     for name, value in trainable(straight).items():
         assert torch.equal(value, trainable(resumed)[name]), name
+
+
+def test_final_and_best_hold_only_the_adapter_files(tmp_path):
+    model = lora_model(dropout=0.0)
+    model.chat_template = "{{ messages[0]['content'] }}"
+    batches = make_batches(2)
+    config = quick(max_steps=2, grad_accum_steps=1)
+    result = train(model, None, batches, batches, config, tmp_path)
+    adapter = ["adapter_config.json", "adapter_model.safetensors", "chat_template.jinja"]
+    assert sorted(p.name for p in result.final_dir.iterdir()) == adapter  # no COMPLETE marker
+    assert sorted(p.name for p in result.best_dir.iterdir()) == [*adapter, "eval.json"]
+    # Checkpoints keep their marker; resume finds them and never takes final/ for one.
+    checkpoint = latest_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint.name == "step-00000002" and (checkpoint / MARKER).is_file()
+    assert find_resume(tmp_path, "auto") == checkpoint
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        find_resume(tmp_path, tmp_path / "final")
+    # Continuing the finished run replaces final/, still without the marker.
+    more = quick(max_steps=3, grad_accum_steps=1)
+    model = lora_model(dropout=0.0)
+    model.chat_template = "{{ messages[0]['content'] }}"
+    again = train(model, None, batches, None, more, tmp_path, resume="auto", force=True)
+    assert again.steps == 3 and again.losses[:2] == result.losses
+    assert sorted(p.name for p in again.final_dir.iterdir()) == adapter
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

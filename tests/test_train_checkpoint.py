@@ -42,6 +42,16 @@ def test_atomic_dir_replaces_and_marks_complete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
+def test_atomic_dir_without_marker_holds_only_the_written_files(tmp_path):
+    # final/ and best/ are loaded by peft and transformers: nothing but their own files
+    for text in ("old", "new"):
+        with atomic_dir(tmp_path / "final", marker=False) as staging:
+            (staging / "file").write_text(text)
+    assert (tmp_path / "final" / "file").read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
 def test_latest_and_prune_skip_incomplete(tmp_path):
     for step in (1, 2, 3):
         with atomic_dir(tmp_path / f"step-{step:08d}") as staging:

@@ -69,10 +69,12 @@ def train(
     """Fine-tune as CONFIG says (validated before any work); writes adapter, metrics, plots."""
     from lorakit.cli_train import run_training
     from lorakit.schema import load_run_config
+    from lorakit.train_runtime import is_main_process
 
     run = load_run_config(config, overrides)
     result = run_training(run, resume=resume, force=force, show=typer.echo)
-    typer.echo(f"run directory: {result.output_dir}")
+    if is_main_process():  # under torchrun, rank 0 reports (errors surface from every rank)
+        typer.echo(f"run directory: {result.output_dir}")
 
 
 @app.command()

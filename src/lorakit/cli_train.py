@@ -27,7 +27,7 @@ from lorakit.models import load_model, load_tokenizer
 from lorakit.schema import RunConfig
 from lorakit.train import TrainResult, train
 from lorakit.train_data import eval_batches
-from lorakit.train_runtime import autocast, resolve_device
+from lorakit.train_runtime import autocast, is_main_process, resolve_device
 
 
 def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
@@ -71,8 +71,14 @@ def run_training(
     force: bool = False,
     show: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Load, tokenize, train and (optionally) score exact match, as the run config says."""
+    """Load, tokenize, train and (optionally) score exact match, as the run config says.
+
+    Under torchrun only rank 0 reports through `show` and writes config.yaml; errors raise on
+    every rank."""
     output_dir = Path(run.output_dir)
+    main = is_main_process()
+    if not main:
+        show = _silent
     model, tokenizer = build_model(run, show)
     train_set = build_dataset(run.data, tokenizer)
     show(train_set.summary())
@@ -80,7 +86,8 @@ def run_training(
     eval_set = build_dataset(eval_config, tokenizer) if eval_config else None
     if eval_set is not None:
         show(eval_set.summary())
-    save_resolved(run, output_dir)
+    if main:
+        save_resolved(run, output_dir)
     result = train(
         model, tokenizer, train_set, eval_set, run.train, output_dir,
         resume=resume, force=force, run_config=run.model_dump(mode="json"),
@@ -95,6 +102,10 @@ def run_training(
         show(f"final model: {result.final_dir}")
     show(f"plots: {output_dir / 'plots'}; metrics: {output_dir / 'metrics.jsonl'}")
     return result
+
+
+def _silent(text: str) -> None:
+    """A `show` that prints nothing (ranks other than 0)."""
 
 
 # ---------------------------------------------------------------- evaluation

@@ -22,10 +22,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
@@ -42,6 +41,7 @@ from lorakit.train_checkpoint import (
     save_final,
     write_json,
 )
+from lorakit.train_config import TrainConfig
 from lorakit.train_data import StepPlan, eval_batches, sample_ids
 from lorakit.train_log import RunLog, read_metrics
 from lorakit.train_optim import build_optimizer, lr_factor, set_lr, warmup_steps
@@ -60,72 +60,6 @@ from lorakit.train_runtime import (
     seed_everything,
     step_seed,
 )
-
-
-class TrainConfig(BaseModel):
-    """How to train: optimizer, schedule, precision, evaluation, checkpoints, logging."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = Field(0, description="Seed for Python, NumPy, torch and the data order.")
-    batch_size: int = Field(
-        8, ge=1, description="Rows per micro-batch of a tokenized dataset, over all processes."
-    )
-    epochs: int = Field(
-        1, ge=1, description="Passes over the training data (ignored with max_steps)."
-    )
-    max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps to run; overrides epochs."
-    )
-    grad_accum_steps: int = Field(
-        1, ge=1, description="Micro-batches per optimizer step, summed over all processes."
-    )
-    shuffle: bool = Field(True, description="Shuffle the batch order each epoch (seeded).")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
-    lora_b_lr: float | None = Field(
-        None, gt=0, description="Separate learning rate for lora_B matrices (LoRA+); None: lr."
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases/norms).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    scheduler: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Learning-rate decay after warmup."
-    )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (wins over warmup_ratio).")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup as a fraction of all steps.")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; None: off.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto",
-        description="fp32, bf16/fp16 autocast (fp16: loss scaling, CUDA only); auto: fastest.",
-    )
-    base_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Storage of frozen weights; auto: bf16 when precision is bf16."
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute decoder activations in backward to save memory."
-    )
-    loss_chunk_size: int = Field(1024, ge=1, description="Supervised tokens per chunk of the loss.")
-    device: str = Field("auto", description="auto, cpu or cuda (torchrun: this rank's GPU).")
-    eval_every: int | None = Field(
-        None, ge=1, description="Evaluate every N steps (and at the end); None: at the end only."
-    )
-    eval_max_batches: int | None = Field(None, ge=1, description="Cap on eval batches; None: all.")
-    eval_prompts: list[str] = Field(
-        default_factory=list, description="Prompts for greedy samples written to samples.jsonl."
-    )
-    eval_max_new_tokens: int = Field(64, ge=1, description="Tokens generated per sample prompt.")
-    save_every: int | None = Field(
-        None, ge=1, description="Checkpoint every N steps (and at the end); None: at the end only."
-    )
-    keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
-    log_every: int = Field(1, ge=1, description="Print a progress line every N steps.")
-    progress: Literal["auto", "rich", "plain", "none"] = Field(
-        "auto", description="Progress display; auto: rich on a terminal, plain lines otherwise."
-    )
-    tensorboard: bool = Field(True, description="Write TensorBoard events when it is installed.")
-    plots: bool = Field(True, description="Write plots/loss.png and plots/lr.png at the end.")
-
 
 # Sections of the CLI's run config that do not change the result (train is compared field by
 # field, with its own exceptions).

@@ -11,7 +11,9 @@ A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding
     COMPLETE                written last, before the directory is renamed into place
 
 It is staged in a temporary sibling directory, every file fsynced, then renamed; a directory
-without `COMPLETE` (a crash mid-write) is never picked for resume.
+without `COMPLETE` (a crash mid-write) is never picked for resume. The `final/` and `best/`
+folders are written the same way, minus `COMPLETE`: they hold only what peft and transformers
+load, and the rename alone makes them appear whole.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a staging directory next to `final`; on success fsync it, mark it complete and
-    rename it to `final` (replacing an older one); on error remove it."""
+def atomic_dir(final: Path, marker: bool = True) -> Iterator[Path]:
+    """Yield a staging directory next to `final`; on success fsync it, mark it complete (the
+    `COMPLETE` file, unless `marker` is False) and rename it to `final` (replacing an older one);
+    on error remove it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".tmp-{final.name}-{os.getpid()}"
@@ -67,8 +70,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield staging
         for path in sorted(staging.rglob("*"), reverse=True):
             _fsync_path(path)
-        (staging / MARKER).write_text("ok\n")
-        _fsync_path(staging / MARKER)
+        if marker:
+            (staging / MARKER).write_text("ok\n")
+            _fsync_path(staging / MARKER)
         _fsync_path(staging)
         if final.exists():
             old = final.parent / f".old-{final.name}-{os.getpid()}"
@@ -250,8 +254,9 @@ def save_model_files(model: nn.Module, path: Path) -> None:
 
 
 def save_final(path: Path, model: nn.Module) -> Path:
-    """Atomically write the loadable model files (adapter or model folder) at `path`."""
-    with atomic_dir(path) as tmp:
+    """Atomically write the loadable model files (adapter or model folder) at `path`, and
+    nothing else: no checkpoint marker, so the folder is exactly what a user loads."""
+    with atomic_dir(path, marker=False) as tmp:
         save_model_files(model, tmp)
     return path
 

@@ -98,6 +98,12 @@ class Dist:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """True unless torchrun started this process as a rank other than 0 (RANK > 0); it reads
+    the environment, so it holds before the process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
     import torch.distributed as dist
