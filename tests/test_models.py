@@ -122,6 +122,36 @@ def test_quantization_calls_lorakit_quant(tmp_path):
     assert "QuantLinear" in kinds
 
 
+def test_quantization_options_need_quantization_and_valid_names(tmp_path):
+    make_tiny_llama().save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="compute_dtype='bfloat16' applies only to a quantized"):
+        load_model(str(tmp_path), compute_dtype="bfloat16")
+    with pytest.raises(ModelError, match="skip=\\['lm_head'\\] applies only to a quantized"):
+        load_model(str(tmp_path), skip=["lm_head"])
+    with pytest.raises(ModelError, match="compute_dtype `bf16`.*did you mean `bfloat16`"):
+        load_model(str(tmp_path), quantization="nf4", compute_dtype="bf16")
+    assert ModelConfig(quantization="nf4", skip=[], compute_dtype="bfloat16").skip == []
+    with pytest.raises(ValueError, match="compute_dtype applies only to a quantized model"):
+        ModelConfig(compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match="skip applies only to a quantized model"):
+        ModelConfig(skip=["lm_head"])
+
+
+def test_model_config_quantization_options_reach_the_model(tmp_path):
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.quant import QuantLinear
+    from tiny_folders import save_tiny
+
+    config = ModelConfig(name_or_path=str(save_tiny(tmp_path)), quantization="nf4",
+                         double_quant=False, compute_dtype="bfloat16", skip=["o_proj"])  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(config)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert "lm_head" in layers and not any(name.endswith("o_proj") for name in layers)
+    assert len(layers) == 2 * 6 + 1
+    assert all(m.compute_dtype == torch.bfloat16 and not m.double_quant for m in layers.values())
+    assert tokenizer.pad_token is not None
+
+
 @pytest.mark.slow
 def test_builtin_model_shape_and_names():
     model = builtin_model()

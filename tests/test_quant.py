@@ -121,6 +121,19 @@ def test_odd_shapes_are_padded_and_restored():
     assert rms(restored - weight) < 0.15
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_in_chunks_changes_nothing(monkeypatch, dtype):
+    # Blocks (4-bit) and rows (int8) are independent: chunk boundaries cannot move a code.
+    weight = torch.randn(37, 301, dtype=dtype)  # 11,137 weights: a partial last block and chunk
+    whole = [qc.quantize_4bit(weight, "nf4"), qc.quantize_int8_rows(weight)]
+    monkeypatch.setattr(qc, "CHUNK", 5 * qc.BLOCK)  # 320 weights; int8: one row per chunk
+    chunked = [qc.quantize_4bit(weight, "nf4"), qc.quantize_int8_rows(weight)]
+    for ours, theirs in zip(chunked, whole, strict=True):
+        assert all(
+            torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ours, theirs, strict=True)
+        )
+
+
 @pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
 def test_forward_is_linear_with_dequantized_weight(method):
     linear = nn.Linear(48, 20)

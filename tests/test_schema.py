@@ -48,6 +48,18 @@ def test_wrong_type_and_range_say_what_is_allowed():
     assert "`lora.target_modules` = 5" in message and "list[str] | str" in message
 
 
+def test_quantization_options_name_the_key():
+    message = error_of({"model": {"compute_dtype": "bfloat16"}})
+    assert "`model.compute_dtype` = 'bfloat16'" in message and "only to a quantized" in message
+    message = error_of({"model": {"quantization": "nf4", "compute_dtype": "fp16"}})
+    assert "`model.compute_dtype` = 'fp16'" in message and "'bfloat16'" in message
+    message = error_of({"model": {"quantization": "nf4", "bnb_4bit_use_double_quant": False}})
+    assert "did you mean `double_quant`" in message
+    config = validate_run_config({"model": {"quantization": "nf4", "skip": ["lm_head", "down_proj"],
+                                            "double_quant": False}})  # fmt: skip
+    assert config.model.skip == ["lm_head", "down_proj"] and config.model.double_quant is False
+
+
 def test_lora_config_errors_surface_with_the_section():
     message = error_of({"lora": {"rank_pattern": {"(": 4}}})
     assert message.startswith("run.yaml: lora:") and "regular expression" in message

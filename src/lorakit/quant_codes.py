@@ -17,6 +17,7 @@ import torch.nn.functional as F
 BLOCK = 64  # 4-bit weights: one absmax per 64 consecutive weights (row-major)
 ABSMAX_BLOCK = 256  # double quantization: one fp32 scale per 256 absmax values
 INT8_MAX = 127
+CHUNK = 1 << 20  # weights quantized per step: the temporaries stay ~30 MB for any layer size
 
 # The 16 NF4 code values, ascending, as published in the QLoRA paper (Dettmers et al. 2023,
 # appendix E): quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero.
@@ -53,11 +54,18 @@ def code_table(method: str, dtype: torch.dtype = torch.float32, device=None) -> 
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float weight -> (int8 codes (out, in), fp32 row absmax (out,))."""
-    w = weight.detach().float()
-    absmax = w.abs().amax(dim=1)  # (out,)
-    scale = absmax.clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
-    codes = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    """(out, in) float weight -> (int8 codes (out, in), fp32 row absmax (out,)), CHUNK at a time."""
+    w = weight.detach()
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    absmax = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    rows = max(1, CHUNK // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        part = w[start : start + rows].float()
+        part_absmax = part.abs().amax(dim=1)  # (rows,)
+        scale = part_absmax.clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
+        part_codes = torch.round(part / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+        codes[start : start + rows] = part_codes.to(torch.int8)
+        absmax[start : start + rows] = part_absmax
     return codes, absmax
 
 
@@ -72,20 +80,29 @@ def padded_blocks(numel: int, block: int = BLOCK) -> int:
 
 
 def quantize_4bit(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float weight -> (packed uint8 codes (blocks * 32,), fp32 block absmax (blocks,))."""
-    flat = weight.detach().float().reshape(-1)
+    """Float weight -> (packed uint8 codes (blocks * 32,), fp32 block absmax (blocks,)).
+
+    Blocks are independent, so they are quantized CHUNK weights at a time: the temporaries
+    (~30 bytes a weight) stay bounded whatever the size of the weight.
+    """
+    flat = weight.detach().reshape(-1)
     blocks = padded_blocks(flat.numel())
-    flat = F.pad(flat, (0, blocks * BLOCK - flat.numel()))
-    values = flat.view(blocks, BLOCK)
-    absmax = values.abs().amax(dim=1)  # (blocks,)
-    scaled = values / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # in [-1, 1]
     table = code_table(method, device=flat.device)
     order = torch.argsort(table)
     ascending = table[order]
     midpoints = (ascending[1:] + ascending[:-1]) / 2
-    nearest = torch.bucketize(scaled.reshape(-1), midpoints)  # index into `ascending`
-    codes = order[nearest].to(torch.uint8)
-    return pack_4bit(codes), absmax
+    packed = torch.empty(blocks * BLOCK // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(blocks, dtype=torch.float32, device=flat.device)
+    for start in range(0, blocks * BLOCK, CHUNK):  # CHUNK is a multiple of BLOCK
+        part = flat[start : start + CHUNK].float()
+        part = F.pad(part, (0, padded_blocks(part.numel()) * BLOCK - part.numel()))
+        values = part.view(-1, BLOCK)  # (blocks in this chunk, 64)
+        part_absmax = values.abs().amax(dim=1)
+        scaled = values / part_absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+        nearest = torch.bucketize(scaled.reshape(-1), midpoints)  # index into `ascending`
+        packed[start // 2 : (start + part.numel()) // 2] = pack_4bit(order[nearest].to(torch.uint8))
+        absmax[start // BLOCK : start // BLOCK + values.shape[0]] = part_absmax
+    return packed, absmax
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:

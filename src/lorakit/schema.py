@@ -196,6 +196,8 @@ ALIASES = {
     "target_modules": "target_modules", "max_seq_length": "max_length", "sequence_len": "max_length",
     "lr_scheduler_type": "scheduler", "output": "output_dir", "bf16": "precision",
     "load_in_4bit": "quantization", "load_in_8bit": "quantization", "torch_dtype": "dtype",
+    "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype",
+    "llm_int8_skip_modules": "skip",
 }  # fmt: skip
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "tuple"}
 
