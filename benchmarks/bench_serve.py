@@ -11,7 +11,8 @@ generated tokens per second, prefill included:
 - 8 mixed, grouped: the same with packing off (the core's one-group-per-adapter rows)
 - peft mixed: peft's `generate(..., adapter_names=[...])` on the same model and adapter files
 
-Scenarios are interleaved `--repeats` times and the median is printed. Usage:
+Scenarios are interleaved `--repeats` times; the median tokens/s is printed, and each ratio is
+the median of the ratios within a round. Usage:
 
     python benchmarks/bench_serve.py [--layers 30] [--requests 8] [--prompt-len 64]
         [--new-tokens 32] [--repeats 3] [--dtype float32] [--threads N]
@@ -189,8 +190,18 @@ def main() -> None:
     for name, value in rate.items():
         spread = f"{min(times[name]):.2f}-{max(times[name]):.2f} s"
         print(f"{name:<18} {value:8.1f} tokens/s   ({spread})")
-    print(f"8 mixed / 1 adapter: {rate['lorakit 8 mixed'] / rate['lorakit 1 adapter']:.2f}x")
-    print(f"8 mixed / peft mixed: {rate['lorakit 8 mixed'] / rate['peft 8 mixed']:.2f}x")
+    # ratios from the scenarios of one round (minutes apart at most), then their median: the
+    # machine's speed drifts between rounds, and a ratio of medians would mix rounds
+    for top, bottom in [
+        ("lorakit 8 mixed", "lorakit 1 adapter"),
+        ("lorakit 8 mixed", "peft 8 mixed"),
+        ("lorakit base", "peft 8 mixed"),
+    ]:
+        ratios = [b / t for t, b in zip(times[top], times[bottom], strict=True)]
+        print(
+            f"{top.removeprefix('lorakit ')} / {bottom.removeprefix('lorakit ')}: "
+            f"{statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
+        )
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
     print(f"greedy tokens identical to peft's mixed batch: {same}/{len(ours)} requests")
 
