@@ -90,8 +90,8 @@ class RowPlan:
             rows = [i for i, n in enumerate(self.names) if n == name]
             block = (rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else None
             self.groups.append((name, torch.tensor(rows, dtype=torch.long, device=device), block))
-        only = {n for n in self.names}
-        self.single = self.names[0] if len(only) == 1 and self.names[0] is not None else None
+        one_adapter = len(self.groups) == 1 and None not in self.names
+        self.single = self.groups[0][0] if one_adapter else None  # every row, one adapter
         self.packed = packed
         self._layouts: dict[tuple, tuple[int, int, torch.Tensor] | None] = {}
 
