@@ -14,6 +14,15 @@ from torch import nn
 from lorakit.errors import ConfigError
 
 ADAPTER_HELP = "Adapter dir, or name=dir; repeat for several (all applied, or --weights)."
+BaseArg = Annotated[
+    str, typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias.")
+]
+AdaptersOpt = Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)]
+WeightsOpt = Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")]
+MaxNewOpt = Annotated[int, typer.Option(min=1)]
+TemperatureOpt = Annotated[float, typer.Option(help="0: greedy.")]
+TopKOpt = Annotated[int, typer.Option(help="0: off.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for sampling.")]
 
 
 @dataclass
@@ -135,24 +144,21 @@ def register_generation(app: typer.Typer) -> None:
 
     @app.command()
     def generate(
-        base: Annotated[
-            str,
-            typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias."),
-        ],
+        base: BaseArg,
         prompt: Annotated[
             str, typer.Argument(metavar="PROMPT", help="The prompt ('-' reads stdin).")
         ],
-        adapter: Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)] = None,
-        weights: Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")] = None,
+        adapter: AdaptersOpt = None,
+        weights: WeightsOpt = None,
         raw: Annotated[bool, typer.Option(help="Plain text prompt, no chat template.")] = False,
-        max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
-        temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
-        top_p: Annotated[float, typer.Option()] = 1.0,
-        top_k: Annotated[int, typer.Option(help="0: off.")] = 0,
-        repetition_penalty: Annotated[float, typer.Option()] = 1.0,
-        seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
-        dtype: Annotated[str, typer.Option()] = "float32",
-        device: Annotated[str, typer.Option()] = "cpu",
+        max_new_tokens: MaxNewOpt = 256,
+        temperature: TemperatureOpt = 0.0,
+        top_p: float = 1.0,
+        top_k: TopKOpt = 0,
+        repetition_penalty: float = 1.0,
+        seed: SeedOpt = 0,
+        dtype: str = "float32",
+        device: str = "cpu",
     ) -> None:
         """Complete one prompt, streaming tokens to the terminal."""
         torch.manual_seed(seed)
@@ -167,21 +173,18 @@ def register_generation(app: typer.Typer) -> None:
 
     @app.command()
     def chat(
-        base: Annotated[
-            str,
-            typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias."),
-        ],
-        adapter: Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)] = None,
-        weights: Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")] = None,
+        base: BaseArg,
+        adapter: AdaptersOpt = None,
+        weights: WeightsOpt = None,
         system: Annotated[str | None, typer.Option(help="System message.")] = None,
-        max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
-        temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
-        top_p: Annotated[float, typer.Option()] = 1.0,
-        top_k: Annotated[int, typer.Option(help="0: off.")] = 0,
-        repetition_penalty: Annotated[float, typer.Option()] = 1.0,
-        seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
-        dtype: Annotated[str, typer.Option()] = "float32",
-        device: Annotated[str, typer.Option()] = "cpu",
+        max_new_tokens: MaxNewOpt = 256,
+        temperature: TemperatureOpt = 0.0,
+        top_p: float = 1.0,
+        top_k: TopKOpt = 0,
+        repetition_penalty: float = 1.0,
+        seed: SeedOpt = 0,
+        dtype: str = "float32",
+        device: str = "cpu",
     ) -> None:
         """Talk with the model; the conversation is kept (/reset clears it, /exit quits)."""
         torch.manual_seed(seed)

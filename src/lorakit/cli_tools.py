@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lorakit.cli_generate import BaseArg
 from lorakit.errors import ConfigError, LorakitError
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -79,9 +80,7 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def merge(
-    base: Annotated[
-        str, typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias.")
-    ],
+    base: BaseArg,
     adapter: Annotated[Path, typer.Argument(metavar="ADAPTER", help="Adapter directory.")],
     out: Annotated[
         Path, typer.Argument(metavar="OUT", help="Output folder (a plain Hugging Face model).")
@@ -158,9 +157,7 @@ def _module_of(key: str) -> str:
 
 
 def serve(
-    base: Annotated[
-        str, typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias.")
-    ],
+    base: BaseArg,
     adapter: Annotated[
         list[str] | None, typer.Option(help="name=dir; repeat to serve several adapters.")
     ] = None,
