@@ -231,3 +231,48 @@ def test_padded_prefill_equals_each_prompt_alone(state):
                 assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
                 torch.testing.assert_close(layer.keys[row, :, -n:], solo.keys[0])
                 torch.testing.assert_close(layer.values[row, :, -n:], solo.values[0])
+
+
+def test_long_mixed_batch_equals_peft_generate(state, adapter_paths):
+    """80 greedy tokens per request (past the cache's spare room, so its buffers grow), three
+    requests on the base and two adapters decoded together: each equals peft's own `generate`
+    of that request alone."""
+    import peft
+
+    from test_serve_support import make_model
+
+    state.engine.eos_token_ids = set()
+    params = SamplingParams(max_tokens=80, temperature=0)
+    requests = [([5, 6, 7, 8], "a"), ([9, 10], None), ([11, 12, 13, 14, 15, 16, 17], "b")]
+    outputs: list[list[int]] = [[] for _ in requests]
+    done = threading.Event()
+
+    def sink_for(row):
+        def sink(event):
+            outputs[row].extend(event.token_ids)
+            if event.finish_reason and all(len(o) == 80 for o in outputs):
+                done.set()
+
+        return sink
+
+    for row, (prompt, adapter) in enumerate(requests):
+        state.engine.submit(prompt, adapter, params, sink_for(row))
+    assert done.wait(120)
+
+    reference = peft.PeftModel.from_pretrained(make_model(), adapter_paths["a"], adapter_name="a")
+    reference.load_adapter(adapter_paths["b"], adapter_name="b")
+    reference.eval()
+    for (prompt, adapter), got in zip(requests, outputs, strict=True):
+        ids = torch.tensor([prompt])
+        kwargs = {"max_new_tokens": 80, "min_new_tokens": 80, "do_sample": False, "pad_token_id": 0}
+        with torch.no_grad():
+            if adapter is None:
+                with reference.disable_adapter():
+                    want = reference.generate(input_ids=ids, **kwargs)
+            else:
+                reference.set_adapter(adapter)
+                want = reference.generate(input_ids=ids, **kwargs)
+                with reference.disable_adapter():
+                    plain = reference.generate(input_ids=ids, **kwargs)
+                assert not torch.equal(want, plain)  # the adapter changes the tokens
+        assert got == want[0, len(prompt) :].tolist()
