@@ -49,10 +49,9 @@ class PackedAdapters:
     def __init__(self, layers: list[nn.Module], adapters: list[str]) -> None:
         from lorakit.layers import EMBEDDING
 
-        self.adapters = list(adapters)
         self._layers: dict[nn.Module, PackedLayer] = {}
         for layer in layers:
-            names = [name for name in self.adapters if name in layer.r]
+            names = [name for name in adapters if name in layer.r]
             if not names or layer.kind == EMBEDDING or layer.merged_adapters:
                 continue
             a_parts, b_parts, blocks, start = [], [], [], 0
@@ -69,9 +68,6 @@ class PackedAdapters:
     def get(self, layer: nn.Module) -> PackedLayer | None:
         """The layer's packed adapters, or None when the layer is not packed."""
         return self._layers.get(layer)
-
-    def __len__(self) -> int:
-        return len(self._layers)
 
 
 class RowPlan:
