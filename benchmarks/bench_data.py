@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorakit.data import DataConfig, build_dataset, load_conversations, make_batches
-from lorakit.data_batches import padding_share
-from lorakit.data_tasks import make_arithmetic_rows
+from lorakit.data.batches import padding_share
+from lorakit.data.builtin import make_arithmetic_rows
+from lorakit.data.pipeline import DataConfig, build_dataset, load_conversations, make_batches
 from lorakit.models import ensure_builtin_model, load_model, load_tokenizer
 
 

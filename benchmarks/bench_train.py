@@ -12,7 +12,7 @@ subprocess; peft runs twice, with the default allocator and with tcmalloc preloa
 
 Data: random token ids (throughput does not depend on the text). Every sample's first quarter
 is prompt (label -100). Fixed-length: 8 rows of 256 tokens. Variable-length: sample lengths
-uniform in 32..256; lorakit packs them into rows of 256 (lorakit.data_batches), peft pads each
+uniform in 32..256; lorakit packs them into rows of 256 (lorakit.data.batches), peft pads each
 batch of 8 samples to its longest. tokens/s counts real (non-padding) tokens; peak memory is the
 peak RSS from the first training step on (Linux VmHWM, reset after setup).
 """
@@ -57,7 +57,7 @@ def make_samples(vocab: int, variable: bool, count: int):
     """Samples (input_ids, labels) with the first quarter of each masked as prompt."""
     import numpy as np
 
-    from lorakit.data import Sample
+    from lorakit.data.pipeline import Sample
 
     rng = np.random.default_rng(0)
     samples = []
@@ -71,8 +71,8 @@ def make_samples(vocab: int, variable: bool, count: int):
 
 def make_batches(vocab: int, variable: bool, packed: bool, n_batches: int) -> list[dict]:
     """Collated batches: fixed rows, packed rows (lorakit) or padded rows (peft)."""
-    from lorakit.data_batches import collate
-    from lorakit.data_batches import make_batches as plan
+    from lorakit.data.batches import collate
+    from lorakit.data.batches import make_batches as plan
 
     samples = make_samples(vocab, variable, 40 * n_batches if variable else BATCH * n_batches)
     lengths = [len(s.input_ids) for s in samples]
@@ -115,7 +115,7 @@ def run_peft(args, model, batches) -> dict:
     import peft
     import torch
 
-    from lorakit.train_runtime import peak_memory_mb, reset_peak_memory
+    from lorakit.train.runtime import peak_memory_mb, reset_peak_memory
 
     config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
     model = peft.get_peft_model(model, config)
@@ -148,10 +148,10 @@ def run_peft(args, model, batches) -> dict:
 
 def worker(args) -> None:
     if args.engine == "lorakit":
-        from lorakit.train_runtime import preload_tcmalloc
+        from lorakit.train.runtime import preload_tcmalloc
 
         preload_tcmalloc()  # what the CLI does at startup (re-execs with tcmalloc when found)
-    from lorakit.train_runtime import tcmalloc_loaded
+    from lorakit.train.runtime import tcmalloc_loaded
 
     model = build_model(args.model)
     variable = args.data == "variable"
@@ -173,7 +173,7 @@ def interleaved(args) -> None:
 
     from lorakit import LoraConfig, get_peft_model
     from lorakit.ops import causal_lm_loss
-    from lorakit.train_runtime import autocast
+    from lorakit.train.runtime import autocast
 
     base = build_model(args.models.split(",")[0])
     twin = copy.deepcopy(base)
@@ -211,7 +211,7 @@ def run_config(model: str, engine: str, precision: str, data: str, allocator: st
     """One configuration in a fresh subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if allocator == "tcmalloc":
-        from lorakit.train_runtime import find_tcmalloc
+        from lorakit.train.runtime import find_tcmalloc
 
         lib = find_tcmalloc()
         if lib is None:

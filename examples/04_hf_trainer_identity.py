@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lorakit import LoraConfig, LoraModel, get_peft_model
-from lorakit.data import IGNORE_INDEX, DataConfig, build_dataset
+from lorakit.data.pipeline import IGNORE_INDEX, DataConfig, build_dataset
 from lorakit.models import BUILTIN_MODEL, chat_template_of, load_model, load_tokenizer
 
 

@@ -1,12 +1,17 @@
 """lorakit: LoRA and QLoRA fine-tuning with a peft-compatible API and file format."""
 
-from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError, DataError, LorakitError, ModelError
-from lorakit.inject import check_gradients, check_injection, inject_lora, lora_state_dict
-from lorakit.layers import LoraLinear
-from lorakit.model import LoraModel, get_peft_model
-
-__version__ = "0.1.0"
+from lorakit.lora import (
+    LoraConfig,
+    LoraLinear,
+    LoraModel,
+    check_gradients,
+    check_injection,
+    get_peft_model,
+    inject_lora,
+    lora_state_dict,
+)
+from lorakit.version import __version__
 
 PeftModel = (
     LoraModel  # `from lorakit import PeftModel` reads like peft's `PeftModel.from_pretrained`

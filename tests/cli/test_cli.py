@@ -151,7 +151,7 @@ def test_generate_streams_with_adapters_and_sampling(tiny_dir, run_dir, capsys):
 def test_chat_keeps_the_conversation(tiny_dir, run_dir, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand then?\n/reset\nhi\n/exit\n"))
     seen = []
-    import lorakit.cli_generate as gen
+    import lorakit.cli.generate as gen
 
     original = gen.encode_chat
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lorakit import __version__
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def lorakit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_gpt2, make_tiny_llama
-from lorakit.data import (
+from lorakit.data.batches import pack_rows, padding_share
+from lorakit.data.pipeline import (
     IGNORE_INDEX,
     DataConfig,
     Sample,
@@ -18,7 +19,6 @@ from lorakit.data import (
     make_batches,
     model_inputs,
 )
-from lorakit.data_batches import pack_rows, padding_share
 
 
 def random_samples(n: int, low: int = 3, high: int = 40, vocab: int = 128) -> list[Sample]:

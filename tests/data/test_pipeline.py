@@ -8,7 +8,8 @@ import json
 import pytest
 
 from builtin_model import builtin_tokenizer
-from lorakit.data import (
+from lorakit.data.builtin import arithmetic_splits, builtin_dataset_path
+from lorakit.data.pipeline import (
     IGNORE_INDEX,
     DataConfig,
     build_dataset,
@@ -19,7 +20,6 @@ from lorakit.data import (
     name_rate,
     normalize_answer,
 )
-from lorakit.data_tasks import arithmetic_splits, builtin_dataset_path
 from lorakit.errors import DataError
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

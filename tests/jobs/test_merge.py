@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, LoraModel, get_peft_model
 from lorakit.errors import AdapterError
-from lorakit.merge import encode_prompts, logits_of, merge_and_export
+from lorakit.jobs.merge import encode_prompts, logits_of, merge_and_export
 from lorakit.models import load_model, load_tokenizer
 from tiny_folders import save_tiny
 

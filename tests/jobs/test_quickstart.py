@@ -9,11 +9,11 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.quickstart import MARKER, QUESTIONS, QuickstartSettings, prepare_output
+from lorakit.jobs.quickstart import MARKER, QUESTIONS, QuickstartSettings, prepare_output
 
 
 def test_questions_are_held_out_and_bilingual():
-    from lorakit.data import DataConfig, eval_examples
+    from lorakit.data.pipeline import DataConfig, eval_examples
 
     train = {e["messages"][-1]["content"] for e in eval_examples(DataConfig(dataset="identity"))}
     assert not set(QUESTIONS) & train

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.errors import ConfigError
-from lorakit.schema import (
+from lorakit.jobs.run_config import (
     RunConfig,
     apply_overrides,
     config_reference,
@@ -15,7 +15,7 @@ from lorakit.schema import (
     validate_run_config,
 )
 
-DOCS = Path(__file__).parents[1] / "docs" / "configuration.md"
+DOCS = Path(__file__).parents[2] / "docs" / "configuration.md"
 
 
 def error_of(data: dict) -> str:
@@ -122,5 +122,5 @@ def test_reference_lists_every_key_and_is_up_to_date():
             assert f"| `{key}` |" in text, (section, key)
     assert DOCS.read_text(encoding="utf-8") == text, (
         "docs/configuration.md is out of date; regenerate it with: python -c 'import "
-        'lorakit.schema as s; print(s.config_reference(), end="")\' > docs/configuration.md'
+        'lorakit.jobs.run_config as s; print(s.config_reference(), end="")\' > docs/configuration.md'
     )

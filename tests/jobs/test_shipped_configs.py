@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.inject import find_targets
-from lorakit.schema import load_run_config
+from lorakit.jobs.run_config import load_run_config
+from lorakit.lora.inject import find_targets
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PACKAGED = ROOT / "src" / "lorakit" / "configs"
 FAMILY = {"smollm2": "llama", "llama": "llama", "qwen": "qwen2", "gpt2": "gpt2",

@@ -235,7 +235,7 @@ def test_fuzzed_weight_files_give_adapter_errors_only(tmp_path_factory, data):
     LoraConfig(r=2, target_modules=["q_proj"]).save(directory)
     (directory / "adapter_model.safetensors").write_bytes(data)
     with pytest.raises(AdapterError):
-        lorakit.adapters.read_adapter(directory)
+        lorakit.lora.adapters.read_adapter(directory)
 
 
 def test_unsupported_peft_feature_is_refused(saved):

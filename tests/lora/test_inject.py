@@ -17,7 +17,7 @@ from lorakit import (
     inject_lora,
     lora_state_dict,
 )
-from lorakit.inject import find_targets
+from lorakit.lora.inject import find_targets
 
 
 def names(model, **config) -> list[str]:

@@ -1,4 +1,4 @@
-"""Per-row adapters (`lorakit.rows`) and the few-row linear form (`lorakit.ops.few_rows_linear`).
+"""Per-row adapters (`lorakit.lora.rows`) and the few-row linear form (`lorakit.ops.few_rows_linear`).
 
 The packed and block paths are checked against the grouped path and against each row run alone
 with `set_adapter`, the definition of what a mixed batch must compute.
@@ -13,9 +13,9 @@ from torch import nn
 
 from conftest import make_tiny_llama
 from lorakit import LoraConfig, get_peft_model
-from lorakit.layers import LoraLinear
+from lorakit.lora.layers import LoraLinear
+from lorakit.lora.rows import RowPlan
 from lorakit.ops import FEW_ROWS, FewRowsLinear, few_rows, few_rows_linear, few_rows_linears
-from lorakit.rows import RowPlan
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

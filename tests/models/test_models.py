@@ -1,16 +1,16 @@
-"""Base models: local folders, hub ids offline, the built-in GGUF model and its cache, presets."""
+"""Base models: local folders, hub ids offline, the built-in GGUF model and its cache."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig
 
 from builtin_model import builtin_model, builtin_tokenizer
-from conftest import make_tiny_gpt2, make_tiny_llama
+from conftest import make_tiny_llama
 from lorakit import models
 from lorakit.errors import ModelError
 from lorakit.models import (
@@ -20,30 +20,7 @@ from lorakit.models import (
     load_model,
     load_tokenizer,
     prompt_template_of,
-    target_preset,
 )
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def test_target_presets_by_model_type():
-    llama, gpt2 = make_tiny_llama(), make_tiny_gpt2()
-    assert target_preset(llama) == PROJECTIONS
-    assert target_preset(llama.config) == PROJECTIONS
-    assert target_preset({"model_type": "qwen2"}) == PROJECTIONS
-    assert target_preset("mistral") == PROJECTIONS
-    assert target_preset(gpt2) == ["c_attn", "c_proj", "c_fc"]
-    neox = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-    assert target_preset(GPTNeoXConfig()) == neox
-    assert target_preset("bloom") == neox
-    assert target_preset("t5") is None
-    assert target_preset(object()) is None
-
-
-def test_every_preset_name_exists_in_tiny_models():
-    for model in (make_tiny_llama(), make_tiny_gpt2()):
-        suffixes = {name.split(".")[-1] for name, _ in model.named_modules()}
-        assert set(target_preset(model)) <= suffixes
 
 
 class _NoTemplate:
@@ -100,7 +77,7 @@ def test_missing_local_folder(tmp_path):
 
 def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError) as err:
         load_model("smollm2-135m-instruct")
     assert BUILTIN_INSTALL in str(err.value)
@@ -164,7 +141,7 @@ def test_builtin_model_shape_and_names():
     assert config.vocab_size == 49152 and config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     names = {name for name, _ in model.named_modules()}
-    for proj in PROJECTIONS:
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         layer = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
         assert f"model.layers.29.{layer}.{proj}" in names
     assert "model.layers.30.self_attn.q_proj" not in names

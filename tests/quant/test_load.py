@@ -1,4 +1,4 @@
-"""lorakit.quant_load: quantizing while loading gives exactly the model that loading in full
+"""lorakit.quant.load: quantizing while loading gives exactly the model that loading in full
 precision and then quantizing gives, ties included, at a fraction of the memory."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from conftest import make_tiny_gpt2
 from lorakit.errors import ConfigError
 from lorakit.models import load_model
 from lorakit.quant import QuantLinear, quantize_model
-from lorakit.quant_load import StreamingUnsupported, load_quantized
+from lorakit.quant.load import StreamingUnsupported, load_quantized
 
 # (method, double_quant): int8 has no block scales, so double_quant does not apply to it.
 METHODS = [("int8", False), ("nf4", True), ("nf4", False), ("fp4", True)]

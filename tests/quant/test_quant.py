@@ -9,7 +9,6 @@ from torch import nn
 
 from conftest import make_tiny_llama
 from lorakit import LoraConfig, LoraModel, get_peft_model
-from lorakit import quant_codes as qc
 from lorakit.errors import ConfigError
 from lorakit.quant import (
     QuantLinear,
@@ -19,6 +18,7 @@ from lorakit.quant import (
     prepare_model_for_kbit_training,
     quantize_model,
 )
+from lorakit.quant import codes as qc
 
 # The NF4 values as printed in the QLoRA paper, appendix E (Dettmers et al., 2023).
 PAPER_NF4 = [

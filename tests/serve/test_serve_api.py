@@ -14,10 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
-from lorakit.errors import ConfigError
-from lorakit.serve import build_state, check_bind, serve_main
-from lorakit.serve.app import create_app
 from test_serve_support import (
     BASE_NAME,
     VOCAB,
@@ -26,6 +22,10 @@ from test_serve_support import (
     make_model,
     make_tokenizer,
 )
+
+from lorakit.errors import ConfigError
+from lorakit.serve import build_state, check_bind, serve_main
+from lorakit.serve.app import create_app
 
 KEY = "sk-serve-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -7,11 +7,11 @@ import time
 
 import pytest
 import torch
+from test_serve_support import BASE_NAME, make_adapters, make_model, make_tokenizer
 
 from lorakit.serve import build_state
 from lorakit.serve.decode import SamplingParams, TextStream, sample_token
 from lorakit.serve.kvcache import BatchCache
-from test_serve_support import BASE_NAME, make_adapters, make_model, make_tokenizer
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
@@ -238,7 +238,6 @@ def test_long_mixed_batch_equals_peft_generate(state, adapter_paths):
     requests on the base and two adapters decoded together: each equals peft's own `generate`
     of that request alone."""
     import peft
-
     from test_serve_support import make_model
 
     state.engine.eos_token_ids = set()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.train_checkpoint import (
+from lorakit.train.checkpoint import (
     MARKER,
     atomic_dir,
     latest_checkpoint,
@@ -22,8 +22,8 @@ from lorakit.train_checkpoint import (
     rng_state,
     set_rng_state,
 )
-from lorakit.train_optim import lr_factor, warmup_steps
-from lorakit.train_runtime import find_tcmalloc
+from lorakit.train.optim import lr_factor, warmup_steps
+from lorakit.train.runtime import find_tcmalloc
 
 
 def test_atomic_dir_leaves_nothing_on_error(tmp_path):
@@ -104,7 +104,7 @@ def test_schedules():
 def test_preload_tcmalloc_reexecs_once(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(
-        "import sys\nfrom lorakit.train_runtime import preload_tcmalloc, tcmalloc_loaded\n"
+        "import sys\nfrom lorakit.train.runtime import preload_tcmalloc, tcmalloc_loaded\n"
         "preload_tcmalloc()\nprint('loaded', tcmalloc_loaded(), sys.argv[1:])\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LORAKIT_NO_TCMALLOC")}

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from test_loop import lora_model, make_batches, quick
 
 from lorakit.train import train
-from test_train import lora_model, make_batches, quick
 
-TESTS = Path(__file__).parent
+HERE = Path(__file__).parent
+TESTS = HERE.parent
 SRC = TESTS.parent / "src"
 
 SCRIPT = textwrap.dedent(
     """
     import sys
-    sys.path[:0] = [{tests!r}, {src!r}]
-    from test_train import lora_model, make_batches, quick
+    sys.path[:0] = [{here!r}, {tests!r}, {src!r}]
+    from test_loop import lora_model, make_batches, quick
     from lorakit.train import train
     model = lora_model(dropout=0.0)
     train(model, None, make_batches(4, rows=4), None, quick(max_steps=4), sys.argv[1])
@@ -36,7 +37,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     train(single, None, make_batches(4, rows=4), None, quick(max_steps=4), tmp_path / "one")
 
     script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS), src=str(SRC)))
+    script.write_text(SCRIPT.format(here=str(HERE), tests=str(TESTS), src=str(SRC)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", str(script), str(tmp_path / "two")]  # fmt: skip

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from lorakit.evaluate import eval_loss, exact_match, generate_samples
-from lorakit.plots import plot_run
+from lorakit.train.evaluate import eval_loss, exact_match, generate_samples
+from lorakit.train.plots import plot_run
 
 
 def tiny_tokenizer():
@@ -65,8 +65,9 @@ def test_generate_samples_greedy_and_deterministic(tiny_llama):
 
 
 def test_training_writes_samples_and_eval_rows(tmp_path):
+    from test_loop import lora_model, make_batches, quick
+
     from lorakit.train import train
-    from test_train import lora_model, make_batches, quick
 
     batches = make_batches(2)
     config = quick(max_steps=2, grad_accum_steps=1, eval_every=1, eval_prompts=["w3 w4"],

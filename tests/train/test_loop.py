@@ -14,7 +14,7 @@ from conftest import make_tiny_llama
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import ConfigError
 from lorakit.train import NonFiniteError, TrainConfig, train
-from lorakit.train_checkpoint import MARKER, find_resume, latest_checkpoint
+from lorakit.train.checkpoint import MARKER, find_resume, latest_checkpoint
 
 
 def make_batches(n: int = 6, rows: int = 2, length: int = 12, seed: int = 0) -> list[dict]:
@@ -314,7 +314,7 @@ def test_gradient_checkpointing_with_frozen_base_gives_the_same_training(tmp_pat
 
 
 def test_precision_auto_resolves_per_device():
-    from lorakit.train_runtime import cpu_has_native_bf16, resolve_precision
+    from lorakit.train.runtime import cpu_has_native_bf16, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 def test_builtin_model_trains_on_a_tokenized_dataset(tmp_path):
     from lorakit import LoraConfig, get_peft_model
-    from lorakit.data import DataConfig, build_dataset
+    from lorakit.data.pipeline import DataConfig, build_dataset
     from lorakit.models import load_model, load_tokenizer
     from lorakit.train import TrainConfig, train
 

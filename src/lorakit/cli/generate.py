@@ -58,8 +58,8 @@ def prepare_model(
     base: str, adapter_specs: list[str], weights: list[float] | None, dtype: str, device: str
 ) -> tuple[nn.Module, Any, str | None]:
     """(model, tokenizer, chat template): adapters loaded, all active or combined with weights."""
-    from lorakit.cli_train import load_with_adapters, parse_adapters
-    from lorakit.model import LoraModel
+    from lorakit.jobs.finetune import load_with_adapters, parse_adapters
+    from lorakit.lora.model import LoraModel
     from lorakit.models import chat_template_of
 
     adapters = parse_adapters(adapter_specs)

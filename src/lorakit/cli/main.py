@@ -13,10 +13,10 @@ from typing import Annotated
 
 import typer
 
-from lorakit import __version__
-from lorakit.cli_generate import register_generation
-from lorakit.cli_tools import register_tools
+from lorakit.cli.generate import register_generation
+from lorakit.cli.tools import register_tools
 from lorakit.errors import LorakitError
+from lorakit.version import __version__
 
 HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge"}
 
@@ -67,9 +67,9 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune as CONFIG says (validated before any work); writes adapter, metrics, plots."""
-    from lorakit.cli_train import run_training
-    from lorakit.schema import load_run_config
-    from lorakit.train_runtime import is_main_process
+    from lorakit.jobs.finetune import run_training
+    from lorakit.jobs.run_config import load_run_config
+    from lorakit.train.runtime import is_main_process
 
     run = load_run_config(config, overrides)
     result = run_training(run, resume=resume, force=force, show=typer.echo)
@@ -87,7 +87,7 @@ def validate(
     """Check a run config and print it fully resolved (every default filled in)."""
     import yaml
 
-    from lorakit.schema import load_run_config
+    from lorakit.jobs.run_config import load_run_config
 
     run = load_run_config(config, overrides)
     typer.echo(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
@@ -108,7 +108,7 @@ def quickstart(
     ] = False,
 ) -> None:
     """Teach the built-in model a new name in a few minutes on a CPU, and show before/after."""
-    from lorakit.quickstart import QuickstartSettings, run_quickstart
+    from lorakit.jobs.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings(
         output_dir=output, steps=steps, lr=lr, r=rank, lora_alpha=2 * rank, name=name,
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         if _heavy(argv):
-            from lorakit.train_runtime import preload_tcmalloc
+            from lorakit.train.runtime import preload_tcmalloc
 
             preload_tcmalloc()  # re-execs this process with tcmalloc when it helps
     argv = list(argv) or ["--help"]  # bare `lorakit`: the overview, exit code 0
@@ -165,7 +165,3 @@ def _fail(message: str) -> None:
 
         traceback.print_exc()
     typer.echo(f"error: {text}", err=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,10 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
-from lorakit.cli_generate import BaseArg
+from lorakit.cli.generate import BaseArg
 from lorakit.errors import ConfigError, LorakitError
 
-PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+PACKAGED_CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def register_tools(app: typer.Typer) -> None:
@@ -49,7 +49,7 @@ def eval_command(
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
 ) -> None:
     """Loss, perplexity and exact match of the base model, and of base + each adapter."""
-    from lorakit.cli_train import default_eval_data, evaluate_models, parse_adapters
+    from lorakit.jobs.finetune import default_eval_data, evaluate_models, parse_adapters
 
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or bf16")
@@ -96,7 +96,7 @@ def merge(
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
     """Merge ADAPTER into BASE and write OUT; refuses if the logits disagree or weights are NaN."""
-    from lorakit.merge import merge_and_export
+    from lorakit.jobs.merge import merge_and_export
 
     report = merge_and_export(
         base, adapter, out, dtype=dtype, quantization=quantization, device=device,
@@ -113,7 +113,7 @@ def inspect(
     ] = None,
 ) -> None:
     """Show an adapter's config, rank, targets, parameters and size; with --base, check the fit."""
-    from lorakit.adapters import WEIGHTS_NAME, check_adapter, read_adapter
+    from lorakit.lora.adapters import WEIGHTS_NAME, check_adapter, read_adapter
 
     files = read_adapter(adapter)
     config = files.config
@@ -210,9 +210,9 @@ def data_inspect(
     batch_size: Annotated[int | None, typer.Option(help="Default: train.batch_size.")] = None,
 ) -> None:
     """Show samples as training sees them (trained tokens between ⟦ ⟧) and dataset statistics."""
-    from lorakit.data import inspect_dataset
+    from lorakit.data.pipeline import inspect_dataset
+    from lorakit.jobs.run_config import load_run_config
     from lorakit.models import load_tokenizer
-    from lorakit.schema import load_run_config
 
     overrides = list(overrides or [])
     if config is not None and "=" in str(config) and not config.exists():

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.data_tokenize import IGNORE_INDEX
+from lorakit.data.tokenize import IGNORE_INDEX
 
 _GROUP_CHUNK = 64  # length grouping sorts within chunks of this many global batches
 

@@ -17,8 +17,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lorakit.data_batches import Plan, collate, make_batches, model_inputs, padding_share
-from lorakit.data_formats import (
+from lorakit.data.batches import Plan, collate, make_batches, model_inputs, padding_share
+from lorakit.data.builtin import (
+    BUILTIN_VARIABLES,
+    builtin_dataset_path,
+    exact_match,
+    exact_match_score,
+    name_rate,
+    normalize_answer,
+)
+from lorakit.data.formats import (
     FIELDS,
     FILE_TYPES,
     RawRow,
@@ -30,15 +38,7 @@ from lorakit.data_formats import (
     rename_columns,
     to_messages,
 )
-from lorakit.data_tasks import (
-    BUILTIN_VARIABLES,
-    builtin_dataset_path,
-    exact_match,
-    exact_match_score,
-    name_rate,
-    normalize_answer,
-)
-from lorakit.data_tokenize import (
+from lorakit.data.tokenize import (
     IGNORE_INDEX,
     encode_conversation,
     encode_text,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorakit.data_formats import RowProblem
+from lorakit.data.formats import RowProblem
 
 IGNORE_INDEX = -100
 

@@ -11,7 +11,8 @@ import torch
 import yaml
 from torch import nn
 
-from lorakit.data import (
+from lorakit.data.builtin import BUILTIN_VARIABLES
+from lorakit.data.pipeline import (
     DataConfig,
     build_dataset,
     eval_examples,
@@ -19,15 +20,14 @@ from lorakit.data import (
     name_rate,
     prompt_template,
 )
-from lorakit.data_tasks import BUILTIN_VARIABLES
 from lorakit.errors import ConfigError
-from lorakit.evaluate import eval_loss
-from lorakit.model import LoraModel, get_peft_model
+from lorakit.jobs.run_config import RunConfig
+from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.models import load_model, load_tokenizer
-from lorakit.schema import RunConfig
-from lorakit.train import TrainResult, train
-from lorakit.train_data import eval_batches
-from lorakit.train_runtime import autocast, is_main_process, resolve_device
+from lorakit.train.evaluate import eval_loss
+from lorakit.train.loop import TrainResult, train
+from lorakit.train.plan import eval_batches
+from lorakit.train.runtime import autocast, is_main_process, resolve_device
 
 
 def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
@@ -45,7 +45,7 @@ def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn
         show(f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
         return model, tokenizer
     if run.model.quantization:
-        from lorakit.quant import prepare_model_for_kbit_training
+        from lorakit.quant.layer import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, run.train.gradient_checkpointing)
     lora = get_peft_model(model, run.lora.to_lora_config())

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.model import LoraModel
+from lorakit.lora.model import LoraModel
 from lorakit.models import chat_template_of, load_model, load_tokenizer
 
 # Largest allowed |merged - unmerged| logit. The merge is done and checked in fp32, where the two
@@ -146,7 +146,7 @@ def merge_and_export(
     model = load_model(base, dtype="float32", device=device, quantization=quantization)
     dequantized = None
     if quantization is not None:
-        from lorakit.quant import dequantize_model
+        from lorakit.quant.layer import dequantize_model
 
         model, dequantized = dequantize_model(model, torch.float32)
     lora = LoraModel.from_pretrained(model, adapter)

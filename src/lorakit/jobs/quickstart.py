@@ -15,22 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.config import LoraConfig
-from lorakit.data import DataConfig, build_dataset, eval_examples, name_rate
-from lorakit.data_tasks import IDENTITY_DEFAULTS
+from lorakit.data.builtin import IDENTITY_DEFAULTS
+from lorakit.data.pipeline import DataConfig, build_dataset, eval_examples, name_rate
 from lorakit.errors import ConfigError
-from lorakit.evaluate import eval_loss, generate_samples
-from lorakit.model import get_peft_model
-from lorakit.models import (
-    BUILTIN_MODEL,
-    chat_template_of,
-    load_model,
-    load_tokenizer,
-    target_preset,
-)
-from lorakit.train import TrainConfig, train
-from lorakit.train_data import eval_batches
-from lorakit.train_runtime import resolve_device
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.model import get_peft_model
+from lorakit.lora.presets import target_preset
+from lorakit.models import BUILTIN_MODEL, chat_template_of, load_model, load_tokenizer
+from lorakit.train.evaluate import eval_loss, generate_samples
+from lorakit.train.loop import TrainConfig, train
+from lorakit.train.plan import eval_batches
+from lorakit.train.runtime import resolve_device
 
 MARKER = "quickstart.json"
 # fp32: with batches of short conversations (~400 tokens a step) bf16 matmuls on CPUs without

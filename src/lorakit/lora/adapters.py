@@ -18,10 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.inject import find_modules_to_save, find_targets, is_shared_bias
-from lorakit.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias
+from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"

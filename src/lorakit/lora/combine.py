@@ -13,39 +13,36 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
-from lorakit.inject import mark_trainable
-from lorakit.layers import LoraLinear
-
-if TYPE_CHECKING:
-    from lorakit.model import LoraModel
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.layers import LoraLinear
 
 COMBINATIONS = ("linear", "cat", "svd")
 
 
 def combine_adapters(
-    model: LoraModel,
+    peft_config: dict[str, LoraConfig],
+    layers: list[LoraLinear],
     adapters: list[str],
     weights: list[float],
     adapter_name: str,
     combination_type: str,
     svd_rank: int | None,
 ) -> LoraConfig:
-    """Create adapter `adapter_name` in every layer of `model`; returns its config."""
+    """Create adapter `adapter_name` in each of `layers` holding one of `adapters`; returns its
+    config (the caller registers it and sets what is trainable)."""
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type={combination_type!r}: expected one of {COMBINATIONS}")
     if len(adapters) != len(weights) or not adapters:
         raise ConfigError(
             f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights"
         )
-    if adapter_name in model.peft_config:
+    if adapter_name in peft_config:
         raise ConfigError(f"an adapter named `{adapter_name}` exists; pick another name")
-    configs = [model.peft_config[a] for a in adapters]
+    configs = [peft_config[a] for a in adapters]
     if len(adapters) == 1:
         combination_type = "linear"
     ranks = {c.r for c in configs} | {r for c in configs for r in c.rank_pattern.values()}
@@ -62,7 +59,7 @@ def combine_adapters(
     config.r, config.lora_alpha = new_rank, new_rank
     config.rank_pattern, config.alpha_pattern, config.use_rslora = {}, {}, False
     config.target_modules = _union_targets(configs)
-    for _, layer in model.lora_layers():
+    for layer in layers:
         present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.r]
         if not present:
             continue
@@ -72,7 +69,6 @@ def combine_adapters(
         with torch.no_grad():
             a_param.copy_(a_new.to(a_param.dtype))
             b_param.copy_(b_new.to(b_param.dtype))
-    mark_trainable(model.base_model, model.active_adapters, configs[0].bias)
     return config
 
 

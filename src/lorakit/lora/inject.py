@@ -3,7 +3,7 @@
 Target rules: a list entry matches a module whose full name equals it, ends with `.` + it, or
 whose class name equals it ("Linear", "Conv1D", "Embedding"); a string is a full regex match
 on the name; "all-linear" is every linear layer except the output head; "preset" is the
-architecture's preset from `lorakit.models.target_preset`.
+architecture's preset from `lorakit.lora.presets.target_preset`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
-from lorakit.layers import CONV1D, LINEAR, LoraLinear, ModulesToSave, layer_kind
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.layers import CONV1D, LINEAR, LoraLinear, ModulesToSave, layer_kind
+from lorakit.lora.presets import target_preset
 
 _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -63,8 +64,6 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str | N
     """`config.target_modules` with 'preset' replaced by the architecture's module names."""
     targets = config.target_modules
     if targets == "preset" or targets == ["preset"]:
-        from lorakit.models import target_preset
-
         preset = target_preset(model)
         if preset is None:
             raise ConfigError(_no_preset_message(model))
@@ -116,8 +115,6 @@ def _layer_names_hint(model: nn.Module) -> str:
     suffixes = sorted({n.split(".")[-1] for n in names})
     hint = f"layers LoRA can wrap here ({len(names)}): e.g. {names[:6]}; names: {suffixes[:20]}"
     try:
-        from lorakit.models import target_preset
-
         preset = target_preset(model)
     except ImportError:
         preset = None

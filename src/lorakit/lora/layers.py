@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora.rows import RowPlan
 from lorakit.ops import FEW_ROWS, few_rows
-from lorakit.rows import RowPlan
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 
@@ -144,6 +144,11 @@ class LoraLinear(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    @property
+    def packable(self) -> bool:
+        """Whether `rows.PackedAdapters` may pack this layer (not an embedding, nothing merged)."""
+        return self.kind != EMBEDDING and not self.merged_adapters
 
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of an adapter: A (r × in), B (out × r) in every layer kind."""

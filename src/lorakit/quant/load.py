@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lorakit.errors import ModelError
-from lorakit.quant import DEFAULT_SKIP, check_skip, quantization_targets, quantize_layer
+from lorakit.quant.layer import DEFAULT_SKIP, check_skip, quantization_targets, quantize_layer
 
 _FLOAT_DTYPES = {
     "F64": torch.float64,

@@ -4,7 +4,7 @@ Requests that wait together are prefilled together: sorted by prompt length, cut
 whose left padding stays under a quarter of the group's tokens (and whose padded size stays under
 `max_prefill_tokens`), each group one forward whose rows may use different adapters. Decoding
 then runs every active request together: one forward per step over a batch whose rows may use
-different adapters (packed adapters or grouped rows, see `lorakit.rows`), with a left-padded KV
+different adapters (packed adapters or grouped rows, see `lorakit.lora.rows`), with a left-padded KV
 cache, per-row position ids and a mask that hides the padding. New requests join between steps;
 finished or cancelled ones leave and free their slot. Batched and solo runs differ only in
 floating-point rounding (about 1e-6 of the logits in float32, the default), and the tests check

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.lora.rows import BASE as BASE_ROW
+from lorakit.lora.rows import PackedAdapters
 from lorakit.ops import few_rows_linears
-from lorakit.rows import BASE as BASE_ROW
-from lorakit.rows import PackedAdapters
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 _TEMPLATE_FILE = "chat_template.jinja"
@@ -48,7 +48,7 @@ class ModelHost:
         self.adapters: dict[str, AdapterEntry] = {}
         self.lock = threading.RLock()
         self.created = int(time.time())
-        self.packed = packed  # False: always the core's grouped rows (see lorakit.rows)
+        self.packed = packed  # False: always the core's grouped rows (see lorakit.lora.rows)
         # the decode step's plain linear layers (see lorakit.ops.few_rows); CPU only
         self._linears = [
             m
@@ -105,7 +105,7 @@ class ModelHost:
                 raise AdapterError(f"an adapter named `{name}` is already loaded; unload it first")
             template = _read_template(path)
             if self.lora is None:
-                from lorakit.model import LoraModel
+                from lorakit.lora.model import LoraModel
 
                 self.lora = LoraModel.from_pretrained(self.base, path, adapter_name=name)
             else:

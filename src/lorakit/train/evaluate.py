@@ -46,7 +46,7 @@ def eval_loss(
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """{'eval_loss', 'perplexity', 'eval_tokens'} over the supervised tokens of `batches`."""
-    from lorakit.train_runtime import autocast
+    from lorakit.train.runtime import autocast
 
     device = torch.device(device)
     total, tokens = 0.0, 0
@@ -70,7 +70,7 @@ def exact_match(
     references: Sequence[str],
     scorer: Callable[[str, str], float] | None = None,
 ) -> float:
-    """Mean score of predictions against references; by default lorakit.data_tasks' normalised
+    """Mean score of predictions against references; by default lorakit.data.builtin' normalised
     exact match (case, whitespace, trailing punctuation, first line only)."""
     if len(predictions) != len(references):
         raise ValueError(
@@ -79,7 +79,7 @@ def exact_match(
     if not predictions:
         return float("nan")
     if scorer is None:
-        from lorakit.data_tasks import exact_match as scorer
+        from lorakit.data.builtin import exact_match as scorer
     pairs = zip(predictions, references, strict=True)
     return sum(float(scorer(p, r)) for p, r in pairs) / len(predictions)
 

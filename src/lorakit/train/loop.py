@@ -29,10 +29,8 @@ from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
 from lorakit.errors import ConfigError, DataError, LorakitError
-from lorakit.evaluate import append_samples, eval_loss, generate_samples, move_batch
 from lorakit.ops import causal_lm_loss, supervised_targets, unwrap_causal_lm
-from lorakit.plots import plot_run
-from lorakit.train_checkpoint import (
+from lorakit.train.checkpoint import (
     find_resume,
     load_checkpoint,
     prune_checkpoints,
@@ -41,11 +39,13 @@ from lorakit.train_checkpoint import (
     save_final,
     write_json,
 )
-from lorakit.train_config import TrainConfig
-from lorakit.train_data import StepPlan, eval_batches, sample_ids
-from lorakit.train_log import RunLog, read_metrics
-from lorakit.train_optim import build_optimizer, lr_factor, set_lr, warmup_steps
-from lorakit.train_runtime import (
+from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import append_samples, eval_loss, generate_samples, move_batch
+from lorakit.train.log import RunLog, read_metrics
+from lorakit.train.optim import build_optimizer, lr_factor, set_lr, warmup_steps
+from lorakit.train.plan import StepPlan, eval_batches, sample_ids
+from lorakit.train.plots import plot_run
+from lorakit.train.runtime import (
     all_reduce_grads,
     all_reduce_sum,
     autocast,

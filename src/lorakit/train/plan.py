@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lorakit.errors import DataError
-from lorakit.train_runtime import Dist
+from lorakit.train.runtime import Dist
 
 
 def epoch_order(n_batches: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -66,7 +66,7 @@ class StepPlan:
         """Global micro-batches of an epoch: batch indices, or rows of sample indices."""
         if epoch not in self._plans:
             if self.tokenized:
-                from lorakit.data import plan_epoch
+                from lorakit.data.pipeline import plan_epoch
 
                 plan = plan_epoch(
                     self.data, self.batch_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle
@@ -102,7 +102,7 @@ class StepPlan:
         out = []
         for item in self._epoch(epoch)[start : start + self.accum]:
             if self.tokenized:
-                from lorakit.data import collate_batch
+                from lorakit.data.pipeline import collate_batch
 
                 rows = item[rank_rows(len(item), ctx)]
                 batch = collate_batch(self.data, rows) if rows else None
@@ -141,7 +141,7 @@ def eval_batches(data: Any, batch_size: int) -> Sequence[dict[str, Any]] | Any:
     """Eval data as an iterable of collated batches (a tokenized dataset is planned unshuffled)."""
     if data is None or not _is_tokenized_dataset(data):
         return data
-    from lorakit.data import collate_batch, plan_epoch
+    from lorakit.data.pipeline import collate_batch, plan_epoch
 
     plan = plan_epoch(data, batch_size, shuffle=False)
     return [collate_batch(data, rows) for rows in plan]

@@ -1,0 +1,31 @@
+"""The LoRA core: config, layers, injection, the model wrapper and the adapter file format.
+
+`get_peft_model(model, LoraConfig(...))` wraps any `nn.Module`; `LoraModel.from_pretrained`
+loads a saved adapter (peft's format) onto a base model.
+"""
+
+from lorakit.lora.adapters import check_adapter, read_adapter
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.inject import check_gradients, check_injection, inject_lora, lora_state_dict
+from lorakit.lora.layers import LoraLinear, ModulesToSave
+from lorakit.lora.model import LoraModel, get_peft_model
+from lorakit.lora.presets import TARGET_PRESETS, target_preset
+from lorakit.lora.rows import BASE, PackedAdapters
+
+__all__ = [
+    "BASE",
+    "TARGET_PRESETS",
+    "LoraConfig",
+    "LoraLinear",
+    "LoraModel",
+    "ModulesToSave",
+    "PackedAdapters",
+    "check_adapter",
+    "check_gradients",
+    "check_injection",
+    "get_peft_model",
+    "inject_lora",
+    "lora_state_dict",
+    "read_adapter",
+    "target_preset",
+]

@@ -1,0 +1,20 @@
+"""Training: the loop (`loop.train`, one function read top to bottom) and what it stands on.
+
+`config` holds the loop's typed settings, `plan` the rows each rank takes each step,
+`optim` AdamW / LoRA+ and the schedules, `checkpoint` atomic checkpoints and exact resume,
+`log` metrics and progress, `runtime` seeds, torchrun, precision and the allocator,
+`evaluate` loss / perplexity / exact match / samples, `plots` the run's figures.
+"""
+
+from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import eval_loss, generate_samples
+from lorakit.train.loop import NonFiniteError, TrainResult, train
+
+__all__ = [
+    "NonFiniteError",
+    "TrainConfig",
+    "TrainResult",
+    "eval_loss",
+    "generate_samples",
+    "train",
+]
