@@ -7,6 +7,7 @@ one-paragraph message on stderr and exit code 1 (no traceback), a usage error ex
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -75,6 +76,8 @@ def train(
     result = run_training(run, resume=resume, force=force, show=typer.echo)
     if is_main_process():  # under torchrun, rank 0 reports (errors surface from every rank)
         typer.echo(f"run directory: {result.output_dir}")
+    if result.interrupted:  # stopped by a signal after checkpointing: 128 + its number
+        raise typer.Exit(128 + (result.stop_signal or signal.SIGINT))
 
 
 @app.command()
@@ -145,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except typer.Exit as done:
         return done.exit_code
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        return 130
+    except typer.Abort as abort:  # click's form of KeyboardInterrupt (and EOF at a prompt)
+        typer.echo("interrupted" if abort.__cause__ else "aborted", err=True)
+        return 128 + getattr(abort.__cause__, "signum", signal.SIGINT)
     except typer.TyperException as error:  # usage errors: show() prints usage and the reason
         error.show()
         return getattr(error, "exit_code", 2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         typer.echo("interrupted", err=True)
-        return 130
+        return 128 + getattr(interrupt, "signum", signal.SIGINT)
     return 0
 
 
