@@ -1,7 +1,9 @@
 """The `lorakit` command: each subcommand is a thin shell over the library.
 
 `main(argv)` runs the app in-process and returns the exit code; a `LorakitError` becomes a
-one-paragraph message on stderr and exit code 1 (no traceback), a usage error exit code 2.
+one-paragraph message on stderr and exit code 1 (no traceback), a usage error exit code 2, an
+interrupt (Ctrl-C, or SIGINT / SIGTERM that stopped a run after its checkpoint) 128 + the
+signal's number with the line `interrupted`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lorakit.cli.tools import register_tools
 from lorakit.errors import LorakitError
 from lorakit.version import __version__
 
+INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM}
 HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge"}
 
 app = typer.Typer(
@@ -70,10 +73,13 @@ def train(
     """Fine-tune as CONFIG says (validated before any work); writes adapter, metrics, plots."""
     from lorakit.jobs.finetune import run_training
     from lorakit.jobs.run_config import load_run_config
-    from lorakit.train.runtime import is_main_process
+    from lorakit.train.runtime import Interrupted, is_main_process
 
     run = load_run_config(config, overrides)
-    result = run_training(run, resume=resume, force=force, show=typer.echo)
+    try:
+        result = run_training(run, resume=resume, force=force, show=typer.echo)
+    except Interrupted as stopped:  # a second signal: stopped at once
+        raise typer.Exit(128 + stopped.signum) from None
     if is_main_process():  # under torchrun, rank 0 reports (errors surface from every rank)
         typer.echo(f"run directory: {result.output_dir}")
     if result.interrupted:  # stopped by a signal after checkpointing: 128 + its number
@@ -142,22 +148,22 @@ def main(argv: list[str] | None = None) -> int:
             preload_tcmalloc()  # re-execs this process with tcmalloc when it helps
     argv = list(argv) or ["--help"]  # bare `lorakit`: the overview, exit code 0
     try:
-        app(args=argv, prog_name="lorakit", standalone_mode=False)
+        code = app(args=argv, prog_name="lorakit", standalone_mode=False)
     except LorakitError as error:
         _fail(str(error))
         return 1
     except typer.Exit as done:
         return done.exit_code
-    except typer.Abort as abort:  # click's form of KeyboardInterrupt (and EOF at a prompt)
-        typer.echo("interrupted" if abort.__cause__ else "aborted", err=True)
-        return 128 + getattr(abort.__cause__, "signum", signal.SIGINT)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
     except typer.TyperException as error:  # usage errors: show() prints usage and the reason
         error.show()
         return getattr(error, "exit_code", 2)
-    except KeyboardInterrupt as interrupt:
+    code = code if isinstance(code, int) else 0  # typer returns a command's typer.Exit(n)
+    if code in INTERRUPTED:  # Ctrl-C anywhere (typer makes it 130), or a stopped run
         typer.echo("interrupted", err=True)
-        return 128 + getattr(interrupt, "signum", signal.SIGINT)
-    return 0
+    return code
 
 
 def _fail(message: str) -> None:
