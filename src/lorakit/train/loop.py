@@ -135,7 +135,10 @@ def _clean_leftovers(output_dir: Path) -> list[str]:
     try:
         return clean_leftovers(output_dir) + clean_leftovers(output_dir / "checkpoints")
     except OSError as err:
-        raise storage_error(err, output_dir) or err from err
+        failure = storage_error(err, output_dir)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 def _due(step: int, every: int | None) -> bool:
@@ -384,7 +387,10 @@ def train(
             if config.plots:
                 plot_run(result.history, output_dir / "plots")
     except (OSError, SafetensorError) as err:
-        raise storage_error(err, output_dir) or err from err
+        failure = storage_error(err, output_dir)
+        if failure is None:
+            raise
+        raise failure from err
     finally:
         restore_signals(old_handlers)
         if log is not None:
