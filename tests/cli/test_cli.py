@@ -125,10 +125,8 @@ def test_train_reports_on_rank_0_only(tiny_dir, tmp_path, monkeypatch, capsys, r
     lines = ["LoRA: ", "rows used", "final model: ", "plots: ", f"run directory: {out}"]
     if rank == "0":
         assert all(line in text for line in lines), text
-        assert (out / "config.yaml").is_file()
     else:
         assert not any(line in text for line in lines), text
-        assert not (out / "config.yaml").exists()  # rank 0 writes it
     # errors still surface from every rank
     assert main(["train", config]) == 1
     assert "error: " in capsys.readouterr().err
