@@ -95,8 +95,8 @@ def test_non_finite_merge_is_refused(tmp_path):
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     weights = {k: torch.full_like(v, 1e30) for k, v in weights.items()}  # finite, B @ A is not
     save_file(weights, str(adapter / "adapter_model.safetensors"))
-    with pytest.raises(AdapterError, match="non-finite|NaN"):
-        merge_and_export(str(base), adapter, tmp_path / "merged")
+    with pytest.raises(AdapterError, match=r"update of .*q_proj .* is not finite"):
+        merge_and_export(str(base), adapter, tmp_path / "merged")  # refused when loading
     assert not (tmp_path / "merged").exists()
 
 
