@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,23 @@ log = logging.getLogger("lorakit.serve")
 
 
 def is_loopback(host: str) -> bool:
-    """True for 'localhost' and loopback IP addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
+    """True for 'localhost' and loopback addresses in any spelling the system resolves the same
+    way: 127.0.0.0/8 (also '127.1', '0x7f.1', '2130706433'), ::1 and ::ffff:127.x.y.z."""
+    host = host.strip().strip("[]").lower()
+    if host in ("localhost", "localhost."):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        if not re.fullmatch(r"[0-9a-fx.]+", host):
+            return False  # a host name: not known to be loopback without asking DNS
+        try:  # the short and hexadecimal IPv4 forms getaddrinfo accepts
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except OSError:
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def check_bind(host: str, api_key: str | None, allow_insecure_bind: bool) -> None:
