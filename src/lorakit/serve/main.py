@@ -52,19 +52,16 @@ def check_bind(host: str, api_key: str | None, allow_insecure_bind: bool) -> Non
 
 def context_length(model: torch.nn.Module, tokenizer: Any, limit: int | None = None) -> int:
     """Tokens one sequence may hold: `limit`, else the model's position limit."""
+    from lorakit.models import context_length as model_context
+
     if limit is not None:
         if limit < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {limit}")
         return limit
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < 1_000_000:
-        return value
-    raise ConfigError("cannot tell the model's context length; pass max_model_len")
+    value = model_context(model, tokenizer)
+    if value is None:
+        raise ConfigError("cannot tell the model's context length; pass max_model_len")
+    return value
 
 
 def eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
