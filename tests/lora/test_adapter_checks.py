@@ -94,12 +94,16 @@ def test_wrong_config_values_name_the_field(adapter, field, value, says):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_inspect_refuses_a_wrong_value(adapter, capsys):
+def test_inspect_refuses_wrong_values_without_a_base(adapter, capsys):
     from lorakit.cli.main import main
 
     edit_config(adapter, alpha_pattern={"q_proj": "big"})
     assert main(["inspect", str(adapter)]) == 1
     assert "alpha_pattern['q_proj']='big'" in capsys.readouterr().err
+    edit_config(adapter, alpha_pattern={})
+    edit_tensors(adapter, lambda t: t[B_KEY].fill_(3e38))
+    assert main(["inspect", str(adapter)]) == 1
+    assert "the update of model.layers.0.self_attn.q_proj" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,23 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
             f"{weights}: not a readable safetensors file ({error}); the file is truncated or "
             "corrupt: save the adapter again"
         ) from None
+    check_tensors(weights, config, tensors)
     return AdapterFiles(directory, config, tensors, read_chat_template(directory))
+
+
+def check_tensors(where: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that are not floating point or not finite, and LoRA pairs whose update
+    `scaling * B @ A` reaches past MAX_UPDATE; AdapterError names the file and the key."""
+    for key, tensor in tensors.items():
+        _check_values(where, key, tensor)
+    for key in tensors:
+        for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"),
+                                   (".lora_embedding_A", ".lora_embedding_B")):  # fmt: skip
+            stem = key.removesuffix(a_suffix)
+            if stem != key and stem + b_suffix in tensors:
+                name = stem.removeprefix(PREFIX)
+                a, b = tensors[key], tensors[stem + b_suffix]
+                _check_update(where, name, a, b, config.scaling_for(name))
 
 
 def read_chat_template(directory: str | Path) -> str | None:
@@ -250,9 +266,9 @@ def normalise_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> AdapterCheck:
-    """Raise `AdapterError` unless the adapter fits `model` exactly: keys, shapes, float dtypes,
-    finite values and updates `scaling * B @ A` of at most MAX_UPDATE. Warns about entries of
-    `target_modules` the base does not have."""
+    """Raise `AdapterError` unless the adapter fits `model` exactly: keys and shapes (values and
+    dtypes were checked by `read_adapter`). Warns about entries of `target_modules` the base
+    does not have."""
     files = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter)
     where = files.directory / WEIGHTS_NAME
     base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
@@ -277,10 +293,6 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
             f"{where}: unexpected key {unexpected[0]} ({len(unexpected)} in all): the base has no "
             "such module for this adapter config (another base model, or a config/weights mismatch)"
         )
-    for key, tensor in tensors.items():
-        _check_values(where, key, tensor)
-    for name in check.target_names:
-        _check_update(where, name, tensors, files.config.scaling_for(name))
     missing = unmatched_targets(base, files.config)
     if missing:
         warnings.warn(
@@ -312,13 +324,10 @@ def _check_values(where: Path, key: str, tensor: torch.Tensor) -> None:
         raise AdapterError(f"{where}: {key} holds non-finite values (NaN/inf)")
 
 
-def _check_update(where: Path, name: str, tensors: dict[str, torch.Tensor], scaling: float) -> None:
+def _check_update(where: Path, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
     """Refuse a LoRA update scaling * B @ A with an entry beyond MAX_UPDATE (or non-finite)."""
-    stem = PREFIX + name
-    if stem + ".lora_A.weight" in tensors:
-        a, b = tensors[stem + ".lora_A.weight"], tensors[stem + ".lora_B.weight"]
-    else:
-        a, b = tensors[stem + ".lora_embedding_A"], tensors[stem + ".lora_embedding_B"]
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+        return  # shapes are checked against the base later, with a better message
     a, b = a.float(), b.float()  # A (r, in), B (out, r)
     # max |(B @ A)_ij| <= sum_k max_i |B_ik| * max_j |A_kj|: exact products only when needed
     largest = abs(scaling) * float((b.abs().amax(0) * a.abs().amax(1)).sum()) if a.numel() else 0
