@@ -218,6 +218,20 @@ def test_huge_prompts_do_not_block_health(served):
     assert len(done) == 4 and answered < min(done)
 
 
+def test_any_positive_temperature_samples_finite_probabilities():
+    """(logits - max) / T: the best token scores 0, so T = 1e-45 is greedy, not NaN."""
+    from lorakit.serve.decode import SamplingParams, sample_token
+
+    logits = torch.tensor([3.0e4, -2.0, 2.9e4, 1.0])
+    for temperature in (1e-45, 1e-30, 1e-8):
+        params = SamplingParams(max_tokens=1, temperature=temperature, seed=0)
+        assert sample_token(logits, params, params.generator()) == 0
+    tied = SamplingParams(max_tokens=1, temperature=1e-45, seed=0)
+    generator = tied.generator()
+    draws = {sample_token(torch.tensor([5.0, 5.0, 1.0]), tied, generator) for _ in range(40)}
+    assert draws == {0, 1}  # greedy among the tied best tokens
+
+
 def test_loopback_in_every_spelling():
     for host in ("127.1", "::ffff:127.0.0.1", "0x7f.0.0.1", "2130706433", "[::1]", "127.0.0.2"):
         assert is_loopback(host), host
