@@ -89,6 +89,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             hit = _name_matches(targets, name, module)
         if not hit or _name_matches(config.exclude_modules, name, module):
             continue
+        if _inside_modules_to_save(name, config.modules_to_save):
+            continue  # as in peft: a module saved whole is not also LoRA-adapted
         if layer_kind(module) is None:
             if isinstance(targets, list) and type(module).__name__ in targets:
                 continue  # a class-name target matched a container of that name
@@ -103,11 +105,21 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 continue
         found.append((name, module))
     if not found:
+        saved = (
+            f" outside modules_to_save={config.modules_to_save}" if config.modules_to_save else ""
+        )
         raise ConfigError(
-            f"target_modules={targets!r} matched no layer of {type(model).__name__}\n"
+            f"target_modules={targets!r} matched no layer of {type(model).__name__}{saved}\n"
             + _layer_names_hint(model)
         )
     return found
+
+
+def _inside_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool:
+    """Whether module `name` is, or lies inside, a module `modules_to_save` names."""
+    parts = name.split(".")
+    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return any(p == w or p.endswith("." + w) for w in modules_to_save or [] for p in prefixes)
 
 
 def _layer_names_hint(model: nn.Module) -> str:

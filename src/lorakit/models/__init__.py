@@ -10,6 +10,7 @@ from lorakit.models.builtin import (
 )
 from lorakit.models.loading import (
     ModelConfig,
+    context_length,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -24,6 +25,7 @@ __all__ = [
     "PLAIN_TEMPLATE",
     "ModelConfig",
     "chat_template_of",
+    "context_length",
     "ensure_builtin_model",
     "load_model",
     "load_model_and_tokenizer",

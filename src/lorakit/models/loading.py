@@ -284,3 +284,15 @@ def load_model_and_tokenizer(config: ModelConfig) -> tuple[Any, Any]:
         attn_implementation=config.attn_implementation,
     )
     return model, tokenizer
+
+
+def context_length(model: Any, tokenizer: Any = None) -> int | None:
+    """Tokens one sequence may hold (the model's position limit, else the tokenizer's), or None
+    when neither says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
