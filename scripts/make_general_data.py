@@ -3,8 +3,8 @@
 Mixed into the identity data by `lorakit quickstart`, these rows keep the fine-tuned model's
 behaviour on everything that is not about its name ("self-distillation"): the training target is
 what the base model already says. Each answer is the base model's greedy reply, cut after its
-last complete sentence; a reply that repeats itself (a word trigram three times or more) or
-has no complete sentence is dropped. Run once from the repository root; the output is committed:
+last complete sentence; a reply that `lorakit.data.builtin.degenerate` rejects (a loop, no
+complete sentence) is dropped. Run once from the repository root; the output is committed:
 
     PYTHONPATH=src python scripts/make_general_data.py
 """
@@ -15,9 +15,9 @@ import json
 import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
+from lorakit.data.builtin import degenerate
 from lorakit.models import BUILTIN_MODEL, load_model, load_tokenizer
 from lorakit.train.evaluate import generate_samples
 
@@ -79,13 +79,6 @@ def complete_sentences(text: str) -> str:
     text = " ".join(text.split())
     ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
     return text[: ends[-1]] if ends else text
-
-
-def degenerate(text: str) -> bool:
-    """Whether a reply loops (a word trigram three times or more) or has no sentence end."""
-    words = text.lower().split()
-    trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
-    return not re.search(r"[.!?]$", text) or max(trigrams.values(), default=0) >= 3
 
 
 def main() -> None:

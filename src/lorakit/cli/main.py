@@ -88,9 +88,10 @@ def validate(
     """Check a run config and print it fully resolved (every default filled in)."""
     import yaml
 
-    from lorakit.jobs.run_config import load_run_config
+    from lorakit.jobs.run_config import check_data, load_run_config
 
     run = load_run_config(config, overrides)
+    check_data(run)
     typer.echo(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     typer.echo(f"{config}: valid", err=True)
 

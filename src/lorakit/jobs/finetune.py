@@ -21,7 +21,7 @@ from lorakit.data.pipeline import (
     prompt_template,
 )
 from lorakit.errors import ConfigError
-from lorakit.jobs.run_config import RunConfig
+from lorakit.jobs.run_config import RunConfig, check_data
 from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.models import load_model, load_tokenizer
 from lorakit.train.evaluate import eval_loss
@@ -79,6 +79,7 @@ def run_training(
     main = is_main_process()
     if not main:
         show = _silent
+    check_data(run)  # a missing or unreadable dataset stops here, before the model loads
     model, tokenizer = build_model(run, show)
     train_set = build_dataset(run.data, tokenizer)
     show(train_set.summary())
