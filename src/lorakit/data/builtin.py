@@ -112,8 +112,8 @@ def name_rate(predictions: Sequence[str], name: str = IDENTITY_DEFAULTS["name"])
 
 
 def degenerate(text: str) -> bool:
-    """Whether an answer is unusable: empty, looping (a word trigram three or more times) or
+    """Whether an answer is unusable: empty, looping (a word trigram four or more times) or
     without one complete sentence (., !, ?, 。)."""
     words = text.lower().split()
     trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
-    return not re.search(r"[.!?。]", text) or max(trigrams.values(), default=0) >= 3
+    return not re.search(r"[.!?。]", text) or max(trigrams.values(), default=0) >= 4

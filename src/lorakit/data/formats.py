@@ -53,6 +53,11 @@ def read_rows(path: str | Path) -> list[RawRow]:
         raise DataError(
             f"dataset file {path} has suffix `{path.suffix}`; expected one of "
             f"{', '.join(FILE_TYPES)}"
+            + (
+                "; turn a .txt file into `text` rows first (docs/data-formats.md shows how)"
+                if path.suffix.lower() == ".txt"
+                else ""
+            )  # fmt: skip
         )
     if kind == "jsonl":
         return _read_jsonl(path)

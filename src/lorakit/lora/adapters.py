@@ -9,7 +9,6 @@ touching it, and never unpickles.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.files import staging_dir
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
@@ -70,7 +70,7 @@ def save_adapter(
             f"refusing to save adapter `{adapter_name}`: non-finite values in {bad[0]}"
         )
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = staging_dir(directory.parent, f".{directory.name}.tmp-")
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(staging)
