@@ -46,3 +46,17 @@ def test_help_prints_option_names_whole(capsys):
     assert main(["generate", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--repetition-penalty" in text and "…" not in text
+
+
+def test_init_points_at_the_config_that_runs_offline(tmp_path, capsys):
+    import yaml
+
+    from lorakit.cli import main
+
+    assert main(["init", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    config = tmp_path / "smollm2-lora.yaml"
+    assert last.startswith(f"next: lorakit train {config}")
+    data = yaml.safe_load(config.read_text())  # the built-in model and data: no hub needed
+    assert data["model"]["name_or_path"] == "smollm2-135m-instruct"
+    assert data["data"]["dataset"] == "identity"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.files import staging_dir
+from lorakit.files import apply_umask, staging_dir
 from lorakit.lora.model import LoraModel
 from lorakit.models import chat_template_of, load_model, load_tokenizer
 
@@ -116,6 +116,7 @@ def save_folder(model: nn.Module, tokenizer: Any, template: str | None, out: Pat
         if template:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(staging)
+        apply_umask(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

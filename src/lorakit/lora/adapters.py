@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.files import staging_dir
+from lorakit.files import apply_umask, staging_dir
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
@@ -76,6 +76,7 @@ def save_adapter(
         config.save(staging)
         if chat_template:
             (staging / CHAT_TEMPLATE_NAME).write_text(chat_template)
+        apply_umask(staging)
         _fsync_dir(staging)
         if directory.exists():
             _replace_dir(staging, directory)

