@@ -79,11 +79,15 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
-        "identity", description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name."
+        "identity",
+        description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name (identity, "
+        "general, arithmetic).",
     )
     split: str = Field("train", description="Split of a built-in dataset (train or test).")
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = Field(
-        "auto", description="Row format; auto detects it from the columns of the first row."
+        "auto",
+        description="Row format (the columns of each: docs/data-formats.md); auto detects it "
+        "from the columns of the first row.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map lorakit field names to the file's column names."
