@@ -152,6 +152,7 @@ class TokenizedDataset:
     rows_total: int
     skipped: list[str] = field(default_factory=list)
     truncated: int = 0
+    raw_text: bool = False  # rows of the `text` format: no prompt format, trained on whole
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -275,8 +276,9 @@ def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
         truncated += cut
         samples.append(Sample(ids, labels, row.where))
     dataset = TokenizedDataset(
-        samples, config, source, tokenizer.pad_token_id, len(conversations), problems, truncated
-    )
+        samples, config, source, tokenizer.pad_token_id, len(conversations), problems, truncated,
+        raw_text=any(isinstance(c, str) for _, c in conversations),
+    )  # fmt: skip
     _check_problems(dataset)
     return dataset
 
