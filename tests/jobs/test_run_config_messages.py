@@ -96,3 +96,14 @@ def test_train_checks_data_before_loading_the_model(tmp_path, monkeypatch, capsy
     path = write(tmp_path, f"output_dir: {tmp_path / 'run'}\ndata:\n  dataset: identiy\n")
     assert main(["train", str(path)]) == 1
     assert "data.dataset = 'identiy'" in capsys.readouterr().err
+
+
+def test_invalid_json_names_the_position_once(tmp_path):
+    from lorakit.data.formats import read_rows
+
+    rows = read_rows(write(tmp_path, '{"text": "a}', "cut.jsonl"))  # cut off: no newline
+    assert str(rows[0].value) == "invalid JSON (Unterminated string starting at column 10)"
+    with pytest.raises(DataError) as caught:
+        read_rows(write(tmp_path, '[{"text": "a}]', "cut.json"))
+    assert "(Unterminated string starting at line 1, column 11)" in str(caught.value)
+    assert "at at" not in str(caught.value)

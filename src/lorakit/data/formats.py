@@ -77,9 +77,15 @@ def _read_jsonl(path: Path) -> list[RawRow]:
             try:
                 value: Any = json.loads(line)
             except json.JSONDecodeError as err:
-                value = RowProblem(f"invalid JSON ({err.msg} at column {err.colno})")
+                value = RowProblem(f"invalid JSON ({_json_reason(err)} at column {err.colno})")
             rows.append(RawRow(number, where, value))
     return rows
+
+
+def _json_reason(err: json.JSONDecodeError) -> str:
+    """json's reason without a trailing 'at' ("Unterminated string starting at"), so that the
+    position can follow it once."""
+    return err.msg.removesuffix(" at")
 
 
 def _read_json(path: Path) -> list[RawRow]:
@@ -87,7 +93,9 @@ def _read_json(path: Path) -> list[RawRow]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        raise DataError(
+            f"{path}: invalid JSON ({_json_reason(err)} at line {err.lineno}, column {err.colno})"
+        ) from err
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
