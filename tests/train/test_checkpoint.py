@@ -118,3 +118,18 @@ def test_preload_tcmalloc_reexecs_once(tmp_path):
         [sys.executable, str(script), "x"], env=env, capture_output=True, text=True
     )
     assert out.stdout.strip() == "loaded False ['x']", out.stderr
+
+
+def test_an_earlier_run_is_continued_with_the_cli_flag(tmp_path):
+    from lorakit.errors import ConfigError
+    from lorakit.train.checkpoint import find_resume
+
+    done = tmp_path / "checkpoints" / "step-00000002"
+    done.mkdir(parents=True)
+    (done / "state.json").write_text("{}")
+    (done / "COMPLETE").write_text("ok\n")
+    with pytest.raises(ConfigError) as caught:
+        find_resume(tmp_path, None)
+    # the command-line flag first; the Python spelling only as the library's alternative
+    assert "`lorakit train ... --resume auto`" in str(caught.value)
+    assert "pass resume='auto'" not in str(caught.value)

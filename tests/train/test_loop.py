@@ -238,7 +238,8 @@ def test_nonfinite_loss_stops_with_step_and_samples(tmp_path):
 
     def poison(module, args, output):
         count["n"] += 1
-        if count["n"] == 7:  # step 3, first micro-batch (2 train + 1 eval forward a step)
+        # step 3, first micro-batch: 1 eval forward before training, then 2 train + 1 eval a step
+        if count["n"] == 8:
             output[0].fill_(float("nan")) if isinstance(output, tuple) else output.fill_(
                 float("nan")
             )

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
-from torch import nn
 
 from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:  # torch loads only when a command runs, not for --help or --version
+    import torch
+    from torch import nn
 
 ADAPTER_HELP = "Adapter dir, or name=dir; repeat for several (all applied, or --weights)."
 BaseArg = Annotated[
@@ -109,21 +111,23 @@ class _Streamer:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
-@torch.no_grad()
 def stream_reply(
     model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: Sampling, out=None
 ) -> str:
     """Generate from prompt ids (1, T), streaming the text to `out` (stdout); returns it."""
+    import torch
+
     device = next(model.parameters()).device
     ids = ids.to(device)
     streamer = _Streamer(tokenizer, ids.shape[1], out)
-    model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        pad_token_id=tokenizer.pad_token_id,
-        streamer=streamer,
-        **sampling.generate_kwargs(),
-    )
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling.generate_kwargs(),
+        )
     return streamer.text()
 
 
@@ -188,6 +192,8 @@ def register_generation(app: typer.Typer) -> None:
         device: str = "cpu",
     ) -> None:
         """Complete one prompt, streaming tokens to the terminal."""
+        import torch
+
         torch.manual_seed(seed)
         sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         model, tokenizer, template = prepare_model(
@@ -214,6 +220,8 @@ def register_generation(app: typer.Typer) -> None:
         device: str = "cpu",
     ) -> None:
         """Talk with the model; the conversation is kept (/reset clears it, /exit quits)."""
+        import torch
+
         torch.manual_seed(seed)
         sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         model, tokenizer, template = prepare_model(

@@ -32,6 +32,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -96,9 +97,10 @@ def validate(
     """Check a run config and print it fully resolved (every default filled in)."""
     import yaml
 
-    from lorakit.jobs.run_config import load_run_config
+    from lorakit.jobs.run_config import check_data, load_run_config
 
     run = load_run_config(config, overrides)
+    check_data(run)
     typer.echo(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     typer.echo(f"{config}: valid", err=True)
 

@@ -53,6 +53,11 @@ def read_rows(path: str | Path) -> list[RawRow]:
         raise DataError(
             f"dataset file {path} has suffix `{path.suffix}`; expected one of "
             f"{', '.join(FILE_TYPES)}"
+            + (
+                "; turn a .txt file into `text` rows first (docs/data-formats.md shows how)"
+                if path.suffix.lower() == ".txt"
+                else ""
+            )  # fmt: skip
         )
     if kind == "jsonl":
         return _read_jsonl(path)
@@ -89,9 +94,15 @@ def _read_jsonl(path: Path) -> list[RawRow]:
             try:
                 value: Any = json.loads(line)
             except json.JSONDecodeError as err:
-                value = RowProblem(f"invalid JSON ({err.msg} at column {err.colno})")
+                value = RowProblem(f"invalid JSON ({_json_reason(err)} at column {err.colno})")
             rows.append(RawRow(number, where, value))
     return rows
+
+
+def _json_reason(err: json.JSONDecodeError) -> str:
+    """json's reason without a trailing 'at' ("Unterminated string starting at"), so that the
+    position can follow it once."""
+    return err.msg.removesuffix(" at")
 
 
 def _read_json(path: Path) -> list[RawRow]:
@@ -99,7 +110,9 @@ def _read_json(path: Path) -> list[RawRow]:
     try:
         data = json.loads(_decode(path, path.read_bytes()))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        raise DataError(
+            f"{path}: invalid JSON ({_json_reason(err)} at line {err.lineno}, column {err.colno})"
+        ) from err
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:

@@ -20,9 +20,9 @@ from lorakit.data.pipeline import (
     prompt_template,
 )
 from lorakit.errors import ConfigError
-from lorakit.jobs.run_config import RunConfig
+from lorakit.jobs.run_config import RunConfig, check_data
 from lorakit.lora.model import LoraModel, get_peft_model
-from lorakit.models import load_model, load_tokenizer
+from lorakit.models import RAW_TEMPLATE, load_model, load_tokenizer
 from lorakit.train.checkpoint import find_resume
 from lorakit.train.evaluate import eval_loss
 from lorakit.train.loop import TrainResult, train
@@ -70,8 +70,11 @@ def run_training(
     find_resume(output_dir, resume)  # a directory the run would write over: refused before loading
     if not is_main_process():
         show = _silent
+    check_data(run)  # a missing or unreadable dataset stops here, before the model loads
     model, tokenizer = build_model(run, show)
     train_set = build_dataset(run.data, tokenizer)
+    if train_set.raw_text and isinstance(model, LoraModel):  # samples and the saved adapter:
+        model.chat_template = RAW_TEMPLATE  # prompts as plain text, no chat turns around them
     show(train_set.summary())
     eval_config = run.eval_data_config()
     eval_set = build_dataset(eval_config, tokenizer) if eval_config else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.files import apply_umask, staging_dir
 from lorakit.lora.model import LoraModel
 from lorakit.models import chat_template_of, load_model, load_tokenizer
 
@@ -109,13 +109,14 @@ def merge_model(lora: LoraModel) -> nn.Module:
 def save_folder(model: nn.Module, tokenizer: Any, template: str | None, out: Path) -> None:
     """Write a plain HF folder atomically: staging directory, then rename into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = staging_dir(out.parent, f".{out.name}.tmp-")
     try:
         model.config.use_cache = True
         model.save_pretrained(staging, safe_serialization=True)
         if template:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(staging)
+        apply_umask(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.files import apply_umask, staging_dir
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
@@ -78,12 +78,13 @@ def save_adapter(
             f"refusing to save adapter `{adapter_name}`: non-finite values in {bad[0]}"
         )
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = staging_dir(directory.parent, f".{directory.name}.tmp-")
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(staging)
         if chat_template:
             (staging / CHAT_TEMPLATE_NAME).write_text(chat_template)
+        apply_umask(staging)
         _fsync_dir(staging)
         if directory.exists():
             _replace_dir(staging, directory)

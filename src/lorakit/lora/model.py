@@ -16,7 +16,12 @@ import lorakit.lora.adapters as files
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets
+from lorakit.lora.inject import (
+    add_adapter_layers,
+    mark_trainable,
+    resolve_targets,
+    saved_targets,
+)
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
 
@@ -276,6 +281,7 @@ class LoraModel(nn.Module):
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
+            config.target_modules = saved_targets(self.base_model, config, name)
             files.save_adapter(self.base_model, target, name, config, self.chat_template)
 
     @classmethod

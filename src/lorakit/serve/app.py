@@ -116,8 +116,12 @@ def _add_error_handlers(app: Any) -> None:
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        wrapped = ApiError(error.status_code, str(error.detail))
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code in (404, 405):  # no such route (or method): not a missing model
+            message = f"no route {request.method} {request.url.path}; see GET /v1/models"
+            wrapped = ApiError(error.status_code, message, code="unknown_url")
+        else:
+            wrapped = ApiError(error.status_code, str(error.detail))
         return JSONResponse(wrapped.body(), status_code=error.status_code)
 
     @app.exception_handler(Exception)
@@ -346,6 +350,7 @@ async def _load(state: ServerState, body: LoadAdapterRequest) -> dict:
             404,
             "runtime adapter loading is off; start the server with --adapters-root DIR "
             "--allow-runtime-loading",
+            code="endpoint_disabled",
         )
     try:
         check_adapter_name(body.lora_name, state.host.base_name)
@@ -363,7 +368,10 @@ async def _load(state: ServerState, body: LoadAdapterRequest) -> dict:
 
 async def _unload(state: ServerState, body: UnloadAdapterRequest) -> dict:
     if not state.allow_runtime_loading:
-        raise ApiError(404, "runtime adapter loading is off; see --allow-runtime-loading")
+        raise ApiError(
+            404, "runtime adapter loading is off; see --allow-runtime-loading",
+            code="endpoint_disabled",
+        )  # fmt: skip
 
     def unload() -> None:
         with state.host.lock:

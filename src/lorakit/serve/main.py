@@ -123,6 +123,14 @@ def build_state(
     return ServerState(host, engine, tokenizer, max_context, root, allow_runtime_loading)
 
 
+def served_models(base_name: str, adapters: list[str], host: str, port: int) -> str:
+    """What the server prints on start: its address and the model ids a request may name."""
+    lines = [f"serving http://{host}:{port}/v1 (OpenAI-compatible); model ids for requests:"]
+    lines.append(f"  {base_name}  (the base model)")
+    lines += [f"  {name}  (adapter)" for name in adapters]
+    return "\n".join(lines)
+
+
 def serve_main(
     model: str,
     adapters: list[str] | dict[str, str] | None = None,
@@ -169,6 +177,7 @@ def serve_main(
         threads=threads,
     )
     app = create_app(state, api_key=api_key, max_body_bytes=max_body_bytes)
+    print(served_models(state.host.base_name, list(state.host.adapters), host, port), flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

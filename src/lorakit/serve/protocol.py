@@ -10,21 +10,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class ApiError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        """The JSON body."""
+        """The JSON body; the code says which kind of 404 (a model, a route, an endpoint off)."""
         kinds = {
             401: ("authentication_error", "invalid_api_key"),
-            404: ("invalid_request_error", "model_not_found"),
+            404: ("invalid_request_error", "model_not_found" if self.param == "model" else None),
             413: ("invalid_request_error", "request_too_large"),
         }
         kind, code = kinds.get(self.status, ("invalid_request_error", None))
         if self.status >= 500:
             kind = "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": code}}
+        error = {"message": self.message, "type": kind, "param": self.param}
+        return {"error": {**error, "code": self.code or code}}
 
 
 # Every body is validated strictly: JSON types as OpenAI documents them ("yes" is no boolean,

@@ -290,8 +290,9 @@ def find_resume(output_dir: Path, resume: str | Path | bool | None) -> Path | No
     if resume in (None, False):
         if latest_checkpoint(root) is not None:
             raise ConfigError(
-                f"{output_dir} holds checkpoints of an earlier run; pass resume='auto' to "
-                "continue it, or choose a new output_dir"
+                f"{output_dir} holds checkpoints of an earlier run; continue it with "
+                "`lorakit train ... --resume auto` (train(..., resume='auto') in Python), or "
+                "choose a new output_dir"
             )
         check_fresh_dir(output_dir)
         return None

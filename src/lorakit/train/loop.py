@@ -268,6 +268,8 @@ def train(
     reset_peak_memory(device)  # memory_mb: the peak since training began
     result = TrainResult(output_dir=output_dir, steps=start_step, total_steps=total_steps)
     evals = eval_batches(eval_data, config.batch_size)
+    if ctx.main and eval_data is not None and start_step == 0:  # the "before" of before -> after
+        log.log(_evaluate(model, tokenizer, evals, config, device, 0, output_dir))
 
     try:
         if ctx.main:
