@@ -268,8 +268,6 @@ def train(
     reset_peak_memory(device)  # memory_mb: the peak since training began
     result = TrainResult(output_dir=output_dir, steps=start_step, total_steps=total_steps)
     evals = eval_batches(eval_data, config.batch_size)
-    if ctx.main and eval_data is not None and start_step == 0:  # the "before" of before -> after
-        log.log(_evaluate(model, tokenizer, evals, config, device, 0, output_dir))
 
     try:
         if ctx.main:
@@ -279,6 +277,8 @@ def train(
                 log.message(note)
             if checkpoint_path is not None:
                 log.message(f"resumed from {checkpoint_path} at step {start_step}/{total_steps}")
+            if eval_data is not None and start_step == 0:  # the "before" of before -> after
+                log.log(_evaluate(model, tokenizer, evals, config, device, 0, output_dir))
         for step in range(start_step, total_steps):
             t0, c0 = time.perf_counter(), time.process_time()
             step_seed(config.seed, step, ctx.rank)  # dropout masks depend on (seed, step, rank)
