@@ -67,7 +67,7 @@ def test_a_read_only_output_dir_is_one_clear_error(tiny_dir, tmp_path, capsys):
     finally:
         subprocess.run(["umount", str(disk)], check=True)
     err = capsys.readouterr().err
-    assert f"\nerror: output_dir {disk / 'run'} is not writable (Read-only file system)" in err
+    assert f"error: output_dir {disk / 'run'} is not writable (Read-only file system)" in err
     assert "Traceback" not in err
 
 
@@ -145,8 +145,9 @@ def test_a_second_signal_exits_with_its_code(tiny_dir, tmp_path, monkeypatch, ca
 
 def test_sigint_during_start_up_prints_one_line(tiny_dir, tmp_path):
     process = start(write_config(tmp_path, tiny_dir, tmp_path / "run"))
-    time.sleep(0.5)  # importing torch, or loading the model
+    first = process.stdout.readline()  # the model is loaded; the data is being read next
+    assert first.startswith("LoRA:"), first
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err

@@ -290,10 +290,15 @@ def _check_problems(dataset: TokenizedDataset) -> None:
         f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
     )
     if problems and len(problems) == dataset.rows_total:  # the whole file: no skip will help
+        hint = (
+            "every row is too long: raise data.max_length or shorten the prompts"
+            if all("truncation" in p for p in problems)
+            else "the file does not hold rows of the expected format; check data.format and "
+            "data.columns against docs/data-formats.md"
+        )
         raise DataError(
             f"{dataset.source}: none of its {dataset.rows_total} rows can be used:\n  {listed}\n"
-            "the file does not hold rows of the expected format; check data.format and "
-            "data.columns against docs/data-formats.md"
+            + hint
         )
     if problems and config.bad_rows == "error":
         raise DataError(
