@@ -5,17 +5,26 @@ from lorakit.lora import (
     LoraConfig,
     LoraLinear,
     LoraModel,
+    TaskType,
     check_gradients,
     check_injection,
     get_peft_model,
+    get_peft_model_state_dict,
     inject_lora,
     lora_state_dict,
+    set_peft_model_state_dict,
 )
+from lorakit.quant import prepare_model_for_kbit_training
 from lorakit.version import __version__
 
-PeftModel = (
-    LoraModel  # `from lorakit import PeftModel` reads like peft's `PeftModel.from_pretrained`
+# peft's names for the same things: lorakit has one config class and one model class for every
+# task type (peft's PeftModelForCausalLM etc. differ only in their forward's signature).
+PeftConfig = LoraConfig
+PeftModel = LoraModel
+PeftModelForCausalLM = PeftModelForSequenceClassification = PeftModelForTokenClassification = (
+    LoraModel
 )
+PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = LoraModel
 
 __all__ = [
     "AdapterError",
@@ -26,11 +35,21 @@ __all__ = [
     "LoraModel",
     "LorakitError",
     "ModelError",
+    "PeftConfig",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "TaskType",
     "check_gradients",
     "check_injection",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "inject_lora",
     "lora_state_dict",
+    "prepare_model_for_kbit_training",
+    "set_peft_model_state_dict",
     "__version__",
 ]
