@@ -57,6 +57,11 @@ class LoraModel(HFFace):
 
     # ---------------------------------------------------------------- adapters
     @property
+    def active_peft_config(self) -> LoraConfig:
+        """The config of the first active adapter."""
+        return self.peft_config[self.active_adapter]
+
+    @property
     def active_adapter(self) -> str:
         """The first active adapter's name."""
         return self.active_adapters[0]
@@ -289,6 +294,14 @@ class LoraModel(HFFace):
         if "state_dict" in kwargs:
             trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
             save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the wrapped model's `push_to_hub` would upload the whole model."""
+        raise AdapterError(
+            "LoraModel.push_to_hub is not supported by lorakit (lorakit works offline); write the "
+            "adapter with save_pretrained(dir) and upload that folder with huggingface_hub's "
+            "upload_folder"
+        )
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
