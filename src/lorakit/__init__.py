@@ -1,30 +1,76 @@
-"""lorakit: LoRA and QLoRA fine-tuning with a peft-compatible API and file format."""
+"""lorakit: LoRA and QLoRA fine-tuning with a peft-compatible API and file format.
+
+The names below are imported on first use (a module-level `__getattr__`), so that
+`import lorakit` and the command line's start-up do not load torch until something needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import AdapterError, ConfigError, DataError, LorakitError, ModelError
-from lorakit.lora import (
-    LoraConfig,
-    LoraLinear,
-    LoraModel,
-    TaskType,
-    check_gradients,
-    check_injection,
-    get_peft_model,
-    get_peft_model_state_dict,
-    inject_lora,
-    lora_state_dict,
-    set_peft_model_state_dict,
-)
-from lorakit.quant import prepare_model_for_kbit_training
 from lorakit.version import __version__
 
-# peft's names for the same things: lorakit has one config class and one model class for every
-# task type (peft's PeftModelForCausalLM etc. differ only in their forward's signature).
-PeftConfig = LoraConfig
-PeftModel = LoraModel
-PeftModelForCausalLM = PeftModelForSequenceClassification = PeftModelForTokenClassification = (
-    LoraModel
-)
-PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = LoraModel
+if TYPE_CHECKING:
+    from lorakit.lora import (
+        LoraConfig,
+        LoraLinear,
+        LoraModel,
+        TaskType,
+        check_gradients,
+        check_injection,
+        get_peft_model,
+        get_peft_model_state_dict,
+        inject_lora,
+        lora_state_dict,
+        set_peft_model_state_dict,
+    )
+    from lorakit.quant import prepare_model_for_kbit_training
+
+    PeftConfig = LoraConfig
+    PeftModel = PeftModelForCausalLM = PeftModelForSequenceClassification = LoraModel
+    PeftModelForTokenClassification = PeftModelForQuestionAnswering = LoraModel
+    PeftModelForFeatureExtraction = LoraModel
+
+# public name -> (module, attribute). peft's names for the same things: lorakit has one config
+# class and one model class for every task type (peft's PeftModelForCausalLM etc. differ only in
+# their forward's signature).
+_LAZY = {
+    **{
+        name: ("lorakit.lora", name)
+        for name in (
+            "LoraConfig", "LoraLinear", "LoraModel", "TaskType", "check_gradients",
+            "check_injection", "get_peft_model", "get_peft_model_state_dict", "inject_lora",
+            "lora_state_dict", "set_peft_model_state_dict",
+        )
+    },
+    "PeftConfig": ("lorakit.lora", "LoraConfig"),
+    **{
+        name: ("lorakit.lora", "LoraModel")
+        for name in (
+            "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification",
+            "PeftModelForTokenClassification", "PeftModelForQuestionAnswering",
+            "PeftModelForFeatureExtraction",
+        )
+    },
+    "prepare_model_for_kbit_training": ("lorakit.quant", "prepare_model_for_kbit_training"),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first access and keep it in the module."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AdapterError",

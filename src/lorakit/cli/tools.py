@@ -13,6 +13,7 @@ from lorakit.cli.generate import BaseArg
 from lorakit.errors import ConfigError, LorakitError
 
 PACKAGED_CONFIGS = Path(__file__).parents[1] / "configs"
+OFFLINE_CONFIG = "smollm2-lora.yaml"
 
 
 def register_tools(app: typer.Typer) -> None:
@@ -241,4 +242,5 @@ def init(
     for source in sources:
         shutil.copyfile(source, directory / source.name)
         typer.echo(f"wrote {directory / source.name}")
-    typer.echo(f"next: lorakit train {directory / sources[0].name}")
+    # the config that runs offline: the built-in model and the built-in identity data
+    typer.echo(f"next: lorakit train {directory / OFFLINE_CONFIG}   (runs offline, on a CPU)")
