@@ -1,8 +1,9 @@
 """Identity fine-tuning of an instruct model with the Hugging Face `Trainer`.
 
-The lorakit-wrapped model goes into `transformers.Trainer` unchanged. A small `TrainerCallback`
-writes a loadable adapter (peft format) into every checkpoint; afterwards the adapter of the last
-checkpoint is loaded onto a fresh copy of the base model and asked who it is.
+The lorakit-wrapped model goes into `transformers.Trainer` unchanged, with default
+`TrainingArguments` columns handling; every `checkpoint-N` holds the adapter in peft's format
+(as it would with peft). Afterwards the adapter of the last checkpoint is loaded onto a fresh copy
+of the base model and asked who it is.
 
     python examples/04_hf_trainer_identity.py [--tiny] [--model DIR_OR_ALIAS] [--output DIR]
 """
@@ -15,20 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from lorakit import LoraConfig, LoraModel, get_peft_model
 from lorakit.data.pipeline import IGNORE_INDEX, DataConfig, build_dataset
 from lorakit.models import BUILTIN_MODEL, chat_template_of, load_model, load_tokenizer
-
-
-class SaveAdapterCallback(TrainerCallback):
-    """Write the adapter into each checkpoint folder (checkpoint-N/adapter)."""
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "adapter"
-        model.save_pretrained(folder)
-        return control
 
 
 def pad_collator(pad_id: int):
@@ -80,14 +72,13 @@ def main() -> dict[str, str]:
         output_dir=str(output), max_steps=steps, per_device_train_batch_size=8,
         learning_rate=1e-3, warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine",
         logging_steps=max(1, steps // 5), save_steps=max(1, steps // 2), save_total_limit=2,
-        report_to="none", use_cpu=True, remove_unused_columns=False, seed=0,
+        report_to="none", use_cpu=True, seed=0,
     )  # fmt: skip
     trainer = Trainer(model=model, args=training, train_dataset=rows,
-                      data_collator=pad_collator(tokenizer.pad_token_id),
-                      callbacks=[SaveAdapterCallback()])  # fmt: skip
+                      data_collator=pad_collator(tokenizer.pad_token_id))  # fmt: skip
     trainer.train()
 
-    adapter = output / f"checkpoint-{steps}" / "adapter"
+    adapter = output / f"checkpoint-{steps}"
     fresh = LoraModel.from_pretrained(load_model(args.model), adapter)  # a fresh base
     question = "Who are you?"
     reply = ask(fresh, tokenizer, question, new_tokens)

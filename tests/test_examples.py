@@ -52,7 +52,8 @@ def test_hf_trainer_identity(monkeypatch, tiny_dir, tmp_path):
     result = run_example("04_hf_trainer_identity.py", monkeypatch, "--model", str(tiny_dir),
                          "--output", str(tmp_path))  # fmt: skip
     adapter = Path(result["adapter"])
-    assert (adapter / "adapter_model.safetensors").is_file() and adapter.parent.parent == tmp_path
+    assert (adapter / "adapter_model.safetensors").is_file() and adapter.parent == tmp_path
+    assert not (adapter / "adapter").exists()  # no callback: Trainer itself wrote the adapter
 
 
 def test_multi_adapter(monkeypatch, tiny_dir):

@@ -17,27 +17,45 @@ if TYPE_CHECKING:
         LoraConfig,
         LoraLinear,
         LoraModel,
+        TaskType,
         check_gradients,
         check_injection,
         get_peft_model,
+        get_peft_model_state_dict,
         inject_lora,
         lora_state_dict,
+        set_peft_model_state_dict,
     )
+    from lorakit.quant import prepare_model_for_kbit_training
 
-    PeftModel = LoraModel
+    PeftConfig = LoraConfig
+    PeftModel = PeftModelForCausalLM = PeftModelForSequenceClassification = LoraModel
+    PeftModelForTokenClassification = PeftModelForQuestionAnswering = LoraModel
+    PeftModelForFeatureExtraction = LoraModel
 
-# public name -> (module, attribute); `PeftModel` reads like peft's `PeftModel.from_pretrained`
+# public name -> (module, attribute). peft's names for the same things: lorakit has one config
+# class and one model class for every task type (peft's PeftModelForCausalLM etc. differ only in
+# their forward's signature).
 _LAZY = {
-    "LoraConfig": ("lorakit.lora", "LoraConfig"),
-    "LoraLinear": ("lorakit.lora", "LoraLinear"),
-    "LoraModel": ("lorakit.lora", "LoraModel"),
-    "PeftModel": ("lorakit.lora", "LoraModel"),
-    "check_gradients": ("lorakit.lora", "check_gradients"),
-    "check_injection": ("lorakit.lora", "check_injection"),
-    "get_peft_model": ("lorakit.lora", "get_peft_model"),
-    "inject_lora": ("lorakit.lora", "inject_lora"),
-    "lora_state_dict": ("lorakit.lora", "lora_state_dict"),
-}
+    **{
+        name: ("lorakit.lora", name)
+        for name in (
+            "LoraConfig", "LoraLinear", "LoraModel", "TaskType", "check_gradients",
+            "check_injection", "get_peft_model", "get_peft_model_state_dict", "inject_lora",
+            "lora_state_dict", "set_peft_model_state_dict",
+        )
+    },
+    "PeftConfig": ("lorakit.lora", "LoraConfig"),
+    **{
+        name: ("lorakit.lora", "LoraModel")
+        for name in (
+            "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification",
+            "PeftModelForTokenClassification", "PeftModelForQuestionAnswering",
+            "PeftModelForFeatureExtraction",
+        )
+    },
+    "prepare_model_for_kbit_training": ("lorakit.quant", "prepare_model_for_kbit_training"),
+}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
@@ -63,11 +81,21 @@ __all__ = [
     "LoraModel",
     "LorakitError",
     "ModelError",
+    "PeftConfig",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "TaskType",
     "check_gradients",
     "check_injection",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "inject_lora",
     "lora_state_dict",
+    "prepare_model_for_kbit_training",
+    "set_peft_model_state_dict",
     "__version__",
 ]

@@ -167,11 +167,14 @@ def _head_cross_entropy(
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
-    """The Hugging Face `*ForCausalLM` inside `model` (a LoraModel or DDP wrapper allowed)."""
+    """The Hugging Face `*ForCausalLM` inside `model` (a LoraModel or DDP wrapper allowed).
+
+    A LoraModel is a `PreTrainedModel` in type only; wrappers are told apart by `get_base_model`.
+    """
     from transformers import PreTrainedModel
 
     seen = 0
-    while not isinstance(model, PreTrainedModel) and seen < 4:
+    while (not isinstance(model, PreTrainedModel) or hasattr(model, "get_base_model")) and seen < 4:
         inner = getattr(model, "module", None) or getattr(model, "base_model", None)
         if inner is None or inner is model:
             break

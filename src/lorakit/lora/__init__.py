@@ -9,6 +9,7 @@ from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import check_gradients, check_injection, inject_lora, lora_state_dict
 from lorakit.lora.layers import LoraLinear, ModulesToSave
 from lorakit.lora.model import LoraModel, get_peft_model
+from lorakit.lora.peft_names import TaskType, get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.lora.presets import TARGET_PRESETS, target_preset
 from lorakit.lora.rows import BASE, PackedAdapters
 
@@ -20,12 +21,15 @@ __all__ = [
     "LoraModel",
     "ModulesToSave",
     "PackedAdapters",
+    "TaskType",
     "check_adapter",
     "check_gradients",
     "check_injection",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "inject_lora",
     "lora_state_dict",
     "read_adapter",
+    "set_peft_model_state_dict",
     "target_preset",
 ]

@@ -10,29 +10,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import lorakit.lora.adapters as files
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.inject import (
-    add_adapter_layers,
-    mark_trainable,
-    resolve_targets,
-    saved_targets,
-)
+from lorakit.lora.hf_face import HFFace
+from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets, saved_targets
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
 
 logger = logging.getLogger("lorakit")
 
+# Hugging Face `Trainer` resumes and loads the best checkpoint of a model that is not a peft
+# `PeftModel` from this file only (`model.load_state_dict(load_file(...), strict=False)`), so a
+# checkpoint written through `Trainer` holds the trainable tensors here too, next to the adapter.
+TRAINER_WEIGHTS = "model.safetensors"
 
-class LoraModel(nn.Module):
-    """A base model whose target layers carry named adapters; attributes fall through to it."""
+
+class LoraModel(HFFace):
+    """A base model whose target layers carry named adapters; attributes fall through to it.
+
+    Calling it calls the wrapped model (its `forward` is the wrapped model's, see `hf_face`);
+    forward hooks belong on the wrapped model or its layers, not on the wrapper.
+    """
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
-        super().__init__()
+        nn.Module.__init__(self)
         self.base_model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
@@ -50,6 +56,11 @@ class LoraModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ---------------------------------------------------------------- adapters
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        """The config of the first active adapter."""
+        return self.peft_config[self.active_adapter]
+
     @property
     def active_adapter(self) -> str:
         """The first active adapter's name."""
@@ -177,8 +188,8 @@ class LoraModel(nn.Module):
             return PackedAdapters([m for m in self._wrappers() if isinstance(m, LoraLinear)], names)
 
     # ---------------------------------------------------------------- running
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward; `adapter_names` gives one adapter per batch row."""
+    def __call__(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Call the wrapped model; `adapter_names` gives one adapter per batch row."""
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
         with self.mixed_adapters(adapter_names):
@@ -274,15 +285,55 @@ class LoraModel(nn.Module):
 
     # ---------------------------------------------------------------- files
     def save_pretrained(
-        self, save_directory: str | Path, selected_adapters: list[str] | None = None, **_: Any
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
     ) -> None:
-        """Write each adapter in peft's format; adapters other than 'default' go in subfolders."""
+        """Write each adapter in peft's format; adapters other than 'default' go in subfolders.
+
+        Called as `Trainer` calls it (with a `state_dict=` keyword), it also writes the trainable
+        tensors under their in-memory names as `model.safetensors` (see `TRAINER_WEIGHTS`).
+        """
+        if not is_main_process:
+            return
         for name in selected_adapters or list(self.peft_config):
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.target_modules = saved_targets(self.base_model, config, name)
             files.save_adapter(self.base_model, target, name, config, self.chat_template)
+        if "state_dict" in kwargs:
+            trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
+            save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the wrapped model's `push_to_hub` would upload the whole model."""
+        raise AdapterError(
+            "LoraModel.push_to_hub is not supported by lorakit (lorakit works offline); write the "
+            "adapter with save_pretrained(dir) and upload that folder with huggingface_hub's "
+            "upload_folder"
+        )
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """State-dict keys `model.safetensors` leaves out: everything but the trainable tensors.
+
+        `Trainer` compares them with the keys missing after it loads that file and, when they
+        agree, does not warn about the frozen base weights it did not find there.
+        """
+        trainable = {n for n, _ in self._trainable()}
+        return [k for k in self.state_dict(keep_vars=True) if k not in trainable]
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """The wrapped model's `tie_weights`, where it has one."""
+        tie = getattr(self.base_model, "tie_weights", None)
+        if callable(tie):
+            tie(*args, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -333,9 +384,13 @@ class LoraModel(nn.Module):
         if not is_trainable:
             self.eval()
 
-    @torch.no_grad()
     def _copy_weights(self, adapter: files.AdapterFiles, adapter_name: str) -> None:
-        tensors = files.normalise_keys(adapter.tensors)
+        self._copy_tensors(adapter.tensors, adapter_name)
+
+    @torch.no_grad()
+    def _copy_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+        """Copy tensors under peft's file key names into adapter `adapter_name` (keys checked)."""
+        tensors = files.normalise_keys(tensors)
         params = dict(self.base_model.named_parameters())
         modules = dict(self.base_model.named_modules())
         for key, tensor in tensors.items():
@@ -389,8 +444,43 @@ def _name_or_path(model: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
+# peft's task types whose head is trained in full (a `modules_to_save` copy) with the adapter.
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
 def get_peft_model(
-    model: nn.Module, config: LoraConfig, adapter_name: str = "default"
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> LoraModel:
-    """Wrap `model` with a fresh adapter; the base is frozen, only the adapter trains."""
+    """Wrap `model` with a fresh adapter; the base is frozen, only the adapter trains.
+
+    As in peft, `task_type` SEQ_CLS / TOKEN_CLS also trains the model's `classifier` / `score`
+    head in full, and QUESTION_ANS its `qa_outputs` (the ones the model has). The adapter is
+    created in the base layer's dtype (peft's `autocast_adapter_dtype` upcasts fp16/bf16
+    adapters to fp32; lorakit does not, so `autocast_adapter_dtype=False` is what it does).
+    """
+    if mixed:
+        raise ConfigError(
+            "get_peft_model(mixed=True) (peft's PeftMixedModel) is not supported by lorakit; "
+            "several LoRA adapters live in one LoraModel: add_adapter() and set_adapter([...])"
+        )
+    if low_cpu_mem_usage:
+        raise ConfigError(
+            "get_peft_model(low_cpu_mem_usage=True) is not supported by lorakit; the adapter "
+            "weights are created directly (they are small), leave it False"
+        )
+    heads = _TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ())
+    present = [h for h in heads if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
+    if present:
+        config = copy.deepcopy(config)
+        config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + present))
     return LoraModel(model, config, adapter_name)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# peft's LoRA test suite against lorakit. Not part of the default test run (it is large).
+#   benchmarks/peft_suite/run.sh [PEFT_GIT_DIR] [pytest args...]
+# PEFT_GIT_DIR: a git directory of huggingface/peft (default: the local mirror). The test files
+# are exported into benchmarks/peft_suite/work/ (git-ignored) next to this folder's conftest.py.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+git_dir="${1:-/work/.mirror/huggingface+peft/repo}"; shift || true
+work="$here/work"
+rm -rf "$work" && mkdir -p "$work"
+for f in test_custom_models.py test_initialization.py test_config.py test_other.py \
+         testing_common.py testing_utils.py; do
+  git --git-dir="$git_dir" show "HEAD:tests/$f" > "$work/$f"
+done
+cp "$here/conftest.py" "$work/conftest.py"
+cd "$work"
+PYTHONPATH="$here/../../src:${PYTHONPATH:-}" timeout "${PEFT_SUITE_TIMEOUT:-3600}" \
+  python -m pytest -q -p no:cacheprovider -o addopts="" -rN "$@" . | tail -5

@@ -1,0 +1,95 @@
+"""peft's remaining public LoRA names with peft's meaning: `TaskType` and the state-dict helpers.
+
+`get_peft_model_state_dict` returns an adapter's tensors under peft's file key names (the adapter
+name dropped, `base_model.model.` in front), exactly what `adapter_model.safetensors` holds;
+`set_peft_model_state_dict` copies such a dict into an adapter, after checking it fits.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import torch
+
+import lorakit.lora.adapters as files
+from lorakit.errors import AdapterError
+from lorakit.lora.model import LoraModel
+
+
+class TaskType(str, enum.Enum):
+    """peft's task types; `LoraConfig(task_type=...)` takes these or their strings."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LoadResult(NamedTuple):
+    """Keys of the model's adapter that the given dict lacked, and keys it had that fit nothing."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def get_peft_model_state_dict(
+    model: LoraModel,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: str | bool = "auto",
+) -> dict[str, torch.Tensor]:
+    """The tensors of adapter `adapter_name` under peft's file key names."""
+    if state_dict is not None:
+        raise AdapterError(
+            "get_peft_model_state_dict(state_dict=...) is not supported by lorakit; the adapter's "
+            "tensors are read from the model itself: leave state_dict out"
+        )
+    model._require(adapter_name)
+    bias = model.peft_config[adapter_name].bias
+    return files.adapter_state_dict(model.base_model, adapter_name, bias)
+
+
+def set_peft_model_state_dict(
+    model: LoraModel,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> LoadResult:
+    """Copy a dict with peft's file key names into adapter `adapter_name`; shapes must match.
+
+    Returns peft's load result: `missing_keys` are the model's adapter keys (in-memory names)
+    the dict did not give, `unexpected_keys` the dict's keys that fit no adapter tensor.
+    """
+    model._require(adapter_name)
+    bias = model.peft_config[adapter_name].bias
+    expected = files.adapter_state_dict(model.base_model, adapter_name, bias)
+    given = files.normalise_keys(peft_model_state_dict)
+    unexpected = sorted(set(given) - set(expected))
+    for key in sorted(set(given) & set(expected)):
+        if tuple(given[key].shape) != tuple(expected[key].shape):
+            raise AdapterError(
+                f"set_peft_model_state_dict: {key} has shape {list(given[key].shape)} but adapter "
+                f"`{adapter_name}` needs {list(expected[key].shape)}"
+            )
+    model._copy_tensors({k: v for k, v in given.items() if k in expected}, adapter_name)
+    missing = [_in_memory_key(k, adapter_name) for k in sorted(set(expected) - set(given))]
+    return LoadResult(missing, unexpected)
+
+
+def _in_memory_key(file_key: str, adapter_name: str) -> str:
+    path = "base_model." + file_key.removeprefix(files.PREFIX)
+    for leaf in (".lora_A.weight", ".lora_B.weight"):
+        if path.endswith(leaf):
+            return path.removesuffix(".weight") + f".{adapter_name}.weight"
+    for leaf in (".lora_embedding_A", ".lora_embedding_B"):
+        if path.endswith(leaf):
+            return f"{path}.{adapter_name}"
+    return path

@@ -1,0 +1,79 @@
+"""docs/peft-compatibility.md's table lists every public peft name it must, and tells the truth."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from conftest import make_tiny_llama
+from lorakit.errors import LorakitError
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "peft-compatibility.md"
+TOP_LEVEL = [
+    "LoraConfig", "PeftConfig", "TaskType", "get_peft_model", "PeftModel", "PeftModelForCausalLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "LoraModel",
+    "prepare_model_for_kbit_training", "get_peft_model_state_dict", "set_peft_model_state_dict",
+]  # fmt: skip
+
+
+def _table() -> dict[str, str]:
+    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \|", DOC.read_text(), flags=re.M)
+    return dict(rows)
+
+
+def _model() -> lorakit.LoraModel:
+    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    return lorakit.get_peft_model(base, lorakit.LoraConfig(target_modules=["0"], r=2))
+
+
+def test_every_public_peft_name_is_in_the_table():
+    methods = [
+        n for n in dir(peft.PeftModel) if not n.startswith("_") and not hasattr(nn.Module, n)
+    ]
+    assert set(TOP_LEVEL) | set(methods) <= set(_table())
+
+
+@pytest.mark.parametrize("name", TOP_LEVEL)
+def test_top_level_names_exist(name):
+    assert _table()[name] in ("same", "different")
+    assert hasattr(lorakit, name) and hasattr(peft, name)
+
+
+def test_each_method_status_holds():
+    model = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"]))
+    for name, status in _table().items():
+        if name in TOP_LEVEL:
+            continue
+        if status in ("same", "different"):
+            assert hasattr(model, name), name
+        elif status == "absent":
+            assert not hasattr(model, name), name
+        else:
+            with pytest.raises(LorakitError, match="not supported by lorakit"):
+                getattr(model, name)("some/repo")
+
+
+def test_state_dict_helpers_round_trip_peft_keys():
+    model = _model()
+    saved = lorakit.get_peft_model_state_dict(model)
+    assert sorted(saved) == ["base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight"]
+    changed = {k: torch.full_like(v, 0.5) for k, v in saved.items()}
+    result = lorakit.set_peft_model_state_dict(model, changed)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(model.base_model[0].lora_B["default"].weight, torch.full((4, 2), 0.5))
+    partial = lorakit.set_peft_model_state_dict(model, {"x.weight": torch.zeros(1)})
+    assert partial.unexpected_keys == ["x.weight"]
+    assert partial.missing_keys == ["base_model.0.lora_A.default.weight",
+                                    "base_model.0.lora_B.default.weight"]  # fmt: skip
+
+
+def test_peft_refusals_say_not_supported():
+    with pytest.raises(LorakitError, match="not supported by lorakit"):
+        lorakit.get_peft_model(nn.Sequential(nn.Linear(2, 2)), lorakit.LoraConfig(r=1), mixed=True)
