@@ -83,7 +83,7 @@ def test_three_variants_give_one_report_row_each_with_peft_counts(tiny_dir, tmp_
 
 def test_bad_variant_key_is_refused_before_anything_runs(tiny_dir, tmp_path):
     path = write_sweep(tmp_path, tiny_dir, variants={"ok": {}, "typo": {"lora.rr": 3}})
-    with pytest.raises(ConfigError, match=r"variant `r=1,typo`.*unknown key `lora.rr`"):
+    with pytest.raises(ConfigError, match=r"variant `r=1\+typo`.*unknown key `lora.rr`"):
         plan_sweep(path)
     assert not (tmp_path / "out").exists()
 
@@ -99,10 +99,10 @@ def test_a_failing_variant_is_recorded_and_the_rest_run(tiny_dir, tmp_path):
     path = write_sweep(tmp_path, tiny_dir, zip={}, grid={"lora.r": [2]}, variants=variants)
     result = run_sweep(plan_sweep(path), show=lambda _: None)
     status = {r["name"]: r["status"] for r in result.records}
-    assert status == {"r=2,fine": "finished", "r=2,broken": "failed"}
-    broken = json.loads((tmp_path / "out" / "r=2,broken" / "error.json").read_text())
+    assert status == {"r=2+fine": "finished", "r=2+broken": "failed"}
+    broken = json.loads((tmp_path / "out" / "r=2+broken" / "error.json").read_text())
     assert "no_such_layer" in broken["error"]
-    assert "r=2,broken" in (tmp_path / "out" / "report.md").read_text().split("## Failed")[1]
+    assert "r=2+broken" in (tmp_path / "out" / "report.md").read_text().split("## Failed")[1]
 
 
 def test_interrupted_sweep_resumes_and_skips_finished_variants(tiny_dir, tmp_path, monkeypatch):

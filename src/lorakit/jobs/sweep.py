@@ -9,7 +9,8 @@ A sweep file (YAML) holds
     variants: {q_only: {lora.target_modules: [q_proj]}, full: {method: full}}   # 1 axis
     prompts: ["What is 12 + 7?"]          # greedy answers recorded for every variant
 
-The variants are the product of the axes (here 2 x 2 = 4, or with `variants` 2 x 2 x 2); each
+The variants are the product of the axes, in this order (here 2 x 2 = 4, or with `variants`
+2 x 2 x 2), named by their labels joined with '+' (`r=4+use_rslora=false`); each
 is the base config with its overrides applied, trained as `lorakit train` would, in
 `<output_dir>/<variant>/`. Every variant's config is validated before the first one starts.
 A finished variant has `variant.json`; `--resume` skips those, continues an interrupted one
@@ -106,10 +107,6 @@ def _label(key: str, value: Any) -> str:
 def _axes(config: SweepConfig, where: str) -> list[list[tuple[str, dict[str, Any]]]]:
     """Each axis as a list of (label, overrides)."""
     axes = []
-    for key, values in config.grid.items():
-        if not values:
-            raise ConfigError(f"{where}: grid.{key} is an empty list; give at least one value")
-        axes.append([(_label(key, v), {key: v}) for v in values])
     if config.zip:
         lengths = {key: len(values) for key, values in config.zip.items()}
         if len(set(lengths.values())) != 1 or not next(iter(lengths.values())):
@@ -119,6 +116,10 @@ def _axes(config: SweepConfig, where: str) -> list[list[tuple[str, dict[str, Any
         keys = list(config.zip)
         rows = zip(*config.zip.values(), strict=True)
         axes.append([(_label(keys[0], row[0]), dict(zip(keys, row, strict=True))) for row in rows])
+    for key, values in config.grid.items():
+        if not values:
+            raise ConfigError(f"{where}: grid.{key} is an empty list; give at least one value")
+        axes.append([(_label(key, v), {key: v}) for v in values])
     if config.variants:
         for name in config.variants:
             if not name or "/" in name or name.startswith("."):
@@ -157,7 +158,7 @@ def plan_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     output_dir = Path(config.output_dir)
     variants, seen = [], set()
     for combo in itertools.product(*_axes(config, str(path))):
-        name = ",".join(label for label, _ in combo)
+        name = "+".join(label for label, _ in combo)
         if name in seen:
             raise ConfigError(f"{path}: two variants are both named `{name}`")
         seen.add(name)
@@ -172,7 +173,7 @@ def plan_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         except ConfigError as error:
             raise ConfigError(str(error)) from None
         variants.append(Variant(name, merged, run))
-    axes = list(config.grid) + list(config.zip)[:1] + (["variant"] if config.variants else [])
+    axes = list(config.zip)[:1] + list(config.grid) + (["variant"] if config.variants else [])
     return Sweep(
         str(path), output_dir, variants, config.prompts, config.max_new_tokens, axes,
         config.baseline,
