@@ -76,7 +76,7 @@ def test_three_variants_give_one_report_row_each_with_peft_counts(tiny_dir, tmp_
     report = (out / "report.md").read_text()
     assert "| r=2 | finished |" in report and "base model (no training)" in report
     assert "## Best variant per metric" in report and "lowest eval loss" in report
-    for figure in ("score_vs_r", "params_vs_score", "time_memory", "curves"):
+    for figure in ("score_vs_r", "params_vs_score", "time_memory", "curves", "gap"):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
         assert f"figures/{figure}.png" in report
 

@@ -254,7 +254,8 @@ def _pyplot():
 
 
 def write_figures(folder: Path, sweep: Any, records: list[dict[str, Any]]) -> list[Path]:
-    """score_vs_<axis>.png per numeric axis, params_vs_score.png, time_memory.png, curves.png."""
+    """score_vs_<axis>.png per numeric axis, params_vs_score.png, time_memory.png, curves.png,
+    gap.png (eval loss minus train loss over the steps: overfitting shows as a rising line)."""
     finished = [r for r in records if r.get("status") == "finished"]
     if not finished:
         return []
@@ -267,6 +268,8 @@ def write_figures(folder: Path, sweep: Any, records: list[dict[str, Any]]) -> li
     files.append(_params_vs_score(plt, folder, finished))
     files.append(_time_memory(plt, folder, finished))
     files.append(_curves(plt, folder, finished))
+    if any(len(r.get("gap", [])) > 1 for r in finished):
+        files.append(_gap(plt, folder, finished))
     return files
 
 
@@ -372,6 +375,25 @@ def _curves(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
     right.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = folder / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _gap(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for record in finished:
+        gap = record.get("gap", [])
+        if gap:
+            ax.plot([s for s, _ in gap], [g for _, g in gap], "o-", label=record["name"])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss − train loss")
+    ax.set_title("generalisation gap")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = folder / "gap.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
