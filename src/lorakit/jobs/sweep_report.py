@@ -370,7 +370,8 @@ def _curves(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
     for ax in (left, right):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if any(math.isfinite(v) and v > 0 for r in finished for _, v in r["curve"]["train"]):
+        values = [v for r in finished for _, v in r["curve"]["train"] if math.isfinite(v)]
+        if values and min(values) > 0 and max(values) / min(values) > 10:  # spans a decade
             ax.set_yscale("log")
     right.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
