@@ -99,8 +99,11 @@ class Sweep:
 
 def _label(key: str, value: Any) -> str:
     """'lora.r', 8 -> 'r=8' (folder-safe)."""
-    text = json.dumps(value) if not isinstance(value, str) else value
-    text = text.replace("/", "_").replace(" ", "").replace('"', "")
+    if isinstance(value, list):
+        text = "-".join(str(v) for v in value)
+    else:
+        text = value if isinstance(value, str) else json.dumps(value)
+    text = text.replace("/", "_").replace(",", "-").replace(" ", "").replace('"', "")
     return f"{key.rsplit('.', 1)[-1]}={text}"
 
 
