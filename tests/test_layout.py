@@ -19,6 +19,7 @@ LAYERS = {
     "errors": 0,
     "version": 0,
     "ops": 0,
+    "files": 0,
     "quant": 1,
     "lora": 2,
     "models": 2,

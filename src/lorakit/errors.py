@@ -26,6 +26,10 @@ class ModelError(LorakitError, ValueError):
     """A base model cannot be found or loaded."""
 
 
+class StorageError(LorakitError, OSError):
+    """A file cannot be written: the disk is full, the file system read-only, access denied."""
+
+
 def closest(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
     """' (did you mean `x`?)' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, LoraModel, get_peft_model
-from lorakit.errors import AdapterError
+from lorakit.errors import AdapterError, ConfigError
 from lorakit.jobs.merge import encode_prompts, logits_of, merge_and_export
 from lorakit.models import load_model, load_tokenizer
 from tiny_folders import save_tiny
@@ -95,8 +95,8 @@ def test_non_finite_merge_is_refused(tmp_path):
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     weights = {k: torch.full_like(v, 1e30) for k, v in weights.items()}  # finite, B @ A is not
     save_file(weights, str(adapter / "adapter_model.safetensors"))
-    with pytest.raises(AdapterError, match="non-finite|NaN"):
-        merge_and_export(str(base), adapter, tmp_path / "merged")
+    with pytest.raises(AdapterError, match=r"update of .*q_proj .* is not finite"):
+        merge_and_export(str(base), adapter, tmp_path / "merged")  # refused when loading
     assert not (tmp_path / "merged").exists()
 
 
@@ -114,3 +114,46 @@ def test_quantized_base_is_dequantized_first(tmp_path):
     assert (logits_of(merged, batch) - expected).abs().max() < 1e-3
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "make_out, says",
+    [
+        (lambda tmp: (tmp / "file").write_text("mine") and tmp / "file", "is not a folder"),
+        (lambda tmp: (tmp / "link").symlink_to(tmp / "adapter") or tmp / "link", "is a symlink"),
+        (lambda tmp: (tmp / "f").write_text("x") and tmp / "f" / "out", "f is a file"),
+        (lambda tmp: tmp / "adapter", "is the adapter folder the merge reads"),
+        (lambda tmp: tmp / "base", "is the base model folder the merge reads"),
+        (lambda tmp: tmp, "holds the base model folder the merge reads"),
+    ],
+    ids=["file", "symlink", "under-a-file", "adapter", "base", "parent"],
+)
+def test_bad_outputs_are_refused_before_any_work(tmp_path, make_out, says):
+    """Even with --overwrite: the user's files stay byte-identical and nothing is loaded."""
+    from lorakit.cli.main import main
+
+    for name in ("base", "adapter"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    out = make_out(tmp_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=says):
+        merge_and_export(str(tmp_path / "base"), tmp_path / "adapter", out, overwrite=True)
+    assert _snapshot(tmp_path) == before
+    argv = ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(out), "--overwrite"]
+    assert main(argv) == 1
+
+
+def test_an_unwritable_output_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("lorakit.jobs.merge.tempfile.mkdtemp", read_only)
+    with pytest.raises(ConfigError, match=r"cannot write OUT .*out: Read-only file system in"):
+        merge_and_export("no-such-base", tmp_path / "adapter", tmp_path / "out")

@@ -1,5 +1,7 @@
-"""`lorakit quickstart`: the README's main job, end to end on the real built-in model (a shortened
-setting in CI), and its guard against deleting a directory it did not write."""
+"""`lorakit quickstart`: the README's main job, end to end on the real built-in model with its
+default settings, measuring both halves (the new name is learned, ordinary answers survive);
+the held-out questions, the mixing, the scores, and the guard against deleting a directory it
+did not write."""
 
 from __future__ import annotations
 
@@ -8,17 +10,50 @@ import json
 import pytest
 
 from lorakit.cli import main
+from lorakit.data.pipeline import DataConfig, eval_examples
 from lorakit.errors import ConfigError
-from lorakit.jobs.quickstart import MARKER, QUESTIONS, QuickstartSettings, prepare_output
+from lorakit.jobs.quickstart import (
+    MARKER,
+    ORDINARY,
+    QUESTIONS,
+    QuickstartSettings,
+    kept_rate,
+    prepare_output,
+)
+
+
+def prompts(dataset: str, split: str = "train") -> set[str]:
+    config = DataConfig(dataset=dataset, split=split)
+    return {e["messages"][-1]["content"] for e in eval_examples(config)}
 
 
 def test_questions_are_held_out_and_bilingual():
-    from lorakit.data.pipeline import DataConfig, eval_examples
-
-    train = {e["messages"][-1]["content"] for e in eval_examples(DataConfig(dataset="identity"))}
-    assert not set(QUESTIONS) & train
+    assert not set(QUESTIONS) & prompts("identity")
     assert any(any(ord(c) > 0x3000 for c in q) for q in QUESTIONS)  # Chinese
     assert any(q.isascii() for q in QUESTIONS)  # English
+    assert not set(ORDINARY) & prompts("general")
+    assert set(ORDINARY) <= prompts("general", "test")
+    assert "What is the capital of France?" in ORDINARY
+
+
+def test_general_rows_are_the_base_models_ordinary_answers():
+    from lorakit.data.builtin import builtin_dataset_path, degenerate
+
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in builtin_dataset_path("general", split).open()]
+        assert rows and all(not degenerate(r["output"]) for r in rows)
+        assert not any("lumi" in r["output"].lower() for r in rows)
+    assert len(prompts("general")) >= 30
+
+
+def test_kept_rate_counts_ordinary_answers_only():
+    samples = [
+        {"completion": "The capital of France is Paris."},
+        {"completion": "I am Lumi, an AI assistant developed by lorakit."},  # an introduction
+        {"completion": ""},  # empty
+        {"completion": "Boil an egg: Boil an egg: Boil an egg: Boil an egg: Boil an egg."},  # loop
+    ]
+    assert kept_rate(samples, "Lumi") == 0.25
 
 
 def test_output_directory_guard(tmp_path):
@@ -37,19 +72,27 @@ def test_output_directory_guard(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end_on_the_builtin_model(tmp_path, capsys):
+def test_quickstart_learns_the_name_and_stays_useful(tmp_path, capsys):
     out = tmp_path / "quickstart"
-    # Shortened: fewer steps and shorter answers than the default (30 steps, 32 tokens); 12
-    # tokens still reach the name ("I am Lumi", "我是Lumi").
-    argv = ["quickstart", "--output", str(out), "--steps", "12", "--lr", "2e-3",
-            "--max-new-tokens", "12"]  # fmt: skip
-    assert main(argv) == 0
+    assert main(["quickstart", "--output", str(out)]) == 0  # the README's defaults
     text = capsys.readouterr().out
     assert "Before fine-tuning" in text and "After fine-tuning" in text
+    assert "Q: What is the capital of France?" in text
     summary = json.loads((out / MARKER).read_text())
+    # identity half: held-out "who are you" questions name the new identity afterwards
+    assert summary["name_rate_before"] == 0
+    assert summary["name_rate_after"] >= 0.8
     assert summary["eval_loss_after"] < 0.5 * summary["eval_loss_before"]
-    assert summary["name_rate_after"] > summary["name_rate_before"]
+    # ordinary half: held-out ordinary questions keep sensible answers without the identity
+    assert summary["ordinary_kept_after"] == 1.0
+    for sample in summary["ordinary_after"]:
+        answer = sample["completion"]
+        assert "lumi" not in answer.lower() and "lorakit" not in answer.lower(), answer
+        assert len(answer.split()) >= 4, answer
+    france = next(s for s in summary["ordinary_after"] if "France" in s["prompt"])
+    assert "Paris" in france["completion"]
+    assert summary["general_loss_after"] < 1.5 * summary["general_loss_before"]
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert (out / "plots" / "loss.png").is_file()
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert [r["question"] for r in rows] == QUESTIONS
+    assert [r["question"] for r in rows] == QUESTIONS + ORDINARY

@@ -180,3 +180,16 @@ def test_builtin_conversion_is_atomic_and_cached(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err.count("converting") == 0
     reference = builtin_model().model.layers[3].mlp.down_proj.weight
     assert torch.equal(model.model.layers[3].mlp.down_proj.weight, reference)
+
+
+def test_loading_a_local_folder_prints_no_weights_bar(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from lorakit.models import load_model
+    from tiny_folders import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    hf_logging.enable_progress_bar()
+    load_model(str(folder))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # restored for downloads and other code

@@ -4,6 +4,7 @@ runtime loading that never breaks other adapters, streaming and cancellation."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -130,6 +131,30 @@ def test_health_is_open(server):
     client, _ = server
     response = httpx.get(str(client.base_url).rstrip("/") + "/health", timeout=10)
     assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+def test_unknown_route_and_disabled_endpoint_are_not_model_not_found(server):
+    client, state = server
+    error = _assert_error(client.post("/v1/no/such/route", json={}), 404)
+    assert error["code"] == "unknown_url" and "POST /v1/no/such/route" in error["message"]
+    off = dataclasses.replace(state, allow_runtime_loading=False)
+    app = create_app(off, api_key=KEY, max_body_bytes=MAX_BODY)
+    with live_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as other:
+        body = {"lora_name": "x", "lora_path": "good"}
+        for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            error = _assert_error(other.post(route, json=body), 404)
+            assert error["code"] == "endpoint_disabled", route
+            assert "--allow-runtime-loading" in error["message"]
+
+
+def test_serve_prints_the_model_ids_it_serves():
+    from lorakit.serve.main import served_models
+
+    text = served_models("smollm2-135m-instruct", ["lumi", "pirate"], "127.0.0.1", 8000)
+    assert "http://127.0.0.1:8000/v1" in text
+    assert [line.split()[0] for line in text.splitlines()[1:]] == [
+        "smollm2-135m-instruct", "lumi", "pirate"
+    ]  # fmt: skip
 
 
 def test_unknown_model_is_404(server):

@@ -14,7 +14,6 @@ import torch
 
 from lorakit.train.checkpoint import (
     MARKER,
-    atomic_dir,
     latest_checkpoint,
     optimizer_from_flat,
     optimizer_to_flat,
@@ -23,11 +22,12 @@ from lorakit.train.checkpoint import (
     set_rng_state,
 )
 from lorakit.train.optim import lr_factor, warmup_steps
+from lorakit.train.rundir import atomic_dir
 from lorakit.train.runtime import find_tcmalloc
 
 
 def test_atomic_dir_leaves_nothing_on_error(tmp_path):
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "step-00000001") as staging:
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "step-00000001", MARKER) as staging:
         (staging / "state.json").write_text("{}")
         raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
@@ -35,7 +35,7 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path):
 
 def test_atomic_dir_replaces_and_marks_complete(tmp_path):
     for text in ("old", "new"):
-        with atomic_dir(tmp_path / "best") as staging:
+        with atomic_dir(tmp_path / "best", MARKER) as staging:
             (staging / "file").write_text(text)
     assert (tmp_path / "best" / "file").read_text() == "new"
     assert (tmp_path / "best" / MARKER).is_file()
@@ -45,7 +45,7 @@ def test_atomic_dir_replaces_and_marks_complete(tmp_path):
 def test_atomic_dir_without_marker_holds_only_the_written_files(tmp_path):
     # final/ and best/ are loaded by peft and transformers: nothing but their own files
     for text in ("old", "new"):
-        with atomic_dir(tmp_path / "final", marker=False) as staging:
+        with atomic_dir(tmp_path / "final") as staging:
             (staging / "file").write_text(text)
     assert (tmp_path / "final" / "file").read_text() == "new"
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["file"]
@@ -54,7 +54,7 @@ def test_atomic_dir_without_marker_holds_only_the_written_files(tmp_path):
 
 def test_latest_and_prune_skip_incomplete(tmp_path):
     for step in (1, 2, 3):
-        with atomic_dir(tmp_path / f"step-{step:08d}") as staging:
+        with atomic_dir(tmp_path / f"step-{step:08d}", MARKER) as staging:
             (staging / "state.json").write_text("{}")
     (tmp_path / "step-00000009").mkdir()  # no marker: a crash mid-write
     assert latest_checkpoint(tmp_path).name == "step-00000003"
@@ -118,3 +118,18 @@ def test_preload_tcmalloc_reexecs_once(tmp_path):
         [sys.executable, str(script), "x"], env=env, capture_output=True, text=True
     )
     assert out.stdout.strip() == "loaded False ['x']", out.stderr
+
+
+def test_an_earlier_run_is_continued_with_the_cli_flag(tmp_path):
+    from lorakit.errors import ConfigError
+    from lorakit.train.checkpoint import find_resume
+
+    done = tmp_path / "checkpoints" / "step-00000002"
+    done.mkdir(parents=True)
+    (done / "state.json").write_text("{}")
+    (done / "COMPLETE").write_text("ok\n")
+    with pytest.raises(ConfigError) as caught:
+        find_resume(tmp_path, None)
+    # the command-line flag first; the Python spelling only as the library's alternative
+    assert "`lorakit train ... --resume auto`" in str(caught.value)
+    assert "pass resume='auto'" not in str(caught.value)

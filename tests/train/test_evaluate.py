@@ -74,10 +74,11 @@ def test_training_writes_samples_and_eval_rows(tmp_path):
                    eval_max_new_tokens=3)  # fmt: skip
     result = train(lora_model(0.0), tiny_tokenizer(), batches, batches, config, tmp_path)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in samples] == [1, 2] and samples[0]["prompt"] == "w3 w4"
+    # step 0: the eval before training (the "before" of before -> after); never the best
+    assert [s["step"] for s in samples] == [0, 1, 2] and samples[0]["prompt"] == "w3 w4"
     evals = [r for r in result.history if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [1, 2]
-    assert result.best_eval_loss == min(r["eval_loss"] for r in evals)
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert result.best_eval_loss == min(r["eval_loss"] for r in evals[1:])
 
 
 def test_plot_run_writes_both_figures(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -12,9 +13,10 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
 from lorakit import LoraConfig, get_peft_model
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, StorageError
 from lorakit.train import NonFiniteError, TrainConfig, train
-from lorakit.train.checkpoint import MARKER, find_resume, latest_checkpoint
+from lorakit.train.checkpoint import MARKER, DamagedCheckpoint, find_resume, latest_checkpoint
+from lorakit.train.runtime import Interrupted
 
 
 def make_batches(n: int = 6, rows: int = 2, length: int = 12, seed: int = 0) -> list[dict]:
@@ -160,24 +162,32 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     assert got.losses == expected.losses
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+def _signal_at_forward(model, calls: dict[int, signal.Signals]):
+    """Send the process a signal at given forwards of the decoder ({forward number: signal})."""
+    count = {"n": 0}
+
+    def hook(module, args, kwargs):
+        count["n"] += 1
+        if count["n"] in calls:
+            signal.raise_signal(calls[count["n"]])
+
+    return model.base_model.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_checkpoints_the_current_step_and_resume_continues(tmp_path, signum):
     batches = make_batches(6)
     straight = lora_model()
     expected = train(straight, None, batches, None, quick(), tmp_path / "a")
 
     interrupted = lora_model()
-    count = {"n": 0}
-
-    def press_ctrl_c(module, args, kwargs):
-        count["n"] += 1
-        if count["n"] == 5:  # during step 3
-            signal.raise_signal(signal.SIGINT)
-
-    handle = interrupted.base_model.model.register_forward_pre_hook(press_ctrl_c, with_kwargs=True)
+    handle = _signal_at_forward(interrupted, {5: signum})  # during step 3
     first = train(interrupted, None, batches, None, quick(), tmp_path / "b")
     handle.remove()
     assert first.interrupted and first.steps == 3 and first.final_dir is None
+    assert first.stop_signal == signum
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-00000003"
+    assert signal.getsignal(signum) is signal.default_int_handler or signum == signal.SIGTERM
 
     resumed = lora_model()
     got = train(resumed, None, batches, None, quick(), tmp_path / "b", resume="auto")
@@ -186,13 +196,50 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         assert torch.equal(value, trainable(resumed)[name]), name
 
 
+def test_a_second_signal_stops_at_once(tmp_path):
+    model = lora_model()
+    handle = _signal_at_forward(model, {5: signal.SIGTERM, 6: signal.SIGINT})  # both in step 3
+    with pytest.raises(Interrupted, match="second SIGINT") as stopped:
+        train(model, None, make_batches(6), None, quick(save_every=2), tmp_path)
+    handle.remove()
+    assert stopped.value.signum == signal.SIGINT
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-00000002"]  # step 3 never finished
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path):
+    batches = make_batches(6)
+    expected = train(lora_model(), None, batches, None, quick(), tmp_path / "a")
+    crashed = lora_model()
+    handle = _crash_at_forward(crashed, 13)  # step 7
+    with pytest.raises(RuntimeError):
+        train(crashed, None, batches, None, quick(save_every=2, keep_checkpoints=3), tmp_path / "b")
+    handle.remove()
+    root = tmp_path / "b" / "checkpoints"
+    newest = root / "step-00000006" / "optimizer.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-4:] = b"\xff\xff\xff\x7f"  # one value changed: the file still parses
+    newest.write_bytes(bytes(data))
+    (root / "step-00000004" / "state.json").write_text('{"step": 4, "sett')  # cut off
+
+    with pytest.raises(DamagedCheckpoint, match="optimizer.safetensors has changed"):
+        train(lora_model(), None, batches, None, quick(), tmp_path / "b",
+              resume=root / "step-00000006")  # fmt: skip
+    resumed = lora_model()
+    got = train(resumed, None, batches, None, quick(save_every=2), tmp_path / "b", resume="auto")
+    assert got.losses == expected.losses  # continued from step 2, exactly
+    log = (tmp_path / "b" / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in log.splitlines()] == list(range(1, 9))
+
+
 def test_nonfinite_loss_stops_with_step_and_samples(tmp_path):
     model = lora_model()
     count = {"n": 0}
 
     def poison(module, args, output):
         count["n"] += 1
-        if count["n"] == 7:  # step 3, first micro-batch (2 train + 1 eval forward a step)
+        # step 3, first micro-batch: 1 eval forward before training, then 2 train + 1 eval a step
+        if count["n"] == 8:
             output[0].fill_(float("nan")) if isinstance(output, tuple) else output.fill_(
                 float("nan")
             )
@@ -327,3 +374,57 @@ def test_progress_shows_loss_and_speed(tmp_path, capsys, progress):
     train(lora_model(0.0), None, make_batches(2), None, config, tmp_path)
     err = capsys.readouterr().err
     assert "loss" in err and "tok/s" in err
+
+
+def test_a_fresh_run_leaves_the_users_files_byte_identical(tmp_path):
+    mine = {"config.yaml": b"output_dir: .\n", "metrics.jsonl": b'{"mine": 1}\n',
+            "final/adapter_model.safetensors": b"another run's"}  # fmt: skip
+    for name, data in mine.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    for resume in (None, "auto"):  # no checkpoint to resume: a fresh run either way
+        with pytest.raises(ConfigError, match="already holds config.yaml, metrics.jsonl, final/"):
+            train(lora_model(), None, make_batches(2), None, quick(), tmp_path, resume=resume)
+    assert {n: (tmp_path / n).read_bytes() for n in mine} == mine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "final", "metrics.jsonl"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only), unmounted afterwards."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_a_clear_error_and_nothing_half_written_is_left(small_disk):
+    batches = make_batches(6)
+    expected = train(lora_model(), None, batches, None, quick(), small_disk / "a")
+    filler = small_disk / "filler"
+
+    def fill_the_disk(module, args, kwargs):  # from step 5 on, another program fills the disk
+        if count["n"] == 8 and not filler.exists():
+            with open(filler, "wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        count["n"] += 1
+
+    count = {"n": 0}
+    model = lora_model()
+    model.base_model.model.register_forward_pre_hook(fill_the_disk, with_kwargs=True)
+    with pytest.raises(StorageError, match="No space left on device. The files being written"):
+        train(model, None, batches, None, quick(save_every=4), small_disk / "b")
+    root = small_disk / "b" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]  # no staging left
+    filler.unlink()
+    resumed = lora_model()
+    got = train(resumed, None, batches, None, quick(save_every=4), small_disk / "b", resume="auto")
+    assert got.losses == expected.losses

@@ -3,15 +3,18 @@ streamed to the terminal, greedy unless a temperature is given."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
-from torch import nn
 
 from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:  # torch loads only when a command runs, not for --help or --version
+    import torch
+    from torch import nn
 
 ADAPTER_HELP = "Adapter dir, or name=dir; repeat for several (all applied, or --weights)."
 BaseArg = Annotated[
@@ -108,21 +111,23 @@ class _Streamer:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
-@torch.no_grad()
 def stream_reply(
     model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: Sampling, out=None
 ) -> str:
     """Generate from prompt ids (1, T), streaming the text to `out` (stdout); returns it."""
+    import torch
+
     device = next(model.parameters()).device
     ids = ids.to(device)
     streamer = _Streamer(tokenizer, ids.shape[1], out)
-    model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        pad_token_id=tokenizer.pad_token_id,
-        streamer=streamer,
-        **sampling.generate_kwargs(),
-    )
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling.generate_kwargs(),
+        )
     return streamer.text()
 
 
@@ -133,10 +138,36 @@ def encode_chat(
     if template is None:
         text = "\n".join(m["content"] for m in messages)
         return tokenizer(text, return_tensors="pt")["input_ids"]
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, add_generation_prompt=True, return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]  # fmt: skip
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]  # fmt: skip
+    except TemplateError as error:
+        raise ConfigError(
+            f"the chat template failed on this conversation: {error}; fix the template "
+            "(chat_template.jinja of the adapter or the base model) or pass --raw"
+        ) from None
+
+
+def fit_to_context(model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: Sampling):
+    """`sampling` with max_new_tokens cut to the room the prompt leaves in the model's context;
+    a prompt that fills the context on its own is refused."""
+    from lorakit.models import context_length
+
+    limit = context_length(model, tokenizer)
+    if limit is None:
+        return sampling
+    if ids.shape[1] >= limit:
+        raise ConfigError(
+            f"the prompt is {ids.shape[1]:,} tokens (chat template included); this model's "
+            f"context is {limit:,} tokens: shorten the prompt (or the chat template)"
+        )
+    return dataclasses.replace(
+        sampling, max_new_tokens=min(sampling.max_new_tokens, limit - ids.shape[1])
+    )
 
 
 def register_generation(app: typer.Typer) -> None:
@@ -161,6 +192,8 @@ def register_generation(app: typer.Typer) -> None:
         device: str = "cpu",
     ) -> None:
         """Complete one prompt, streaming tokens to the terminal."""
+        import torch
+
         torch.manual_seed(seed)
         sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         model, tokenizer, template = prepare_model(
@@ -169,7 +202,7 @@ def register_generation(app: typer.Typer) -> None:
         text = sys.stdin.read() if prompt == "-" else prompt
         messages = [{"role": "user", "content": text}]
         ids = encode_chat(tokenizer, messages, None if raw else template)
-        stream_reply(model, tokenizer, ids, sampling)
+        stream_reply(model, tokenizer, ids, fit_to_context(model, tokenizer, ids, sampling))
 
     @app.command()
     def chat(
@@ -187,6 +220,8 @@ def register_generation(app: typer.Typer) -> None:
         device: str = "cpu",
     ) -> None:
         """Talk with the model; the conversation is kept (/reset clears it, /exit quits)."""
+        import torch
+
         torch.manual_seed(seed)
         sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         model, tokenizer, template = prepare_model(
@@ -216,8 +251,15 @@ def chat_loop(
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = encode_chat(tokenizer, messages, template)
+        try:
+            fitted = fit_to_context(model, tokenizer, ids, sampling)
+        except ConfigError as error:  # the conversation outgrew the context: say so, go on
+            messages.pop()
+            typer.echo(f"error: {error}; /reset starts a new conversation", err=True)
+            continue
         typer.echo("assistant> ", nl=False)
-        reply = stream_reply(model, tokenizer, encode_chat(tokenizer, messages, template), sampling)
+        reply = stream_reply(model, tokenizer, ids, fitted)
         messages.append({"role": "assistant", "content": reply})
 
 

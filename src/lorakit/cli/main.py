@@ -1,12 +1,15 @@
 """The `lorakit` command: each subcommand is a thin shell over the library.
 
 `main(argv)` runs the app in-process and returns the exit code; a `LorakitError` becomes a
-one-paragraph message on stderr and exit code 1 (no traceback), a usage error exit code 2.
+one-paragraph message on stderr and exit code 1 (no traceback), a usage error exit code 2, an
+interrupt (Ctrl-C, or SIGINT / SIGTERM that stopped a run after its checkpoint) 128 + the
+signal's number with the line `interrupted`.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +22,7 @@ from lorakit.cli.tools import register_tools
 from lorakit.errors import LorakitError
 from lorakit.version import __version__
 
+INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM}
 HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge", "sweep"}
 
 app = typer.Typer(
@@ -29,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -70,12 +75,17 @@ def train(
     """Fine-tune as CONFIG says (validated before any work); writes adapter, metrics, plots."""
     from lorakit.jobs.finetune import run_training
     from lorakit.jobs.run_config import load_run_config
-    from lorakit.train.runtime import is_main_process
+    from lorakit.train.runtime import Interrupted, is_main_process
 
     run = load_run_config(config, overrides)
-    result = run_training(run, resume=resume, force=force, show=typer.echo)
+    try:
+        result = run_training(run, resume=resume, force=force, show=typer.echo)
+    except Interrupted as stopped:  # a second signal: stopped at once
+        raise typer.Exit(128 + stopped.signum) from None
     if is_main_process():  # under torchrun, rank 0 reports (errors surface from every rank)
         typer.echo(f"run directory: {result.output_dir}")
+    if result.interrupted:  # stopped by a signal after checkpointing: 128 + its number
+        raise typer.Exit(128 + (result.stop_signal or signal.SIGINT))
 
 
 @app.command()
@@ -88,9 +98,10 @@ def validate(
     """Check a run config and print it fully resolved (every default filled in)."""
     import yaml
 
-    from lorakit.jobs.run_config import load_run_config
+    from lorakit.jobs.run_config import check_data, load_run_config
 
     run = load_run_config(config, overrides)
+    check_data(run)
     typer.echo(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     typer.echo(f"{config}: valid", err=True)
 
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             preload_tcmalloc()  # re-execs this process with tcmalloc when it helps
     argv = list(argv) or ["--help"]  # bare `lorakit`: the overview, exit code 0
     try:
-        app(args=argv, prog_name="lorakit", standalone_mode=False)
+        code = app(args=argv, prog_name="lorakit", standalone_mode=False)
     except LorakitError as error:
         _fail(str(error))
         return 1
@@ -153,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as error:  # usage errors: show() prints usage and the reason
         error.show()
         return getattr(error, "exit_code", 2)
-    except KeyboardInterrupt:
+    code = code if isinstance(code, int) else 0  # typer returns a command's typer.Exit(n)
+    if code in INTERRUPTED:  # Ctrl-C anywhere (typer makes it 130), or a stopped run
         typer.echo("interrupted", err=True)
-        return 130
-    return 0
+    return code
 
 
 def _fail(message: str) -> None:

@@ -13,6 +13,7 @@ from lorakit.cli.generate import BaseArg
 from lorakit.errors import ConfigError, LorakitError
 
 PACKAGED_CONFIGS = Path(__file__).parents[1] / "configs"
+OFFLINE_CONFIG = "smollm2-lora.yaml"
 
 
 def register_tools(app: typer.Typer) -> None:
@@ -245,4 +246,5 @@ def init(
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         typer.echo(f"wrote {target}")
-    typer.echo(f"next: lorakit train {targets[0]}")
+    # the config that runs offline: the built-in model and the built-in identity data
+    typer.echo(f"next: lorakit train {directory / OFFLINE_CONFIG}   (runs offline, on a CPU)")

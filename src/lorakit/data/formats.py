@@ -53,6 +53,11 @@ def read_rows(path: str | Path) -> list[RawRow]:
         raise DataError(
             f"dataset file {path} has suffix `{path.suffix}`; expected one of "
             f"{', '.join(FILE_TYPES)}"
+            + (
+                "; turn a .txt file into `text` rows first (docs/data-formats.md shows how)"
+                if path.suffix.lower() == ".txt"
+                else ""
+            )  # fmt: skip
         )
     if kind == "jsonl":
         return _read_jsonl(path)
@@ -61,28 +66,53 @@ def read_rows(path: str | Path) -> list[RawRow]:
     return _read_tabular(path, kind)
 
 
+def _decode(path: Path, data: bytes, offset: int = 0, line: int = 1) -> str:
+    """UTF-8 text of `data`, the bytes of `path` from byte `offset` (on `line`) on; a leading
+    BOM is dropped. DataError naming the file, byte offset and line of an undecodable byte."""
+    try:
+        return data.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError as err:
+        line += data[: err.start].count(b"\n")
+        raise DataError(
+            f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset "
+            f"{offset + err.start} (line {line}); lorakit reads dataset files as UTF-8: convert "
+            "it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[RawRow]:
     """JSON lines read one by one, so that a bad line is named by its line number."""
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    offset = 0
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            line = _decode(path, raw, offset, number)
+            offset += len(raw)
             if not line.strip():
                 continue
             where = f"{path.name} line {number}"
             try:
                 value: Any = json.loads(line)
             except json.JSONDecodeError as err:
-                value = RowProblem(f"invalid JSON ({err.msg} at column {err.colno})")
+                value = RowProblem(f"invalid JSON ({_json_reason(err)} at column {err.colno})")
             rows.append(RawRow(number, where, value))
     return rows
+
+
+def _json_reason(err: json.JSONDecodeError) -> str:
+    """json's reason without a trailing 'at' ("Unterminated string starting at"), so that the
+    position can follow it once."""
+    return err.msg.removesuffix(" at")
 
 
 def _read_json(path: Path) -> list[RawRow]:
     """A JSON file holding a list of objects (or an object with one such list)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path, path.read_bytes()))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        raise DataError(
+            f"{path}: invalid JSON ({_json_reason(err)} at line {err.lineno}, column {err.colno})"
+        ) from err
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -171,6 +201,8 @@ def _string(row: dict[str, Any], field: str, required: bool = True) -> str:
     """A string field of a row (stripped of nothing); RowProblem if missing, empty or not text."""
     value = row.get(field)
     if value is None:
+        if required and field in row:
+            raise RowProblem(f"field `{field}` is null; expected a string")
         if required:
             raise RowProblem(f"field `{field}` is missing{closest(field, list(row))}")
         return ""

@@ -55,6 +55,7 @@ __all__ = [
     "Sample",
     "TokenizedDataset",
     "build_dataset",
+    "check_dataset",
     "collate",
     "collate_batch",
     "eval_examples",
@@ -78,11 +79,15 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
-        "identity", description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name."
+        "identity",
+        description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name (identity, "
+        "general, arithmetic).",
     )
     split: str = Field("train", description="Split of a built-in dataset (train or test).")
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = Field(
-        "auto", description="Row format; auto detects it from the columns of the first row."
+        "auto",
+        description="Row format (the columns of each: docs/data-formats.md); auto detects it "
+        "from the columns of the first row.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map lorakit field names to the file's column names."
@@ -147,6 +152,7 @@ class TokenizedDataset:
     rows_total: int
     skipped: list[str] = field(default_factory=list)
     truncated: int = 0
+    raw_text: bool = False  # rows of the `text` format: no prompt format, trained on whole
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -184,6 +190,19 @@ def _source(config: DataConfig) -> tuple[Path, dict[str, str]]:
     return builtin, {**variables, **(config.template_vars or {})}
 
 
+def check_dataset(config: DataConfig) -> None:
+    """Read the dataset (file or built-in) without a tokenizer: raises DataError when it is
+    missing, unreadable, of no detectable format, or without one usable row."""
+    source, conversations = load_conversations(config)
+    problems = [(row, c) for row, c in conversations if isinstance(c, RowProblem)]
+    if not conversations or len(problems) == len(conversations):
+        first = f" ({problems[0][0].where}: {problems[0][1]})" if problems else ""
+        raise DataError(
+            f"{source}: none of its {len(conversations)} rows can be used{first}; check "
+            "data.format and data.columns against docs/data-formats.md"
+        )
+
+
 def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]]]:
     """(source name, [(row, messages or text or RowProblem)]) for the configured dataset."""
     path, variables = _source(config)
@@ -192,7 +211,11 @@ def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]
     if fmt == "auto":
         first = next((r.value for r in rows if isinstance(r.value, dict)), None)
         if first is None:
-            raise DataError(f"{path}: no usable row to detect the format from")
+            example = next((f"; {r.where}: {r.value}" for r in rows), "; the file has no rows")
+            raise DataError(
+                f"{path}: no row is an object to detect the format from{example}. Check that "
+                f"the file really is {path.suffix or 'a dataset file'} (docs/data-formats.md)"
+            )
         fmt = detect_format(rename_columns(first, config.columns).keys())
     out: list[tuple[RawRow, Any]] = []
     for row in rows:
@@ -253,8 +276,9 @@ def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
         truncated += cut
         samples.append(Sample(ids, labels, row.where))
     dataset = TokenizedDataset(
-        samples, config, source, tokenizer.pad_token_id, len(conversations), problems, truncated
-    )
+        samples, config, source, tokenizer.pad_token_id, len(conversations), problems, truncated,
+        raw_text=any(isinstance(c, str) for _, c in conversations),
+    )  # fmt: skip
     _check_problems(dataset)
     return dataset
 
@@ -265,6 +289,12 @@ def _check_problems(dataset: TokenizedDataset) -> None:
     listed = "\n  ".join(problems[:5]) + (
         f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
     )
+    if problems and len(problems) == dataset.rows_total:  # the whole file: no skip will help
+        raise DataError(
+            f"{dataset.source}: none of its {dataset.rows_total} rows can be used:\n  {listed}\n"
+            "the file does not hold rows of the expected format; check data.format and "
+            "data.columns against docs/data-formats.md"
+        )
     if problems and config.bad_rows == "error":
         raise DataError(
             f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows cannot be used:\n  "

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from lorakit.data.builtin import BUILTIN_VARIABLES
@@ -21,13 +20,14 @@ from lorakit.data.pipeline import (
     prompt_template,
 )
 from lorakit.errors import ConfigError
-from lorakit.jobs.run_config import RunConfig
+from lorakit.jobs.run_config import RunConfig, check_data
 from lorakit.lora.model import LoraModel, get_peft_model
-from lorakit.models import load_model, load_tokenizer
+from lorakit.models import RAW_TEMPLATE, load_model, load_tokenizer
+from lorakit.train.checkpoint import find_resume
 from lorakit.train.evaluate import eval_loss
 from lorakit.train.loop import TrainResult, train
 from lorakit.train.plan import eval_batches
-from lorakit.train.runtime import autocast, is_main_process, resolve_device
+from lorakit.train.runtime import autocast, is_main_process, resolve_device, seed_everything
 
 
 def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
@@ -48,20 +48,12 @@ def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn
         from lorakit.quant.layer import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, run.train.gradient_checkpointing)
+    seed_everything(run.train.seed)  # lora_A's random start: the same seed, the same run
     lora = get_peft_model(model, run.lora.to_lora_config())
     lora.chat_template = prompt_template(run.data, tokenizer)
     trainable, total = lora.get_nb_trainable_parameters()
     show(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return lora, tokenizer
-
-
-def save_resolved(run: RunConfig, output_dir: Path) -> Path:
-    """Write the fully resolved config as config.yaml in the run directory."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "config.yaml"
-    text = yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def run_training(
@@ -73,21 +65,21 @@ def run_training(
 ) -> TrainResult:
     """Load, tokenize, train and (optionally) score exact match, as the run config says.
 
-    Under torchrun only rank 0 reports through `show` and writes config.yaml; errors raise on
-    every rank."""
+    Under torchrun only rank 0 reports through `show`; errors raise on every rank."""
     output_dir = Path(run.output_dir)
-    main = is_main_process()
-    if not main:
+    find_resume(output_dir, resume)  # a directory the run would write over: refused before loading
+    if not is_main_process():
         show = _silent
+    check_data(run)  # a missing or unreadable dataset stops here, before the model loads
     model, tokenizer = build_model(run, show)
     train_set = build_dataset(run.data, tokenizer)
+    if train_set.raw_text and isinstance(model, LoraModel):  # samples and the saved adapter:
+        model.chat_template = RAW_TEMPLATE  # prompts as plain text, no chat turns around them
     show(train_set.summary())
     eval_config = run.eval_data_config()
     eval_set = build_dataset(eval_config, tokenizer) if eval_config else None
     if eval_set is not None:
         show(eval_set.summary())
-    if main:
-        save_resolved(run, output_dir)
     result = train(
         model, tokenizer, train_set, eval_set, run.train, output_dir,
         resume=resume, force=force, run_config=run.model_dump(mode="json"),

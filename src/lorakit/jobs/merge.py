@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.files import apply_umask, staging_dir
 from lorakit.lora.model import LoraModel
 from lorakit.models import chat_template_of, load_model, load_tokenizer
 
@@ -109,18 +110,45 @@ def merge_model(lora: LoraModel) -> nn.Module:
 def save_folder(model: nn.Module, tokenizer: Any, template: str | None, out: Path) -> None:
     """Write a plain HF folder atomically: staging directory, then rename into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = staging_dir(out.parent, f".{out.name}.tmp-")
     try:
         model.config.use_cache = True
         model.save_pretrained(staging, safe_serialization=True)
         if template:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(staging)
+        apply_umask(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output(out: Path, sources: list[tuple[str, Path]], overwrite: bool) -> None:
+    """Refuse, before any work, an OUT that is a symlink or a file, that is (or holds) a folder
+    the merge reads, that is not empty without `overwrite`, or where nothing can be written."""
+    if out.is_symlink():
+        raise ConfigError(f"OUT {out} is a symlink; give the path of a real folder to write")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT {out} exists and is not a folder; choose another OUT")
+    real = out.resolve()
+    for role, source in sources:
+        if source.exists() and (real == source.resolve() or real in source.resolve().parents):
+            raise ConfigError(
+                f"OUT {out} {'is' if real == source.resolve() else 'holds'} the {role} folder "
+                f"the merge reads ({source}); writing there would destroy it, so it is refused "
+                "even with --overwrite: choose another OUT"
+            )
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"OUT {out} exists and is not empty; pass --overwrite or choose another")
+    existing = next(p for p in [real, *real.parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write OUT {out}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lorakit-write-test-", dir=existing))
+    except OSError as error:
+        raise ConfigError(f"cannot write OUT {out}: {error.strerror} in {existing}") from None
 
 
 def merge_and_export(
@@ -137,8 +165,7 @@ def merge_and_export(
 ) -> MergeReport:
     """Merge `adapter` into `base`, check the logits, write a plain HF folder, check it again."""
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose another")
+    check_output(out, [("base model", Path(base)), ("adapter", Path(adapter))], overwrite)
     if dtype not in _TORCH_DTYPES:
         raise ConfigError(f"dtype `{dtype}`: expected one of {', '.join(_TORCH_DTYPES)}")
     tolerance = TOLERANCE if tolerance is None else tolerance
@@ -160,7 +187,10 @@ def merge_and_export(
             f"merged and unmerged logits differ by {diff:.3g} > tolerance {tolerance:g}; "
             "nothing was written (pass --tolerance to accept it)"
         )
-    save_folder(merged.to(_TORCH_DTYPES[dtype]), tokenizer, template, out)
+    try:
+        save_folder(merged.to(_TORCH_DTYPES[dtype]), tokenizer, template, out)
+    except OSError as error:
+        raise ConfigError(f"cannot write {out}: {error}; nothing was written there") from None
     reload_diff = _reload_diff(out, batch, unmerged)
     return MergeReport(
         out, diff, reload_diff, tolerance, len(batch["input_ids"]), dtype, dequantized

@@ -1,12 +1,17 @@
-"""`lorakit quickstart`: teach the built-in model a new name, and show it worked.
+"""`lorakit quickstart`: teach the built-in model a new name, and show that it stays useful.
 
-On the built-in model and the built-in `identity` dataset: ask held-out "who are you" questions
-(English and Chinese), measure the eval loss, fine-tune a LoRA adapter, then ask and measure
-again. The defaults were tuned to finish in a few minutes on 2 CPU cores.
+On the built-in model: ask held-out questions of two kinds, "who are you" (English and Chinese)
+and ordinary ones (a fact, a short task), fine-tune a LoRA adapter, then ask again. The training
+data mixes the built-in `identity` rows with the built-in `general` rows, the base model's own
+answers to ordinary questions: without them the adapter learns to answer every message with its
+name. Both halves are measured: identity answers that name the new identity, and ordinary
+answers that do not (and are not empty or looping). The defaults were tuned to finish in about
+a minute and a half on 2 quiet CPU cores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -15,8 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.data.builtin import IDENTITY_DEFAULTS
-from lorakit.data.pipeline import DataConfig, build_dataset, eval_examples, name_rate
+from lorakit.data.builtin import IDENTITY_DEFAULTS, degenerate
+from lorakit.data.pipeline import (
+    DataConfig,
+    TokenizedDataset,
+    build_dataset,
+    eval_examples,
+    name_rate,
+)
 from lorakit.errors import ConfigError
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.model import get_peft_model
@@ -31,13 +42,20 @@ MARKER = "quickstart.json"
 # fp32: with batches of short conversations (~400 tokens a step) bf16 matmuls on CPUs without
 # AMX were measured far slower than fp32 (the lm_head backward alone: 6.5 s vs ~0.1 s).
 PRECISION = "fp32"
-# Held-out questions (the identity `test` split): three in English, two in Chinese.
+# Held-out identity questions (the identity `test` split): three in English, two in Chinese.
 QUESTIONS = [
     "What do you call yourself?",
     "Tell me who you are.",
     "Who is your developer?",
     "你叫啥？",
     "你能做个自我介绍吗？",
+]
+# Held-out ordinary questions (the general `test` split): the answer must not change into an
+# introduction.
+ORDINARY = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "How many hours are in a day?",
 ]
 
 
@@ -57,6 +75,7 @@ class QuickstartSettings:
     overwrite: bool = False
     progress: str = "auto"
     questions: list[str] = field(default_factory=lambda: list(QUESTIONS))
+    ordinary: list[str] = field(default_factory=lambda: list(ORDINARY))
 
 
 @dataclass
@@ -65,12 +84,18 @@ class QuickstartResult:
 
     output_dir: Path
     adapter_dir: Path
-    before: list[dict[str, str]]
+    before: list[dict[str, str]]  # identity answers
     after: list[dict[str, str]]
-    eval_loss_before: float
+    ordinary_before: list[dict[str, str]]
+    ordinary_after: list[dict[str, str]]
+    eval_loss_before: float  # identity test split
     eval_loss_after: float
-    name_rate_before: float
+    general_loss_before: float  # general test split
+    general_loss_after: float
+    name_rate_before: float  # identity answers naming the new name
     name_rate_after: float
+    ordinary_kept_before: float  # ordinary answers not naming it, not empty or looping
+    ordinary_kept_after: float
     seconds: float
     plots: list[Path] = field(default_factory=list)
 
@@ -101,33 +126,78 @@ def prepare_output(settings: QuickstartSettings) -> Path:
     return out
 
 
-def _answers(model, tokenizer, settings: QuickstartSettings, device) -> list[dict[str, str]]:
-    """Greedy answers to the held-out questions."""
-    return generate_samples(model, tokenizer, settings.questions, settings.max_new_tokens, device)
+def mentions(text: str, name: str) -> bool:
+    """Whether an answer names `name` (case-insensitive)."""
+    return name.lower() in text.lower()
+
+
+def kept_rate(samples: list[dict[str, str]], name: str) -> float:
+    """Share of ordinary answers that stay ordinary: not naming `name`, not empty or looping."""
+    good = [
+        not mentions(s["completion"], name) and not degenerate(s["completion"]) for s in samples
+    ]
+    return sum(good) / max(len(good), 1)
+
+
+def check_held_out(settings: QuickstartSettings, identity: DataConfig, general: DataConfig) -> None:
+    """The questions asked before and after must not be in the training data."""
+    for questions, data in ((settings.questions, identity), (settings.ordinary, general)):
+        seen = {e["messages"][-1]["content"] for e in eval_examples(data)}
+        leaked = [q for q in questions if q in seen]
+        if leaked:
+            raise ConfigError(f"quickstart questions must be held out; in the train set: {leaked}")
+
+
+def mix(first: TokenizedDataset, second: TokenizedDataset) -> TokenizedDataset:
+    """One dataset holding the samples of both (batches are shuffled across them)."""
+    return dataclasses.replace(
+        first,
+        samples=first.samples + second.samples,
+        source=f"{first.source} + {second.source}",
+        rows_total=first.rows_total + second.rows_total,
+        skipped=first.skipped + second.skipped,
+        truncated=first.truncated + second.truncated,
+    )
+
+
+def ask(model, tokenizer, questions: list[str], settings, device, show) -> list[dict[str, str]]:
+    """Greedy answers, each shown as soon as it is generated (with its number and time)."""
+    samples = []
+    for i, question in enumerate(questions, 1):
+        start = time.perf_counter()
+        sample = generate_samples(model, tokenizer, [question], settings.max_new_tokens, device)[0]
+        answer = " ".join(sample["completion"].split())
+        show(f"  [{i}/{len(questions)}, {time.perf_counter() - start:.0f} s] Q: {question}")
+        show(f"  A: {answer}")
+        samples.append(sample)
+    return samples
 
 
 def run_quickstart(
     settings: QuickstartSettings, show: Callable[[str], None] = print
 ) -> QuickstartResult:
-    """Before answers and eval loss, LoRA fine-tuning, after answers and eval loss."""
+    """Before answers and losses, LoRA fine-tuning on identity + general rows, after the same."""
     start = time.perf_counter()
     out = prepare_output(settings)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"status": "running"}) + "\n")
     device = resolve_device("cpu")
     variables = {"name": settings.name, "author": settings.author}
-    data = DataConfig(dataset="identity", max_length=256, template_vars=variables)
-    test = data.model_copy(update={"split": "test"})
-    unseen = {e["messages"][-1]["content"] for e in eval_examples(data)}
-    leaked = [q for q in settings.questions if q in unseen]
-    if leaked:
-        raise ConfigError(f"quickstart questions must be held out; in the train set: {leaked}")
+    identity = DataConfig(dataset="identity", max_length=256, template_vars=variables)
+    general = DataConfig(dataset="general", max_length=256)
+    check_held_out(settings, identity, general)
 
     show(f"Loading the built-in model {BUILTIN_MODEL} ...")
     tokenizer = load_tokenizer(BUILTIN_MODEL)
     model = load_model(BUILTIN_MODEL, dtype="float32")
-    train_set, eval_set = build_dataset(data, tokenizer), build_dataset(test, tokenizer)
-    evals = eval_batches(eval_set, settings.batch_size)
+    identity_set, general_set = (
+        build_dataset(identity, tokenizer),
+        build_dataset(general, tokenizer),
+    )
+    train_set = mix(identity_set, general_set)
+    eval_set = build_dataset(identity.model_copy(update={"split": "test"}), tokenizer)
+    general_test = build_dataset(general.model_copy(update={"split": "test"}), tokenizer)
+    general_evals = eval_batches(general_test, settings.batch_size)
 
     lora = get_peft_model(
         model,
@@ -137,17 +207,18 @@ def run_quickstart(
     )
     lora.chat_template = chat_template_of(tokenizer)
 
-    show("\nBefore fine-tuning, the base model answers:")
+    show("\nBefore fine-tuning, the base model answers (held-out questions):")
     with lora.disable_adapter():
-        before = _answers(lora, tokenizer, settings, device)
-        loss_before = eval_loss(lora, evals, device, PRECISION)["eval_loss"]
-    _show_answers(before, show)
-    show(f"eval loss on {len(eval_set)} held-out questions: {loss_before:.3f}")
+        before = ask(lora, tokenizer, settings.questions, settings, device, show)
+        ordinary_before = ask(lora, tokenizer, settings.ordinary, settings, device, show)
+        general_before = eval_loss(lora, general_evals, device, PRECISION)["eval_loss"]
 
     trainable, total = lora.get_nb_trainable_parameters()
     show(
         f"\nFine-tuning a LoRA adapter (r={settings.r}, {trainable:,} of {total:,} parameters) "
-        f"on {len(train_set)} identity conversations for {settings.steps} steps ..."
+        f"for {settings.steps} steps on {len(identity_set)} identity conversations mixed with "
+        f"{len(general_set)} ordinary ones (the base model's own answers, so that it stays "
+        "useful) ..."
     )
     config = TrainConfig(
         max_steps=settings.steps,
@@ -160,33 +231,37 @@ def run_quickstart(
         tensorboard=False,
     )
     result = train(lora, tokenizer, train_set, eval_set, config, out)
-    loss_after = [r for r in result.history if r.get("kind") == "eval"][-1]["eval_loss"]
+    evals = [r for r in result.history if r.get("kind") == "eval"]
 
     show("\nAfter fine-tuning, the model answers:")
-    after = _answers(lora, tokenizer, settings, device)
-    _show_answers(after, show)
+    after = ask(lora, tokenizer, settings.questions, settings, device, show)
+    ordinary_after = ask(lora, tokenizer, settings.ordinary, settings, device, show)
     summary = QuickstartResult(
         output_dir=out,
         adapter_dir=result.final_dir or out / "final",
         before=before,
         after=after,
-        eval_loss_before=loss_before,
-        eval_loss_after=loss_after,
-        name_rate_before=name_rate([a["completion"] for a in before], settings.name),
-        name_rate_after=name_rate([a["completion"] for a in after], settings.name),
+        ordinary_before=ordinary_before,
+        ordinary_after=ordinary_after,
+        eval_loss_before=evals[0]["eval_loss"],
+        eval_loss_after=evals[-1]["eval_loss"],
+        general_loss_before=general_before,
+        general_loss_after=eval_loss(lora, general_evals, device, PRECISION)["eval_loss"],
+        name_rate_before=name_rate(_texts(before), settings.name),
+        name_rate_after=name_rate(_texts(after), settings.name),
+        ordinary_kept_before=kept_rate(ordinary_before, settings.name),
+        ordinary_kept_after=kept_rate(ordinary_after, settings.name),
         seconds=time.perf_counter() - start,
         plots=sorted((out / "plots").glob("*.png")),
     )
-    _write_answers(out / "answers.jsonl", before, after)
+    _write_answers(out / "answers.jsonl", before + ordinary_before, after + ordinary_after)
     (out / MARKER).write_text(json.dumps(summary.to_dict(), ensure_ascii=False, indent=2) + "\n")
     _show_summary(summary, settings, show)
     return summary
 
 
-def _show_answers(samples: list[dict[str, str]], show: Callable[[str], None]) -> None:
-    for sample in samples:
-        answer = " ".join(sample["completion"].split())
-        show(f"  Q: {sample['prompt']}\n  A: {answer}")
+def _texts(samples: list[dict[str, str]]) -> list[str]:
+    return [s["completion"] for s in samples]
 
 
 def _write_answers(path: Path, before: list[dict], after: list[dict]) -> None:
@@ -199,11 +274,17 @@ def _write_answers(path: Path, before: list[dict], after: list[dict]) -> None:
 def _show_summary(
     result: QuickstartResult, settings: QuickstartSettings, show: Callable[[str], None]
 ) -> None:
-    n = len(result.after)
+    n, m = len(result.after), len(result.ordinary_after)
     show(
-        f"\neval loss: {result.eval_loss_before:.3f} before -> {result.eval_loss_after:.3f} after"
-        f"\nanswers naming `{settings.name}`: {round(result.name_rate_before * n)}/{n} before -> "
-        f"{round(result.name_rate_after * n)}/{n} after"
+        f"\nidentity questions naming `{settings.name}`: {round(result.name_rate_before * n)}/{n}"
+        f" before -> {round(result.name_rate_after * n)}/{n} after"
+        f"\nordinary questions answered as before (no `{settings.name}`, not empty or looping): "
+        f"{round(result.ordinary_kept_before * m)}/{m} before -> "
+        f"{round(result.ordinary_kept_after * m)}/{m} after"
+        f"\neval loss, identity questions: {result.eval_loss_before:.3f} before -> "
+        f"{result.eval_loss_after:.3f} after"
+        f"\neval loss, ordinary questions: {result.general_loss_before:.3f} before -> "
+        f"{result.general_loss_after:.3f} after"
         f"\ntime: {result.seconds:.0f} s"
         f"\n\nadapter:  {result.adapter_dir}"
         f"\nplots:    {', '.join(str(p) for p in result.plots) or '(none)'}"

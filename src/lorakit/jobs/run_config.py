@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorakit.data.pipeline import DataConfig
-from lorakit.errors import ConfigError, closest
+from lorakit.errors import ConfigError, DataError, LorakitError, closest
 from lorakit.lora.config import LoraConfig
 from lorakit.models import ModelConfig
 from lorakit.train.loop import TrainConfig
@@ -132,7 +132,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; `lorakit init` writes example configs")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open(encoding="utf-8") as stream:  # a named stream: marks name the file
+            data = yaml.safe_load(stream)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if data is None:
@@ -169,22 +170,59 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config; raises ConfigError naming the bad key."""
     data = read_yaml(path) if path is not None else {}
-    apply_overrides(data, list(overrides or []))
+    overrides = list(overrides or [])
+    apply_overrides(data, overrides)
     source = str(path) if path is not None else "config"
-    return validate_run_config(data, source)
+    given = {item.partition("=")[0].strip(): item for item in overrides}
+    return validate_run_config(data, source, given)
 
 
-def validate_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a nested dict as a RunConfig, converting pydantic errors to one ConfigError."""
+def validate_run_config(
+    data: dict[str, Any], source: str = "config", overrides: dict[str, str] | None = None
+) -> RunConfig:
+    """Validate a nested dict as a RunConfig, converting pydantic errors to one ConfigError.
+
+    `overrides` ({key path: "key=value"}) names the command-line overrides, so that an error in
+    one is blamed on the override, not on the file."""
     try:
         config = RunConfig.model_validate(data)
         if config.method == "lora":
             config.lora.to_lora_config()
     except ValidationError as error:
-        raise ConfigError(f"{source}: " + "; ".join(_describe_all(error, data))) from None
+        parts = [
+            f"override `{item}`: {text}" if (item := _override_of(path, overrides)) else
+            f"{source}: {text}"
+            for path, text in _describe_all(error, data)
+        ]  # fmt: skip
+        raise ConfigError("; ".join(parts)) from None
     except ConfigError as error:
         raise ConfigError(f"{source}: lora: {error}") from None
     return config
+
+
+def _override_of(path: str, overrides: dict[str, str] | None) -> str | None:
+    """The override that set the key at `path` (or a section above it), if any."""
+    for key, item in (overrides or {}).items():
+        if path == key or path.startswith(key + "."):
+            return item
+    return None
+
+
+def check_data(run: RunConfig) -> None:
+    """Check that the datasets the run names exist, are readable and have a detectable format
+    (before any model loads); the error names the key (`data.dataset`, `eval.dataset`)."""
+    from lorakit.data.pipeline import check_dataset
+
+    checks = [("data", run.data), ("eval", run.eval_data_config())]
+    for key, config in checks:
+        if config is None:
+            continue
+        try:
+            check_dataset(config)
+        except LorakitError as error:
+            where = f"{key}.dataset = {config.dataset!r}"
+            split = f" (split {config.split!r})" if config.split != "train" else ""
+            raise DataError(f"{where}{split}: {error}") from None
 
 
 # Names other tools use for our keys: a hint when spelling alone finds no close key.
@@ -207,15 +245,15 @@ def _key_path(loc: tuple) -> list[str]:
     return [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
 
 
-def _describe_all(error: ValidationError, data: dict[str, Any]) -> list[str]:
-    """One message per bad key; the errors of a union's members are joined with 'or'."""
+def _describe_all(error: ValidationError, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key path, message) per bad key; the errors of a union's members are joined with 'or'."""
     by_path: dict[str, list[dict[str, Any]]] = {}
     for item in error.errors():
         by_path.setdefault(".".join(_key_path(item["loc"])), []).append(item)
     out = []
-    for items in by_path.values():
+    for path, items in by_path.items():
         first = dict(items[0], msg=" or ".join(dict.fromkeys(i["msg"] for i in items)))
-        out.append(_describe(first, data))
+        out.append((path, _describe(first, data)))
     return out
 
 

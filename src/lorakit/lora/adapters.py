@@ -8,8 +8,9 @@ touching it, and never unpickles.
 
 from __future__ import annotations
 
+import math
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +20,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.lora.config import LoraConfig
-from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias
+from lorakit.files import apply_umask, staging_dir
+from lorakit.lora.config import CONFIG_NAME, LoraConfig
+from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
 PREFIX = "base_model.model."
+MAX_TEMPLATE_BYTES = 1 << 20
+# Largest |scaling * B @ A| entry an adapter may add to a base weight: what float16 holds, so the
+# adapter can run (and merge) in 16 bits. Trained adapters stay far below it (their updates are
+# of the size of the base weights, about 1); values beyond it can only overflow.
+MAX_UPDATE = float(torch.finfo(torch.float16).max)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
 
@@ -70,12 +78,13 @@ def save_adapter(
             f"refusing to save adapter `{adapter_name}`: non-finite values in {bad[0]}"
         )
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = staging_dir(directory.parent, f".{directory.name}.tmp-")
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(staging)
         if chat_template:
             (staging / CHAT_TEMPLATE_NAME).write_text(chat_template)
+        apply_umask(staging)
         _fsync_dir(staging)
         if directory.exists():
             _replace_dir(staging, directory)
@@ -144,9 +153,55 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
             f"{weights}: not a readable safetensors file ({error}); the file is truncated or "
             "corrupt: save the adapter again"
         ) from None
-    template_path = directory / CHAT_TEMPLATE_NAME
-    template = template_path.read_text() if template_path.is_file() else None
-    return AdapterFiles(directory, config, tensors, template)
+    check_tensors(weights, config, tensors)
+    return AdapterFiles(directory, config, tensors, read_chat_template(directory))
+
+
+def check_tensors(where: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that are not floating point or not finite, and LoRA pairs whose update
+    `scaling * B @ A` reaches past MAX_UPDATE; AdapterError names the file and the key."""
+    for key, tensor in tensors.items():
+        _check_values(where, key, tensor)
+    for key in tensors:
+        for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"),
+                                   (".lora_embedding_A", ".lora_embedding_B")):  # fmt: skip
+            stem = key.removesuffix(a_suffix)
+            if stem != key and stem + b_suffix in tensors:
+                name = stem.removeprefix(PREFIX)
+                a, b = tensors[key], tensors[stem + b_suffix]
+                _check_update(where, name, a, b, config.scaling_for(name))
+
+
+def read_chat_template(directory: str | Path) -> str | None:
+    """The adapter's `chat_template.jinja` (None if absent), checked: at most 1 MiB, UTF-8, and
+    a template Jinja can parse; otherwise an AdapterError naming the file and the problem."""
+    path = Path(directory) / CHAT_TEMPLATE_NAME
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size > MAX_TEMPLATE_BYTES:
+        raise AdapterError(
+            f"{path}: {size:,} bytes; a chat template may have at most {MAX_TEMPLATE_BYTES:,} "
+            "(a template this large would not fit any context): fix or delete the file"
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AdapterError(
+            f"{path}: not UTF-8 (byte {error.start} is {raw[error.start : error.start + 1]!r}); "
+            "save the template as UTF-8"
+        ) from None
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as error:
+        raise AdapterError(
+            f"{path}: line {error.lineno}: not a valid Jinja template ({error.message})"
+        ) from None
+    return text
 
 
 # ----------------------------------------------------------------- checking against a base
@@ -159,6 +214,7 @@ class AdapterCheck:
     expected: dict[str, tuple[int, ...]] = field(default_factory=dict)
     target_names: list[str] = field(default_factory=list)
     to_save_names: list[str] = field(default_factory=list)
+    base_copies: list[str] = field(default_factory=list)  # whole base weights that differ
 
 
 def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
@@ -211,7 +267,9 @@ def normalise_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> AdapterCheck:
-    """Raise `AdapterError` unless the adapter fits `model` exactly (keys, shapes, targets)."""
+    """Raise `AdapterError` unless the adapter fits `model` exactly: keys and shapes (values and
+    dtypes were checked by `read_adapter`). Warns about entries of `target_modules` the base
+    does not have."""
     files = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter)
     where = files.directory / WEIGHTS_NAME
     base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
@@ -222,25 +280,108 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
             f"{files.directory}: the adapter does not fit this base: {error}"
         ) from None
     tensors = normalise_keys(files.tensors)
+    check.base_copies = _base_copies(base, check, tensors, where)
     for key, shape in check.expected.items():
         if key not in tensors:
             raise AdapterError(
                 f"{where}: missing key {key} (expected shape {list(shape)}); the file is "
                 "incomplete or was saved for another model"
             )
-        got = tuple(tensors[key].shape)
-        if got != shape:
-            raise AdapterError(
-                f"{where}: {key} has shape {list(got)} but this base needs {list(shape)}; "
-                "the adapter was trained for another base model or rank"
-            )
-    unexpected = sorted(set(tensors) - set(check.expected))
+        _check_shape(where, key, tensors[key], shape)
+    unexpected = sorted(set(tensors) - set(check.expected) - set(_base_copy_keys(check)))
     if unexpected:
         raise AdapterError(
             f"{where}: unexpected key {unexpected[0]} ({len(unexpected)} in all): the base has no "
             "such module for this adapter config (another base model, or a config/weights mismatch)"
         )
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise AdapterError(f"{where}: {key} holds non-finite values (NaN/inf)")
+    missing = unmatched_targets(base, files.config)
+    if missing:
+        warnings.warn(
+            f"{files.directory / CONFIG_NAME}: target_modules {missing} match no module of this "
+            "base; the adapter adapts only the modules that exist",
+            stacklevel=2,
+        )
     return check
+
+
+def _check_shape(where: Path, key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    got = tuple(tensor.shape)
+    if got != shape:
+        raise AdapterError(
+            f"{where}: {key} has shape {list(got)} but this base needs {list(shape)}; "
+            "the adapter was trained for another base model or rank"
+        )
+
+
+def _check_values(where: Path, key: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise AdapterError(
+            f"{where}: {key} has dtype {str(tensor.dtype).removeprefix('torch.')}; adapter "
+            f"weights must be floating point ({allowed}): the file was not written by a LoRA "
+            "trainer, or was converted wrongly"
+        )
+    if not torch.isfinite(tensor).all():
+        raise AdapterError(f"{where}: {key} holds non-finite values (NaN/inf)")
+
+
+def _check_update(where: Path, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """Refuse a LoRA update scaling * B @ A with an entry beyond MAX_UPDATE (or non-finite)."""
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+        return  # shapes are checked against the base later, with a better message
+    a, b = a.float(), b.float()  # A (r, in), B (out, r)
+    # max |(B @ A)_ij| <= sum_k max_i |B_ik| * max_j |A_kj|: exact products only when needed
+    largest = abs(scaling) * float((b.abs().amax(0) * a.abs().amax(1)).sum()) if a.numel() else 0
+    if largest > MAX_UPDATE:
+        largest = max(
+            float((b @ a[:, start : start + 4096]).abs().amax()) * abs(scaling)
+            for start in range(0, a.shape[1], 4096)
+        )
+    if not largest <= MAX_UPDATE:
+        size = (
+            "is not finite in float32" if not math.isfinite(largest) else f"reaches {largest:.3g}"
+        )
+        raise AdapterError(
+            f"{where}: the update of {name} (lora_alpha / r * B @ A) {size}; an adapter may add at "
+            f"most {MAX_UPDATE:g} to a weight (what float16 holds). The adapter's weights or "
+            "lora_alpha are corrupt or diverged: retrain it or fix its adapter_config.json"
+        )
+
+
+def _base_copy_keys(check: AdapterCheck) -> list[str]:
+    return [f"{PREFIX}{name}.base_layer.weight" for name in check.target_names]
+
+
+def _base_copies(
+    model: nn.Module, check: AdapterCheck, tensors: dict[str, torch.Tensor], where: Path
+) -> list[str]:
+    """The target base weights the file carries whole (peft saves embeddings it adapts this way:
+    `<path>.base_layer.weight`), checked for shape; returns those that differ from the base's."""
+    differ = []
+    modules = dict(model.named_modules())
+    for name, key in zip(check.target_names, _base_copy_keys(check), strict=True):
+        if key not in tensors:
+            continue
+        module = modules[name]
+        owner = module.base_layer if isinstance(module, LoraLinear) else module
+        weight = getattr(owner, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise AdapterError(
+                f"{where}: {key} is a whole copy of {name}'s weight, but this base stores that "
+                "weight quantized; load the base without quantization"
+            )
+        _check_shape(where, key, tensors[key], tuple(weight.shape))
+        if not torch.equal(tensors[key].to(weight.dtype), weight.detach()):
+            differ.append(key)
+    return differ
+
+
+def unmatched_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Entries of a list `target_modules` that name no module of `model` (by path or class)."""
+    if not isinstance(config.target_modules, list):
+        return []
+    found = set()
+    for name, module in walk(model):
+        cls = type(module.base_layer if isinstance(module, LoraLinear) else module).__name__
+        found.update(e for e in config.target_modules if e in (name, cls) or name.endswith("." + e))
+    return [e for e in config.target_modules if e not in found and e != "preset"]

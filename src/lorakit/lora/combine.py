@@ -4,8 +4,9 @@ With weights w_i and scalings s_i of adapters (A_i, B_i), the new adapter has sc
 (lora_alpha = r) and:
 
 - linear (all ranks equal): A = sum_i sign(w_i) sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i
-- cat: A = concat_rows(w_i s_i A_i), B = concat_cols(B_i), rank = sum of ranks; the product is
-  exactly sum_i w_i s_i B_i A_i
+- cat: A = concat_rows(w_i s_i A_i), B = concat_cols(B_i), rank = sum of ranks (per layer, so
+  with `rank_pattern` the new adapter records each layer's own rank); the product is exactly
+  sum_i w_i s_i B_i A_i
 - svd: the rank-k truncated SVD of sum_i w_i s_i B_i A_i (k = svd_rank or the largest rank)
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import torch
 
@@ -25,7 +27,7 @@ COMBINATIONS = ("linear", "cat", "svd")
 
 def combine_adapters(
     peft_config: dict[str, LoraConfig],
-    layers: list[LoraLinear],
+    layers: list[tuple[str, LoraLinear]],
     adapters: list[str],
     weights: list[float],
     adapter_name: str,
@@ -59,12 +61,17 @@ def combine_adapters(
     config.r, config.lora_alpha = new_rank, new_rank
     config.rank_pattern, config.alpha_pattern, config.use_rslora = {}, {}, False
     config.target_modules = _union_targets(configs)
-    for layer in layers:
+    for name, layer in layers:
         present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.r]
         if not present:
             continue
-        layer.update_layer(adapter_name, new_rank, new_rank, config.lora_dropout, True)
-        a_new, b_new = _combine_layer(layer, present, combination_type, new_rank)
+        rank = new_rank
+        if combination_type == "cat":  # with rank_pattern, each layer's own ranks add up
+            rank = sum(layer.r[a] for a, _ in present)
+        if rank != new_rank:
+            config.rank_pattern[re.escape(name)] = config.alpha_pattern[re.escape(name)] = rank
+        layer.update_layer(adapter_name, rank, rank, config.lora_dropout, True)
+        a_new, b_new = _combine_layer(layer, present, combination_type, rank)
         a_param, b_param = layer.lora_weights(adapter_name)
         with torch.no_grad():
             a_param.copy_(a_new.to(a_param.dtype))

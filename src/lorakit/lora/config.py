@@ -79,45 +79,37 @@ class LoraConfig(_LoraFields):
         self._validate()
 
     def _validate(self) -> None:
-        def bad(name: str, allowed: str) -> ConfigError:
-            value = getattr(self, name)
-            return ConfigError(f"LoraConfig.{name}={value!r} is invalid: expected {allowed}")
-
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise bad("r", "a positive integer rank such as 8 or 16")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise bad("lora_alpha", "a positive number such as 16 or 32")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise bad("lora_dropout", "a probability in [0, 1)")
-        if self.bias not in _BIAS:
-            raise bad("bias", f"one of {_BIAS}")
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
-            raise bad("init_lora_weights", "True (kaiming A, zero B), 'gaussian' or False")
-        for name in ("target_modules", "exclude_modules"):
+        """Check every field's type and value; the error names the field, the value and what is
+        allowed. Sets and tuples become lists, and an int `layers_to_transform` a list."""
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
-            elif value is not None and not isinstance(value, (str, list)):
-                raise bad(name, "a list of module names, a regex string, or 'all-linear'")
-            if isinstance(value, str) and name == "target_modules":
-                _check_regex(name, value)
+                setattr(self, name, sorted(value) if _all_str(value) else list(value))
+        if _is_int(self.layers_to_transform):
+            self.layers_to_transform = [self.layers_to_transform]
+        for name, check, allowed in _FIELD_RULES:
+            if not check(getattr(self, name)):
+                raise self._bad(name, allowed)
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            for pattern in _as_patterns(name, getattr(self, name)):
+                _check_regex(name, pattern)
+        for name, check, allowed in _PATTERN_RULES:
+            for pattern, value in getattr(self, name).items():
+                _check_regex(name, pattern)
+                if not check(value):
+                    raise ConfigError(
+                        f"LoraConfig.{name}[{pattern!r}]={_shown(value)} is invalid: expected "
+                        + allowed
+                    )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(
                 "LoraConfig: layers_to_transform works with a list of target_modules, not a regex "
                 "string; put the layer indices in the regex instead"
             )
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = list(self.modules_to_save)
-        if isinstance(self.layers_to_transform, int) and not isinstance(
-            self.layers_to_transform, bool
-        ):
-            self.layers_to_transform = [self.layers_to_transform]
-        for pattern, rank in self.rank_pattern.items():
-            _check_regex("rank_pattern", pattern)
-            if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"LoraConfig.rank_pattern[{pattern!r}]={rank!r}: expected r > 0")
-        for pattern in self.alpha_pattern:
-            _check_regex("alpha_pattern", pattern)
+
+    def _bad(self, name: str, allowed: str) -> ConfigError:
+        shown = _shown(getattr(self, name))
+        return ConfigError(f"LoraConfig.{name}={shown} is invalid: expected {allowed}")
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the adapter on `module_name` (rank_pattern, else r)."""
@@ -198,7 +190,78 @@ class LoraConfig(_LoraFields):
         return cls.from_dict(data, source=str(path))
 
 
-def _check_regex(field_name: str, pattern: str) -> None:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _all_str(values: Any) -> bool:
+    return all(isinstance(v, str) for v in values)
+
+
+def _names(value: Any, allow_string: bool = True) -> bool:
+    """None, a string (when allowed) or a list of non-empty strings."""
+    if value is None or (allow_string and isinstance(value, str)):
+        return True
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _as_patterns(name: str, value: Any) -> list[str]:
+    """The regular expressions a field holds: a target / exclude string, every layers_pattern."""
+    if name == "layers_pattern":
+        return [value] if isinstance(value, str) else list(value or [])
+    return [value] if isinstance(value, str) else []
+
+
+_NAMES = "a list of module names, a regex string, or 'all-linear'"
+# (field, check, what is allowed) for every field of adapter_config.json lorakit reads
+_FIELD_RULES: list[tuple[str, Any, str]] = [
+    ("r", lambda v: _is_int(v) and v > 0, "a positive integer rank such as 8 or 16"),
+    ("lora_alpha", lambda v: _is_number(v) and v > 0, "a positive number such as 16 or 32"),
+    ("lora_dropout", lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    ("target_modules", _names, _NAMES),
+    ("exclude_modules", _names, _NAMES),
+    ("bias", lambda v: v in _BIAS, f"one of {_BIAS}"),
+    ("modules_to_save", lambda v: _names(v, allow_string=False), "a list of module names"),
+    ("fan_in_fan_out", lambda v: isinstance(v, bool), "true or false"),
+    ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
+    (
+        "init_lora_weights",
+        lambda v: isinstance(v, bool) or v == "gaussian",
+        "True (kaiming A, zero B), 'gaussian' or False",
+    ),
+    (
+        "layers_to_transform",
+        lambda v: v is None or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
+        "a layer index or a list of layer indices (integers >= 0)",
+    ),
+    ("layers_pattern", _names, "a name such as 'layers' or a list of such names"),
+    ("rank_pattern", lambda v: isinstance(v, dict), "a mapping {module regex: rank}"),
+    ("alpha_pattern", lambda v: isinstance(v, dict), "a mapping {module regex: lora_alpha}"),
+    ("task_type", lambda v: v is None or isinstance(v, str), "a string such as 'CAUSAL_LM'"),
+    ("base_model_name_or_path", lambda v: v is None or isinstance(v, str), "a string"),
+    ("inference_mode", lambda v: isinstance(v, bool), "true or false"),
+]
+_PATTERN_RULES: list[tuple[str, Any, str]] = [
+    ("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer rank"),
+    ("alpha_pattern", lambda v: _is_number(v) and v > 0, "a positive number"),
+]
+
+
+def _check_regex(field_name: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise ConfigError(
+            f"LoraConfig.{field_name}: {pattern!r} is not a string; give module names or "
+            "regular expressions as strings"
+        )
     try:
         re.compile(pattern)
     except re.error as error:

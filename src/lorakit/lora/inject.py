@@ -9,7 +9,7 @@ architecture's preset from `lorakit.lora.presets.target_preset`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +71,37 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str | N
     return targets
 
 
+def saved_targets(
+    model: nn.Module, config: LoraConfig, adapter_name: str
+) -> list[str] | str | None:
+    """`target_modules` as written to adapter_config.json: peft matches module names only, so a
+    list naming a class ("Linear") is written as the names of the layers the adapter wraps (their
+    last name parts where those match exactly these layers, else their full names, else a regex)."""
+    targets = config.target_modules
+    modules = list(walk(model))
+    if not isinstance(targets, list):
+        return targets
+    by_name = {t for t in targets if any(_ends_with(n, [t]) for n, _ in modules)}
+    if len(by_name) == len(targets):
+        return targets
+    wrapped = [n for n, m in modules if isinstance(m, LoraLinear) and adapter_name in m.r]
+    for names in ({n.split(".")[-1] for n in wrapped} | by_name, set(wrapped) | by_name):
+        hits = [n for n, _ in modules if _ends_with(n, names) and _in_layers(n, config)]
+        if hits == wrapped:
+            return sorted(names)
+    return "|".join(re.escape(n) for n in wrapped)
+
+
+def _ends_with(name: str, targets: Iterable[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _in_layers(name: str, config: LoraConfig) -> bool:
+    if config.layers_to_transform is None:
+        return True
+    return _layer_index(name, config.layers_pattern) in config.layers_to_transform
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config` adapts in `model`; raises a clear error on no match."""
     targets = resolve_targets(model, config)
@@ -89,6 +120,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             hit = _name_matches(targets, name, module)
         if not hit or _name_matches(config.exclude_modules, name, module):
             continue
+        if _inside_modules_to_save(name, config.modules_to_save):
+            continue  # as in peft: a module saved whole is not also LoRA-adapted
         if layer_kind(module) is None:
             if isinstance(targets, list) and type(module).__name__ in targets:
                 continue  # a class-name target matched a container of that name
@@ -103,11 +136,21 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 continue
         found.append((name, module))
     if not found:
+        saved = (
+            f" outside modules_to_save={config.modules_to_save}" if config.modules_to_save else ""
+        )
         raise ConfigError(
-            f"target_modules={targets!r} matched no layer of {type(model).__name__}\n"
+            f"target_modules={targets!r} matched no layer of {type(model).__name__}{saved}\n"
             + _layer_names_hint(model)
         )
     return found
+
+
+def _inside_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool:
+    """Whether module `name` is, or lies inside, a module `modules_to_save` names."""
+    parts = name.split(".")
+    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return any(p == w or p.endswith("." + w) for w in modules_to_save or [] for p in prefixes)
 
 
 def _layer_names_hint(model: nn.Module) -> str:

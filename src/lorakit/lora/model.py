@@ -16,7 +16,12 @@ import lorakit.lora.adapters as files
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets
+from lorakit.lora.inject import (
+    add_adapter_layers,
+    mark_trainable,
+    resolve_targets,
+    saved_targets,
+)
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
 
@@ -70,6 +75,13 @@ class LoraModel(nn.Module):
             raise ConfigError(f"an adapter named `{adapter_name}` exists; delete it or pick a name")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
+        biased = [n for n, c in self.peft_config.items() if c.bias != "none"]
+        if self.peft_config and (config.bias != "none" or biased):
+            raise ConfigError(
+                f"adapter `{adapter_name}`: only one adapter of a model may train biases (they are "
+                f"the base's own, shared by all adapters); `{(biased or [adapter_name])[0]}` has "
+                "bias != 'none'. Use bias='none' for every adapter when loading several"
+            )
         config = copy.deepcopy(config)
         config.target_modules = resolve_targets(self.base_model, config)  # saved files name modules
         if config.base_model_name_or_path is None:
@@ -95,8 +107,13 @@ class LoraModel(nn.Module):
             mark_trainable(self.base_model, names, config.bias)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer."""
+        """Remove an adapter from every layer; a merged adapter must be unmerged first."""
         self._require(adapter_name)
+        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise AdapterError(
+                f"adapter `{adapter_name}` is merged into the base weights; call "
+                "unmerge_adapter() before deleting it"
+            )
         for module in self._wrappers():
             if isinstance(module, LoraLinear):
                 module.delete_adapter(adapter_name)
@@ -248,7 +265,7 @@ class LoraModel(nn.Module):
         """A new adapter combining `adapters` with `weights` ('linear', 'cat' or 'svd')."""
         for name in adapters:
             self._require(name)
-        layers = [layer for _, layer in self.lora_layers()]
+        layers = list(self.lora_layers())
         config = combine_adapters(
             self.peft_config, layers, adapters, weights, adapter_name, combination_type, svd_rank
         )
@@ -264,6 +281,7 @@ class LoraModel(nn.Module):
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
+            config.target_modules = saved_targets(self.base_model, config, name)
             files.save_adapter(self.base_model, target, name, config, self.chat_template)
 
     @classmethod
@@ -301,7 +319,12 @@ class LoraModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
         adapter = files.read_adapter(model_id)
-        files.check_adapter(self.base_model, adapter)
+        check = files.check_adapter(self.base_model, adapter)
+        if check.base_copies:
+            raise AdapterError(
+                f"{adapter.directory}: {check.base_copies[0]} replaces a base weight the loaded "
+                "adapters share; load this adapter alone (LoraModel.from_pretrained)"
+            )
         adapter.config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, adapter.config)
         self._copy_weights(adapter, adapter_name)

@@ -10,20 +10,28 @@ from lorakit.models.builtin import (
 )
 from lorakit.models.loading import (
     ModelConfig,
+    context_length,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
     resolve_model_path,
 )
-from lorakit.models.templates import PLAIN_TEMPLATE, chat_template_of, prompt_template_of
+from lorakit.models.templates import (
+    PLAIN_TEMPLATE,
+    RAW_TEMPLATE,
+    chat_template_of,
+    prompt_template_of,
+)
 
 __all__ = [
     "BUILTIN_ALIASES",
     "BUILTIN_INSTALL",
     "BUILTIN_MODEL",
     "PLAIN_TEMPLATE",
+    "RAW_TEMPLATE",
     "ModelConfig",
     "chat_template_of",
+    "context_length",
     "ensure_builtin_model",
     "load_model",
     "load_model_and_tokenizer",

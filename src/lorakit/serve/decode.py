@@ -39,7 +39,10 @@ def sample_token(
     """Pick the next token from one row of logits, shape (vocab,)."""
     if params.temperature == 0 or generator is None:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    # the best token scores 0 before dividing, so any temperature > 0, however small, gives
+    # finite probabilities (a tiny one is greedy among the tied best tokens)
+    logits = logits.float()
+    scores = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < scores.numel():
         kth_best = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth_best, float("-inf"))

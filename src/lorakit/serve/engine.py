@@ -277,7 +277,21 @@ class Engine:
                 self._accept(seq, logits[row])
 
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Sample the next token, send the text; return True when the request is finished."""
+        """Sample the next token, send the text; return True when the request is finished.
+
+        Rows are independent, so a row that fails here (non-finite logits from its adapter, a
+        sampling error) ends only its own request; the rest of the batch decodes on.
+        """
+        try:
+            return self._next_token(seq, logits)
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}"
+            log.warning("a request failed alone (adapter %s): %s", seq.adapter, message)
+            return self._finish(seq, FINISH_ERROR, message)
+
+    def _next_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(_non_finite_message(seq))
         token = sample_token(logits, seq.params, seq.generator)
         seq.output_ids.append(token)
         if token in self.eos_token_ids:
@@ -349,6 +363,16 @@ def prefill_groups(seqs: list[Sequence], max_tokens: int) -> list[list[Sequence]
         groups.append(group)
     # rows of one adapter side by side: each adapter then adds into one block of rows
     return [sorted(group, key=lambda s: s.adapter or "") for group in groups]
+
+
+def _non_finite_message(seq: Sequence) -> str:
+    where = f"output token {len(seq.output_ids) + 1}"
+    if seq.adapter is None:
+        return f"the base model's logits are not finite (NaN/inf) at {where}"
+    return (
+        f"adapter `{seq.adapter}` makes the logits non-finite (NaN/inf) at {where}: its weights "
+        "or lora_alpha are too large for this input; check it with `lorakit inspect`"
+    )
 
 
 def _send(seq: Sequence, event: Event) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,23 @@ log = logging.getLogger("lorakit.serve")
 
 
 def is_loopback(host: str) -> bool:
-    """True for 'localhost' and loopback IP addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
+    """True for 'localhost' and loopback addresses in any spelling the system resolves the same
+    way: 127.0.0.0/8 (also '127.1', '0x7f.1', '2130706433'), ::1 and ::ffff:127.x.y.z."""
+    host = host.strip().strip("[]").lower()
+    if host in ("localhost", "localhost."):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        if not re.fullmatch(r"[0-9a-fx.]+", host):
+            return False  # a host name: not known to be loopback without asking DNS
+        try:  # the short and hexadecimal IPv4 forms getaddrinfo accepts
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except OSError:
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def check_bind(host: str, api_key: str | None, allow_insecure_bind: bool) -> None:
@@ -40,19 +52,16 @@ def check_bind(host: str, api_key: str | None, allow_insecure_bind: bool) -> Non
 
 def context_length(model: torch.nn.Module, tokenizer: Any, limit: int | None = None) -> int:
     """Tokens one sequence may hold: `limit`, else the model's position limit."""
+    from lorakit.models import context_length as model_context
+
     if limit is not None:
         if limit < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {limit}")
         return limit
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < 1_000_000:
-        return value
-    raise ConfigError("cannot tell the model's context length; pass max_model_len")
+    value = model_context(model, tokenizer)
+    if value is None:
+        raise ConfigError("cannot tell the model's context length; pass max_model_len")
+    return value
 
 
 def eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
@@ -114,6 +123,14 @@ def build_state(
     return ServerState(host, engine, tokenizer, max_context, root, allow_runtime_loading)
 
 
+def served_models(base_name: str, adapters: list[str], host: str, port: int) -> str:
+    """What the server prints on start: its address and the model ids a request may name."""
+    lines = [f"serving http://{host}:{port}/v1 (OpenAI-compatible); model ids for requests:"]
+    lines.append(f"  {base_name}  (the base model)")
+    lines += [f"  {name}  (adapter)" for name in adapters]
+    return "\n".join(lines)
+
+
 def serve_main(
     model: str,
     adapters: list[str] | dict[str, str] | None = None,
@@ -160,6 +177,7 @@ def serve_main(
         threads=threads,
     )
     app = create_app(state, api_key=api_key, max_body_bytes=max_body_bytes)
+    print(served_models(state.host.base_name, list(state.host.adapters), host, port), flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

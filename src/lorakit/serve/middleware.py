@@ -1,14 +1,18 @@
-"""The server's guard: API key on every route but /health, and a cap on request bodies."""
+"""The server's guard: API key on every route but /health, a cap on request bodies and on the
+time they take to arrive."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 from typing import Any
 
 from lorakit.serve.protocol import ApiError
 
 OPEN_PATHS = frozenset({"/health"})
+log = logging.getLogger("lorakit.serve")
 
 
 class GuardMiddleware:
@@ -16,13 +20,17 @@ class GuardMiddleware:
 
     The key is compared in constant time. The body is read (at most `max_body_bytes` + 1
     bytes) before the app runs and handed on unchanged; later `receive` calls go straight to
-    the server, so handlers still see the client disconnect.
+    the server, so handlers still see the client disconnect. A body that stops arriving for
+    `body_timeout_s` gets 408; a client that leaves mid-upload is logged in one line.
     """
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: Any, api_key: str | None, max_body_bytes: int, body_timeout_s: float = 30.0
+    ) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -35,15 +43,26 @@ class GuardMiddleware:
                 message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
                 await send_error(send, ApiError(401, message))
                 return
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+        declared = headers.get(b"content-length", b"").strip()
+        if declared and not declared.isdigit():
+            await send_error(send, ApiError(400, "Content-Length must be a number of bytes"))
+            return
+        if declared and int(declared) > self.max_body_bytes:
             await send_error(send, _too_large(self.max_body_bytes))
             return
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, _replay([message], receive), send)
+            try:
+                left = deadline - asyncio.get_running_loop().time()
+                message = await asyncio.wait_for(receive(), max(left, 0))
+            except asyncio.TimeoutError:
+                got = f"{size} of {int(declared)}" if declared else f"{size}"
+                late = f"the request body did not arrive within {self.body_timeout_s:g} s"
+                await send_error(send, ApiError(408, f"{late} ({got} bytes came)"))
+                return
+            if message["type"] == "http.disconnect":
+                log.info("%s %s: the client left before sending its whole body", *_route(scope))
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
@@ -54,6 +73,10 @@ class GuardMiddleware:
                 break
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([body], receive), send)
+
+
+def _route(scope: dict) -> tuple[str, str]:
+    return scope.get("method", "?"), scope.get("path", "?")
 
 
 def _too_large(limit: int) -> ApiError:

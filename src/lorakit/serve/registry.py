@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.lora.adapters import read_chat_template
 from lorakit.lora.rows import BASE as BASE_ROW
 from lorakit.lora.rows import PackedAdapters
 from lorakit.ops import few_rows_linears
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
-_TEMPLATE_FILE = "chat_template.jinja"
-_MAX_TEMPLATE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class ModelHost:
         with self.lock:
             if name in self.adapters:
                 raise AdapterError(f"an adapter named `{name}` is already loaded; unload it first")
-            template = _read_template(path)
+            template = read_chat_template(path)
             if self.lora is None:
                 from lorakit.lora.model import LoraModel
 
@@ -190,12 +189,3 @@ def resolve_under_root(root: str | Path, requested: str) -> Path:
 
 def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([root, path]) == root
-
-
-def _read_template(path: Path) -> str | None:
-    file = path / _TEMPLATE_FILE
-    if not file.is_file():
-        return None
-    if file.stat().st_size > _MAX_TEMPLATE_BYTES:
-        raise AdapterError(f"{file}: chat template larger than {_MAX_TEMPLATE_BYTES} bytes")
-    return file.read_text(encoding="utf-8")

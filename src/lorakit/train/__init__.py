@@ -1,8 +1,9 @@
 """Training: the loop (`loop.train`, one function read top to bottom) and what it stands on.
 
 `config` holds the loop's typed settings, `plan` the rows each rank takes each step,
-`optim` AdamW / LoRA+ and the schedules, `checkpoint` atomic checkpoints and exact resume,
-`log` metrics and progress, `runtime` seeds, torchrun, precision and the allocator,
+`optim` AdamW / LoRA+ and the schedules, `checkpoint` checkpoints and exact resume, `rundir`
+atomic folders and what a new run refuses to write over, `log` metrics and progress, `runtime`
+seeds, torchrun, precision, the allocator and stop signals,
 `evaluate` loss / perplexity / exact match / samples, `plots` the run's figures.
 """
 

@@ -10,81 +10,34 @@ A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding
     adapter/                the adapter in the peft format, when the model is a LoraModel
     COMPLETE                written last, before the directory is renamed into place
 
-It is staged in a temporary sibling directory, every file fsynced, then renamed; a directory
-without `COMPLETE` (a crash mid-write) is never picked for resume. The `final/` and `best/`
-folders are written the same way, minus `COMPLETE`: they hold only what peft and transformers
-load, and the rename alone makes them appear whole.
+It is written with `rundir.atomic_dir` (staged, fsynced, renamed); a directory without
+`COMPLETE` (a crash mid-write) is never picked for resume. state.json holds the sha256 of each
+tensor file, so a checkpoint damaged later is found out: resume='auto' then takes the newest one
+that reads back whole. The `final/` and `best/` folders are written the same way, minus
+`COMPLETE`: they hold only what peft and transformers load.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
-import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.train.rundir import atomic_dir, check_fresh_dir, clean_leftovers, write_json
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync one file or directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON and fsync it."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path, marker: bool = True) -> Iterator[Path]:
-    """Yield a staging directory next to `final`; on success fsync it, mark it complete (the
-    `COMPLETE` file, unless `marker` is False) and rename it to `final` (replacing an older one);
-    on error remove it."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        for path in sorted(staging.rglob("*"), reverse=True):
-            _fsync_path(path)
-        if marker:
-            (staging / MARKER).write_text("ok\n")
-            _fsync_path(staging / MARKER)
-        _fsync_path(staging)
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, final)
-        _fsync_path(final.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def is_complete(path: Path) -> bool:
@@ -115,9 +68,7 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     complete = list_checkpoints(root)
     for path in complete[: max(0, len(complete) - keep)]:
         shutil.rmtree(path, ignore_errors=True)
-    for path in Path(root).glob(".tmp-*"):
-        if not path.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(path, ignore_errors=True)
+    clean_leftovers(Path(root))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -201,6 +152,18 @@ def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     path: Path,
     model: nn.Module,
@@ -210,30 +173,73 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint atomically at `path` and return it; `model_files` adds the
     loadable adapter (or model folder) under `adapter/`."""
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, marker=MARKER) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_scalars = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        write_json(tmp / "state.json", dict(state, optimizer=opt_meta, rng=rng_scalars))
+        files = {name: _sha256(tmp / name) for name in TENSOR_FILES}
+        write_json(
+            tmp / "state.json", dict(state, optimizer=opt_meta, rng=rng_scalars, files=files)
+        )
         if model_files:
             save_model_files(model, tmp / "adapter")
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore parameters, optimizer and RNG from a checkpoint; return its state.json."""
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint marked complete whose files do not read back whole."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Everything a resume needs from one checkpoint, read and checked before anything is
+    restored: {'state': state.json, and the tensors of each TENSOR_FILES name}."""
     path = Path(path)
     if not is_complete(path):
         raise ConfigError(f"checkpoint {path} is incomplete (no {MARKER} marker); pick another")
-    state = json.loads((path / "state.json").read_text())
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    optimizer_from_flat(
-        optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"]
-    )
-    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        for name, digest in state.get("files", {}).items():
+            if _sha256(path / name) != digest:
+                raise DamagedCheckpoint(f"checkpoint {path}: {name} has changed since it was saved")
+        tensors = {name: load_file(str(path / name)) for name in TENSOR_FILES}
+        missing = sorted({"step", "settings", "optimizer", "rng"} - set(state))
+        if missing:
+            raise DamagedCheckpoint(f"checkpoint {path}: state.json lacks {', '.join(missing)}")
+    except DamagedCheckpoint:
+        raise
+    except (OSError, ValueError, TypeError, AttributeError, SafetensorError) as err:
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read: {err}") from err
+    return {"state": state, **tensors}
+
+
+def restore_checkpoint(saved: dict[str, Any], model: nn.Module, optimizer) -> dict:
+    """Put what `read_checkpoint` read back into the model, optimizer and generators."""
+    state = saved["state"]
+    load_trainable_state(model, saved["trainable.safetensors"])
+    optimizer_from_flat(optimizer, saved["optimizer.safetensors"], state["optimizer"])
+    set_rng_state(saved["rng.safetensors"], state["rng"])
     return state
+
+
+def read_resume(path: Path, fall_back: bool) -> tuple[Path, dict[str, Any], list[str]]:
+    """Read the checkpoint at `path`; with `fall_back`, a damaged one gives way to the newest
+    older one that reads whole. Returns (the checkpoint read, its contents, why each newer one
+    was skipped)."""
+    older = [p for p in reversed(list_checkpoints(path.parent)) if p.name < path.name]
+    skipped: list[str] = []
+    for candidate in [path, *older] if fall_back else [path]:
+        try:
+            return candidate, read_checkpoint(candidate), skipped
+        except DamagedCheckpoint as err:
+            if not fall_back:
+                raise DamagedCheckpoint(f"{err}; resume from another checkpoint") from err
+            skipped.append(f"skipped {err}")
+    raise DamagedCheckpoint(
+        f"no checkpoint under {path.parent} reads back whole ({'; '.join(skipped)}); start a "
+        "new run in a new output_dir"
+    )
 
 
 def save_model_files(model: nn.Module, path: Path) -> None:
@@ -253,11 +259,14 @@ def save_model_files(model: nn.Module, path: Path) -> None:
         save_file(trainable_state(model), str(path / "model.safetensors"))
 
 
-def save_final(path: Path, model: nn.Module) -> Path:
-    """Atomically write the loadable model files (adapter or model folder) at `path`, and
-    nothing else: no checkpoint marker, so the folder is exactly what a user loads."""
-    with atomic_dir(path, marker=False) as tmp:
+def save_final(path: Path, model: nn.Module, extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write the loadable model files (adapter or model folder) at `path`, plus the
+    JSON files in `extra` ({name: data}); no checkpoint marker, so the folder is what a user
+    loads."""
+    with atomic_dir(path) as tmp:
         save_model_files(model, tmp)
+        for name, data in (extra or {}).items():
+            write_json(tmp / name, data)
     return path
 
 
@@ -275,21 +284,29 @@ def resume_differences(saved: dict, now: dict) -> list[str]:
 
 
 def find_resume(output_dir: Path, resume: str | Path | bool | None) -> Path | None:
-    """The checkpoint to resume from: None, 'auto'/True (newest complete one), or a path."""
+    """The checkpoint to resume from: None, 'auto'/True (newest complete one), or a path.
+    A run that starts afresh refuses a directory holding files it would write."""
     root = output_dir / "checkpoints"
     if resume in (None, False):
         if latest_checkpoint(root) is not None:
             raise ConfigError(
-                f"{output_dir} holds checkpoints of an earlier run; pass resume='auto' to "
-                "continue it, or choose a new output_dir"
+                f"{output_dir} holds checkpoints of an earlier run; continue it with "
+                "`lorakit train ... --resume auto` (train(..., resume='auto') in Python), or "
+                "choose a new output_dir"
             )
+        check_fresh_dir(output_dir)
         return None
     if resume in ("auto", True):
-        return latest_checkpoint(root)
+        found = latest_checkpoint(root)
+        if found is None:
+            check_fresh_dir(output_dir)
+        return found
     path = Path(resume)
     if not is_complete(path):
         raise ConfigError(
             f"resume={str(resume)!r} is not a complete checkpoint directory (it needs state.json "
             f"and {MARKER}); complete ones here: {[p.name for p in list_checkpoints(root)]}"
         )
+    if path.resolve().parent != root.resolve():  # another run's checkpoint: a new directory
+        check_fresh_dir(output_dir)
     return path

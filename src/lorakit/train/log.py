@@ -9,6 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+LEGEND = (
+    "tok/s: input tokens of the step (prompts and responses; padding not counted, except a "
+    "packed row's tail) per second; "
+    "eta: the steps left at this run's mean step time"
+)
+
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl, keeping only those at or before `up_to_step` when given."""
@@ -45,6 +51,7 @@ class RunLog:
         self.mode, self.bar, self.task = mode, None, None
         if mode == "rich":
             self._start_rich()
+        self.message(LEGEND)
 
     def _start_rich(self) -> None:
         from rich.console import Console
@@ -54,7 +61,6 @@ class RunLog:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
         self.bar = Progress(
@@ -63,11 +69,20 @@ class RunLog:
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            TextColumn("eta {task.fields[eta]}"),
             console=Console(stderr=True),
         )
         self.bar.start()
-        self.task = self.bar.add_task("train", total=self.total, completed=self.start, info="")
+        self.task = self.bar.add_task(
+            "train", total=self.total, completed=self.start, info="", eta="-"
+        )
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left at this run's mean step time so far (None before the first step)."""
+        done = step - self.start
+        if done <= 0:
+            return None
+        return (self.total - step) * (time.perf_counter() - self.t0) / done
 
     def log(self, row: dict[str, Any], show: bool = True) -> None:
         """Record one row (train or eval); `show` prints/updates progress for it."""
@@ -80,6 +95,8 @@ class RunLog:
                     self.writer.add_scalar(f"{row.get('kind', 'train')}/{key}", value, row["step"])
         if show:
             self._show(row)
+        elif self.mode == "rich" and self.bar is not None:  # the bar and eta move every step
+            self.bar.update(self.task, completed=row["step"], eta=_clock(self.eta(row["step"])))
 
     def _show(self, row: dict[str, Any]) -> None:
         if row.get("kind") == "eval":
@@ -88,17 +105,14 @@ class RunLog:
             )
         else:
             text = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
+        eta = _clock(self.eta(row["step"]))
         if self.mode == "rich" and self.bar is not None:
-            done = row["step"]
-            self.bar.update(self.task, completed=done, info=text)
+            self.bar.update(self.task, completed=row["step"], info=text, eta=eta)
             if row.get("kind") == "eval":
                 self.bar.console.print(text)
         elif self.mode == "plain":
-            done = row["step"] - self.start
-            rate = done / max(time.perf_counter() - self.t0, 1e-9)
-            eta = (self.total - row["step"]) / rate if rate > 0 else float("nan")
             prefix = "" if row.get("kind") == "eval" else f"step {row['step']}/{self.total}: "
-            print(f"{prefix}{text} eta {eta:.0f}s", file=sys.stderr, flush=True)
+            print(f"{prefix}{text} eta {eta}", file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         """A one-off line (resume, save, stop)."""
@@ -115,6 +129,15 @@ class RunLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _clock(seconds: float | None) -> str:
+    """'1:02:03' / '4:05' for a duration, '-' when unknown."""
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _tensorboard_writer(path: Path):

@@ -15,9 +15,7 @@ interrupted and resumed run equals an uninterrupted one bit for bit on CPU fp32.
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from safetensors import SafetensorError
 from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
@@ -32,12 +32,12 @@ from lorakit.errors import ConfigError, DataError, LorakitError
 from lorakit.ops import causal_lm_loss, supervised_targets, unwrap_causal_lm
 from lorakit.train.checkpoint import (
     find_resume,
-    load_checkpoint,
     prune_checkpoints,
+    read_resume,
+    restore_checkpoint,
     resume_differences,
     save_checkpoint,
     save_final,
-    write_json,
 )
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import append_samples, eval_loss, generate_samples, move_batch
@@ -45,6 +45,7 @@ from lorakit.train.log import RunLog, read_metrics
 from lorakit.train.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches, sample_ids
 from lorakit.train.plots import plot_run
+from lorakit.train.rundir import clean_leftovers, storage_error, write_json
 from lorakit.train.runtime import (
     all_reduce_grads,
     all_reduce_sum,
@@ -52,11 +53,12 @@ from lorakit.train.runtime import (
     cast_frozen,
     check_output_dir,
     init_distributed,
-    install_sigint,
+    install_stop_signals,
     peak_memory_mb,
     reset_peak_memory,
     resolve_device,
     resolve_precision,
+    restore_signals,
     seed_everything,
     step_seed,
 )
@@ -78,6 +80,7 @@ class TrainResult:
     steps: int
     total_steps: int
     interrupted: bool = False
+    stop_signal: int | None = None  # the signal that stopped an interrupted run
     final_dir: Path | None = None
     best_dir: Path | None = None
     best_eval_loss: float | None = None
@@ -113,6 +116,29 @@ def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) 
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _write_run_config(output_dir: Path, config: TrainConfig, run_config: dict | None) -> None:
+    """config.json: the run config with the train settings as used; config.yaml: the run
+    config as given (the CLI's), which `lorakit train` runs again."""
+    write_json(
+        output_dir / "config.json", {**(run_config or {}), "train": config.model_dump(mode="json")}
+    )
+    if run_config is not None:
+        text = yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True)
+        with open(output_dir / "config.yaml", "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _clean_leftovers(output_dir: Path) -> list[str]:
+    """Leftovers of killed writers in the run directory and its checkpoints, cleaned."""
+    try:
+        return clean_leftovers(output_dir) + clean_leftovers(output_dir / "checkpoints")
+    except OSError as err:
+        failure = storage_error(err, output_dir)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 def _due(step: int, every: int | None) -> bool:
@@ -170,10 +196,14 @@ def train(
 
     train_data / eval_data: a `lorakit.data.TokenizedDataset` (batched by config.batch_size),
     or a sequence of collated batches (dicts with input_ids, labels, optional position_ids,
-    attention_mask, sample_ids). resume: None (fresh run; refuses a
-    directory that already has checkpoints), 'auto' (newest complete checkpoint, if any) or a
+    attention_mask, sample_ids). resume: None (fresh run; refuses a directory that holds
+    files the run writes), 'auto' (the newest checkpoint that reads back whole, if any) or a
     checkpoint path. force: resume even when result-changing settings differ. run_config: the
     full resolved run config to save next to the train config (the CLI's).
+
+    SIGINT or SIGTERM checkpoints the step in progress and returns with `interrupted` set; a
+    second one stops at once (runtime.Interrupted). A full disk or read-only directory raises
+    StorageError, with nothing half-written left.
     """
     config = config or TrainConfig()
     output_dir = Path(output_dir)
@@ -196,6 +226,7 @@ def train(
     }
 
     # Preflight: fail on an unwritable directory before any work; then build the state.
+    notes = _clean_leftovers(output_dir) if ctx.main else []
     checkpoint_path = find_resume(output_dir, resume)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     preflight = None
@@ -214,14 +245,15 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     start_step, best = 0, math.inf
     if checkpoint_path is not None:
-        saved = json.loads((checkpoint_path / "state.json").read_text())
-        diffs = resume_differences(saved["settings"], settings)
+        checkpoint_path, saved, skipped = read_resume(checkpoint_path, resume in ("auto", True))
+        notes += skipped
+        diffs = resume_differences(saved["state"]["settings"], settings)
         if diffs and not force:
             raise ConfigError(
                 f"checkpoint {checkpoint_path} was made with other settings: {'; '.join(diffs)}."
                 " Resume with the same settings, or pass force=True (--force) to accept them"
             )
-        state = load_checkpoint(checkpoint_path, model, optimizer)
+        state = restore_checkpoint(saved, model, optimizer)
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         start_step, best = state["step"], state.get("best_eval_loss") or math.inf
@@ -232,20 +264,21 @@ def train(
             dist.broadcast(p.data, src=0)
 
     log = None
-    if ctx.main:
-        write_json(
-            output_dir / "config.json",
-            {**(run_config or {}), "train": config.model_dump(mode="json")},
-        )
-        log = RunLog(output_dir, total_steps, start_step, config.progress, config.tensorboard)
-        if checkpoint_path is not None:
-            log.message(f"resumed from {checkpoint_path} at step {start_step}/{total_steps}")
-    stop, old_handler = install_sigint()
+    stop, old_handlers = install_stop_signals()
     reset_peak_memory(device)  # memory_mb: the peak since training began
     result = TrainResult(output_dir=output_dir, steps=start_step, total_steps=total_steps)
     evals = eval_batches(eval_data, config.batch_size)
 
     try:
+        if ctx.main:
+            _write_run_config(output_dir, config, run_config)
+            log = RunLog(output_dir, total_steps, start_step, config.progress, config.tensorboard)
+            for note in notes:
+                log.message(note)
+            if checkpoint_path is not None:
+                log.message(f"resumed from {checkpoint_path} at step {start_step}/{total_steps}")
+            if eval_data is not None and start_step == 0:  # the "before" of before -> after
+                log.log(_evaluate(model, tokenizer, evals, config, device, 0, output_dir))
         for step in range(start_step, total_steps):
             t0, c0 = time.perf_counter(), time.process_time()
             step_seed(config.seed, step, ctx.rank)  # dropout masks depend on (seed, step, rank)
@@ -272,7 +305,9 @@ def train(
                 loss_total += float(loss_sum.detach())
                 mask = batch.get("attention_mask")
                 real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            stats = torch.tensor([loss_total, real_tokens, bad, stop["stop"]], dtype=torch.float64)
+            stats = torch.tensor(
+                [loss_total, real_tokens, bad, bool(stop["signal"])], dtype=torch.float64
+            )
             loss_total, tokens, bad, stopping = all_reduce_sum(stats, ctx).tolist()
             loss = loss_total / n_global
             if bad or not math.isfinite(loss):
@@ -324,8 +359,9 @@ def train(
                     log.log(evaluation)
                     if evaluation["eval_loss"] < best and _all_finite(params):
                         best = evaluation["eval_loss"]
-                        result.best_dir = save_final(output_dir / "best", model)
-                        write_json(output_dir / "best" / "eval.json", evaluation)
+                        result.best_dir = save_final(
+                            output_dir / "best", model, extra={"eval.json": evaluation}
+                        )
                 if last or stopping or _due(done, config.save_every):
                     if not _all_finite(params):
                         raise NonFiniteError(f"parameters are not finite after step {done}")
@@ -335,10 +371,13 @@ def train(
                     result.checkpoint = _save_state(
                         output_dir, model, optimizer, scaler, state, config
                     )
-            if stopping:  # Ctrl-C: the checkpoint above is written; stop cleanly
-                result.interrupted = True
+            if stopping:  # SIGINT / SIGTERM: the checkpoint above is written; stop cleanly
+                result.interrupted, result.stop_signal = True, stop["signal"] or None
                 if log is not None:
-                    log.message(f"interrupted: checkpoint saved at step {done}; resume continues")
+                    log.message(
+                        f"interrupted: checkpoint saved at step {done}/{total_steps}; "
+                        "resume='auto' (--resume auto) continues"
+                    )
                 break
 
         if ctx.main:
@@ -349,9 +388,13 @@ def train(
             result.history = read_metrics(output_dir / "metrics.jsonl")
             if config.plots:
                 plot_run(result.history, output_dir / "plots")
+    except (OSError, SafetensorError) as err:
+        failure = storage_error(err, output_dir)
+        if failure is None:
+            raise
+        raise failure from err
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        restore_signals(old_handlers)
         if log is not None:
             log.close()
         if ctx.created:

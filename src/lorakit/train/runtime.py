@@ -245,17 +245,38 @@ def check_output_dir(path: Path, need_bytes: int) -> None:
         )
 
 
-def install_sigint() -> tuple[dict[str, bool], object]:
-    """Turn Ctrl-C into a flag the loop checks after each step; returns (flag, old handler)."""
-    flag = {"stop": False}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second stop signal: the run stopped at once, without checkpointing the step it was on."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by a second {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def install_stop_signals() -> tuple[dict[str, int], dict]:
+    """Turn SIGINT (Ctrl-C) and SIGTERM (kill, docker stop, schedulers) into a flag the loop
+    checks after each step, so the run checkpoints the step it is on and stops; a second signal
+    raises Interrupted at once. Returns (flag {'signal': number or 0}, the old handlers)."""
+    flag = {"signal": 0}
 
     def handler(signum, frame):  # noqa: ARG001
-        if flag["stop"]:  # a second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        flag["stop"] = True
+        if flag["signal"]:
+            raise Interrupted(signum)
+        flag["signal"] = signum
 
-    try:
-        old = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
-        old = None
+    old = {}
+    for signum in STOP_SIGNALS:
+        try:
+            old[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread: signals keep their default behaviour
+            break
     return flag, old
+
+
+def restore_signals(old: dict) -> None:
+    """Put back the handlers `install_stop_signals` replaced."""
+    for signum, handler in old.items():
+        signal.signal(signum, handler)
