@@ -13,7 +13,6 @@ import yaml
 from lorakit import LoraConfig, get_peft_model
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.jobs import sweep as sweep_module
 from lorakit.jobs.sweep import plan_sweep, run_sweep
 from lorakit.jobs.sweep_report import reading
 from lorakit.models import load_model
@@ -67,7 +66,7 @@ def test_three_variants_give_one_report_row_each_with_peft_counts(tiny_dir, tmp_
             load_model(str(tiny_dir)), config
         ).get_nb_trainable_parameters()
         assert (record["trainable_params"], record["total_params"]) == (trainable, total)
-        assert record["steps"] == 2 and len(record["curve"]["eval"]) == 2
+        assert record["steps"] == 2 and [s for s, _ in record["curve"]["eval"]] == [0, 1, 2]
         assert 0.0 <= record["exact_match"] <= 1.0 and record["answers"][0]["prompt"]
         assert record["adapter_bytes"] > 0 and record["final_eval_loss"] > 0
         assert (out / record["name"] / "final" / "adapter_model.safetensors").is_file()
@@ -134,22 +133,54 @@ def test_interrupted_sweep_resumes_and_skips_finished_variants(tiny_dir, tmp_pat
 
 
 def test_an_interrupted_variant_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    path = write_sweep(tmp_path, tiny_dir, zip={}, grid={"lora.r": [2]})
-    plan = plan_sweep(path, ["train.save_every=1"])
-    (plan.variants[0].folder / "checkpoints").mkdir(parents=True)  # as a killed run leaves it
-    (plan.output_dir / "sweep.json").write_text(json.dumps(sweep_module._plan_record(plan)))
-    from lorakit.jobs import finetune
+    import signal
 
-    seen = []
+    from lorakit.jobs import finetune
+    from lorakit.train import loop
+
+    path = write_sweep(tmp_path, tiny_dir, zip={}, grid={"lora.r": [2]})
+    plan = plan_sweep(path)
+    real_seed, real_run, seen = loop.step_seed, finetune.run_training, []
+
+    def ctrl_c_in_step_one(seed, step, rank):  # Ctrl-C while step 1 runs
+        if step == 0:
+            signal.raise_signal(signal.SIGINT)
+        return real_seed(seed, step, rank)
 
     def spy(run, **kwargs):
         seen.append(kwargs["resume"])
-        return finetune_run(run, **kwargs)
+        return real_run(run, **kwargs)
 
-    finetune_run = finetune.run_training
     monkeypatch.setattr(finetune, "run_training", spy)
-    run_sweep(plan, resume=True, show=lambda _: None)
-    assert seen == ["auto"]
+    monkeypatch.setattr(loop, "step_seed", ctrl_c_in_step_one)
+    first = run_sweep(plan, show=lambda _: None)
+    assert first.interrupted and first.records[0]["status"] == "not run"
+    assert (plan.variants[0].folder / "checkpoints" / "step-00000001").is_dir()
+    monkeypatch.setattr(loop, "step_seed", real_seed)
+    again = run_sweep(plan, resume=True, show=lambda _: None)
+    assert seen == [None, "auto"]
+    assert again.records[0]["status"] == "finished" and again.records[0]["steps"] == 2
+
+
+def test_a_failed_variant_is_retried_afresh_on_resume(tiny_dir, tmp_path, monkeypatch):
+    from lorakit.jobs import finetune
+
+    path = write_sweep(tmp_path, tiny_dir, zip={}, grid={"lora.r": [2]})
+    real, calls = finetune.run_training, []
+
+    def fail_once(run, **kwargs):
+        calls.append(kwargs["resume"])
+        if len(calls) == 1:
+            (tmp_path / "out" / "r=2").mkdir(parents=True)
+            (tmp_path / "out" / "r=2" / "metrics.jsonl").write_text("")  # a run's leftovers
+            raise RuntimeError("out of memory")
+        return real(run, **kwargs)
+
+    monkeypatch.setattr(finetune, "run_training", fail_once)
+    first = run_sweep(plan_sweep(path), show=lambda _: None)
+    assert first.records[0]["status"] == "failed" and "out of memory" in first.records[0]["error"]
+    again = run_sweep(plan_sweep(path), resume=True, show=lambda _: None)
+    assert again.records[0]["status"] == "finished" and calls == [None, None]
 
 
 def test_only_runs_the_named_variants(tiny_dir, tmp_path):

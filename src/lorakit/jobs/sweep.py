@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -290,10 +291,12 @@ def _minutes(seconds: float) -> str:
 def _run_variant(sweep: Sweep, variant: Variant, show: Callable[[str], None]) -> dict[str, Any]:
     """Train one variant; its record is written as variant.json, or error.json on failure."""
     from lorakit.jobs.finetune import run_training
+    from lorakit.train.checkpoint import latest_checkpoint
 
     folder = variant.folder
-    (folder / FAILED).unlink(missing_ok=True)
-    resume = "auto" if (folder / "checkpoints").is_dir() else None
+    resume = "auto" if latest_checkpoint(folder / "checkpoints") is not None else None
+    if resume is None and folder.exists():  # a failed or early-stopped try: start it afresh
+        shutil.rmtree(folder)
     start = time.perf_counter()
     try:
         # exact match is scored below, on the saved model, with the fixed prompts' answers
@@ -344,7 +347,7 @@ def measure_variant(sweep: Sweep, variant: Variant, result: Any, wall_s: float) 
     run = variant.run
     rows = read_metrics(Path(run.output_dir) / "metrics.jsonl")
     train_rows = [r for r in rows if r.get("kind", "train") == "train"]
-    eval_rows = [r for r in rows if r.get("kind") == "eval"]
+    eval_rows = [r for r in rows if r.get("kind") == "eval" and r["step"] > 0]  # trained
     train_s = sum(r.get("step_s", 0.0) for r in train_rows)
     tokens = sum(r.get("tokens", 0) for r in train_rows)
     record: dict[str, Any] = {
@@ -364,7 +367,7 @@ def measure_variant(sweep: Sweep, variant: Variant, result: Any, wall_s: float) 
         "gap": loss_gap(train_rows, eval_rows),
         "curve": {
             "train": [[r["step"], r["loss"]] for r in train_rows],
-            "eval": [[r["step"], r["eval_loss"]] for r in eval_rows],
+            "eval": [[r["step"], r["eval_loss"]] for r in rows if r.get("kind") == "eval"],
         },
     }
     record.update(_evaluate_final(sweep, run, result))

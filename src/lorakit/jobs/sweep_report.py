@@ -209,7 +209,7 @@ def _varies_with(finished: list[dict[str, Any]], key: str, other: str) -> bool:
 
 def overfitting(record: dict[str, Any]) -> str | None:
     """'r=64 overfits from step 40: ...' when eval loss rose after its minimum while train fell."""
-    evals = record.get("curve", {}).get("eval", [])
+    evals = [item for item in record.get("curve", {}).get("eval", []) if item[0] > 0]
     if len(evals) < 2:
         return None
     best_step, best = min(evals, key=lambda item: item[1])
