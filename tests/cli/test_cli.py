@@ -14,7 +14,7 @@ from lorakit.cli import main
 from tiny_folders import save_tiny
 
 COMMANDS = ["train", "validate", "quickstart", "generate", "chat", "eval", "merge", "inspect",
-            "serve", "init", "data"]  # fmt: skip
+            "serve", "init", "data", "sweep"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +211,8 @@ def test_init_copies_configs(tmp_path, capsys):
     assert main(["init", str(tmp_path / "cfg")]) == 1
     assert "--force" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "cfg" / "smollm2-qlora.yaml")]) == 0
+    assert main(["sweep", str(tmp_path / "cfg" / "sweeps" / "ranks.yaml"), "--dry-run"]) == 0
+    assert "14 variants" in capsys.readouterr().out
 
 
 def test_serve_refuses_open_bind_without_key(capsys):

@@ -51,3 +51,28 @@ def test_config_validates_and_targets_exist(path):
 
 def test_packaged_configs_have_no_strays():
     assert {p.name for p in PACKAGED.glob("*.yaml")} == {p.name for p in CONFIGS}
+
+
+SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+
+
+def test_the_three_studies_are_shipped():
+    assert {p.name for p in SWEEPS} == {"ranks.yaml", "targets.yaml", "full-vs-lora.yaml"}
+    assert {p.name for p in (PACKAGED / "sweeps").glob("*.yaml")} == {p.name for p in SWEEPS}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_validates_and_its_targets_exist(path):
+    from lorakit.jobs.sweep import plan_sweep
+
+    assert (PACKAGED / "sweeps" / path.name).read_text() == path.read_text(), (
+        "run: cp configs/sweeps/*.yaml src/lorakit/configs/sweeps/"
+    )
+    plan = plan_sweep(path)
+    assert len(plan.variants) >= 4
+    model = tiny_model("llama")
+    for variant in plan.variants:
+        assert variant.run.model.name_or_path == "smollm2-135m-instruct"
+        assert variant.run.eval.exact_match and variant.run.data.dataset == "arithmetic"
+        if variant.run.method == "lora":
+            assert find_targets(model, variant.run.lora.to_lora_config()), variant.name

@@ -17,12 +17,13 @@ from typing import Annotated
 import typer
 
 from lorakit.cli.generate import register_generation
+from lorakit.cli.sweep import register_sweep
 from lorakit.cli.tools import register_tools
 from lorakit.errors import LorakitError
 from lorakit.version import __version__
 
 INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM}
-HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge"}
+HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge", "sweep"}
 
 app = typer.Typer(
     name="lorakit",
@@ -130,6 +131,7 @@ def quickstart(
 
 register_generation(app)
 register_tools(app)
+register_sweep(app)
 
 
 def _heavy(argv: list[str]) -> bool:

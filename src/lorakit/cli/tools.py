@@ -231,16 +231,20 @@ def init(
     ] = Path("configs"),
     force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
 ) -> None:
-    """Copy the ready-made run configs (built-in model, Llama, Qwen, GPT-2, Pythia) to DIRECTORY."""
-    sources = sorted(PACKAGED_CONFIGS.glob("*.yaml"))
+    """Copy the ready-made run configs (built-in model, Llama, Qwen, GPT-2, Pythia) and sweep
+    files (sweeps/) to DIRECTORY."""
+    sources = sorted(PACKAGED_CONFIGS.glob("*.yaml")) + sorted(
+        PACKAGED_CONFIGS.glob("sweeps/*.yaml")
+    )
     if not sources:
         raise ConfigError(f"no packaged configs found in {PACKAGED_CONFIGS}")
-    directory.mkdir(parents=True, exist_ok=True)
-    clashes = [s.name for s in sources if (directory / s.name).exists()]
+    targets = [directory / s.relative_to(PACKAGED_CONFIGS) for s in sources]
+    clashes = [str(t.relative_to(directory)) for t in targets if t.exists()]
     if clashes and not force:
         raise ConfigError(f"{directory} already has {', '.join(clashes)}; pass --force to replace")
-    for source in sources:
-        shutil.copyfile(source, directory / source.name)
-        typer.echo(f"wrote {directory / source.name}")
+    for source, target in zip(sources, targets, strict=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        typer.echo(f"wrote {target}")
     # the config that runs offline: the built-in model and the built-in identity data
     typer.echo(f"next: lorakit train {directory / OFFLINE_CONFIG}   (runs offline, on a CPU)")

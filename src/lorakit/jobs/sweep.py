@@ -1,0 +1,507 @@
+"""Experiments: one base run config and its variants, trained one after another under one folder.
+
+A sweep file (YAML) holds
+
+    base: configs/smollm2-lora.yaml      # a run config file (relative to the sweep file) or a mapping
+    output_dir: runs/sweeps/ranks
+    zip:  {lora.r: [4, 8], lora.lora_alpha: [8, 16]}   # lists paired element by element: 1 axis
+    grid: {lora.use_rslora: [false, true]}             # each key its own axis
+    variants: {q_only: {lora.target_modules: [q_proj]}, full: {method: full}}   # 1 axis
+    prompts: ["What is 12 + 7?"]          # greedy answers recorded for every variant
+
+The variants are the product of the axes, in this order (here 2 x 2 = 4, or with `variants`
+2 x 2 x 2), named by their labels joined with '+' (`r=4+use_rslora=false`); each
+is the base config with its overrides applied, trained as `lorakit train` would, in
+`<output_dir>/<variant>/`. Every variant's config is validated before the first one starts.
+A finished variant has `variant.json`; `--resume` skips those, continues an interrupted one
+from its newest checkpoint and retries failed ones. A variant that fails (a bad value found
+late, out of memory, a non-finite loss) is recorded with its error, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorakit.errors import ConfigError
+from lorakit.jobs.run_config import RunConfig, apply_overrides, read_yaml, validate_run_config
+
+PLAN = "sweep.json"  # the resolved plan, written before the first variant runs
+DONE = "variant.json"  # a finished variant's record
+FAILED = "error.json"  # a failed variant's record
+
+
+class SweepConfig(BaseModel):
+    """A sweep file: the base run config and how its variants differ."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str | dict[str, Any] = Field(
+        description="Run config file (relative to the sweep file) or the run config itself."
+    )
+    output_dir: str = Field("runs/sweep", description="Sweep folder: one subfolder per variant.")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="key.path -> values; each key is one axis."
+    )
+    zip: dict[str, list[Any]] = Field(
+        default_factory=dict, description="key.path -> values, paired element by element."
+    )
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Named variants: name -> {key.path: value}."
+    )
+    prompts: list[str] = Field(
+        default_factory=list, description="Prompts answered greedily by every variant."
+    )
+    max_new_tokens: int = Field(24, ge=1, description="Tokens per answer to `prompts`.")
+    baseline: bool = Field(
+        True, description="Also evaluate the base model once, untrained, as the reference row."
+    )
+
+
+@dataclass
+class Variant:
+    """One run of the sweep: its name, the overrides that make it, the resolved config."""
+
+    name: str
+    overrides: dict[str, Any]
+    run: RunConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.run.output_dir)
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: where it writes and every variant in order."""
+
+    source: str
+    output_dir: Path
+    variants: list[Variant]
+    prompts: list[str]
+    max_new_tokens: int
+    axes: list[str] = field(default_factory=list)  # key paths that vary, in axis order
+    baseline: bool = True
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _label(key: str, value: Any) -> str:
+    """'lora.r', 8 -> 'r=8' (folder-safe)."""
+    if isinstance(value, list):
+        text = "-".join(str(v) for v in value)
+    else:
+        text = value if isinstance(value, str) else json.dumps(value)
+    text = text.replace("/", "_").replace(",", "-").replace(" ", "").replace('"', "")
+    return f"{key.rsplit('.', 1)[-1]}={text}"
+
+
+def _axes(config: SweepConfig, where: str) -> list[list[tuple[str, dict[str, Any]]]]:
+    """Each axis as a list of (label, overrides)."""
+    axes = []
+    if config.zip:
+        lengths = {key: len(values) for key, values in config.zip.items()}
+        if len(set(lengths.values())) != 1 or not next(iter(lengths.values())):
+            raise ConfigError(
+                f"{where}: the lists under zip must have one equal, non-zero length; got {lengths}"
+            )
+        keys = list(config.zip)
+        rows = zip(*config.zip.values(), strict=True)
+        axes.append([(_label(keys[0], row[0]), dict(zip(keys, row, strict=True))) for row in rows])
+    for key, values in config.grid.items():
+        if not values:
+            raise ConfigError(f"{where}: grid.{key} is an empty list; give at least one value")
+        axes.append([(_label(key, v), {key: v}) for v in values])
+    if config.variants:
+        for name in config.variants:
+            if not name or "/" in name or name.startswith("."):
+                raise ConfigError(f"{where}: variant name {name!r} cannot be a folder name")
+        axes.append([(name, dict(over)) for name, over in config.variants.items()])
+    if not axes:
+        raise ConfigError(f"{where}: no variants; give `grid`, `zip` or `variants`")
+    return axes
+
+
+def _override_list(overrides: dict[str, Any]) -> list[str]:
+    """{key: value} -> ['key=<value as YAML>'] for apply_overrides."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def plan_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep file; every variant's run config is checked before any runs.
+
+    `overrides` (key.path=value) apply to the base config of every variant, before the
+    variant's own overrides (e.g. `train.max_steps=2` for a quick look)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        config = SweepConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"`{'.'.join(str(p) for p in e['loc'])}`: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+    if isinstance(config.base, str):
+        base_path = (path.parent / config.base).resolve()
+        base = read_yaml(base_path)
+    else:
+        base = json.loads(json.dumps(config.base))
+    apply_overrides(base, list(overrides or []))
+    output_dir = Path(config.output_dir)
+    variants, seen = [], set()
+    for combo in itertools.product(*_axes(config, str(path))):
+        name = "+".join(label for label, _ in combo)
+        if name in seen:
+            raise ConfigError(f"{path}: two variants are both named `{name}`")
+        seen.add(name)
+        merged: dict[str, Any] = {}
+        for _, over in combo:
+            merged.update(over)
+        data = json.loads(json.dumps(base))
+        apply_overrides(data, _override_list(merged))
+        data["output_dir"] = str(output_dir / name)
+        try:
+            run = validate_run_config(data, f"{path}: variant `{name}`")
+        except ConfigError as error:
+            raise ConfigError(str(error)) from None
+        variants.append(Variant(name, merged, run))
+    axes = list(config.zip)[:1] + list(config.grid) + (["variant"] if config.variants else [])
+    return Sweep(
+        str(path), output_dir, variants, config.prompts, config.max_new_tokens, axes,
+        config.baseline,
+    )  # fmt: skip
+
+
+def _plan_record(sweep: Sweep) -> dict[str, Any]:
+    return {
+        "source": sweep.source,
+        "axes": sweep.axes,
+        "variants": [{"name": v.name, "overrides": v.overrides} for v in sweep.variants],
+    }
+
+
+def _prepare_folder(sweep: Sweep, resume: bool) -> None:
+    """Create the sweep folder, or check that a resumed one holds this same plan."""
+    plan_path = sweep.output_dir / PLAN
+    record = _plan_record(sweep)
+    if plan_path.is_file():
+        if not resume:
+            raise ConfigError(
+                f"sweep folder {sweep.output_dir} holds a sweep already; pass --resume to "
+                "continue it, or set output_dir to a new folder"
+            )
+        old = json.loads(plan_path.read_text(encoding="utf-8"))
+        old_variants = {v["name"]: v["overrides"] for v in old.get("variants", [])}
+        changed = [
+            v.name for v in sweep.variants
+            if v.name in old_variants and old_variants[v.name] != v.overrides
+        ]  # fmt: skip
+        if changed:
+            raise ConfigError(
+                f"sweep folder {sweep.output_dir}: variants {changed} have other overrides than "
+                "when the sweep started; use a new output_dir"
+            )
+    elif sweep.output_dir.exists() and any(sweep.output_dir.iterdir()):
+        raise ConfigError(
+            f"sweep folder {sweep.output_dir} exists and is not a sweep; choose another output_dir"
+        )
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(plan_path, record)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class SweepResult:
+    """Records of every variant (finished, failed or not run) and the report's files."""
+
+    output_dir: Path
+    records: list[dict[str, Any]]
+    files: list[Path]
+    interrupted: bool = False
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    resume: bool = False,
+    only: list[str] | None = None,
+    show: Callable[[str], None] = print,
+) -> SweepResult:
+    """Train the variants one after another, then write the report (CSV, JSONL, Markdown, PNGs)."""
+    from lorakit.jobs.sweep_report import write_report
+
+    chosen = sweep.variants
+    if only:
+        names = {v.name for v in sweep.variants}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ConfigError(f"--only: no variant named {unknown}; variants: {sorted(names)}")
+        chosen = [v for v in sweep.variants if v.name in only]
+    _prepare_folder(sweep, resume)
+    baseline = evaluate_baseline(sweep, show) if sweep.baseline else None
+    durations: list[float] = []
+    interrupted = False
+    for i, variant in enumerate(chosen, 1):
+        if (variant.folder / DONE).is_file():
+            show(f"[{i}/{len(chosen)}] {variant.name}: finished earlier, skipped")
+            continue
+        eta = ""
+        if durations:
+            left = sum(durations) / len(durations) * (len(chosen) - i + 1)
+            eta = f" (about {_minutes(left)} left)"
+        show(f"[{i}/{len(chosen)}] {variant.name}{eta}")
+        start = time.perf_counter()
+        record = _run_variant(sweep, variant, show)
+        durations.append(time.perf_counter() - start)
+        if record.get("status") == "interrupted":
+            interrupted = True
+            show("sweep interrupted; `lorakit sweep ... --resume` continues it")
+            break
+    records = [_record_of(v) for v in sweep.variants]
+    files = write_report(sweep, records, baseline)
+    show(f"report: {sweep.output_dir / 'report.md'}")
+    return SweepResult(sweep.output_dir, records, files, interrupted)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _run_variant(sweep: Sweep, variant: Variant, show: Callable[[str], None]) -> dict[str, Any]:
+    """Train one variant; its record is written as variant.json, or error.json on failure."""
+    from lorakit.jobs.finetune import run_training
+    from lorakit.train.checkpoint import latest_checkpoint
+
+    folder = variant.folder
+    resume = "auto" if latest_checkpoint(folder / "checkpoints") is not None else None
+    if resume is None and folder.exists():  # a failed or early-stopped try: start it afresh
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    try:
+        # exact match is scored below, on the saved model, with the fixed prompts' answers
+        training = variant.run.model_copy(
+            update={"eval": variant.run.eval.model_copy(update={"exact_match": False})}
+        )
+        result = run_training(training, resume=resume, force=False, show=_indented(show))
+        if result.interrupted:
+            return {"status": "interrupted"}
+        record = measure_variant(sweep, variant, result, time.perf_counter() - start)
+    except KeyboardInterrupt:
+        return {"status": "interrupted"}
+    except Exception as error:  # any failure is this variant's alone; the sweep goes on
+        record = {
+            "name": variant.name,
+            "status": "failed",
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(limit=8),
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / FAILED, record)
+        show(f"  failed: {record['error']}")
+        return record
+    _write_json(folder / DONE, record)
+    return record
+
+
+def _indented(show: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda text: show("  " + text)
+
+
+def _record_of(variant: Variant) -> dict[str, Any]:
+    """A variant's record as on disk, or a 'not run' placeholder."""
+    for name in (DONE, FAILED):
+        path = variant.folder / name
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return {"name": variant.name, "status": "not run", "overrides": variant.overrides}
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def measure_variant(sweep: Sweep, variant: Variant, result: Any, wall_s: float) -> dict[str, Any]:
+    """Everything the report shows about one finished variant."""
+    from lorakit.train.log import read_metrics
+
+    run = variant.run
+    rows = read_metrics(Path(run.output_dir) / "metrics.jsonl")
+    train_rows = [r for r in rows if r.get("kind", "train") == "train"]
+    eval_rows = [r for r in rows if r.get("kind") == "eval" and r["step"] > 0]  # trained
+    train_s = sum(r.get("step_s", 0.0) for r in train_rows)
+    tokens = sum(r.get("tokens", 0) for r in train_rows)
+    record: dict[str, Any] = {
+        "name": variant.name,
+        "status": "finished",
+        "overrides": variant.overrides,
+        "method": run.method,
+        "steps": result.steps,
+        "wall_s": wall_s,
+        "train_s": train_s,
+        "tokens_per_s": tokens / train_s if train_s else None,
+        "peak_memory_mb": max((r.get("memory_mb", 0.0) for r in train_rows), default=None),
+        "final_train_loss": _tail_mean([r["loss"] for r in train_rows]),
+        "final_eval_loss": eval_rows[-1]["eval_loss"] if eval_rows else None,
+        "best_eval_loss": min((r["eval_loss"] for r in eval_rows), default=None),
+        "final_perplexity": eval_rows[-1].get("perplexity") if eval_rows else None,
+        "gap": loss_gap(train_rows, eval_rows),
+        "curve": {
+            "train": [[r["step"], r["loss"]] for r in train_rows],
+            "eval": [[r["step"], r["eval_loss"]] for r in rows if r.get("kind") == "eval"],
+        },
+    }
+    record.update(_evaluate_final(sweep, run, result))
+    return record
+
+
+def _tail_mean(losses: list[float], share: float = 0.1) -> float | None:
+    """Mean of the last 10% of step losses (at least one): the end of a noisy curve."""
+    if not losses:
+        return None
+    n = max(1, math.ceil(len(losses) * share))
+    return sum(losses[-n:]) / n
+
+
+def loss_gap(train_rows: list[dict], eval_rows: list[dict]) -> list[list[float]]:
+    """[step, eval loss - mean train loss since the previous evaluation] at every evaluation."""
+    gaps, previous = [], 0
+    for row in eval_rows:
+        window = [r["loss"] for r in train_rows if previous < r["step"] <= row["step"]]
+        if window:
+            gaps.append([row["step"], row["eval_loss"] - sum(window) / len(window)])
+        previous = row["step"]
+    return gaps
+
+
+def _evaluate_final(sweep: Sweep, run: RunConfig, result: Any) -> dict[str, Any]:
+    """Parameter counts, size on disk, exact match and answers of the saved final model."""
+    from lorakit.train.runtime import resolve_device
+
+    final = result.final_dir
+    if final is None:
+        return {}
+    model, tokenizer = _load_final(run, final)
+    device = resolve_device(run.train.device)
+    model.to(device)
+    out: dict[str, Any] = {"adapter_bytes": _folder_bytes(final)}
+    total = sum(p.numel() for p in _base_parameters(model))
+    if run.method == "full":
+        out["trainable_params"] = total
+        out["total_params"] = total
+    else:
+        trainable = _adapter_parameters(final)
+        out["trainable_params"] = trainable
+        out["total_params"] = total + trainable
+    out["trainable_pct"] = 100 * out["trainable_params"] / out["total_params"]
+    eval_config = run.eval_data_config()
+    if eval_config is not None and run.eval.exact_match:
+        out.update(score_answers_fp32(model, tokenizer, eval_config, run, device))
+    out["answers"] = _answers(sweep, model, tokenizer, run, device)
+    return out
+
+
+BASELINE = "baseline.json"
+
+
+def evaluate_baseline(sweep: Sweep, show: Callable[[str], None]) -> dict[str, Any]:
+    """The untrained base model's eval loss, exact match and answers (once; kept on disk)."""
+    from lorakit.data.pipeline import build_dataset
+    from lorakit.jobs.finetune import load_with_adapters
+    from lorakit.train.evaluate import eval_loss
+    from lorakit.train.plan import eval_batches
+    from lorakit.train.runtime import resolve_device
+
+    path = sweep.output_dir / BASELINE
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    run = sweep.variants[0].run
+    show(f"base model (no training): {run.model.name_or_path}")
+    model, tokenizer = load_with_adapters(run.model.name_or_path, {})
+    device = resolve_device(run.train.device)
+    model.to(device)
+    out: dict[str, Any] = {}
+    eval_config = run.eval_data_config()
+    if eval_config is not None:
+        data = build_dataset(eval_config, tokenizer)
+        batches = eval_batches(data, run.train.batch_size)
+        scores = eval_loss(model, batches, device, "fp32", max_batches=run.train.eval_max_batches)
+        out["best_eval_loss"] = out["final_eval_loss"] = scores.get("eval_loss")
+        out["final_perplexity"] = scores.get("perplexity")
+        if run.eval.exact_match:
+            out.update(score_answers_fp32(model, tokenizer, eval_config, run, device))
+    out["answers"] = _answers(sweep, model, tokenizer, run, device)
+    _write_json(path, out)
+    return out
+
+
+def score_answers_fp32(model: Any, tokenizer: Any, eval_config: Any, run: RunConfig, device: Any):
+    """Exact match of greedy answers, computed in fp32 (the same for every variant)."""
+    from lorakit.jobs.finetune import score_answers
+
+    return score_answers(
+        model, tokenizer, eval_config, run.eval.max_new_tokens, device, precision="fp32"
+    )
+
+
+def _answers(sweep: Sweep, model: Any, tokenizer: Any, run: RunConfig, device: Any) -> list:
+    """Greedy answers to the sweep's fixed prompts."""
+    from lorakit.data.pipeline import prompt_template
+    from lorakit.jobs.finetune import answer
+
+    template = getattr(model, "chat_template", None) or prompt_template(run.data, tokenizer)
+    return [
+        {"prompt": p, "answer": answer(model, tokenizer, [{"role": "user", "content": p}],
+                                       template, sweep.max_new_tokens, device)}
+        for p in sweep.prompts
+    ]  # fmt: skip
+
+
+def _load_final(run: RunConfig, final: Path):
+    """The trained model as saved: base + adapter (LoRA) or the whole folder (full)."""
+    from lorakit.jobs.finetune import load_with_adapters
+    from lorakit.models import load_model, load_tokenizer
+
+    if run.method == "full":
+        return load_model(str(final), dtype="float32").eval(), load_tokenizer(str(final))
+    model, tokenizer = load_with_adapters(run.model.name_or_path, {"default": final})
+    return model, tokenizer
+
+
+def _base_parameters(model: Any):
+    """Parameters of the base model (without LoRA matrices)."""
+    return [p for n, p in model.named_parameters() if "lora_" not in n]
+
+
+def _adapter_parameters(folder: Path) -> int:
+    """Weights stored in the adapter file: what the run trained."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+            total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
