@@ -238,7 +238,7 @@ def test_skip_respects_the_cap(tok, tmp_path):
 
 def test_no_supervised_token_is_an_error(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q " * 80, "completion": "a"}] * 2)
-    with pytest.raises(DataError, match="(?s)none of its 2 rows can be used.*no token is left.*raise data.max_length"):
+    with pytest.raises(DataError, match="no supervised token"):
         build_dataset(
             DataConfig(dataset=path, max_length=32, bad_rows="skip", max_skipped_share=1.0), tok
         )

@@ -107,3 +107,17 @@ def test_invalid_json_names_the_position_once(tmp_path):
         read_rows(write(tmp_path, '[{"text": "a}]', "cut.json"))
     assert "(Unterminated string starting at line 1, column 11)" in str(caught.value)
     assert "at at" not in str(caught.value)
+
+
+def test_a_whole_file_of_the_wrong_format_is_not_told_to_skip_rows(tmp_path):
+    from lorakit.data.pipeline import DataConfig, build_dataset
+    from lorakit.models import load_tokenizer
+    from tiny_folders import save_tiny
+
+    rows = write(tmp_path, "".join(json.dumps({"text": 3}) + "\n" for _ in range(4)), "n.jsonl")
+    tokenizer = load_tokenizer(str(save_tiny(tmp_path / "tiny")))
+    with pytest.raises(DataError) as caught:
+        build_dataset(DataConfig(dataset=str(rows)), tokenizer)
+    message = str(caught.value)
+    assert "none of its 4 rows can be used" in message and "data.format" in message
+    assert "bad_rows=skip" not in message

@@ -279,26 +279,22 @@ def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
         samples, config, source, tokenizer.pad_token_id, len(conversations), problems, truncated,
         raw_text=any(isinstance(c, str) for _, c in conversations),
     )  # fmt: skip
-    _check_problems(dataset)
+    _check_problems(dataset, unreadable=sum(isinstance(c, RowProblem) for _, c in conversations))
     return dataset
 
 
-def _check_problems(dataset: TokenizedDataset) -> None:
-    """Apply the bad-row policy; a dataset with no supervised token is always an error."""
+def _check_problems(dataset: TokenizedDataset, unreadable: int = 0) -> None:
+    """Apply the bad-row policy; a dataset with no supervised token is always an error, and so
+    is a file none of whose rows could be read as the format (`unreadable` rows)."""
     config, problems = dataset.config, dataset.skipped
     listed = "\n  ".join(problems[:5]) + (
         f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
     )
-    if problems and len(problems) == dataset.rows_total:  # the whole file: no skip will help
-        hint = (
-            "every row is too long: raise data.max_length or shorten the prompts"
-            if all("truncation" in p for p in problems)
-            else "the file does not hold rows of the expected format; check data.format and "
-            "data.columns against docs/data-formats.md"
-        )
+    if unreadable and unreadable == dataset.rows_total:  # the whole file: no skip will help
         raise DataError(
             f"{dataset.source}: none of its {dataset.rows_total} rows can be used:\n  {listed}\n"
-            + hint
+            "the file does not hold rows of the expected format; check data.format and "
+            "data.columns against docs/data-formats.md"
         )
     if problems and config.bad_rows == "error":
         raise DataError(
