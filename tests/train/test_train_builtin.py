@@ -26,5 +26,5 @@ def test_builtin_model_trains_on_a_tokenized_dataset(tmp_path):
     result = train(model, tokenizer, data, data, config, tmp_path)
     assert result.steps == 2 and all(loss > 0 for loss in result.losses)
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
-    sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[-1])  # after step 0
     assert sample["prompt"] == "Who are you?" and sample["step"] == 2
