@@ -36,12 +36,13 @@ from lorakit.models import BUILTIN_MODEL, chat_template_of, load_model, load_tok
 from lorakit.train.evaluate import eval_loss, generate_samples
 from lorakit.train.loop import TrainConfig, train
 from lorakit.train.plan import eval_batches
-from lorakit.train.runtime import resolve_device
+from lorakit.train.runtime import resolve_device, seed_everything
 
 MARKER = "quickstart.json"
 # fp32: with batches of short conversations (~400 tokens a step) bf16 matmuls on CPUs without
 # AMX were measured far slower than fp32 (the lm_head backward alone: 6.5 s vs ~0.1 s).
 PRECISION = "fp32"
+SEED = 0  # the adapter's random start and the batch order
 # Held-out identity questions (the identity `test` split): three in English, two in Chinese.
 QUESTIONS = [
     "What do you call yourself?",
@@ -199,6 +200,7 @@ def run_quickstart(
     general_test = build_dataset(general.model_copy(update={"split": "test"}), tokenizer)
     general_evals = eval_batches(general_test, settings.batch_size)
 
+    seed_everything(SEED)  # lora_A's random start: every quickstart trains the same adapter
     lora = get_peft_model(
         model,
         LoraConfig(
@@ -229,6 +231,7 @@ def run_quickstart(
         progress=settings.progress,
         log_every=5,
         tensorboard=False,
+        seed=SEED,
     )
     result = train(lora, tokenizer, train_set, eval_set, config, out)
     evals = [r for r in result.history if r.get("kind") == "eval"]
