@@ -28,7 +28,7 @@ for _name in ("LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
               "prepare_model_for_kbit_training"):  # fmt: skip
     setattr(peft, _name, getattr(lorakit, _name))
 
-RESULTS = Path(__file__).resolve().parent.parent / "results.jsonl"
+RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 # test_initialization.py classes that are about LoRA or about no method in particular
 INIT_CLASSES = {
     "TestLoraInitialization", "TestScaling", "TestLowCpuMemUsage", "TestLoadPeftKeyMapping",

@@ -272,7 +272,7 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
     does not have."""
     files = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter)
     where = files.directory / WEIGHTS_NAME
-    base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
     try:
         check = expected_shapes(base, files.config)
     except ConfigError as error:

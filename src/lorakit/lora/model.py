@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,16 +31,42 @@ logger = logging.getLogger("lorakit")
 TRAINER_WEIGHTS = "model.safetensors"
 
 
+class LoraTuner(nn.Module):
+    """`lora_model.base_model`: holds the wrapped model as `.model`, as peft nests it.
+
+    Parameter names are then peft's (`base_model.model.<module path>...`), and so are the paths
+    peft programs walk (`model.base_model.model.model.layers[0]`). Other attributes are the
+    wrapped model's; the adapter methods peft's tuner offers are the owning `LoraModel`'s.
+    """
+
+    def __init__(self, model: nn.Module, owner: LoraModel) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_owner", weakref.ref(owner))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _TUNER_METHODS:
+                return getattr(self._owner(), name)
+            return getattr(self.model, name)
+
+
 class LoraModel(HFFace):
     """A base model whose target layers carry named adapters; attributes fall through to it.
 
     Calling it calls the wrapped model (its `forward` is the wrapped model's, see `hf_face`);
-    forward hooks belong on the wrapped model or its layers, not on the wrapper.
+    forward hooks belong on the wrapped model or its layers, not on the wrapper. The wrapped
+    model is `get_base_model()` (also `base_model.model`, peft's nesting).
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
         nn.Module.__init__(self)
-        self.base_model = model
+        self.base_model = LoraTuner(model, self)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.chat_template: str | None = None
@@ -68,7 +95,7 @@ class LoraModel(HFFace):
 
     def lora_layers(self) -> Iterator[tuple[str, LoraLinear]]:
         """(name, layer) for every `LoraLinear` in the base model."""
-        for name, module in self.base_model.named_modules():
+        for name, module in self.base_model.model.named_modules():
             if isinstance(module, LoraLinear):
                 yield name, module
 
@@ -76,7 +103,9 @@ class LoraModel(HFFace):
         """Every LoRA / modules_to_save wrapper, cached until adapters are added or removed."""
         if self._wrapper_cache is None:
             self._wrapper_cache = [
-                m for m in self.base_model.modules() if isinstance(m, (LoraLinear, ModulesToSave))
+                m
+                for m in self.base_model.model.modules()
+                if isinstance(m, (LoraLinear, ModulesToSave))
             ]
         return self._wrapper_cache
 
@@ -94,10 +123,12 @@ class LoraModel(HFFace):
                 "bias != 'none'. Use bias='none' for every adapter when loading several"
             )
         config = copy.deepcopy(config)
-        config.target_modules = resolve_targets(self.base_model, config)  # saved files name modules
+        config.target_modules = resolve_targets(
+            self.base_model.model, config
+        )  # saved files name modules
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = _name_or_path(self.base_model)
-        add_adapter_layers(self.base_model, config, adapter_name)
+            config.base_model_name_or_path = _name_or_path(self.base_model.model)
+        add_adapter_layers(self.base_model.model, config, adapter_name)
         self._wrapper_cache = None
         self.peft_config[adapter_name] = config
         if self.active_adapters:
@@ -113,9 +144,9 @@ class LoraModel(HFFace):
         self.active_adapters = names
         config = self.peft_config[names[0]]
         if config.inference_mode:
-            self.base_model.requires_grad_(False)
+            self.base_model.model.requires_grad_(False)
         else:
-            mark_trainable(self.base_model, names, config.bias)
+            mark_trainable(self.base_model.model, names, config.bias)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; a merged adapter must be unmerged first."""
@@ -165,7 +196,7 @@ class LoraModel(HFFace):
         for name in dict.fromkeys(adapter_names):
             if name is not None and name != BASE:
                 self._require(name)
-        device = next(self.base_model.parameters()).device
+        device = next(self.base_model.model.parameters()).device
         plan = RowPlan(list(adapter_names), device, packed)
         wrappers = self._wrappers()
         for module in wrappers:
@@ -191,20 +222,20 @@ class LoraModel(HFFace):
     def __call__(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Call the wrapped model; `adapter_names` gives one adapter per batch row."""
         if adapter_names is None:
-            return self.base_model(*args, **kwargs)
+            return self.base_model.model(*args, **kwargs)
         with self.mixed_adapters(adapter_names):
-            return self.base_model(*args, **kwargs)
+            return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`, optionally with one adapter per batch row."""
         if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
+            return self.base_model.model.generate(*args, **kwargs)
         with self.mixed_adapters(adapter_names):
-            return self.base_model.generate(*args, **kwargs)
+            return self.base_model.model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its target layers hold LoRA wrappers)."""
-        return self.base_model
+        return self.base_model.model
 
     # ---------------------------------------------------------------- parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -213,7 +244,7 @@ class LoraModel(HFFace):
         for param in self.parameters():
             all_params += param.numel()
             trainable += param.numel() if param.requires_grad else 0
-        for module in self.base_model.modules():
+        for module in self.base_model.model.modules():
             if is_quantized_linear(module):
                 all_params += module.in_features * module.out_features
         return trainable, all_params
@@ -250,7 +281,7 @@ class LoraModel(HFFace):
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         names = adapter_names or self.active_adapters
         replacements = []
-        for name, module in self.base_model.named_modules():
+        for name, module in self.base_model.model.named_modules():
             if isinstance(module, LoraLinear):
                 replacements.append((name, _merged_base(module, names, safe_merge, merge)))
             elif isinstance(module, ModulesToSave):
@@ -260,9 +291,13 @@ class LoraModel(HFFace):
         self._wrapper_cache = None
         for name, new in replacements:
             parent_name, _, child = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            parent = (
+                self.base_model.model.get_submodule(parent_name)
+                if parent_name
+                else self.base_model.model
+            )
             setattr(parent, child, new)
-        return self.base_model
+        return self.base_model.model
 
     # ---------------------------------------------------------------- combining
     def add_weighted_adapter(
@@ -280,7 +315,7 @@ class LoraModel(HFFace):
         config = combine_adapters(
             self.peft_config, layers, adapters, weights, adapter_name, combination_type, svd_rank
         )
-        mark_trainable(self.base_model, self.active_adapters, config.bias)
+        mark_trainable(self.base_model.model, self.active_adapters, config.bias)
         self.peft_config[adapter_name] = config
 
     # ---------------------------------------------------------------- files
@@ -302,8 +337,8 @@ class LoraModel(HFFace):
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            config.target_modules = saved_targets(self.base_model, config, name)
-            files.save_adapter(self.base_model, target, name, config, self.chat_template)
+            config.target_modules = saved_targets(self.base_model.model, config, name)
+            files.save_adapter(self.base_model.model, target, name, config, self.chat_template)
         if "state_dict" in kwargs:
             trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
             save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
@@ -331,7 +366,7 @@ class LoraModel(HFFace):
 
     def tie_weights(self, *args: Any, **kwargs: Any) -> None:
         """The wrapped model's `tie_weights`, where it has one."""
-        tie = getattr(self.base_model, "tie_weights", None)
+        tie = getattr(self.base_model.model, "tie_weights", None)
         if callable(tie):
             tie(*args, **kwargs)
 
@@ -370,7 +405,7 @@ class LoraModel(HFFace):
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
         adapter = files.read_adapter(model_id)
-        check = files.check_adapter(self.base_model, adapter)
+        check = files.check_adapter(self.base_model.model, adapter)
         if check.base_copies:
             raise AdapterError(
                 f"{adapter.directory}: {check.base_copies[0]} replaces a base weight the loaded "
@@ -391,8 +426,8 @@ class LoraModel(HFFace):
     def _copy_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Copy tensors under peft's file key names into adapter `adapter_name` (keys checked)."""
         tensors = files.normalise_keys(tensors)
-        params = dict(self.base_model.named_parameters())
-        modules = dict(self.base_model.named_modules())
+        params = dict(self.base_model.model.named_parameters())
+        modules = dict(self.base_model.model.named_modules())
         for key, tensor in tensors.items():
             path = key.removeprefix(files.PREFIX)
             owner, _, leaf = path.rpartition(".")
@@ -443,6 +478,14 @@ def _name_or_path(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or None
 
+
+# what peft's tuner (`peft_model.base_model`) offers besides the wrapped model's attributes
+_TUNER_METHODS = {
+    "peft_config", "active_adapter", "active_adapters", "add_adapter", "set_adapter",
+    "delete_adapter", "disable_adapter_layers", "enable_adapter_layers", "merge_adapter",
+    "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter",
+    "targeted_module_names", "get_nb_trainable_parameters", "print_trainable_parameters",
+}  # fmt: skip
 
 # peft's task types whose head is trained in full (a `modules_to_save` copy) with the adapter.
 _TASK_HEADS = {

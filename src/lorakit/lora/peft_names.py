@@ -53,7 +53,7 @@ def get_peft_model_state_dict(
         )
     model._require(adapter_name)
     bias = model.peft_config[adapter_name].bias
-    return files.adapter_state_dict(model.base_model, adapter_name, bias)
+    return files.adapter_state_dict(model.get_base_model(), adapter_name, bias)
 
 
 def set_peft_model_state_dict(
@@ -70,7 +70,7 @@ def set_peft_model_state_dict(
     """
     model._require(adapter_name)
     bias = model.peft_config[adapter_name].bias
-    expected = files.adapter_state_dict(model.base_model, adapter_name, bias)
+    expected = files.adapter_state_dict(model.get_base_model(), adapter_name, bias)
     given = files.normalise_keys(peft_model_state_dict)
     unexpected = sorted(set(given) - set(expected))
     for key in sorted(set(given) & set(expected)):
@@ -85,7 +85,7 @@ def set_peft_model_state_dict(
 
 
 def _in_memory_key(file_key: str, adapter_name: str) -> str:
-    path = "base_model." + file_key.removeprefix(files.PREFIX)
+    path = file_key  # in-memory names are the file names with the adapter name added
     for leaf in (".lora_A.weight", ".lora_B.weight"):
         if path.endswith(leaf):
             return path.removesuffix(".weight") + f".{adapter_name}.weight"
