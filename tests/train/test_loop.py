@@ -120,7 +120,12 @@ def test_final_and_best_hold_only_the_adapter_files(tmp_path):
     batches = make_batches(2)
     config = quick(max_steps=2, grad_accum_steps=1)
     result = train(model, None, batches, batches, config, tmp_path)
-    adapter = ["adapter_config.json", "adapter_model.safetensors", "chat_template.jinja"]
+    adapter = [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+    ]
     assert sorted(p.name for p in result.final_dir.iterdir()) == adapter  # no COMPLETE marker
     assert sorted(p.name for p in result.best_dir.iterdir()) == [*adapter, "eval.json"]
     # Checkpoints keep their marker; resume finds them and never takes final/ for one.

@@ -8,6 +8,7 @@ rank / alpha; the first pattern that matches the end of the name wins.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import re
@@ -19,6 +20,16 @@ from typing import Any
 from lorakit.errors import AdapterError, ConfigError, closest
 
 CONFIG_NAME = "adapter_config.json"
+
+
+class PeftType(str, enum.Enum):
+    """peft's method names; lorakit has one, LoRA (`LoraConfig.peft_type`)."""
+
+    LORA = "LORA"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 # peft fields lorakit does not implement, with their defaults. Left at these values they change
 # nothing; any other value asks for a feature lorakit lacks, so it is refused (when a config is
@@ -99,9 +110,9 @@ class LoraConfig(_LoraFields):
         self._validate()
 
     @property
-    def peft_type(self) -> str:
-        """Always 'LORA' (peft's `PeftType.LORA` compares equal to it)."""
-        return "LORA"
+    def peft_type(self) -> PeftType:
+        """Always `PeftType.LORA` (equal to the string 'LORA' and to peft's `PeftType.LORA`)."""
+        return PeftType.LORA
 
     @property
     def is_prompt_learning(self) -> bool:

@@ -64,14 +64,20 @@ class LoraModel(HFFace):
     model is `get_base_model()` (also `base_model.model`, peft's nesting).
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+    ):
         nn.Module.__init__(self)
         self.base_model = LoraTuner(model, self)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.chat_template: str | None = None
         self._wrapper_cache: list[nn.Module] | None = None
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
@@ -109,8 +115,20 @@ class LoraModel(HFFace):
             ]
         return self._wrapper_cache
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Add a fresh adapter; the active adapters stay as they are."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a fresh adapter; the active adapters stay as they are.
+
+        With a float16 / bfloat16 base the adapter is made in float32 (peft's
+        `autocast_adapter_dtype=True`); `autocast_adapter_dtype=False` makes it in the base
+        layer's dtype. `low_cpu_mem_usage` is accepted and changes nothing: the adapter's tensors
+        are small and made directly on the base layer's device.
+        """
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named `{adapter_name}` exists; delete it or pick a name")
         if not isinstance(config, LoraConfig):
@@ -130,6 +148,9 @@ class LoraModel(HFFace):
             config.base_model_name_or_path = _name_or_path(self.base_model.model)
         add_adapter_layers(self.base_model.model, config, adapter_name)
         self._wrapper_cache = None
+        if not autocast_adapter_dtype:
+            for _, layer in self.lora_layers():
+                layer.cast_adapter_to_base(adapter_name)
         self.peft_config[adapter_name] = config
         if self.active_adapters:
             self.set_adapter(self.active_adapters)
@@ -174,15 +195,32 @@ class LoraModel(HFFace):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the context the model computes exactly the base model's output."""
+        """Within the context the model computes exactly the base model's output; on leaving,
+        each layer's enabled / disabled state is what it was before."""
         wrappers = self._wrappers()
+        before = [module.disable_adapters for module in wrappers]
         for module in wrappers:
             module.disable_adapters = True
         try:
             yield
         finally:
-            for module in wrappers:
-                module.disable_adapters = False
+            for module, state in zip(wrappers, before, strict=True):
+                module.disable_adapters = state
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off until `enable_adapter_layers()` (the base model's output)."""
+        for module in self._wrappers():
+            module.disable_adapters = True
+
+    def enable_adapter_layers(self) -> None:
+        """Undo `disable_adapter_layers()`."""
+        for module in self._wrappers():
+            module.disable_adapters = False
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (in the wrapped model) of the modules that carry LoRA adapters."""
+        return [name for name, _ in self.lora_layers()]
 
     @contextlib.contextmanager
     def mixed_adapters(
@@ -377,17 +415,24 @@ class LoraModel(HFFace):
         model_id: str | Path,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> LoraModel:
         """Attach the adapter saved in `model_id` to `model` (strictly checked first).
 
         As in peft, an adapter loaded for inference (`is_trainable=False`) leaves the whole
-        model in eval mode, so LoRA dropout is off.
+        model in eval mode, so LoRA dropout is off. `config` replaces the folder's
+        adapter_config.json; `subfolder` reads `model_id/subfolder`. The adapter's tensors go
+        where each base layer is, so `torch_device` / `device_map` are accepted and need nothing.
         """
-        adapter = files.read_adapter(model_id)
+        adapter = _read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
         files.check_adapter(model, adapter)
-        config = adapter.config
-        config.inference_mode = not is_trainable
-        lora_model = cls(model, config, adapter_name)
+        adapter.config.inference_mode = not is_trainable
+        lora_model = cls(model, adapter.config, adapter_name, autocast_adapter_dtype)
         lora_model._copy_weights(adapter, adapter_name)
         lora_model.chat_template = adapter.chat_template
         lora_model.set_adapter(adapter_name)
@@ -396,15 +441,26 @@ class LoraModel(HFFace):
         return lora_model
 
     def load_adapter(
-        self, model_id: str | Path, adapter_name: str, is_trainable: bool = False
-    ) -> None:
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> files.LoadResult:
         """Load a saved adapter under `adapter_name`; on any error the model is unchanged.
 
-        With `is_trainable=False` the model is put in eval mode, as peft does.
+        With `is_trainable=False` the model is put in eval mode, as peft does. Returns peft's
+        load result; both key lists are empty, since the adapter was checked to fit exactly.
         """
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
-        adapter = files.read_adapter(model_id)
+        config = kwargs.pop("config", None)
+        adapter = _read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
         check = files.check_adapter(self.base_model.model, adapter)
         if check.base_copies:
             raise AdapterError(
@@ -412,12 +468,15 @@ class LoraModel(HFFace):
                 "adapters share; load this adapter alone (LoraModel.from_pretrained)"
             )
         adapter.config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, adapter.config)
+        self.add_adapter(
+            adapter_name, adapter.config, autocast_adapter_dtype=autocast_adapter_dtype
+        )
         self._copy_weights(adapter, adapter_name)
         if self.chat_template is None:
             self.chat_template = adapter.chat_template
         if not is_trainable:
             self.eval()
+        return files.LoadResult([], [])
 
     def _copy_weights(self, adapter: files.AdapterFiles, adapter_name: str) -> None:
         self._copy_tensors(adapter.tensors, adapter_name)
@@ -440,6 +499,44 @@ class LoraModel(HFFace):
                 target = _module_to_save_param(modules, path, adapter_name)
                 target = params[path] if target is None else target
             target.copy_(tensor.to(target.dtype))
+
+
+# from_pretrained / load_adapter keywords that only say where to put or how to fetch tensors
+_PLACEMENT = {"torch_device", "device_map", "max_memory", "offload_folder", "offload_dir",
+              "use_safetensors", "local_files_only"}  # fmt: skip
+_HUB = {"revision", "cache_dir", "token", "force_download", "proxies", "use_auth_token"}
+
+
+def _read_for_loading(
+    model_id: str | Path,
+    config: LoraConfig | None,
+    ephemeral_gpu_offload: bool,
+    key_mapping: dict[str, str] | None,
+    kwargs: dict[str, Any],
+) -> files.AdapterFiles:
+    """The adapter folder's files, with peft's loading keywords checked."""
+    subfolder = kwargs.pop("subfolder", None)
+    unknown = sorted(set(kwargs) - _PLACEMENT - _HUB)
+    if unknown:
+        raise TypeError(f"from_pretrained / load_adapter got unexpected keyword(s) {unknown}")
+    if ephemeral_gpu_offload:
+        raise ConfigError("ephemeral_gpu_offload=True is not supported by lorakit; leave it False")
+    if key_mapping:
+        raise ConfigError(
+            "key_mapping is not supported by lorakit; adapter keys are read as peft writes them"
+        )
+    directory = Path(model_id) / subfolder if subfolder else Path(model_id)
+    if not directory.is_dir() and any(kwargs.get(k) for k in _HUB):
+        raise AdapterError(
+            f"{directory}: not a local folder; downloading adapters is not supported by lorakit "
+            "(fetch the folder first, e.g. with huggingface_hub.snapshot_download)"
+        )
+    adapter = files.read_adapter(directory)
+    if config is not None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config: expected a lorakit LoraConfig, got {type(config).__name__}")
+        adapter.config = copy.deepcopy(config)
+    return adapter
 
 
 def _module_to_save_param(modules: dict, path: str, adapter_name: str) -> torch.Tensor | None:
@@ -507,23 +604,22 @@ def get_peft_model(
     """Wrap `model` with a fresh adapter; the base is frozen, only the adapter trains.
 
     As in peft, `task_type` SEQ_CLS / TOKEN_CLS also trains the model's `classifier` / `score`
-    head in full, and QUESTION_ANS its `qa_outputs` (the ones the model has). The adapter is
-    created in the base layer's dtype (peft's `autocast_adapter_dtype` upcasts fp16/bf16
-    adapters to fp32; lorakit does not, so `autocast_adapter_dtype=False` is what it does).
+    head in full, and QUESTION_ANS its `qa_outputs` (the ones the model has). With a float16 /
+    bfloat16 base the adapter is float32 unless `autocast_adapter_dtype=False`.
+    `low_cpu_mem_usage` changes nothing (the adapter's small tensors are made directly);
+    `revision` is kept in the config as peft keeps it.
     """
     if mixed:
         raise ConfigError(
             "get_peft_model(mixed=True) (peft's PeftMixedModel) is not supported by lorakit; "
             "several LoRA adapters live in one LoraModel: add_adapter() and set_adapter([...])"
         )
-    if low_cpu_mem_usage:
-        raise ConfigError(
-            "get_peft_model(low_cpu_mem_usage=True) is not supported by lorakit; the adapter "
-            "weights are created directly (they are small), leave it False"
-        )
     heads = _TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ())
     present = [h for h in heads if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
     if present:
         config = copy.deepcopy(config)
         config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + present))
-    return LoraModel(model, config, adapter_name)
+    if revision is not None:
+        config = copy.deepcopy(config)
+        config.extra["revision"] = revision
+    return LoraModel(model, config, adapter_name, autocast_adapter_dtype)

@@ -8,12 +8,12 @@ name dropped, `base_model.model.` in front), exactly what `adapter_model.safeten
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
 
 import torch
 
 import lorakit.lora.adapters as files
 from lorakit.errors import AdapterError
+from lorakit.lora.adapters import LoadResult
 from lorakit.lora.model import LoraModel
 
 
@@ -29,13 +29,6 @@ class TaskType(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-class LoadResult(NamedTuple):
-    """Keys of the model's adapter that the given dict lacked, and keys it had that fit nothing."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
 
 
 def get_peft_model_state_dict(
