@@ -170,8 +170,8 @@ def test_routes_answer_with_the_key(client):
     assert (info["runs"], info["model"]) == (True, None)
     paths = [e["path"] for e in client.get("/ui/api/runs", headers=auth).json()["runs"]]
     assert sorted(paths) == ["done", "group/live", "killed", "old", "ranks"]
-    rows = client.get("/ui/api/metrics?path=done&after=4", headers=auth).json()["rows"]
-    assert [r["step"] for r in rows] == [3, 4, 4]  # rows 5-7: train 3, train 4, eval 4
+    rows = client.get("/ui/api/metrics?path=done&after=3", headers=auth).json()["rows"]
+    assert [r["step"] for r in rows] == [3, 4, 4]  # rows 4-6 of t1 t2 e2 t3 t4 e4
     escape = client.get("/ui/api/run?path=../outside", headers=auth)
     assert escape.status_code == 400 and "not allowed" in escape.json()["error"]["message"]
     bad = client.get("/ui/api/metrics?path=done&after=-1", headers=auth)

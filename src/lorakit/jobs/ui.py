@@ -13,8 +13,8 @@ routes over the runs folder:
 REL is a path relative to --runs, checked by `runs.resolve_run` (no escape from the folder).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request),
+# imported inside page_routes, at run time
 from pathlib import Path
 from typing import Any
 
