@@ -4,10 +4,11 @@
 
 What it does, on a CPU, offline: trains a small sweep of the built-in model on the built-in
 identity data (LoRA r=4 and r=16, 20 steps each; skipped when --work holds it already), starts
-one more training run and leaves it running, starts `lorakit ui` over the runs with the two
-sweep adapters, and photographs the three views in headless Chromium (Debian's
-/usr/bin/chromium, driven by Playwright as in tests/serve/test_ui_browser.py). The chat and
-compare answers are the models' real greedy answers.
+one more run (r=8 at a lower learning rate) and leaves it training, starts `lorakit ui` over
+the runs with the two sweep adapters, and photographs the three views in headless Chromium
+(Debian's /usr/bin/chromium, driven by Playwright as in tests/serve/test_ui_browser.py). The
+chat and compare answers are the models' real greedy answers. CJK samples need a CJK font
+(e.g. Debian's fonts-wqy-zenhei) to show as text.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def main() -> None:
 
         shutil.rmtree(live_dir)
     live = lorakit("train", str(CONFIG), f"output_dir={live_dir}", "train.max_steps=400",
-                   "train.eval_every=10", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                   "train.lr=3e-4", "lora.r=8", "lora.lora_alpha=16", "train.eval_every=5",
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ui = lorakit(
@@ -140,7 +142,7 @@ def main() -> None:
     try:
         wait_for(url, ui)
         deadline = time.monotonic() + 600  # a few steps of the live run, so its curve shows
-        while time.monotonic() < deadline and len(_lines(live_dir / "metrics.jsonl")) < 6:
+        while time.monotonic() < deadline and len(_lines(live_dir / "metrics.jsonl")) < 14:
             time.sleep(2)
         photograph(url, args.out)
     finally:

@@ -56,8 +56,13 @@ def write_runs(root: Path) -> None:
     (root / "done" / "samples.jsonl").write_text(
         json.dumps({"step": 8, "prompt": "Who are you?", "completion": "A tiny model."}) + "\n"
     )
+    sweep = root / "grid"  # a sweep folder: variant v1 trained, v2 not yet
+    (sweep / "v1").mkdir(parents=True)
+    (sweep / "v1" / "metrics.jsonl").write_text(metrics_rows(1, 3))
+    plan = {"axes": ["lora.r"], "variants": [{"name": "v1"}, {"name": "v2"}]}
+    (sweep / "sweep.json").write_text(json.dumps(plan))
     hour_ago = time.time() - 3600
-    for path in (root / "done").iterdir():  # the list is newest first: live, then done
+    for path in [*(root / "done").iterdir(), *sweep.rglob("*")]:  # newest first: live
         os.utime(path, (hour_ago, hour_ago))
 
 
@@ -143,6 +148,9 @@ def test_a_missing_key_is_explained_then_the_runs_list_draws_the_finished_run(ui
     page.locator("tr[data-path='done']").wait_for()
     assert "finished" in page.inner_text("tr[data-path='done']")
     assert "running" in page.inner_text("tr[data-path='live']")
+    assert "2 variants" in page.inner_text("tr.sweep[data-path='grid']")
+    assert page.locator("tr.variant[data-path='grid/v1']").count() == 1
+    assert "not run" in page.inner_text("tr.variant:has-text('v2')")
     assert page.is_hidden("#error")
     page.check("tr[data-path='done'] input[type=checkbox]")
     page.click("tr[data-path='done'] button")

@@ -64,8 +64,9 @@ class LineChart {
     }
     const xs = niceTicks(Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0])), 6);
     const ys = niceTicks(Math.min(...all.map((p) => p[1])), Math.max(...all.map((p) => p[1])), 4);
+    const legend = this.legendRows(g, width);
     const left = 8 + Math.max(...ys.map((t) => g.measureText(formatTick(t)).width)) + 6;
-    const box = { left, right: width - 12, top: 24, bottom: height - 34 };
+    const box = { left, right: width - 12, top: 10 + 16 * legend.rows, bottom: height - 34 };
     const sx = (x) => box.left + ((x - xs[0]) / (xs[xs.length - 1] - xs[0])) * (box.right - box.left);
     const sy = (y) => box.bottom - ((y - ys[0]) / (ys[ys.length - 1] - ys[0])) * (box.bottom - box.top);
 
@@ -82,7 +83,6 @@ class LineChart {
     }
     g.fillText("step", box.right - 24, box.bottom + 28);
 
-    let legendX = 24 + g.measureText(this.title).width;
     this.series.forEach((s, i) => {
       const color = PALETTE[i % PALETTE.length];
       g.strokeStyle = color;
@@ -94,11 +94,25 @@ class LineChart {
       if (s.points.length === 1) {
         g.beginPath(); g.arc(sx(s.points[0][0]), sy(s.points[0][1]), 3, 0, 2 * Math.PI); g.fill();
       }
-      g.fillRect(legendX, 9, 10, 3);
+      const [x, y] = legend.places[i];
+      g.fillRect(x, y - 5, 10, 3);
       g.fillStyle = "#374151";
-      g.fillText(s.name, legendX + 14, 14);
-      legendX += 24 + g.measureText(s.name).width;
+      g.fillText(s.name, x + 14, y);
     });
+  }
+
+  // Where each series' legend entry goes: after the title, wrapping onto more rows.
+  legendRows(g, width) {
+    let x = 24 + g.measureText(this.title).width;
+    let row = 0;
+    const places = this.series.map((s) => {
+      const size = 24 + g.measureText(s.name).width;
+      if (x + size > width - 8 && x > 8) { row += 1; x = 8; }
+      const place = [x, 14 + 16 * row];
+      x += size;
+      return place;
+    });
+    return { places, rows: row + 1 };
   }
 }
 

@@ -91,7 +91,7 @@ function showView(name) {
     button.setAttribute("aria-pressed", String(button.dataset.view === name));
   }
   for (const view of ["runs", "chat", "compare"]) $("view-" + view).hidden = view !== name;
-  if (name === "runs") drawCharts();
+  if (name === "runs") { drawCharts(); refreshRuns(); }
   location.hash = name;
 }
 
@@ -113,6 +113,7 @@ const badge = (status) => element("span", { class: "status status-" + status.rep
 
 async function refreshRuns() {
   if (!state.info || !state.info.runs) return;
+  if ($("view-runs").hidden && state.runs.length) return; // refreshed again once shown
   try {
     state.runs = (await getJSON("/ui/api/runs")).runs;
   } catch (error) {
@@ -248,6 +249,7 @@ async function openRun(path) {
 }
 
 function pollTicked() {
+  if ($("view-runs").hidden) return;
   for (const path of state.ticked) {
     const known = state.metrics.get(path);
     if (!known || known.status === "running") pollMetrics(path);
@@ -307,7 +309,7 @@ async function loadModels() {
   boxes.replaceChildren(...models.map((m) => {
     const box = element("input", { type: "checkbox", value: m.id });
     box.checked = ticked.size ? ticked.has(m.id) : true;
-    return element("label", { class: "inline" }, box, ` ${m.id}`);
+    return element("label", { class: "inline" }, box, m.parent ? `${m.id} (adapter)` : `${m.id} (base)`);
   }));
 }
 
@@ -367,6 +369,8 @@ async function sendCompare(event) {
     try {
       const finish = await streamChat(model, messages, params, (piece) => { text.textContent += piece; });
       column.dataset.done = finish || "stop";
+      const why = finish === "length" ? "stopped at max tokens" : "finished";
+      column.append(element("div", { class: "finish" }, why));
     } catch (error) {
       text.classList.add("error");
       text.textContent = String(error.message);
@@ -408,6 +412,11 @@ async function start() {
   $("runs-folder").textContent = state.info.runs ? state.info.runs_folder : "(start with --runs DIR)";
   $("load-adapter").hidden = !state.info.adapter_loading;
   if (state.info.model) await loadModels();
+  else {
+    const note = () => element("p", { class: "muted" }, "No model is loaded: start lorakit ui with --model BASE (and --adapter NAME=DIR) to chat and compare.");
+    $("chat-log").replaceChildren(note());
+    $("compare-answers").replaceChildren(note());
+  }
   await refreshRuns();
   return true;
 }
