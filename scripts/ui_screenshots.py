@@ -145,10 +145,13 @@ def main() -> None:
         while time.monotonic() < deadline and len(_lines(live_dir / "metrics.jsonl")) < 14:
             time.sleep(2)
         photograph(url, args.out)
-    finally:
-        for process in (ui, live):
+    finally:  # SIGTERM: the training run saves a checkpoint first, which takes a while
+        for process, grace in ((ui, 60), (live, 600)):
             process.terminate()
-            process.wait(timeout=60)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
     print(
         f"wrote {', '.join(str(args.out / n) for n in ('ui-runs.png', 'ui-chat.png', 'ui-compare.png'))}"
     )
