@@ -29,6 +29,7 @@ PAGE_FILES = {
     "index.html": "text/html; charset=utf-8",
     "ui.css": "text/css; charset=utf-8",
     "ui.js": "text/javascript; charset=utf-8",
+    "chat.js": "text/javascript; charset=utf-8",
     "chart.js": "text/javascript; charset=utf-8",
 }
 OPEN_PATHS = frozenset({"/", "/ui", "/ui/", *(f"/ui/{name}" for name in PAGE_FILES)})
