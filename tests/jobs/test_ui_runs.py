@@ -180,3 +180,16 @@ def test_routes_answer_with_the_key(client):
     assert missing.status_code == 400 and "`path` is missing" in missing.json()["error"]["message"]
     no_model = client.post("/v1/chat/completions", headers=auth, json={})
     assert no_model.status_code == 404 and "--model" in no_model.json()["error"]["message"]
+
+
+def test_the_page_fetches_nothing_from_elsewhere():
+    """Offline machines: no URL of another host in the page's files, and every file listed."""
+    import re
+
+    from lorakit.jobs.ui import PAGE, PAGE_FILES
+
+    assert sorted(PAGE_FILES) == sorted(p.name for p in PAGE.iterdir())
+    for name in PAGE_FILES:
+        text = (PAGE / name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
+        assert not re.search(r"\b(import|@import)\s*\(?\s*['\"]https?", text), name
