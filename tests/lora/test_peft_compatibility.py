@@ -20,6 +20,7 @@ TOP_LEVEL = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "LoraModel",
     "prepare_model_for_kbit_training", "get_peft_model_state_dict", "set_peft_model_state_dict",
+    "PeftType", "AutoPeftModelForCausalLM",
 ]  # fmt: skip
 
 
