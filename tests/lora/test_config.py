@@ -51,13 +51,17 @@ def test_scaling_plain_and_rslora_and_patterns():
     assert math.isclose(rs.scaling_for("x"), 8.0)  # 32 / sqrt(16)
 
 
-def test_round_trip_keeps_unknown_peft_fields(tmp_path):
+def test_unknown_fields_are_dropped_as_peft_drops_them(tmp_path):
     data = LoraConfig(r=4, target_modules=["q_proj"]).to_dict()
     data["some_future_field"] = None
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
-    loaded = LoraConfig.load(tmp_path)
-    assert loaded.r == 4 and loaded.extra["some_future_field"] is None
-    assert "some_future_field" in loaded.to_dict()
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['some_future_field'\]"):
+        loaded = LoraConfig.load(tmp_path)
+    assert loaded.r == 4 and "some_future_field" not in loaded.to_dict()
+    assert loaded.to_dict() == LoraConfig(r=4, target_modules=["q_proj"]).to_dict()
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(AdapterError, match="no `peft_type`"):
+        LoraConfig.load(tmp_path)
 
 
 def test_unknown_non_default_field_warns_not_crashes(tmp_path):
@@ -86,6 +90,6 @@ def test_missing_and_invalid_config_files(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="adapter_config.json: not valid JSON"):
         LoraConfig.load(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": -3}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": -3, "peft_type": "LORA"}))
     with pytest.raises(AdapterError, match=r"adapter_config.json: LoraConfig\.r=-3"):
         LoraConfig.load(tmp_path)

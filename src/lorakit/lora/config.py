@@ -149,8 +149,11 @@ class LoraConfig(_LoraFields):
 
     @classmethod
     def from_json_file(cls, path_json_file: str | Path) -> dict[str, Any]:
-        """The content of an `adapter_config.json` file, as a dict (peft's meaning)."""
-        return json.loads(Path(path_json_file).read_text())
+        """The content of an `adapter_config.json` file, as a dict (peft's meaning); a
+        `runtime_config` entry is dropped (it describes one run, not the adapter)."""
+        data = json.loads(Path(path_json_file).read_text())
+        data.pop("runtime_config", None)
+        return data
 
     def _validate(self) -> None:
         """Check every field's type and value; the error names the field, the value and what is
@@ -222,13 +225,20 @@ class LoraConfig(_LoraFields):
             elif key in _DESCRIPTIVE:
                 extra[key] = value
             else:
-                extra[key] = value
-                if value not in (None, False, {}, []):
-                    ignored.append(key)
-        if data.get("peft_type", "LORA") != "LORA":
+                ignored.append(key)
+        if "peft_type" not in data:
+            raise AdapterError(
+                f"{source}: no `peft_type`; this is not an adapter config written by peft or "
+                "lorakit (they write peft_type: LORA)"
+            )
+        if data["peft_type"] != "LORA":
             raise AdapterError(f"{source}: peft_type={data['peft_type']!r}; lorakit reads LORA")
         if ignored:
-            warnings.warn(f"{source}: ignoring unknown fields {ignored}", stacklevel=2)
+            warnings.warn(
+                f"Unexpected keyword arguments {sorted(ignored)} for class LoraConfig, these are "
+                f"ignored ({source}: fields neither peft nor lorakit knows)",
+                stacklevel=2,
+            )
         try:
             config = cls(**kwargs)
         except ConfigError as error:
@@ -266,6 +276,22 @@ def _refuse_feature(key: str, value: Any, kind: type[Exception], where: str) -> 
         return
     instead = _INSTEAD.get(key, f"leave `{key}` at {_UNSUPPORTED_FEATURES[key]!r}")
     raise kind(f"{where}: `{key}`={_shown(value)} is not supported by lorakit; {instead}")
+
+
+# peft's TaskType values, in its order
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")  # fmt: skip
+
+
+def _valid_task_type(value: Any) -> bool:
+    if value is None:
+        return True
+    if str(getattr(value, "value", value)) not in TASK_TYPES:
+        raise ConfigError(
+            f"Invalid task type: {value!r}. Must be one of the following task types: "
+            f"{', '.join(TASK_TYPES)}. (LoraConfig.task_type)"
+        )
+    return True
 
 
 def _valid_init(value: Any) -> bool:
@@ -335,7 +361,7 @@ _FIELD_RULES: list[tuple[str, Any, str]] = [
     ("layers_pattern", _names, "a name such as 'layers' or a list of such names"),
     ("rank_pattern", lambda v: isinstance(v, dict), "a mapping {module regex: rank}"),
     ("alpha_pattern", lambda v: isinstance(v, dict), "a mapping {module regex: lora_alpha}"),
-    ("task_type", lambda v: v is None or isinstance(v, str), "a string such as 'CAUSAL_LM'"),
+    ("task_type", lambda v: _valid_task_type(v), "a string such as 'CAUSAL_LM'"),
     ("base_model_name_or_path", lambda v: v is None or isinstance(v, str), "a string"),
     ("inference_mode", lambda v: isinstance(v, bool), "true or false"),
 ]
