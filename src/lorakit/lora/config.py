@@ -1,7 +1,10 @@
 """`LoraConfig`: what to adapt and how, with peft's field names and `adapter_config.json` format.
 
 The scaling of an adapter of rank r is `lora_alpha / r`, or `lora_alpha / sqrt(r)` with
-`use_rslora`. `rank_pattern` / `alpha_pattern` map a regex on the module name to a per-module
+`use_rslora`. `use_dora` makes it a DoRA adapter (`dora.py`); `init_lora_weights` picks the
+initialisation: True (kaiming A, zero B), 'gaussian', or one from the base weight, 'pissa',
+'pissa_niter_N', 'olora', 'loftq' (with `loftq_config`), which also change the base (`inits.py`).
+`rank_pattern` / `alpha_pattern` map a regex on the module name to a per-module
 rank / alpha; the first pattern that matches the end of the name wins.
 """
 
@@ -17,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import AdapterError, ConfigError, closest
+from lorakit.lora.inits import check_loftq_config, is_pissa
 
 CONFIG_NAME = "adapter_config.json"
 
 # peft fields lorakit does not implement. Left at these values they change nothing; any other
 # value means the adapter needs a feature lorakit lacks, so loading it must fail, not drift.
 _UNSUPPORTED_FEATURES: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "use_qalora": False,
     "target_parameters": None,
@@ -35,7 +38,7 @@ _UNSUPPORTED_FEATURES: dict[str, Any] = {
 # peft fields that only describe how the adapter was made or initialised: kept, not used.
 _DESCRIPTIVE = {
     "peft_type", "auto_mapping", "peft_version", "revision", "megatron_config", "megatron_core",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+    "eva_config", "corda_config", "lora_ga_config", "velora_config",
     "qalora_group_size", "runtime_config", "arrow_config", "kasa_config", "monteclora_config",
     "ensure_weight_tying",
 }  # fmt: skip
@@ -53,7 +56,9 @@ class _LoraFields:
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
+    loftq_config: dict[str, int] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -101,6 +106,9 @@ class LoraConfig(_LoraFields):
                         f"LoraConfig.{name}[{pattern!r}]={_shown(value)} is invalid: expected "
                         + allowed
                     )
+        problem = check_loftq_config(self.init_lora_weights, self.loftq_config)
+        if problem:
+            raise ConfigError(f"LoraConfig: {problem}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(
                 "LoraConfig: layers_to_transform works with a list of target_modules, not a regex "
@@ -235,9 +243,12 @@ _FIELD_RULES: list[tuple[str, Any, str]] = [
     ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
     (
         "init_lora_weights",
-        lambda v: isinstance(v, bool) or v == "gaussian",
-        "True (kaiming A, zero B), 'gaussian' or False",
+        lambda v: isinstance(v, bool) or v in ("gaussian", "olora", "loftq") or is_pissa(v),
+        "True (kaiming A, zero B), 'gaussian', 'pissa', 'pissa_niter_N' (N >= 1), 'olora', "
+        "'loftq' or False (other peft initialisations are not supported by lorakit)",
     ),
+    ("use_dora", lambda v: isinstance(v, bool), "true or false"),
+    ("loftq_config", lambda v: isinstance(v, dict), "a mapping {'loftq_bits': 4, 'loftq_iter': 1}"),
     (
         "layers_to_transform",
         lambda v: v is None or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
