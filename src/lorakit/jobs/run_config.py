@@ -45,8 +45,17 @@ class LoraSection(BaseModel):
         None, description="Whole modules to train and save next to the adapter (e.g. lm_head)."
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling lora_alpha / sqrt(r).")
-    init_lora_weights: bool | Literal["gaussian"] = Field(
-        True, description="True: kaiming A, zero B; 'gaussian'; False: random B (tests only)."
+    use_dora: bool = Field(
+        False, description="DoRA: a trained magnitude per output row times the normalised W + BA."
+    )
+    init_lora_weights: bool | str = Field(
+        True,
+        description="True: kaiming A, zero B; 'gaussian'; 'pissa' / 'pissa_niter_N' / 'olora' / "
+        "'loftq' start from the base weight and change it; False: random B (tests only).",
+    )
+    loftq_config: dict[str, int] = Field(
+        default_factory=dict,
+        description="With init_lora_weights 'loftq': {loftq_bits: 4 or 8, loftq_iter: rounds}.",
     )
     layers_to_transform: list[int] | None = Field(
         None, description="Only these layer indices (None: all layers)."
