@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorakit.data.pipeline import DataConfig
 from lorakit.errors import ConfigError, DataError, LorakitError, closest
+from lorakit.lora import inits
 from lorakit.lora.config import LoraConfig
 from lorakit.models import ModelConfig
 from lorakit.train.loop import TrainConfig
@@ -72,6 +73,18 @@ class LoraSection(BaseModel):
 
     def to_lora_config(self) -> LoraConfig:
         """The `lorakit.LoraConfig` this section describes ('preset' is resolved on injection)."""
+        if self.init_lora_weights == "loftq":
+            raise ConfigError(
+                "init_lora_weights='loftq' in `lorakit train` is not supported by lorakit: the "
+                "adapter fits only the LoftQ-changed base, which a run does not save; use the "
+                "Python API (get_peft_model on the full-precision model, then quantize_model)"
+            )
+        if self.use_dora and inits.is_mutating(self.init_lora_weights):
+            raise ConfigError(
+                f"use_dora with init_lora_weights={self.init_lora_weights!r} in `lorakit train` "
+                "is not supported by lorakit: a run writes its adapter for the original base, "
+                "and a DoRA adapter trained on the changed base cannot be converted to it"
+            )
         return LoraConfig(**self.model_dump())
 
 
