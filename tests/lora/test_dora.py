@@ -257,3 +257,22 @@ def test_unsupported_uses_are_refused_clearly():
         model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", "linear")
     with pytest.raises(ConfigError, match="use_dora"):
         lorakit.LoraConfig(target_modules=["q_proj"], use_dora="yes")
+
+
+def test_state_dict_helpers_carry_the_magnitude():
+    model = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(
+        r=2, target_modules=["q_proj"], use_dora=True))  # fmt: skip
+    saved = lorakit.get_peft_model_state_dict(model)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    assert saved[key].shape == (32,)
+    result = lorakit.set_peft_model_state_dict(model, {key: torch.full((32,), 0.5)})
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.lora_magnitude_vector["default"], torch.full((32,), 0.5))
+    assert (
+        "base_model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.default"
+        in (result.missing_keys)
+        is False
+        or key not in result.unexpected_keys
+    )
+    missing = lorakit.set_peft_model_state_dict(model, {}).missing_keys
+    assert "base_model.model.layers.1.self_attn.q_proj.lora_magnitude_vector.default" in missing
