@@ -74,23 +74,44 @@ def dora_delta(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, name: st
     return (scale - 1) * base + scale * lora * layer.scaling[name]
 
 
-@torch.no_grad()
-def merge_step(
-    layer: nn.Module, name: str, current: torch.Tensor, unmerged: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(merged weight, n): (m / n) * (current + dW), all (out, in) fp32; n from `unmerged`."""
-    delta = lora_weight(layer, name, torch.float32) * layer.scaling[name]
-    norm = torch.linalg.norm(unmerged + delta, dim=1)
-    factor = layer.lora_magnitude_vector[name].float() / norm
-    return factor[:, None] * (current + delta), norm
+def scaled_update(layer: nn.Module, name: str) -> torch.Tensor:
+    """dW = scaling * B @ A as (out, in), fp32."""
+    return lora_weight(layer, name, torch.float32) * layer.scaling[name]
 
 
 @torch.no_grad()
-def unmerge_step(layer: nn.Module, name: str, current: torch.Tensor, norm: torch.Tensor):
-    """The inverse of `merge_step`: current / (m / n) - dW, (out, in) fp32."""
-    delta = lora_weight(layer, name, torch.float32) * layer.scaling[name]
-    factor = layer.lora_magnitude_vector[name].float() / norm
-    return current / factor[:, None] - delta
+def merged_weight(
+    layer: nn.Module, names: list[str], unmerged: torch.Tensor, safe_merge: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(W with `names` merged in order, {DoRA adapter: its n}), (out, in) fp32.
+
+    A plain adapter adds dW; a DoRA adapter maps W_now to (m / n) * (W_now + dW), with n the
+    row norms of `unmerged` + dW."""
+    merged, norms = unmerged, {}
+    for name in names:
+        delta = scaled_update(layer, name)
+        if name in layer.lora_magnitude_vector:
+            norms[name] = torch.linalg.norm(unmerged + delta, dim=1)
+            factor = layer.lora_magnitude_vector[name].float() / norms[name]
+            merged = factor[:, None] * (merged + delta)
+        else:
+            merged = merged + delta
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapter `{name}` produced non-finite weights; not merged")
+    return merged, norms
+
+
+@torch.no_grad()
+def unmerged_weight(layer: nn.Module, names: list[str], weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in) fp32 with `names` (newest first) taken out: the inverse of
+    `merged_weight`, with each DoRA adapter's n as kept at merge time."""
+    for name in names:
+        delta = scaled_update(layer, name)
+        if name in layer.lora_magnitude_vector:
+            norm = layer.dora_merged_norms.pop(name)
+            weight = weight * (norm / layer.lora_magnitude_vector[name].float())[:, None]
+        weight = weight - delta
+    return weight
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m (out,) per adapter
         self.dora_norm_cache: dict[str, torch.Tensor] | None = None  # see dora.cached_weight_norms
-        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA's n at merge time, for unmerge
+        self.dora_merged_norms: dict[str, torch.Tensor] = {}  # DoRA's n at merge time, for unmerge
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -286,8 +286,7 @@ class LoraLinear(nn.Module):
     # ---------------------------------------------------------------- merging
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout: (out, in), (in, out) for Conv1D."""
-        a, b = self.lora_weights(adapter_name)
-        delta = (b.float() @ a.float()) * self.scaling[adapter_name]  # (out, in)
+        delta = dora.scaled_update(self, adapter_name)  # (out, in)
         return delta.T if self.kind in (CONV1D, EMBEDDING) else delta
 
     def _adapter_placement(self) -> tuple[torch.device | None, torch.dtype]:
@@ -326,13 +325,7 @@ class LoraLinear(nn.Module):
         if not names:
             return None
         unmerged = self.dense_weight().float()
-        merged = unmerged
-        for name in names:
-            if name in self.lora_magnitude_vector:
-                merged, _ = dora.merge_step(self, name, merged, unmerged)
-            else:
-                merged = merged + lora_weight_scaled(self, name)
-        return merged - unmerged
+        return dora.merged_weight(self, names, unmerged)[0] - unmerged
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -351,19 +344,9 @@ class LoraLinear(nn.Module):
             earlier = list(self.merged_adapters)  # DoRA's norm needs the unmerged weight
             self.unmerge()
             names = earlier + names
-        unmerged = self.dense_weight().float()  # (out, in)
-        merged, norms = unmerged, {}
-        for name in names:
-            if name in self.lora_magnitude_vector:
-                merged, norms[name] = dora.merge_step(self, name, merged, unmerged)
-            else:
-                merged = merged + lora_weight_scaled(self, name)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"merging adapter `{name}` produced non-finite weights; not merged"
-                )
+        merged, norms = dora.merged_weight(self, names, self.dense_weight().float(), safe_merge)
         self.set_dense_weight(merged)
-        self._merged_norms.update(norms)
+        self.dora_merged_norms.update(norms)
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -371,25 +354,14 @@ class LoraLinear(nn.Module):
         """Take merged adapters out of the base weight, newest first."""
         if not self.merged_adapters:
             return
-        weight = self.dense_weight().float()
-        for name in reversed(list(self.merged_adapters)):
-            if adapter_names is None or name in adapter_names:
-                if name in self.lora_magnitude_vector:
-                    weight = dora.unmerge_step(self, name, weight, self._merged_norms.pop(name))
-                else:
-                    weight = weight - lora_weight_scaled(self, name)
-                self.merged_adapters.remove(name)
-        self.set_dense_weight(weight)
+        chosen = [n for n in self.merged_adapters if adapter_names is None or n in adapter_names]
+        names = chosen[::-1]
+        self.set_dense_weight(dora.unmerged_weight(self, names, self.dense_weight().float()))
+        self.merged_adapters = [n for n in self.merged_adapters if n not in names]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
         return f"kind={self.kind}, adapters=[{ranks}], active={self.active_adapters}"
-
-
-def lora_weight_scaled(layer: LoraLinear, name: str) -> torch.Tensor:
-    """scaling * B @ A as (out, in) in fp32."""
-    a, b = layer.lora_weights(name)
-    return (b.float() @ a.float()) * layer.scaling[name]
 
 
 class ModulesToSave(nn.Module):
