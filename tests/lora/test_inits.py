@@ -98,6 +98,25 @@ def test_olora_on_conv1d_keeps_the_output_and_uses_the_out_in_weight():
     torch.testing.assert_close(b.T @ b, torch.eye(4), rtol=0, atol=1e-5)
 
 
+def test_olora_on_a_quantized_base_requantizes_the_residual():
+    # As peft does for bitsandbytes layers: QR of the dequantized weight, then the residual is
+    # quantized again (int8 rows here: rounding error at most half a step, absmax / 127 / 2).
+    model = quantize_model(make_tiny_llama(), "int8")
+    quantized = model.model.layers[0].self_attn.q_proj.dequantize(torch.float32)
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="olora"
+    )
+    layer = lorakit.get_peft_model(model, config).base_model.model.layers[0].self_attn.q_proj
+    q, upper = torch.linalg.qr(quantized)
+    a, b = layer.lora_weights("default")
+    torch.testing.assert_close(b, q[:, :4], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, upper[:4], rtol=0, atol=1e-6)
+    residual = quantized - 2.0 * b @ a  # scaling 8 / 4
+    half_step = residual.abs().amax(1, keepdim=True) / 127 / 2
+    assert ((layer.dense_weight() - residual).abs() <= half_step + 1e-6).all()
+    assert not torch.allclose(layer.dense_weight(), quantized, atol=1e-3)
+
+
 def test_gaussian_equals_peft():
     ours, theirs = _twins(
         make_tiny_llama(), r=4, target_modules=["q_proj"], init_lora_weights="gaussian"

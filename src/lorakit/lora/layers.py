@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import ConfigError
 from lorakit.lora import dora, inits
 from lorakit.lora.rows import RowPlan
 from lorakit.ops import FEW_ROWS, few_rows
@@ -98,7 +99,7 @@ class LoraLinear(nn.Module):
     ) -> None:
         """Add (or replace) adapter `adapter_name` of rank r."""
         if use_dora and self.kind == EMBEDDING:
-            raise ValueError(
+            raise ConfigError(
                 "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
                 "the embedding from target_modules"
             )
