@@ -43,7 +43,7 @@ def _twins(base: torch.nn.Module, **config):
     their_params = {k.removeprefix("base_model.model."): v for k, v in theirs.named_parameters()}
     copied = 0
     with torch.no_grad():
-        for key, param in ours.base_model.named_parameters():
+        for key, param in ours.get_base_model().named_parameters():
             if "lora_" in key:
                 param.copy_(their_params[_peft_name(key)])
                 copied += 1
@@ -85,7 +85,7 @@ def test_forward_and_gradients_equal_peft(case):
     out_ours.loss.backward()
     out_theirs.loss.backward()
     their_params = {k.removeprefix("base_model.model."): v for k, v in theirs.named_parameters()}
-    trainable = [(k, p) for k, p in ours.base_model.named_parameters() if p.requires_grad]
+    trainable = [(k, p) for k, p in ours.get_base_model().named_parameters() if p.requires_grad]
     assert len(trainable) == sum(p.requires_grad for p in theirs.parameters())
     assert any("lora_magnitude_vector" in k for k, _ in trainable)
     for key, param in trainable:
@@ -116,14 +116,14 @@ def test_merge_unmerge_and_merge_and_unload_equal_peft(case):
     ids = _ids()
     with torch.no_grad():
         unmerged = ours(input_ids=ids).logits
-        weights = {k: v.clone() for k, v in ours.base_model.state_dict().items()}
+        weights = {k: v.clone() for k, v in ours.get_base_model().state_dict().items()}
         ours.merge_adapter()
         theirs.merge_adapter()
         merged = ours(input_ids=ids).logits
         torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         ours.unmerge_adapter()
-        for key, value in ours.base_model.state_dict().items():
+        for key, value in ours.get_base_model().state_dict().items():
             torch.testing.assert_close(value, weights[key], rtol=1e-5, atol=1e-6, msg=key)
         plain_ours = ours.merge_and_unload()
         plain_theirs = theirs.merge_and_unload()
@@ -144,7 +144,7 @@ def test_dora_after_a_merged_plain_adapter_uses_the_unmerged_norm_as_peft():
     _randomise(theirs)
     their_params = {k.removeprefix("base_model.model."): v for k, v in theirs.named_parameters()}
     with torch.no_grad():
-        for key, param in ours.base_model.named_parameters():
+        for key, param in ours.get_base_model().named_parameters():
             if "lora_" in key:
                 param.copy_(their_params[_peft_name(key)])
         ours.merge_adapter(["default"])
@@ -187,7 +187,7 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights():
     _, theirs = _twins(dense, r=4, lora_alpha=8, target_modules=targets)
     their_params = {k.removeprefix("base_model.model."): v for k, v in theirs.named_parameters()}
     with torch.no_grad():
-        for key, param in ours.base_model.named_parameters():
+        for key, param in ours.get_base_model().named_parameters():
             if "lora_" in key:
                 param.copy_(their_params[_peft_name(key)])
     ids = _ids()
@@ -195,7 +195,10 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights():
     torch.testing.assert_close(out.logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     out.loss.backward()
     assert (
-        ours.base_model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].grad.any()
+        ours.get_base_model()
+        .model.layers[0]
+        .self_attn.q_proj.lora_magnitude_vector["default"]
+        .grad.any()
     )
     with torch.no_grad():
         merged = ours.merge_and_unload()(input_ids=ids).logits
@@ -233,7 +236,7 @@ def test_cached_weight_norms_give_the_same_output_and_are_dropped_on_exit():
     _randomise(model)
     model.eval()
     ids = _ids()
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     with torch.no_grad():
         want = model(input_ids=ids).logits
         with cached_weight_norms(model):
@@ -266,9 +269,9 @@ def test_state_dict_helpers_carry_the_magnitude():
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
     assert saved[key].shape == (32,)
     result = lorakit.set_peft_model_state_dict(model, {key: torch.full((32,), 0.5)})
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert torch.equal(layer.lora_magnitude_vector["default"], torch.full((32,), 0.5))
-    in_memory = "base_model.model.layers.{}.self_attn.q_proj.lora_magnitude_vector.default"
+    in_memory = "base_model.model.model.layers.{}.self_attn.q_proj.lora_magnitude_vector.default"
     assert result.unexpected_keys == [] and in_memory.format(0) not in result.missing_keys
     missing = lorakit.set_peft_model_state_dict(model, {}).missing_keys
     assert in_memory.format(1) in missing

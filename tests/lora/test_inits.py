@@ -34,7 +34,7 @@ def _twins(base: torch.nn.Module, **config):
 def _assert_same_tensors(ours, theirs, atol: float) -> int:
     """Every base weight and adapter tensor of lorakit's model equals peft's; returns the count."""
     their_params = {k.removeprefix("base_model.model."): v for k, v in theirs.named_parameters()}
-    for key, param in ours.base_model.named_parameters():
+    for key, param in ours.get_base_model().named_parameters():
         their_key = key + ".weight" if ".lora_magnitude_vector." in key else key
         torch.testing.assert_close(param, their_params[their_key], rtol=0, atol=atol, msg=key)
     return len(their_params)
@@ -92,7 +92,7 @@ def test_olora_on_conv1d_keeps_the_output_and_uses_the_out_in_weight():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
-    layer = model.base_model.transformer.h[0].attn.c_attn
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
     a, b = layer.lora_weights("default")
     assert a.shape == (4, 32) and b.shape == (96, 4)
     torch.testing.assert_close(b.T @ b, torch.eye(4), rtol=0, atol=1e-5)
@@ -106,7 +106,7 @@ def test_olora_on_a_quantized_base_requantizes_the_residual():
     config = lorakit.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="olora"
     )
-    layer = lorakit.get_peft_model(model, config).base_model.model.layers[0].self_attn.q_proj
+    layer = lorakit.get_peft_model(model, config).get_base_model().model.layers[0].self_attn.q_proj
     q, upper = torch.linalg.qr(quantized)
     a, b = layer.lora_weights("default")
     torch.testing.assert_close(b, q[:, :4], rtol=0, atol=1e-6)
@@ -122,7 +122,7 @@ def test_gaussian_equals_peft():
         make_tiny_llama(), r=4, target_modules=["q_proj"], init_lora_weights="gaussian"
     )
     _assert_same_tensors(ours, theirs, atol=0)
-    a, b = ours.base_model.model.layers[0].self_attn.q_proj.lora_weights("default")
+    a, b = ours.get_base_model().model.layers[0].self_attn.q_proj.lora_weights("default")
     assert not b.any() and 0.1 < float(a.std()) < 0.4  # std 1 / r = 0.25
 
 
@@ -163,7 +163,7 @@ def test_loftq_one_round_equals_peft_low_rank_step():
     config = lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq",
                                 loftq_config={"loftq_bits": 4, "loftq_iter": 1})  # fmt: skip
     model = lorakit.get_peft_model(copy.deepcopy(base), config)
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     weight = base.model.layers[0].self_attn.q_proj.weight.detach()
     packed, absmax = codes.quantize_4bit(weight, "nf4")
     dequantized = codes.dequantize_4bit(packed, absmax, "nf4", weight.numel(), torch.float32)
@@ -235,12 +235,12 @@ def test_loading_a_pissa_adapter_leaves_the_base_alone(tmp_path):
     with torch.no_grad():
         want = model(input_ids=ids).logits
         before = {
-            k: v.clone() for k, v in model.base_model.state_dict().items() if "lora_" not in k
+            k: v.clone() for k, v in model.get_base_model().state_dict().items() if "lora_" not in k
         }
         unwrapped = model.unload()
         loaded = lorakit.LoraModel.from_pretrained(unwrapped, tmp_path / "adapter")
         assert loaded.peft_config["default"].init_lora_weights == "pissa"
-        for key, value in loaded.base_model.state_dict().items():
+        for key, value in loaded.get_base_model().state_dict().items():
             if "lora_" not in key:
                 assert value.equal(before[key]), key
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=0)

@@ -19,6 +19,7 @@ import typer
 from lorakit.cli.generate import register_generation
 from lorakit.cli.sweep import register_sweep
 from lorakit.cli.tools import register_tools
+from lorakit.cli.ui import register_ui
 from lorakit.errors import LorakitError
 from lorakit.version import __version__
 
@@ -131,6 +132,7 @@ def quickstart(
 
 register_generation(app)
 register_tools(app)
+register_ui(app)
 register_sweep(app)
 
 
