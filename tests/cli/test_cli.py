@@ -275,3 +275,36 @@ def test_bad_chat_templates_are_clear_errors(tiny_dir, run_dir, tmp_path, capsys
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+def test_train_with_dora_and_inspect(tiny_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_dir, tmp_path / "out")
+    assert main(["train", config, "lora.use_dora=true", "eval.exact_match=false"]) == 0
+    assert main(["inspect", str(tmp_path / "out" / "final"), "--base", str(tiny_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "variant:      DoRA (use_dora)" in text and "fits" in text
+
+
+def test_train_with_pissa_writes_a_lora_for_the_original_base(tiny_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    import lorakit
+    from lorakit.models import load_model
+
+    config = write_config(tmp_path, tiny_dir, tmp_path / "out", save_every=1)
+    assert main(["train", config, "lora.init_lora_weights=pissa", "eval.exact_match=false"]) == 0
+    final = tmp_path / "out" / "final"
+    saved = json.loads((final / "adapter_config.json").read_text())
+    assert saved["r"] == 8 and saved["init_lora_weights"] is True  # rank 2r, a plain LoRA
+    # the reference: the residual base PiSSA leaves, with the trained (last checkpoint) adapter
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-00000002" / "adapter"
+    residual = lorakit.get_peft_model(
+        load_model(str(tiny_dir)), lorakit.LoraConfig.load(checkpoint)
+    )
+    lorakit.set_peft_model_state_dict(residual, load_file(checkpoint / "adapter_model.safetensors"))
+    converted = lorakit.LoraModel.from_pretrained(load_model(str(tiny_dir)), final)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        want = residual.eval()(input_ids=ids).logits
+        torch.testing.assert_close(converted(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)

@@ -65,6 +65,22 @@ def test_lora_config_errors_surface_with_the_section():
     assert message.startswith("run.yaml: lora:") and "regular expression" in message
 
 
+def test_lora_variants_from_the_run_config():
+    data = apply_overrides({}, ["lora.use_dora=true", "lora.init_lora_weights=gaussian",
+                                "lora.target_modules=[q_proj]"])  # fmt: skip
+    lora = validate_run_config(data).lora.to_lora_config()
+    assert lora.use_dora is True and lora.init_lora_weights == "gaussian"
+    data = apply_overrides({}, ["lora.init_lora_weights=pissa_niter_2"])
+    assert validate_run_config(data).lora.to_lora_config().init_lora_weights == "pissa_niter_2"
+    loftq = {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 8, "loftq_iter": 2}}
+    message = error_of({"lora": loftq})  # a run would not save the changed base the adapter needs
+    assert message.startswith("run.yaml: lora:") and "not supported by lorakit" in message
+    message = error_of({"lora": {"init_lora_weights": "olora", "use_dora": True}})
+    assert "use_dora" in message and "not supported by lorakit" in message
+    message = error_of({"lora": {"init_lora_weights": "eva"}})
+    assert "init_lora_weights='eva'" in message and "not supported by lorakit" in message
+
+
 def test_overrides_parse_yaml_values_and_nest():
     data = apply_overrides(
         {"train": {"lr": 1.0}},

@@ -27,7 +27,7 @@ def test_unknown_argument_names_itself_and_the_closest_field():
         ("lora_alpha", -1, "positive number"),
         ("lora_dropout", 1.5, r"probability in \[0, 1\)"),
         ("bias", "some", "one of"),
-        ("init_lora_weights", "pissa", "gaussian"),
+        ("init_lora_weights", "eva", "not supported by lorakit"),
         ("target_modules", 3, "list of module names"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -24,8 +25,9 @@ TOP_LEVEL = [
 ]  # fmt: skip
 
 
-def _table() -> dict[str, str]:
-    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \|", DOC.read_text(), flags=re.M)
+def _table(section: str = "## The table") -> dict[str, str]:
+    text = DOC.read_text().split(section, 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \|", text, flags=re.M)
     return dict(rows)
 
 
@@ -78,3 +80,19 @@ def test_state_dict_helpers_round_trip_peft_keys():
 def test_peft_refusals_say_not_supported():
     with pytest.raises(LorakitError, match="not supported by lorakit"):
         lorakit.get_peft_model(nn.Sequential(nn.Linear(2, 2)), lorakit.LoraConfig(r=1), mixed=True)
+
+
+def test_variant_rows_hold():
+    rows = _table("## LoRA variants and initialisations")
+    assert {"use_dora=True", "init_lora_weights='pissa'", "init_lora_weights='loftq'"} <= set(rows)
+    for setting, status in rows.items():
+        field, value = setting.split("=", 1)
+        kwargs = {field: ast.literal_eval(value), "target_modules": ["q_proj"]}
+        if field == "init_lora_weights" and kwargs[field] == "loftq":
+            kwargs["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
+        if status == "refused":
+            with pytest.raises(LorakitError, match="not supported by lorakit"):
+                lorakit.LoraConfig(**kwargs)
+        else:
+            model = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(**kwargs))
+            assert getattr(model.peft_config["default"], field) == kwargs[field]

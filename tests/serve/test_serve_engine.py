@@ -275,3 +275,55 @@ def test_long_mixed_batch_equals_peft_generate(state, adapter_paths):
                     plain = reference.generate(input_ids=ids, **kwargs)
                 assert not torch.equal(want, plain)  # the adapter changes the tokens
         assert got == want[0, len(prompt) :].tolist()
+
+
+def test_dora_adapter_is_served_and_equals_peft_generate(adapter_paths, tmp_path):
+    """A DoRA adapter served next to a plain one (DoRA layers take grouped rows, not packed):
+    each request's greedy tokens equal peft's `generate` with that adapter alone."""
+    import peft
+
+    from lorakit import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    dora = get_peft_model(make_model(), config)
+    with torch.no_grad():
+        for param in dora.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    dora.save_pretrained(tmp_path / "d")
+    paths = {"a": adapter_paths["a"], "d": tmp_path / "d"}
+    state = build_state(make_model(), make_tokenizer(), base_name=BASE_NAME, adapters=paths,
+                        max_batch=4, threads=1, packed=True)  # fmt: skip
+    try:
+        requests = [([5, 6, 7, 8], "d"), ([9, 10, 11], "a"), ([12, 13], "d")]
+        outputs: list[list[int] | None] = [None] * len(requests)
+        done = threading.Event()
+
+        def sink_for(row):
+            parts = []
+
+            def sink(event):
+                parts.extend(event.token_ids)
+                if event.finish_reason:
+                    outputs[row] = parts
+                    if all(o is not None for o in outputs):
+                        done.set()
+
+            return sink
+
+        state.engine.eos_token_ids = set()
+        for row, (prompt, adapter) in enumerate(requests):
+            state.engine.submit(prompt, adapter, GREEDY, sink_for(row))
+        assert done.wait(60)
+    finally:
+        state.engine.shutdown()
+    reference = peft.PeftModel.from_pretrained(make_model(), paths["d"], adapter_name="d")
+    reference.load_adapter(paths["a"], adapter_name="a")
+    reference.eval()
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    for (prompt, adapter), got in zip(requests, outputs, strict=True):
+        reference.set_adapter(adapter)
+        with torch.no_grad():
+            want = reference.generate(input_ids=torch.tensor([prompt]), **kwargs)
+        assert got == want[0, len(prompt) :].tolist()

@@ -132,6 +132,9 @@ def inspect(
         f"parameters:   {n_params:,} in {len(files.tensors)} tensors ({', '.join(dtypes)})",
         f"size:         {size / 2**20:.2f} MiB ({WEIGHTS_NAME} and config)",
         f"dropout, bias: {config.lora_dropout}, {config.bias}",
+        f"variant:      {'DoRA (use_dora)' if config.use_dora else 'LoRA'}, init_lora_weights="
+        f"{config.init_lora_weights!r}"
+        + (f", loftq_config={config.loftq_config}" if config.init_lora_weights == "loftq" else ""),
         f"modules_to_save: {config.modules_to_save or 'none'}",
         f"chat template: {'saved with the adapter' if files.chat_template else 'none'}",
     ]
@@ -151,7 +154,8 @@ def inspect(
 
 
 def _module_of(key: str) -> str:
-    for marker in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B"):
+    markers = (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude")
+    for marker in markers:
         if marker in key:
             return key.split(marker)[0]
     return key.rsplit(".", 1)[0]

@@ -3,6 +3,7 @@ evaluation of a base model with and without adapters."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from lorakit.data.pipeline import (
 )
 from lorakit.errors import ConfigError
 from lorakit.jobs.run_config import RunConfig, check_data
+from lorakit.lora import inits
 from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.models import RAW_TEMPLATE, load_model, load_tokenizer
 from lorakit.train.checkpoint import find_resume
@@ -72,6 +74,7 @@ def run_training(
         show = _silent
     check_data(run)  # a missing or unreadable dataset stops here, before the model loads
     model, tokenizer = build_model(run, show)
+    initial = _initial_adapter(model)  # PiSSA / OLoRA: to convert the final adapter against
     train_set = build_dataset(run.data, tokenizer)
     if train_set.raw_text and isinstance(model, LoraModel):  # samples and the saved adapter:
         model.chat_template = RAW_TEMPLATE  # prompts as plain text, no chat turns around them
@@ -84,6 +87,15 @@ def run_training(
         model, tokenizer, train_set, eval_set, run.train, output_dir,
         resume=resume, force=force, run_config=run.model_dump(mode="json"),
     )  # fmt: skip
+    if initial is not None:
+        with initial:
+            for folder in (result.final_dir, result.best_dir):
+                if folder is not None and is_main_process():
+                    model.save_pretrained(
+                        folder, path_initial_model_for_weight_conversion=initial.name
+                    )
+        if result.final_dir is not None:
+            show("final adapter: written as the plain LoRA (rank 2r) for the original base model")
     if result.final_dir is not None and run.method == "full":
         tokenizer.save_pretrained(result.final_dir)
     if eval_config is not None and run.eval.exact_match and not result.interrupted:
@@ -94,6 +106,18 @@ def run_training(
         show(f"final model: {result.final_dir}")
     show(f"plots: {output_dir / 'plots'}; metrics: {output_dir / 'metrics.jsonl'}")
     return result
+
+
+def _initial_adapter(model: nn.Module) -> tempfile.TemporaryDirectory | None:
+    """A folder holding the adapter as initialised, when its initialisation changed the base
+    (PiSSA, OLoRA): the trained adapter is converted against it to fit the original base."""
+    if not isinstance(model, LoraModel):
+        return None
+    if not inits.is_mutating(model.active_peft_config.init_lora_weights):
+        return None
+    folder = tempfile.TemporaryDirectory(prefix="lorakit-initial-adapter-")
+    model.save_pretrained(folder.name)
+    return folder
 
 
 def _silent(text: str) -> None:

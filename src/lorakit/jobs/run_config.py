@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorakit.data.pipeline import DataConfig
 from lorakit.errors import ConfigError, DataError, LorakitError, closest
+from lorakit.lora import inits
 from lorakit.lora.config import LoraConfig
 from lorakit.models import ModelConfig
 from lorakit.train.loop import TrainConfig
@@ -45,8 +46,17 @@ class LoraSection(BaseModel):
         None, description="Whole modules to train and save next to the adapter (e.g. lm_head)."
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling lora_alpha / sqrt(r).")
-    init_lora_weights: bool | Literal["gaussian"] = Field(
-        True, description="True: kaiming A, zero B; 'gaussian'; False: random B (tests only)."
+    use_dora: bool = Field(
+        False, description="DoRA: a trained magnitude per output row times the normalised W + BA."
+    )
+    init_lora_weights: bool | str = Field(
+        True,
+        description="True: kaiming A, zero B; 'gaussian'; 'pissa' / 'pissa_niter_N' / 'olora' / "
+        "'loftq' start from the base weight and change it; False: random B (tests only).",
+    )
+    loftq_config: dict[str, int] = Field(
+        default_factory=dict,
+        description="With init_lora_weights 'loftq': {loftq_bits: 4 or 8, loftq_iter: rounds}.",
     )
     layers_to_transform: list[int] | None = Field(
         None, description="Only these layer indices (None: all layers)."
@@ -63,6 +73,18 @@ class LoraSection(BaseModel):
 
     def to_lora_config(self) -> LoraConfig:
         """The `lorakit.LoraConfig` this section describes ('preset' is resolved on injection)."""
+        if self.init_lora_weights == "loftq":
+            raise ConfigError(
+                "init_lora_weights='loftq' in `lorakit train` is not supported by lorakit: the "
+                "adapter fits only the LoftQ-changed base, which a run does not save; use the "
+                "Python API (get_peft_model on the full-precision model, then quantize_model)"
+            )
+        if self.use_dora and inits.is_mutating(self.init_lora_weights):
+            raise ConfigError(
+                f"use_dora with init_lora_weights={self.init_lora_weights!r} in `lorakit train` "
+                "is not supported by lorakit: a run writes its adapter for the original base, "
+                "and a DoRA adapter trained on the changed base cannot be converted to it"
+            )
         return LoraConfig(**self.model_dump())
 
 

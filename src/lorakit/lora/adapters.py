@@ -1,6 +1,7 @@
 """The adapter directory, in peft's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-File keys are `base_model.model.<module path>.lora_A.weight` (the adapter name dropped), plus
+File keys are `base_model.model.<module path>.lora_A.weight` (the adapter name dropped),
+`<path>.lora_magnitude_vector` for DoRA, plus
 `<path>.base_layer.bias` / `<path>.bias` when biases train and `<path>.<param>` for
 `modules_to_save` copies. Loading is strict, checks everything against the base model before
 touching it, and never unpickles.
@@ -24,6 +25,7 @@ from torch import nn
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, staging_dir
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
+from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
 
@@ -62,6 +64,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
             suffix = "" if module.kind == EMBEDDING else ".weight"
             out[f"{path}.{stem}A{suffix}"] = a
             out[f"{path}.{stem}B{suffix}"] = b
+            if adapter_name in module.lora_magnitude_vector:
+                out[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
             if bias == "lora_only" and module.base_layer.bias is not None:
                 out[f"{path}.base_layer.bias"] = module.base_layer.bias
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
@@ -80,10 +84,21 @@ def save_adapter(
     adapter_name: str,
     config: LoraConfig,
     chat_template: str | None = None,
+    convert_from: str | Path | None = None,
 ) -> Path:
-    """Write one adapter atomically: a staging directory renamed into place when complete."""
+    """Write one adapter atomically: a staging directory renamed into place when complete.
+
+    `convert_from`: the adapter saved right after a PiSSA / OLoRA initialisation; the adapter is
+    then written as the equivalent plain LoRA for the original base (`inits.converted_to_lora`),
+    and that folder's config gets init_lora_weights=True, as peft does.
+    """
     directory = Path(directory)
     tensors = adapter_state_dict(model, adapter_name, config.bias)
+    if convert_from is not None:
+        initial = read_adapter(convert_from)
+        tensors, config = converted_to_lora(tensors, config, initial.tensors)
+        initial.config.init_lora_weights = True
+        initial.config.save(initial.directory)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise AdapterError(
@@ -263,6 +278,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
             n_in, n_out = _in_out(base, kind)
             check.expected[f"{name}.lora_A.weight"] = (r, n_in)
             check.expected[f"{name}.lora_B.weight"] = (n_out, r)
+            if config.use_dora:
+                check.expected[f"{name}.lora_magnitude_vector"] = (n_out,)
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             check.expected[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
         check.target_names.append(name)

@@ -1,7 +1,10 @@
 """`LoraConfig`: what to adapt and how, with peft's field names and `adapter_config.json` format.
 
 The scaling of an adapter of rank r is `lora_alpha / r`, or `lora_alpha / sqrt(r)` with
-`use_rslora`. `rank_pattern` / `alpha_pattern` map a regex on the module name to a per-module
+`use_rslora`. `use_dora` makes it a DoRA adapter (`dora.py`); `init_lora_weights` picks the
+initialisation: True (kaiming A, zero B), 'gaussian', or one from the base weight, 'pissa',
+'pissa_niter_N', 'olora', 'loftq' (with `loftq_config`), which also change the base (`inits.py`).
+`rank_pattern` / `alpha_pattern` map a regex on the module name to a per-module
 rank / alpha; the first pattern that matches the end of the name wins.
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import AdapterError, ConfigError, closest
+from lorakit.lora.inits import check_loftq_config, is_pissa
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -35,7 +39,6 @@ class PeftType(str, enum.Enum):
 # nothing; any other value asks for a feature lorakit lacks, so it is refused (when a config is
 # made, and when an adapter is loaded), never silently dropped.
 _UNSUPPORTED_FEATURES: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "use_qalora": False,
     "target_parameters": None,
@@ -60,10 +63,10 @@ _INSTEAD = {
 }
 # peft fields that only describe how the adapter was made or initialised: kept, not used.
 _DESCRIPTIVE = {
-    "peft_type", "auto_mapping", "peft_version", "revision", "megatron_core", "loftq_config",
+    "peft_type", "auto_mapping", "peft_version", "revision", "megatron_core",
     "qalora_group_size", "runtime_config",
 }  # fmt: skip
-_PEFT_INIT = ("pissa", "olora", "loftq", "eva", "corda", "lora_ga", "orthogonal", "mica")
+_PEFT_INIT = ("eva", "corda", "lora_ga", "orthogonal", "mica")  # peft's, not lorakit's
 _BIAS = ("none", "all", "lora_only")
 
 
@@ -78,7 +81,9 @@ class _LoraFields:
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
+    loftq_config: dict[str, int] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -178,6 +183,9 @@ class LoraConfig(_LoraFields):
                         f"LoraConfig.{name}[{pattern!r}]={_shown(value)} is invalid: expected "
                         + allowed
                     )
+        problem = check_loftq_config(self.init_lora_weights, self.loftq_config)
+        if problem:
+            raise ConfigError(f"LoraConfig: {problem}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(
                 "LoraConfig: layers_to_transform works with a list of target_modules, not a regex "
@@ -295,12 +303,12 @@ def _valid_task_type(value: Any) -> bool:
 
 
 def _valid_init(value: Any) -> bool:
-    if isinstance(value, bool) or value == "gaussian":
+    if isinstance(value, bool) or value in ("gaussian", "olora", "loftq") or is_pissa(value):
         return True
     if isinstance(value, str) and value.split("_niter_")[0] in _PEFT_INIT:
         raise ConfigError(
             f"LoraConfig.init_lora_weights={value!r} is not supported by lorakit; use True "
-            "(kaiming A, zero B), 'gaussian' or False"
+            "(kaiming A, zero B), 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq' or False"
         )
     return False
 
@@ -351,8 +359,11 @@ _FIELD_RULES: list[tuple[str, Any, str]] = [
     (
         "init_lora_weights",
         _valid_init,
-        "True (kaiming A, zero B), 'gaussian' or False",
+        "True (kaiming A, zero B), 'gaussian', 'pissa', 'pissa_niter_N' (N >= 1), 'olora', "
+        "'loftq' or False",
     ),
+    ("use_dora", lambda v: isinstance(v, bool), "true or false"),
+    ("loftq_config", lambda v: isinstance(v, dict), "a mapping {'loftq_bits': 4, 'loftq_iter': 1}"),
     (
         "layers_to_transform",
         lambda v: v is None or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),

@@ -196,6 +196,8 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
             lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights,
             use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            loftq_config=config.loftq_config,
         )
         names.append(name)
     for name, module in find_modules_to_save(model, config):
@@ -230,7 +232,7 @@ def mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none
         if isinstance(module, LoraLinear):
             for adapter in adapter_names:
                 if adapter in module.r:
-                    for param in module.lora_weights(adapter):
+                    for param in module.adapter_parameters(adapter):
                         param.requires_grad_(True)
             if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 module.base_layer.bias.requires_grad_(True)
@@ -275,7 +277,13 @@ def inject_lora(
 
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors of `model` (all adapters, or one), with the model's own key names."""
-    keys = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.")
+    keys = (
+        "lora_A.",
+        "lora_B.",
+        "lora_embedding_A.",
+        "lora_embedding_B.",
+        "lora_magnitude_vector.",
+    )
     out = {}
     for name, tensor in model.state_dict().items():
         if any(k in name for k in keys) and (

@@ -8,7 +8,8 @@ A_a (r × in), B_a (out × r), so the forward is
 summed over the active adapters. A transformers `Conv1D` stores W as (in × out)
 (`fan_in_fan_out`); an `nn.Embedding` uses A (r × num_embeddings) and B (dim × r) and looks A up
 by token id. With a per-row plan set (`set_rows`, see `rows.py`), each batch row gets only its
-own adapter.
+own adapter. A DoRA adapter (`use_dora`) also has a magnitude per output row (see `dora.py`);
+PiSSA / OLoRA / LoftQ initialise from the base weight and change it (see `inits.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import ConfigError
+from lorakit.lora import dora, inits
 from lorakit.lora.rows import RowPlan
 from lorakit.ops import FEW_ROWS, few_rows
 
@@ -71,6 +74,9 @@ class LoraLinear(nn.Module):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m (out,) per adapter
+        self.dora_norm_cache: dict[str, torch.Tensor] | None = None  # see dora.cached_weight_norms
+        self.dora_merged_norms: dict[str, torch.Tensor] = {}  # DoRA's n at merge time, for unmerge
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -88,8 +94,15 @@ class LoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        loftq_config: dict | None = None,
     ) -> None:
         """Add (or replace) adapter `adapter_name` of rank r."""
+        if use_dora and self.kind == EMBEDDING:
+            raise ConfigError(
+                "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
+                "the embedding from target_modules"
+            )
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
@@ -107,7 +120,15 @@ class LoraLinear(nn.Module):
         else:
             self.lora_A[adapter_name] = nn.Linear(self.in_features, r, False, device, dtype)
             self.lora_B[adapter_name] = nn.Linear(r, self.out_features, False, device, dtype)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if inits.is_mutating(init_lora_weights):
+            inits.initialise(self, adapter_name, init_lora_weights, loftq_config)
+        else:
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        if use_dora:
+            magnitude = dora.initial_magnitude(self, adapter_name)
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude)
         if adapter_name not in self.active_adapters and not self.active_adapters:
             self.active_adapters = [adapter_name]
 
@@ -138,7 +159,8 @@ class LoraLinear(nn.Module):
         if adapter_name in self.merged_adapters:
             self.unmerge([adapter_name])
         for container in (self.lora_A, self.lora_B, self.lora_embedding_A,
-                          self.lora_embedding_B, self.lora_dropout):  # fmt: skip
+                          self.lora_embedding_B, self.lora_dropout,
+                          self.lora_magnitude_vector):  # fmt: skip
             if adapter_name in container:
                 del container[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling):
@@ -166,20 +188,27 @@ class LoraLinear(nn.Module):
         for container in (self.lora_A, self.lora_B):
             if adapter_name in container:
                 container[adapter_name].to(weight.dtype)
-        for table in (self.lora_embedding_A, self.lora_embedding_B):
+        for table in (self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector):
             if adapter_name in table:
                 table[adapter_name].data = table[adapter_name].data.to(weight.dtype)
 
     @property
     def packable(self) -> bool:
-        """Whether `rows.PackedAdapters` may pack this layer (not an embedding, nothing merged)."""
-        return self.kind != EMBEDDING and not self.merged_adapters
+        """Whether `rows.PackedAdapters` may pack this layer (no embedding, DoRA or merge)."""
+        return self.kind != EMBEDDING and not (self.merged_adapters or self.lora_magnitude_vector)
 
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of an adapter: A (r × in), B (out × r) in every layer kind."""
         if self.kind == EMBEDDING:
             return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The trainable tensors of an adapter: A, B and, for DoRA, the magnitude."""
+        params = list(self.lora_weights(adapter_name))
+        if adapter_name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[adapter_name])
+        return params
 
     def set_rows(self, plan: RowPlan | None) -> None:
         """Per-row adapters for the next forwards (None: the active adapters for every row)."""
@@ -201,6 +230,8 @@ class LoraLinear(nn.Module):
 
     def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """result + scaling * B(A(dropout(x))); one fused addmm when the dtypes allow it."""
+        if name in self.lora_magnitude_vector:
+            return result + dora.dora_delta(self, x, result, name).to(result.dtype)
         a, b = self.lora_weights(name)
         same_dtype = result.dtype == a.dtype
         autocast = torch.is_autocast_enabled(result.device.type)
@@ -236,7 +267,11 @@ class LoraLinear(nn.Module):
                 if added.data_ptr() != part.data_ptr():
                     part.copy_(added)
                 continue
-            delta = self._delta(x.index_select(0, rows), name, result.dtype)
+            if name in self.lora_magnitude_vector:
+                delta = dora.dora_delta(self, x.index_select(0, rows),
+                                        result.index_select(0, rows), name).to(result.dtype)  # fmt: skip
+            else:
+                delta = self._delta(x.index_select(0, rows), name, result.dtype)
             result = result.index_add(0, rows, delta)
         return result
 
@@ -277,8 +312,7 @@ class LoraLinear(nn.Module):
     # ---------------------------------------------------------------- merging
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout: (out, in), (in, out) for Conv1D."""
-        a, b = self.lora_weights(adapter_name)
-        delta = (b.float() @ a.float()) * self.scaling[adapter_name]  # (out, in)
+        delta = dora.scaled_update(self, adapter_name)  # (out, in)
         return delta.T if self.kind in (CONV1D, EMBEDDING) else delta
 
     def _adapter_placement(self) -> tuple[torch.device | None, torch.dtype]:
@@ -294,34 +328,62 @@ class LoraLinear(nn.Module):
         weight = getattr(self.base_layer, "weight", None)
         return weight if isinstance(weight, torch.Tensor) else None
 
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight W as (out, in), dequantized for a quantized base."""
+        weight = self._base_weight()
+        if weight is None or not weight.is_floating_point():
+            return self.base_layer.dequantize()
+        return weight.T if self.kind in (CONV1D, EMBEDDING) else weight
+
+    @torch.no_grad()
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        """Store `weight` (out, in) as the base weight, in its own layout and dtype."""
+        base = self._base_weight()
+        if base is None or not base.is_floating_point():
+            self.base_layer._store(weight.to(self.base_layer.compute_dtype))
+            return
+        base.copy_((weight.T if self.kind in (CONV1D, EMBEDDING) else weight).to(base.dtype))
+
+    @torch.no_grad()
+    def merged_delta(self, adapter_names: list[str]) -> torch.Tensor | None:
+        """What merging these adapters adds to the (out, in) base weight, or None for nothing."""
+        names = [n for n in adapter_names if n in self.r and n not in self.merged_adapters]
+        if not names:
+            return None
+        unmerged = self.dense_weight().float()
+        return dora.merged_weight(self, names, unmerged)[0] - unmerged
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the adapters' delta weights into the base weight in place."""
+        """Write the adapters into the base weight in place (DoRA: see `dora.py`)."""
         weight = self._base_weight()
         if weight is None or not weight.is_floating_point():
             raise TypeError(
                 f"cannot merge in place into a {type(self.base_layer).__name__} base; "
                 "use merge_and_unload(), which dequantizes first"
             )
-        for name in adapter_names or self.active_adapters:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            merged = weight.float() + self.delta_weight(name)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"merging adapter `{name}` produced non-finite weights; not merged"
-                )
-            weight.copy_(merged.to(weight.dtype))
-            self.merged_adapters.append(name)
+        names = [n for n in adapter_names or self.active_adapters if n in self.r]
+        names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        if not names:
+            return
+        if self.merged_adapters and any(n in self.lora_magnitude_vector for n in names):
+            earlier = list(self.merged_adapters)  # DoRA's norm needs the unmerged weight
+            self.unmerge()
+            names = earlier + names
+        merged, norms = dora.merged_weight(self, names, self.dense_weight().float(), safe_merge)
+        self.set_dense_weight(merged)
+        self.dora_merged_norms.update(norms)
+        self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        """Subtract merged adapters from the base weight, newest first."""
-        weight = self._base_weight()
-        for name in reversed(list(self.merged_adapters)):
-            if adapter_names is None or name in adapter_names:
-                weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
-                self.merged_adapters.remove(name)
+        """Take merged adapters out of the base weight, newest first."""
+        if not self.merged_adapters:
+            return
+        chosen = [n for n in self.merged_adapters if adapter_names is None or n in adapter_names]
+        names = chosen[::-1]
+        self.set_dense_weight(dora.unmerged_weight(self, names, self.dense_weight().float()))
+        self.merged_adapters = [n for n in self.merged_adapters if n not in names]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

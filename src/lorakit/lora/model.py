@@ -19,6 +19,7 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.hf_face import HFFace
+from lorakit.lora.inits import loading_config
 from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets, saved_targets
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
@@ -349,6 +350,11 @@ class LoraModel(HFFace):
         """A new adapter combining `adapters` with `weights` ('linear', 'cat' or 'svd')."""
         for name in adapters:
             self._require(name)
+            if self.peft_config[name].use_dora:
+                raise ConfigError(
+                    f"add_weighted_adapter of DoRA adapter `{name}` is not supported by lorakit "
+                    "(a magnitude vector has no weighted sum); combine plain LoRA adapters"
+                )
         layers = list(self.lora_layers())
         config = combine_adapters(
             self.peft_config, layers, adapters, weights, adapter_name, combination_type, svd_rank
@@ -366,7 +372,9 @@ class LoraModel(HFFace):
     ) -> None:
         """Write each adapter in peft's format; adapters other than 'default' go in subfolders.
 
-        Called as `Trainer` calls it (with a `state_dict=` keyword), it also writes the trainable
+        With `path_initial_model_for_weight_conversion=` (the adapter folder saved right after a
+        PiSSA / OLoRA initialisation), the adapter is written as the plain LoRA of twice the rank
+        that gives the same model on the original base (see `lorakit.lora.inits`). Called as `Trainer` calls it (with a `state_dict=` keyword), it also writes the trainable
         tensors under their in-memory names as `model.safetensors` (see `TRAINER_WEIGHTS`).
         """
         if not is_main_process:
@@ -376,7 +384,10 @@ class LoraModel(HFFace):
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.target_modules = saved_targets(self.base_model.model, config, name)
-            files.save_adapter(self.base_model.model, target, name, config, self.chat_template)
+            files.save_adapter(
+                self.base_model.model, target, name, config, self.chat_template,
+                kwargs.get("path_initial_model_for_weight_conversion"),
+            )  # fmt: skip
         if "state_dict" in kwargs:
             trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
             save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
@@ -431,8 +442,10 @@ class LoraModel(HFFace):
         """
         adapter = _read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
         files.check_adapter(model, adapter)
-        adapter.config.inference_mode = not is_trainable
-        lora_model = cls(model, adapter.config, adapter_name, autocast_adapter_dtype)
+        config = adapter.config
+        config.inference_mode = not is_trainable
+        lora_model = cls(model, loading_config(config), adapter_name, autocast_adapter_dtype)
+        lora_model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights  # kept
         lora_model._copy_weights(adapter, adapter_name)
         lora_model.chat_template = adapter.chat_template
         lora_model.set_adapter(adapter_name)
@@ -469,8 +482,11 @@ class LoraModel(HFFace):
             )
         adapter.config.inference_mode = not is_trainable
         self.add_adapter(
-            adapter_name, adapter.config, autocast_adapter_dtype=autocast_adapter_dtype
-        )
+            adapter_name,
+            loading_config(adapter.config),
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )  # a loaded adapter never re-initialises (and so never changes) the base
+        self.peft_config[adapter_name].init_lora_weights = adapter.config.init_lora_weights
         self._copy_weights(adapter, adapter_name)
         if self.chat_template is None:
             self.chat_template = adapter.chat_template
@@ -490,7 +506,7 @@ class LoraModel(HFFace):
         for key, tensor in tensors.items():
             path = key.removeprefix(files.PREFIX)
             owner, _, leaf = path.rpartition(".")
-            if leaf in ("lora_embedding_A", "lora_embedding_B"):
+            if leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
                 target = getattr(modules[owner], leaf)[adapter_name]
             elif owner.endswith((".lora_A", ".lora_B")):
                 target = getattr(modules[owner.rsplit(".", 1)[0]], owner.rsplit(".", 1)[1])
@@ -561,8 +577,8 @@ def _merged_base(layer: LoraLinear, names: list[str], safe_merge: bool, merge: b
         return base
     from lorakit.quant.layer import merge_into_quantized
 
-    delta = sum(layer.delta_weight(n) for n in names if n in layer.r)
-    if isinstance(delta, int):
+    delta = layer.merged_delta(names)
+    if delta is None:
         return base
     if safe_merge and not torch.isfinite(delta).all():
         raise ValueError("merging produced non-finite weights; not merged")

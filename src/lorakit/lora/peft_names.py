@@ -82,7 +82,7 @@ def _in_memory_key(file_key: str, adapter_name: str) -> str:
     for leaf in (".lora_A.weight", ".lora_B.weight"):
         if path.endswith(leaf):
             return path.removesuffix(".weight") + f".{adapter_name}.weight"
-    for leaf in (".lora_embedding_A", ".lora_embedding_B"):
+    for leaf in (".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"):
         if path.endswith(leaf):
             return f"{path}.{adapter_name}"
     return path
