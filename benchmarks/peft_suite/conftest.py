@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 
 import peft
+import peft.optimizers
 import pytest
 
 import lorakit
@@ -28,8 +29,10 @@ for _name in ("LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
               "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
               "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "get_peft_model",
               "get_peft_model_state_dict", "set_peft_model_state_dict", "TaskType",
-              "prepare_model_for_kbit_training"):  # fmt: skip
+              "prepare_model_for_kbit_training", "inject_adapter_in_model",
+              "create_loraplus_optimizer"):  # fmt: skip
     setattr(peft, _name, getattr(lorakit, _name))
+peft.optimizers.create_loraplus_optimizer = lorakit.create_loraplus_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 # test_initialization.py classes that are about LoRA or about no method in particular

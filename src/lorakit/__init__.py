@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         check_injection,
         get_peft_model,
         get_peft_model_state_dict,
+        inject_adapter_in_model,
         inject_lora,
         lora_state_dict,
         set_peft_model_state_dict,
@@ -45,7 +46,7 @@ _LAZY = {
         for name in (
             "AutoPeftModelForCausalLM", "LoraConfig", "LoraLinear", "LoraModel", "PeftType",
             "TaskType", "check_gradients",
-            "check_injection", "get_peft_model", "get_peft_model_state_dict", "inject_lora",
+            "check_injection", "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "inject_lora",
             "lora_state_dict", "set_peft_model_state_dict",
         )
     },
@@ -101,6 +102,7 @@ __all__ = [
     "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "inject_lora",
     "lora_state_dict",
     "prepare_model_for_kbit_training",

@@ -7,7 +7,13 @@ loads a saved adapter (peft's format) onto a base model.
 from lorakit.lora.adapters import check_adapter, read_adapter
 from lorakit.lora.auto import AutoPeftModelForCausalLM
 from lorakit.lora.config import LoraConfig, PeftType
-from lorakit.lora.inject import check_gradients, check_injection, inject_lora, lora_state_dict
+from lorakit.lora.inject import (
+    check_gradients,
+    check_injection,
+    inject_adapter_in_model,
+    inject_lora,
+    lora_state_dict,
+)
 from lorakit.lora.layers import LoraLinear, ModulesToSave
 from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.lora.peft_names import TaskType, get_peft_model_state_dict, set_peft_model_state_dict
@@ -30,6 +36,7 @@ __all__ = [
     "check_injection",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "inject_lora",
     "lora_state_dict",
     "read_adapter",

@@ -124,6 +124,10 @@ class LoraConfig(_LoraFields):
         return False
 
     @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
+    @property
     def peft_version(self) -> str | None:
         """The peft version an adapter's file names, where it names one."""
         return self.extra.get("peft_version")
