@@ -40,6 +40,8 @@ class LoraTuner(nn.Module):
     wrapped model's; the adapter methods peft's tuner offers are the owning `LoraModel`'s.
     """
 
+    prefix = "lora_"  # every adapter parameter's name holds it, as in peft
+
     def __init__(self, model: nn.Module, owner: LoraModel) -> None:
         super().__init__()
         self.model = model
