@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         set_peft_model_state_dict,
     )
     from lorakit.quant import prepare_model_for_kbit_training
+    from lorakit.train.optim8bit import AdamW8bit
 
     PeftConfig = LoraConfig
     PeftModel = PeftModelForCausalLM = PeftModelForSequenceClassification = LoraModel
@@ -55,6 +56,7 @@ _LAZY = {
         )
     },
     "prepare_model_for_kbit_training": ("lorakit.quant", "prepare_model_for_kbit_training"),
+    "AdamW8bit": ("lorakit.train.optim8bit", "AdamW8bit"),
 }  # fmt: skip
 
 
@@ -73,6 +75,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdamW8bit",
     "AdapterError",
     "ConfigError",
     "DataError",
