@@ -2,6 +2,7 @@
 
     python benchmarks/bench_optim8bit.py                  # 100 steps, batch 4, rows <= 128 tokens
     python benchmarks/bench_optim8bit.py --steps 20 --json results.json
+    python benchmarks/bench_optim8bit.py --step-only      # optimizer.step alone, interleaved
 
 Each optimizer trains a fresh LoRA (r=8, alpha 16, dropout 0, all 7 projections) on the built-in
 SmolLM2-135M-Instruct (fp32) over the built-in `arithmetic` dataset with lorakit's loop (lr 1e-3,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -73,13 +75,48 @@ def run(kind: str, steps: int, batch: int, length: int, workdir: Path) -> dict:
     }
 
 
+def step_only(repeats: int) -> None:
+    """optimizer.step alone on the built-in model's LoRA shapes (r=8, all 7 projections, 30
+    layers), the two optimizers called in turn so that both see the same load."""
+    import torch
+
+    from lorakit.train.optim8bit import AdamW8bit
+
+    out = {"q": 576, "k": 192, "v": 192, "o": 576, "gate": 1536, "up": 1536, "down": 576}
+    inp = {"q": 576, "k": 576, "v": 576, "o": 576, "gate": 576, "up": 576, "down": 1536}
+    shapes = [s for _ in range(30) for k in out for s in ((8, inp[k]), (out[k], 8))]
+    optimizers = {}
+    for kind, make in (("adamw", lambda p: torch.optim.AdamW(p, foreach=True)),
+                       ("adamw_8bit", AdamW8bit)):  # fmt: skip
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        optimizers[kind] = make(params)
+        optimizers[kind].step()
+    times = {kind: [] for kind in optimizers}
+    for _ in range(repeats):
+        for kind, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[kind].append(time.perf_counter() - start)
+    values = sum(math.prod(s) for s in shapes)
+    for kind, t in times.items():
+        print(f"{kind:10s} optimizer.step {1000 * statistics.median(t):8.1f} ms median of "
+              f"{repeats} ({values} values, {len(shapes)} tensors)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--step-only", action="store_true")
     args = parser.parse_args()
+    if args.step_only:
+        print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}")
+        step_only(10)
+        return
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
     results = {}
