@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     )
     from lorakit.quant import prepare_model_for_kbit_training
     from lorakit.train import create_loraplus_optimizer
+    from lorakit.train.optim8bit import AdamW8bit
 
     PeftConfig = LoraConfig
     PeftModel = PeftModelForCausalLM = PeftModelForSequenceClassification = LoraModel
@@ -61,6 +62,7 @@ _LAZY = {
     },
     "prepare_model_for_kbit_training": ("lorakit.quant", "prepare_model_for_kbit_training"),
     "create_loraplus_optimizer": ("lorakit.train", "create_loraplus_optimizer"),
+    "AdamW8bit": ("lorakit.train.optim8bit", "AdamW8bit"),
 }  # fmt: skip
 
 
@@ -79,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdamW8bit",
     "AdapterError",
     "AutoPeftModelForCausalLM",
     "ConfigError",

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,6 +220,11 @@ def validate_run_config(
         raise ConfigError("; ".join(parts)) from None
     except ConfigError as error:
         raise ConfigError(f"{source}: lora: {error}") from None
+    if config.train.optimizer == "adamw_8bit" and find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"{source}: train.optimizer: adamw_8bit needs bitsandbytes; install it with "
+            "`pip install 'lorakit[optim8bit]'`, or use train.optimizer: adamw"
+        )
     return config
 
 

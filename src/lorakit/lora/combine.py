@@ -1,13 +1,28 @@
 """Combining adapters into a new one (`add_weighted_adapter`), with peft's semantics.
 
 With weights w_i and scalings s_i of adapters (A_i, B_i), the new adapter has scaling 1
-(lora_alpha = r) and:
+(lora_alpha = r). Each method merges a list of task tensors T_i with weights c_i:
 
-- linear (all ranks equal): A = sum_i sign(w_i) sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i
-- cat: A = concat_rows(w_i s_i A_i), B = concat_cols(B_i), rank = sum of ranks (per layer, so
-  with `rank_pattern` the new adapter records each layer's own rank); the product is exactly
-  sum_i w_i s_i B_i A_i
-- svd: the rank-k truncated SVD of sum_i w_i s_i B_i A_i (k = svd_rank or the largest rank)
+- linear / svd: sum_i c_i T_i
+- magnitude_prune: the same after keeping the `density` fraction of each T_i's entries largest in
+  magnitude (the rest set to 0)
+- dare_linear: the same after keeping each entry with probability `density` and dividing what is
+  kept by `density` (DARE's random drop and rescale)
+- ties / dare_ties: prune as above (by magnitude / at random), elect a sign per entry (the sign of
+  sum_i T_i for majority_sign_method='total', of sum_i sign(T_i) for 'frequency', 0 counting as
+  +), then average c_i T_i over the tensors whose entry has the elected sign (disjoint merge)
+
+The plain names (linear, ties, dare_linear, dare_ties, magnitude_prune; all ranks equal) merge
+the A's with c_i = sign(w_i s_i) sqrt(|w_i s_i|) and the B's with c_i = sqrt(|w_i s_i|).
+The `_svd` names (and svd) merge the deltas T_i = s_i B_i A_i with c_i = w_i and take the rank-k
+truncated SVD of the result (k = svd_rank or the largest rank): A = Vh_k, B = U_k diag(S_k).
+cat: A = concat_rows(w_i s_i A_i), B = concat_cols(B_i), rank = sum of ranks (per layer, so
+with `rank_pattern` the new adapter records each layer's own rank); its product is exactly
+sum_i w_i s_i B_i A_i.
+
+Random masks come from torch's global generator, drawn as peft draws them: the new adapter's
+layers are created first (their default initialisation draws numbers), then layer by layer in
+module order, each adapter's A, then each adapter's B (or each delta, for the `_svd` names).
 """
 
 from __future__ import annotations
@@ -18,11 +33,13 @@ import re
 
 import torch
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, closest
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layers import LoraLinear
 
-COMBINATIONS = ("linear", "cat", "svd")
+PRUNING = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
+COMBINATIONS = ("linear", "cat", "svd", *PRUNING, *(f"{m}_svd" for m in PRUNING))
+SIGN_METHODS = ("total", "frequency")
 
 
 def combine_adapters(
@@ -33,11 +50,12 @@ def combine_adapters(
     adapter_name: str,
     combination_type: str,
     svd_rank: int | None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
 ) -> LoraConfig:
     """Create adapter `adapter_name` in each of `layers` holding one of `adapters`; returns its
     config (the caller registers it and sets what is trainable)."""
-    if combination_type not in COMBINATIONS:
-        raise ConfigError(f"combination_type={combination_type!r}: expected one of {COMBINATIONS}")
+    _check_arguments(combination_type, density, majority_sign_method)
     if len(adapters) != len(weights) or not adapters:
         raise ConfigError(
             f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights"
@@ -47,31 +65,40 @@ def combine_adapters(
     configs = [peft_config[a] for a in adapters]
     if len(adapters) == 1:
         combination_type = "linear"
+    method, svd = combination_type.removesuffix("_svd"), combination_type.endswith("svd")
     ranks = {c.r for c in configs} | {r for c in configs for r in c.rank_pattern.values()}
-    if combination_type == "linear" and len(ranks) > 1:
+    if not svd and method != "cat" and len(ranks) > 1:
         raise ConfigError(
-            f"combination_type='linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'"
+            f"combination_type={combination_type!r} needs equal ranks, got {sorted(ranks)}; use "
+            "'cat' or one of the '_svd' types"
         )
-    new_rank = {
-        "linear": configs[0].r,
-        "cat": sum(c.r for c in configs),
-        "svd": svd_rank or max(c.r for c in configs),
-    }[combination_type]
+    if method == "cat":
+        new_rank = sum(c.r for c in configs)
+    elif svd:
+        new_rank = svd_rank or max(max([c.r, *c.rank_pattern.values()]) for c in configs)
+    else:
+        new_rank = configs[0].r
     config = copy.deepcopy(configs[0])
     config.r, config.lora_alpha = new_rank, new_rank
     config.rank_pattern, config.alpha_pattern, config.use_rslora = {}, {}, False
     config.target_modules = _union_targets(configs)
-    for name, layer in layers:
+    jobs = []
+    for name, layer in layers:  # all new layers first, as peft creates them
         present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.r]
         if not present:
             continue
-        rank = new_rank
-        if combination_type == "cat":  # with rank_pattern, each layer's own ranks add up
-            rank = sum(layer.r[a] for a, _ in present)
+        rank = sum(layer.r[a] for a, _ in present) if method == "cat" else new_rank
         if rank != new_rank:
             config.rank_pattern[re.escape(name)] = config.alpha_pattern[re.escape(name)] = rank
         layer.update_layer(adapter_name, rank, rank, config.lora_dropout, True)
-        a_new, b_new = _combine_layer(layer, present, combination_type, rank)
+        jobs.append((layer, present, rank))
+    for layer, present, rank in jobs:
+        if method == "cat":
+            a_new, b_new = _concatenate(layer, present, rank)
+        elif svd:
+            a_new, b_new = _svd_merge(layer, present, method, rank, density, majority_sign_method)
+        else:
+            a_new, b_new = _factor_merge(layer, present, method, density, majority_sign_method)
         a_param, b_param = layer.lora_weights(adapter_name)
         with torch.no_grad():
             a_param.copy_(a_new.to(a_param.dtype))
@@ -79,28 +106,113 @@ def combine_adapters(
     return config
 
 
-def _combine_layer(
-    layer: LoraLinear, present: list[tuple[str, float]], kind: str, rank: int
+def _check_arguments(combination_type: str, density: float | None, sign_method: str) -> None:
+    if combination_type not in COMBINATIONS:
+        raise ConfigError(
+            f"combination_type={combination_type!r}: expected one of {', '.join(COMBINATIONS)}"
+            + closest(str(combination_type), COMBINATIONS)
+        )
+    if sign_method not in SIGN_METHODS:
+        raise ConfigError(
+            f"majority_sign_method={sign_method!r}: expected 'total' (the sign of the summed "
+            "values) or 'frequency' (the sign most tensors have)"
+        )
+    if combination_type.removesuffix("_svd") not in PRUNING:
+        return  # density is not used, as in peft
+    if density is None:
+        raise ConfigError(
+            f"combination_type={combination_type!r} needs density, the fraction of each "
+            "adapter's values kept (0 < density <= 1), e.g. density=0.5"
+        )
+    dare = combination_type.startswith("dare")  # DARE divides by density
+    number = isinstance(density, (int, float)) and not isinstance(density, bool)
+    if not number or not (0 < density <= 1 if dare else 0 <= density <= 1):
+        bound = "0 < density <= 1" if dare else "0 <= density <= 1"
+        raise ConfigError(
+            f"density={density!r}: expected a number with {bound}, the fraction of each "
+            "adapter's values kept (1 keeps every value)"
+        )
+
+
+def merge_tasks(
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    method: str,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+) -> torch.Tensor:
+    """Merge task tensors of one shape with `method` (linear, svd, or one of PRUNING)."""
+    if method in ("ties", "magnitude_prune"):
+        tensors = [_keep_largest(t, density) for t in tensors]
+    elif method in ("dare_ties", "dare_linear"):
+        tensors = [_keep_random(t, density) for t in tensors]
+    stacked = torch.stack(tensors)
+    scale = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    weighted = stacked * scale.view(-1, *([1] * (stacked.dim() - 1)))
+    if method not in ("ties", "dare_ties"):
+        return weighted.sum(0)
+    signs = stacked.sign()
+    votes = stacked.sum(0) if majority_sign_method == "total" else signs.sum(0)
+    agree = signs == torch.where(votes >= 0, 1, -1)
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _keep_largest(t: torch.Tensor, density: float) -> torch.Tensor:
+    """`t` with all but its int(density * numel) largest-magnitude entries set to 0."""
+    if density >= 1:
+        return t
+    keep = torch.topk(t.abs().reshape(-1), k=int(density * t.numel()), largest=True).indices
+    mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    mask[keep] = 1
+    return t * mask.view(t.shape)
+
+
+def _keep_random(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Each entry of `t` kept with probability `density` and divided by it, else 0."""
+    if density >= 1:
+        return t
+    mask = torch.bernoulli(torch.full_like(t, density))
+    return t * mask / density
+
+
+def _factor_merge(
+    layer: LoraLinear, present: list[tuple[str, float]], method: str, density, sign_method
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of the combined adapter in one layer: A (rank × in), B (out × rank)."""
-    if kind == "svd":
-        delta = sum(w * layer.lora_weights(a)[1].float() @ layer.lora_weights(a)[0].float()
-                    * layer.scaling[a] for a, w in present)  # fmt: skip
-        u, s, vh = torch.linalg.svd(delta, full_matrices=True)  # (out, out), (k,), (in, in)
-        return vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank])
-    a_parts, b_parts = [], []
+    """Merge the A's and, separately, the B's (equal ranks)."""
+    a_list, b_list, a_weights, b_weights = [], [], [], []
     for name, weight in present:
         a, b = (t.detach().float() for t in layer.lora_weights(name))
         scaled = weight * layer.scaling[name]
-        if kind == "cat":
-            a_parts.append(a * scaled)
-            b_parts.append(b)
-        else:
-            sign = 1.0 if scaled >= 0 else -1.0
-            a_parts.append(a * math.sqrt(abs(scaled)) * sign)
-            b_parts.append(b * math.sqrt(abs(scaled)))
-    if kind == "linear":
-        return sum(a_parts), sum(b_parts)
+        a_list.append(a)
+        b_list.append(b)
+        a_weights.append(math.sqrt(abs(scaled)) * (1.0 if scaled >= 0 else -1.0))
+        b_weights.append(math.sqrt(abs(scaled)))
+    return (
+        merge_tasks(a_list, a_weights, method, density, sign_method),
+        merge_tasks(b_list, b_weights, method, density, sign_method),
+    )
+
+
+def _svd_merge(
+    layer: LoraLinear, present: list[tuple[str, float]], method: str, rank: int, density, sign
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the deltas (in the base weight's layout, as peft prunes them), then truncate."""
+    deltas = [layer.delta_weight(name).detach() for name, _ in present]
+    merged = merge_tasks(deltas, [w for _, w in present], method, density, sign)
+    if layer.kind != "linear":  # Conv1D and embedding deltas are (in, out)
+        merged = merged.T
+    u, s, vh = torch.linalg.svd(merged, full_matrices=True)  # (out, out), (k,), (in, in)
+    return vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank])
+
+
+def _concatenate(
+    layer: LoraLinear, present: list[tuple[str, float]], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a_parts, b_parts = [], []
+    for name, weight in present:
+        a, b = (t.detach().float() for t in layer.lora_weights(name))
+        a_parts.append(a * (weight * layer.scaling[name]))
+        b_parts.append(b)
     a_cat, b_cat = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
     a_full = torch.zeros(rank, a_cat.shape[1])
     b_full = torch.zeros(b_cat.shape[0], rank)

@@ -348,8 +348,12 @@ class LoraModel(HFFace):
         adapter_name: str,
         combination_type: str = "svd",
         svd_rank: int | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
     ) -> None:
-        """A new adapter combining `adapters` with `weights` ('linear', 'cat' or 'svd')."""
+        """A new adapter combining `adapters` with `weights`; the combination types (linear,
+        cat, svd, ties, dare_linear, dare_ties, magnitude_prune and their `_svd` forms) are
+        described in `lorakit.lora.combine`."""
         for name in adapters:
             self._require(name)
             if self.peft_config[name].use_dora:
@@ -359,8 +363,9 @@ class LoraModel(HFFace):
                 )
         layers = list(self.lora_layers())
         config = combine_adapters(
-            self.peft_config, layers, adapters, weights, adapter_name, combination_type, svd_rank
-        )
+            self.peft_config, layers, adapters, weights, adapter_name, combination_type,
+            svd_rank, density, majority_sign_method,
+        )  # fmt: skip
         mark_trainable(self.base_model.model, self.active_adapters, config.bias)
         self.peft_config[adapter_name] = config
 

@@ -1,18 +1,33 @@
 """Training: the loop (`loop.train`, one function read top to bottom) and what it stands on.
 
 `config` holds the loop's typed settings, `plan` the rows each rank takes each step,
-`optim` AdamW / LoRA+ and the schedules, `loraplus` peft's LoRA+ optimizer builder, `checkpoint` checkpoints and exact resume, `rundir`
+`optim` AdamW / LoRA+ and the schedules, `loraplus` peft's LoRA+ optimizer builder,
+`optim8bit` AdamW with 8-bit moments (bitsandbytes;
+`AdamW8bit` is imported on first use), `checkpoint` checkpoints and exact resume, `rundir`
 atomic folders and what a new run refuses to write over, `log` metrics and progress, `runtime`
 seeds, torchrun, precision, the allocator and stop signals,
 `evaluate` loss / perplexity / exact match / samples, `plots` the run's figures.
 """
+
+from typing import Any
 
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import eval_loss, generate_samples
 from lorakit.train.loop import NonFiniteError, TrainResult, train
 from lorakit.train.loraplus import create_loraplus_optimizer
 
+
+def __getattr__(name: str) -> Any:
+    """`AdamW8bit` on first use: importing bitsandbytes takes seconds."""
+    if name != "AdamW8bit":
+        raise AttributeError(f"module 'lorakit.train' has no attribute {name!r}")
+    from lorakit.train.optim8bit import AdamW8bit
+
+    return AdamW8bit
+
+
 __all__ = [
+    "AdamW8bit",
     "NonFiniteError",
     "TrainConfig",
     "TrainResult",

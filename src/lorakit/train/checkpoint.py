@@ -104,10 +104,14 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+    seen: set[tuple] = set()  # a tensor shared between parameters is written once per use
     for index, state in sd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous().cpu()
+                value = value.detach().contiguous().cpu()
+                where = (value.untyped_storage().data_ptr(), value.storage_offset())
+                tensors[f"state.{index}.{key}"] = value.clone() if where in seen else value
+                seen.add(where)
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}

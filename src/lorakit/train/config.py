@@ -27,6 +27,11 @@ class TrainConfig(BaseModel):
         1, ge=1, description="Micro-batches per optimizer step, summed over all processes."
     )
     shuffle: bool = Field(True, description="Shuffle the batch order each epoch (seeded).")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw",
+        description="adamw: fp32 moments; adamw_8bit: both moments in 8 bits, block-wise "
+        "(bitsandbytes; about 0.25x the state memory).",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     lora_b_lr: float | None = Field(
         None, gt=0, description="Separate learning rate for lora_B matrices (LoRA+); None: lr."

@@ -251,8 +251,9 @@ def train(
     seed_everything(config.seed)
     params = _prepare_model(model, config, device)
     optimizer, params = build_optimizer(
-        model, config.lr, config.weight_decay, config.betas, config.eps, config.lora_b_lr
-    )
+        model, config.lr, config.weight_decay, config.betas, config.eps, config.lora_b_lr,
+        config.optimizer,
+    )  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     start_step, best = 0, math.inf
     if checkpoint_path is not None:

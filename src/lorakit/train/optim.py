@@ -1,4 +1,5 @@
-"""AdamW over trainable parameters and the learning-rate schedule.
+"""AdamW (fp32 moments, or 8-bit ones: `optim8bit`) over trainable parameters and the
+learning-rate schedule.
 
 Schedule, with w warmup steps out of T total and step s counted from 0:
 
@@ -25,8 +26,10 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     lora_b_lr: float | None = None,
-) -> tuple[torch.optim.AdamW, list[nn.Parameter]]:
+    optimizer: str = "adamw",
+) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
     """AdamW over the trainable parameters; returns it and the parameters in a fixed order.
+    `optimizer`: 'adamw' (torch's, fp32 moments) or 'adamw_8bit' (`optim8bit.AdamW8bit`).
 
     Groups: decayed matrices, undecayed vectors (biases, norms), and, when `lora_b_lr` is set,
     the LoRA B matrices at their own learning rate (LoRA+).
@@ -51,8 +54,26 @@ def build_optimizer(
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["lr"] = g["base_lr"]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
-    return optimizer, [p for g in groups for p in g["params"]]
+    if optimizer == "adamw":
+        built = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    elif optimizer == "adamw_8bit":
+        from lorakit.train.optim8bit import AdamW8bit  # imports bitsandbytes, only when asked
+
+        built = AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use adamw or adamw_8bit")
+    return built, [p for g in groups for p in g["params"]]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors, each storage counted once."""
+    seen: dict[tuple, int] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[(value.device, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str, min_lr_ratio: float = 0.0) -> float:
