@@ -133,9 +133,14 @@ def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     """
     from torch.distributed.tensor import DTensor
 
+    from torch.distributed.fsdp import FSDPModule
+
     if not is_sharded(model):
         yield
         return
+    for module in model.modules():  # the root keeps its group gathered after a forward
+        if isinstance(module, FSDPModule):
+            module.reshard()
     swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
     for name, p in model.named_parameters():
         if p.requires_grad and isinstance(p, DTensor):
