@@ -131,9 +131,8 @@ def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
 
     Every rank must enter together (the gather is a collective). No forward may run inside.
     """
-    from torch.distributed.tensor import DTensor
-
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
     if not is_sharded(model):
         yield
