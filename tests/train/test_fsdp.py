@@ -166,13 +166,17 @@ def test_nf4_base_under_ddp_two_processes_equal_one(runs):
     assert not torch.allclose(one[key], start)  # trained
 
 
-def test_fsdp_refuses_a_quantized_base_and_full_fine_tuning(tmp_path):
+def test_fsdp_refuses_a_quantized_base_full_fine_tuning_and_fp16(tmp_path):
     data = make_batches(1, rows=2)
     with pytest.raises(ConfigError, match="quantized base .* not supported by lorakit"):
         train(qlora_model(), None, data, None, quick(distributed="fsdp"), tmp_path / "q")
     full = make_tiny_llama().requires_grad_(True)
     with pytest.raises(ConfigError, match="method=full is not supported by lorakit"):
         train(full, None, data, None, quick(distributed="fsdp"), tmp_path / "f")
+    fp16 = quick(distributed="fsdp", precision="fp16")
+    with pytest.raises(ConfigError, match="precision='fp16' is not supported by lorakit"):
+        train(lora_model(), None, data, None, fp16, tmp_path / "h")
+    assert not torch.distributed.is_initialized()  # refused before any process group
 
 
 def test_fsdp_in_one_process_with_gradient_checkpointing_and_bf16(tmp_path):

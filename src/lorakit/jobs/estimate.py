@@ -173,12 +173,7 @@ def estimate_memory(run: RunConfig, world_size: int = 1) -> MemoryEstimate:
 def estimate_from_shape(run: RunConfig, s: ModelShape, world_size: int) -> MemoryEstimate:
     """The arithmetic of `estimate_memory` on counts already taken."""
     train, data = run.train, run.data
-    fsdp = train.distributed == "fsdp"
-    if fsdp and (run.method == "full" or run.model.quantization):
-        raise ConfigError(
-            "estimate: train.distributed='fsdp' with method=full or model.quantization is not "
-            "supported by lorakit (the run would refuse it); use train.distributed=ddp"
-        )
+    fsdp = train.distributed == "fsdp"  # lora on a float base (the run config checks it)
     shard = world_size if fsdp else 1
     precision = compute_precision(run)
     act_bytes = 4 if precision == "fp32" else 2

@@ -197,7 +197,31 @@ def validate_run_config(
         raise ConfigError("; ".join(parts)) from None
     except ConfigError as error:
         raise ConfigError(f"{source}: lora: {error}") from None
+    _check_fsdp(config, source)
     return config
+
+
+def _check_fsdp(run: RunConfig, source: str) -> None:
+    """What train.distributed='fsdp' refuses, found before any model loads."""
+    if run.train.distributed != "fsdp":
+        return
+    why = None
+    if run.model.quantization:
+        why = (
+            f"model.quantization={run.model.quantization!r}: the quantized codes are buffers, "
+            "which FSDP2 does not shard; QLoRA runs with train.distributed=ddp"
+        )
+    elif run.method == "full":
+        why = "method=full: fsdp checkpoints gather the trainable tensors, here the whole model"
+    elif run.train.precision == "fp16":
+        why = "precision='fp16': its loss scaling is not run on sharded gradients; use bf16"
+    elif run.eval.exact_match:
+        why = "eval.exact_match: answers are generated after training, from the sharded model"
+    if why:
+        raise ConfigError(
+            f"{source}: train.distributed='fsdp' with {why}. This combination is not supported "
+            "by lorakit; use train.distributed=ddp, or drop the setting"
+        )
 
 
 def _override_of(path: str, overrides: dict[str, str] | None) -> str | None:

@@ -33,9 +33,16 @@ from lorakit.train.runtime import Dist
 MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_shardable(model: nn.Module) -> None:
-    """Refuse models FSDP2 cannot shard here: quantized bases and full fine-tuning."""
+def check_shardable(model: nn.Module, precision: str) -> None:
+    """Refuse what fsdp does not run here: quantized bases, full fine-tuning, fp16."""
     from lorakit.quant import QuantLinear
+
+    if precision == "fp16":
+        raise ConfigError(
+            "train.distributed='fsdp' with precision='fp16' is not supported by lorakit: fp16 "
+            "needs loss scaling, whose unscale step lorakit does not run on sharded gradients. "
+            "Use precision='bf16' (no loss scaling), or train.distributed='ddp'"
+        )
 
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ConfigError(

@@ -222,7 +222,7 @@ def train(
     precision = resolve_precision(config.precision, device)  # auto: bf16 only where it is fast
     config = config.model_copy(update={"precision": precision})
     if config.distributed == "fsdp":  # refused before any process group exists
-        check_shardable(model)
+        check_shardable(model, precision)
     ctx = init_distributed(device, always=config.distributed == "fsdp")
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
