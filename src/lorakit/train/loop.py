@@ -101,8 +101,13 @@ def _all_finite(model: nn.Module) -> bool:
 
 
 def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -> list:
-    """Move, cast frozen weights, set up checkpointing; return the trainable parameters."""
-    model.to(device)
+    """Move, cast frozen weights, set up checkpointing; return the trainable parameters.
+
+    Under fsdp the model stays where it was loaded: `fully_shard` moves each rank's shards to
+    the device (or keeps them in CPU memory with fsdp_cpu_offload), so no device ever holds
+    the whole base."""
+    if config.distributed != "fsdp":
+        model.to(device)
     lm = unwrap_causal_lm(model)
     full = all(p.requires_grad for p in model.parameters())
     base_dtype = config.base_dtype

@@ -105,7 +105,7 @@ def is_main_process() -> bool:
 
 
 def init_distributed(device: torch.device, always: bool = False) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA).
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU; NCCL for CUDA tensors).
 
     `always` (fsdp, which needs a group even for one process): a single process outside torchrun
     gets a group of one over an in-memory store."""
@@ -116,20 +116,16 @@ def init_distributed(device: torch.device, always: bool = False) -> Dist:
         return Dist()
     created = False
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # CUDA tensors over NCCL; the loop's small CPU tensors (token counts, stop flags) over gloo
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend=backend, device_id=_device_id(device))
+            dist.init_process_group(backend=backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         created = True
     return Dist(
         dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created
     )
-
-
-def _device_id(device: torch.device) -> torch.device | None:
-    """The GPU NCCL binds this rank to (CUDA), else None."""
-    return device if device.type == "cuda" else None
 
 
 def all_reduce_sum(tensor: torch.Tensor, ctx: Dist) -> torch.Tensor:
