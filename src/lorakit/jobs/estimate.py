@@ -96,6 +96,7 @@ def model_shape(run: RunConfig) -> ModelShape:
     from lorakit.lora import LoraLinear, get_peft_model
     from lorakit.models.loading import resolve_model_path
     from lorakit.quant.layer import DEFAULT_SKIP, quantization_targets
+    from lorakit.train.fsdp import decoder_blocks
 
     path = resolve_model_path(run.model.name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=run.model.trust_remote_code)
@@ -105,7 +106,7 @@ def model_shape(run: RunConfig) -> ModelShape:
     if run.model.quantization:
         quantized_names = set(quantization_targets(model, run.model.skip or DEFAULT_SKIP))
     quantized = sum(model.get_submodule(n).weight.numel() for n in quantized_names)
-    blocks = _blocks(model)
+    blocks = decoder_blocks(model)
     if run.method == "lora":
         model = get_peft_model(model, run.lora.to_lora_config())
     else:
@@ -132,16 +133,6 @@ def model_shape(run: RunConfig) -> ModelShape:
         lora_dropout=run.method == "lora" and run.lora.lora_dropout > 0,
         softcap=bool(getattr(text, "final_logit_softcapping", None)),
     )  # fmt: skip
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks of a causal LM (the module list fsdp shards one by one)."""
-    decoder = getattr(model, "base_model", model)
-    for name in ("layers", "h", "blocks"):
-        blocks = getattr(decoder, name, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return list(blocks)
-    raise ConfigError(f"estimate: found no decoder blocks in {type(model).__name__}")
 
 
 def _in_features(module: nn.Module) -> int:

@@ -68,8 +68,9 @@ def decoder_blocks(lm: nn.Module) -> list[nn.Module]:
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return list(blocks)
     raise ConfigError(
-        f"train.distributed='fsdp' found no decoder blocks in {type(lm).__name__} (looked for "
-        "model.layers, transformer.h, blocks); use train.distributed='ddp' for this model"
+        f"found no decoder blocks in {type(lm).__name__} (looked for model.layers, "
+        "transformer.h, blocks), which train.distributed='fsdp' shards one by one; use "
+        "train.distributed='ddp' for this model"
     )
 
 
