@@ -149,6 +149,7 @@ def test_a_two_process_fsdp_checkpoint_resumes_in_one_process(runs, tmp_path):
     step2 = root / "two" / "fsdp" / "checkpoints" / "step-00000002"
     with pytest.raises(ConfigError, match="world_size: 2 -> 1"):
         train(lora_model(0.0), None, data, None, quick(**FSDP), tmp_path / "a", resume=step2)
+    assert not torch.distributed.is_initialized()  # the refused run left its group of one
     # --force: the gathered checkpoint loads at any world size; without dropout nothing
     # depends on the rank, so the run ends where the 2-process one did
     train(

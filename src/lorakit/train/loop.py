@@ -49,6 +49,7 @@ from lorakit.train.plan import StepPlan, eval_batches, sample_ids
 from lorakit.train.plots import plot_run
 from lorakit.train.rundir import clean_leftovers, storage_error, write_json
 from lorakit.train.runtime import (
+    Dist,
     all_reduce_grads,
     all_reduce_sum,
     autocast,
@@ -222,15 +223,41 @@ def train(
     StorageError, with nothing half-written left.
     """
     config = config or TrainConfig()
-    output_dir = Path(output_dir)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)  # auto: bf16 only where it is fast
     config = config.model_copy(update={"precision": precision})
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
     if config.distributed == "fsdp":  # refused before any process group exists
         check_shardable(model, precision)
     ctx = init_distributed(device, always=config.distributed == "fsdp")
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
+    try:
+        return _run(
+            model, tokenizer, train_data, eval_data, config, Path(output_dir), device, ctx,
+            resume=resume, force=force, run_config=run_config,
+        )  # fmt: skip
+    finally:  # the group this call joined is left, whatever happened
+        if ctx.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(
+    model: nn.Module,
+    tokenizer: Any,
+    train_data: Sequence[dict[str, Any]] | Any,
+    eval_data: Sequence[dict[str, Any]] | Any | None,
+    config: TrainConfig,
+    output_dir: Path,
+    device: torch.device,
+    ctx: Dist,
+    *,
+    resume: str | Path | bool | None,
+    force: bool,
+    run_config: dict[str, Any] | None,
+) -> TrainResult:
+    """The loop of `train`, on the resolved config, inside the process group `train` joined."""
     plan = StepPlan(
         train_data, config.batch_size, config.grad_accum_steps, config.seed, config.shuffle
     )
@@ -430,10 +457,6 @@ def train(
         restore_signals(old_handlers)
         if log is not None:
             log.close()
-        if ctx.created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     result.best_eval_loss = best if math.isfinite(best) else None
     if result.best_dir is None and (output_dir / "best").is_dir():
         result.best_dir = output_dir / "best"
