@@ -49,6 +49,17 @@ if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal; then
       || echo "note: libtcmalloc-minimal4 not installed; training runs with the default allocator"
   fi
 fi
+# --dev: the web page's browser tests drive Debian's chromium (Playwright never downloads one).
+if [ -n "$extra" ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "install.sh: installing chromium for the web page's browser tests (apt-get)"
+    (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
+      || echo "note: chromium could not be installed with apt-get; the browser tests (tests/serve/test_ui_browser.py) will be skipped"
+  else
+    echo "note: chromium not installed (it needs apt-get, run as root: apt-get install chromium chromium-driver); the browser tests (tests/serve/test_ui_browser.py) will be skipped"
+  fi
+fi
 "$venv/bin/lorakit" --version >/dev/null
 if [ "${VIRTUAL_ENV:-}" != "$(cd "$venv" && pwd)" ]; then
   echo "install.sh: done. Activate the environment in each new shell: source $venv/bin/activate"

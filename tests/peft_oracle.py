@@ -30,7 +30,7 @@ def add_twin_adapter(ours, theirs, name: str, **config) -> None:
 def copy_adapter(theirs, ours, name: str) -> None:
     """Copy every tensor of peft adapter `name` (LoRA, module copies, biases) into lorakit's."""
     their_params = {k.removeprefix("base_model.model."): v for k, v in theirs.named_parameters()}
-    ours_params = dict(ours.base_model.named_parameters())
+    ours_params = dict(ours.get_base_model().named_parameters())
     copied = 0
     for key, param in ours_params.items():
         if f".{name}" not in key and not key.endswith("bias"):

@@ -1,7 +1,23 @@
 """Runs peft's own LoRA tests against lorakit: peft's public LoRA names are swapped for lorakit's
-before the test modules import them. Test bodies are peft's, unedited (see run.sh)."""
+before the test modules import them. Test bodies are peft's, unedited (see run.sh).
+
+Only LoRA cases run: in test_custom_models.py the cases built from `LoraConfig` (peft's other
+methods — LoHa, VeRA, BOFT, ... — are not lorakit's subject), in test_initialization.py the LoRA
+classes and the method-independent ones, and the LoRA cases of test_config.py / test_other.py.
+
+Each case's outcome goes to `results.jsonl` beside this file: "passed", "refused" (lorakit
+raised an error saying the feature is not supported by lorakit), "skipped", or "failed" with the
+first line of the error, so that failures can be counted by cause.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 import peft
+import pytest
 
 import lorakit
 
@@ -11,3 +27,50 @@ for _name in ("LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
               "get_peft_model_state_dict", "set_peft_model_state_dict", "TaskType",
               "prepare_model_for_kbit_training"):  # fmt: skip
     setattr(peft, _name, getattr(lorakit, _name))
+
+RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+# test_initialization.py classes that are about LoRA or about no method in particular
+INIT_CLASSES = {
+    "TestLoraInitialization", "TestScaling", "TestLowCpuMemUsage", "TestLoadPeftKeyMapping",
+    "TestNamingConflictWarning", "TestWeightTying", "TestCustomModelConfigWarning",
+    "TestNoInfiniteRecursionDeepspeed", "TestLoadAdapterOfflineMode",
+}  # fmt: skip
+REFUSED = re.compile(r"not supported by lorakit", re.IGNORECASE)
+
+
+def _is_lora_case(item: pytest.Item) -> bool:
+    path = item.path.name
+    cls = item.cls.__name__ if item.cls else ""
+    if path == "test_custom_models.py":
+        return "-LoraConfig-" in item.nodeid
+    if path == "test_initialization.py":
+        return cls in INIT_CLASSES or (not cls and "lora" in item.name.lower())
+    if path == "test_config.py":
+        return re.search(r"[\[-]LoraConfig\b", item.nodeid) is not None
+    return True  # test_other.py: LoRA-based throughout
+
+
+def pytest_collection_modifyitems(config, items):
+    keep = [i for i in items if _is_lora_case(i)]
+    config.hook.pytest_deselected(items=[i for i in items if i not in set(keep)])
+    items[:] = keep
+    RESULTS.write_text("")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        if report.passed:
+            kind, why = "passed", ""
+        elif report.skipped:
+            kind, why = "skipped", str(report.longrepr[-1]) if report.longrepr else ""
+        else:
+            text = str(call.excinfo.value) if call.excinfo else str(report.longrepr)
+            exc = call.excinfo.typename if call.excinfo else "?"
+            first = next((ln for ln in text.splitlines() if ln.strip()), "")[:300]
+            kind = "refused" if REFUSED.search(text) else "failed"
+            why = f"{exc}: {first}"
+        with RESULTS.open("a") as f:
+            f.write(json.dumps({"id": item.nodeid, "kind": kind, "why": why}) + "\n")

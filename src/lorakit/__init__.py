@@ -14,9 +14,11 @@ from lorakit.version import __version__
 
 if TYPE_CHECKING:
     from lorakit.lora import (
+        AutoPeftModelForCausalLM,
         LoraConfig,
         LoraLinear,
         LoraModel,
+        PeftType,
         TaskType,
         check_gradients,
         check_injection,
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
         set_peft_model_state_dict,
     )
     from lorakit.quant import prepare_model_for_kbit_training
+    from lorakit.train import create_loraplus_optimizer
 
     PeftConfig = LoraConfig
     PeftModel = PeftModelForCausalLM = PeftModelForSequenceClassification = LoraModel
@@ -40,7 +43,8 @@ _LAZY = {
     **{
         name: ("lorakit.lora", name)
         for name in (
-            "LoraConfig", "LoraLinear", "LoraModel", "TaskType", "check_gradients",
+            "AutoPeftModelForCausalLM", "LoraConfig", "LoraLinear", "LoraModel", "PeftType",
+            "TaskType", "check_gradients",
             "check_injection", "get_peft_model", "get_peft_model_state_dict", "inject_lora",
             "lora_state_dict", "set_peft_model_state_dict",
         )
@@ -55,6 +59,7 @@ _LAZY = {
         )
     },
     "prepare_model_for_kbit_training": ("lorakit.quant", "prepare_model_for_kbit_training"),
+    "create_loraplus_optimizer": ("lorakit.train", "create_loraplus_optimizer"),
 }  # fmt: skip
 
 
@@ -74,6 +79,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterError",
+    "AutoPeftModelForCausalLM",
     "ConfigError",
     "DataError",
     "LoraConfig",
@@ -88,9 +94,11 @@ __all__ = [
     "PeftModelForQuestionAnswering",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftType",
     "TaskType",
     "check_gradients",
     "check_injection",
+    "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_lora",

@@ -14,7 +14,7 @@ from lorakit.cli import main
 from tiny_folders import save_tiny
 
 COMMANDS = ["train", "validate", "quickstart", "generate", "chat", "eval", "merge", "inspect",
-            "serve", "init", "data", "sweep", "estimate"]  # fmt: skip
+            "serve", "init", "data", "sweep", "ui", "estimate"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +219,20 @@ def test_serve_refuses_open_bind_without_key(capsys):
     argv = ["serve", "smollm2-135m-instruct", "--host", "0.0.0.0"]
     assert main(argv) == 1
     assert "API key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ui"], "needs --runs DIR, --model BASE or both"),
+        (["ui", "--runs", "no-such-folder"], "not a directory"),
+        (["ui", "--runs", ".", "--host", "0.0.0.0"], "without an API key"),
+        (["ui", "--runs", ".", "--adapter", "a=x"], "need a base model: pass --model"),
+    ],
+)
+def test_ui_refuses_before_serving(capsys, argv, message):
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides", [["model.quantization=nf4"], ["method=full"]])

@@ -193,7 +193,9 @@ def test_targets_inside_modules_to_save_are_skipped_as_in_peft(tmp_path):
     fields = dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["q_proj"])
     ours = get_peft_model(make_tiny_llama(), LoraConfig(init_lora_weights=False, **fields))
     with torch.no_grad():
-        ours.base_model.model.layers[0].self_attn.q_proj.modules_to_save["default"].weight.add_(1)
+        ours.base_model.model.model.layers[0].self_attn.q_proj.modules_to_save[
+            "default"
+        ].weight.add_(1)
     ours.save_pretrained(tmp_path / "a")
     theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "a")
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-5)

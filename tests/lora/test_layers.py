@@ -27,7 +27,7 @@ def test_fresh_adapter_gives_exactly_the_base_output(tiny_llama, init):
 
 def test_kaiming_a_and_zero_b_at_init(tiny_llama):
     model = get_peft_model(tiny_llama, LoraConfig(r=8, target_modules=["q_proj"]))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     a, b = layer.lora_weights("default")
     assert b.abs().sum() == 0
     # kaiming_uniform with a=sqrt(5) draws from U(-1/sqrt(in), 1/sqrt(in)), in = 32
@@ -86,7 +86,7 @@ def test_disable_adapter_gives_base_output(tiny_llama):
 
 def test_zero_dropout_adds_no_dropout_module(tiny_llama):
     model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"]))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.lora_dropout["default"], nn.Identity)
 
 
@@ -138,7 +138,7 @@ def test_safe_merge_refuses_non_finite(tiny_llama):
     model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]))
     before = tiny_llama.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
     with torch.no_grad():
-        model.base_model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.fill_(
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.fill_(
             float("inf")
         )
     with pytest.raises(ValueError, match="non-finite"):
@@ -148,7 +148,7 @@ def test_safe_merge_refuses_non_finite(tiny_llama):
 
 def test_half_precision_base_keeps_fp32_adapters_and_its_own_output_dtype(tiny_llama):
     model = get_peft_model(tiny_llama.to(torch.bfloat16), LoraConfig(r=4, target_modules=ALL))
-    a, b = model.base_model.model.layers[0].self_attn.q_proj.lora_weights("default")
+    a, b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_weights("default")
     assert a.dtype == b.dtype == torch.float32
     logits = model(input_ids=torch.randint(0, 128, (1, 4))).logits
     assert logits.dtype == torch.bfloat16

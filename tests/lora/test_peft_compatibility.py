@@ -20,6 +20,7 @@ TOP_LEVEL = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "LoraModel",
     "prepare_model_for_kbit_training", "get_peft_model_state_dict", "set_peft_model_state_dict",
+    "PeftType", "AutoPeftModelForCausalLM",
 ]  # fmt: skip
 
 
@@ -67,11 +68,11 @@ def test_state_dict_helpers_round_trip_peft_keys():
     changed = {k: torch.full_like(v, 0.5) for k, v in saved.items()}
     result = lorakit.set_peft_model_state_dict(model, changed)
     assert result.missing_keys == [] and result.unexpected_keys == []
-    assert torch.equal(model.base_model[0].lora_B["default"].weight, torch.full((4, 2), 0.5))
+    assert torch.equal(model.base_model.model[0].lora_B["default"].weight, torch.full((4, 2), 0.5))
     partial = lorakit.set_peft_model_state_dict(model, {"x.weight": torch.zeros(1)})
     assert partial.unexpected_keys == ["x.weight"]
-    assert partial.missing_keys == ["base_model.0.lora_A.default.weight",
-                                    "base_model.0.lora_B.default.weight"]  # fmt: skip
+    assert partial.missing_keys == ["base_model.model.0.lora_A.default.weight",
+                                    "base_model.model.0.lora_B.default.weight"]  # fmt: skip
 
 
 def test_peft_refusals_say_not_supported():

@@ -329,5 +329,5 @@ def test_accelerate_prepare_trains_and_unwraps(tmp_path):
     assert unwrapped is model
     unwrapped.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors",
+        "README.md", "adapter_config.json", "adapter_model.safetensors",
     ]  # fmt: skip

@@ -82,7 +82,7 @@ def test_packed_rows_equal_each_row_alone(tokens, monkeypatch):
 
 def test_packed_span_covers_only_the_adapters_present():
     model = _three_adapters()
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     packed = model.pack_adapters()
     entry = packed.get(layer)
     assert [block[:3] for block in entry.blocks] == [("a", 0, 4), ("b", 4, 2), ("c", 6, 8)]
@@ -131,7 +131,7 @@ def test_training_mixed_rows_get_gradients_and_never_pack():
     ids = torch.randint(0, 128, (2, 3))
     with model.mixed_adapters(names, packed=packed):
         model(input_ids=ids).logits.square().mean().backward()
-    layer = model.base_model.model.layers[1].mlp.down_proj
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
     assert layer.lora_B["a"].weight.grad.abs().sum() > 0
     assert layer.lora_B["c"].weight.grad.abs().sum() > 0
 

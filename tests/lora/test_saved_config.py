@@ -75,8 +75,8 @@ def test_names_that_would_overmatch_become_an_exact_regex(tmp_path):
     )
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     x = torch.randn(2, 4)
-    torch.testing.assert_close(theirs.base_model.model[2]["x"](x), ours.base_model[2]["x"](x))
-    torch.testing.assert_close(theirs.base_model.model[0](x), ours.base_model[0](x))
+    torch.testing.assert_close(theirs.base_model.model[2]["x"](x), ours.base_model.model[2]["x"](x))
+    torch.testing.assert_close(theirs.base_model.model[0](x), ours.base_model.model[0](x))
 
 
 def test_name_and_regex_targets_are_written_as_given(tmp_path):

@@ -328,7 +328,7 @@ def test_checkpointed_nf4_base_sends_gradients_to_every_lora_weight(use_reentran
     for name, param in model.named_parameters():
         if "lora_B" in name:  # B starts at zero, which would zero A's gradient
             param.data.normal_(std=0.1)
-    base_layer = model.base_model.model.layers[0].self_attn.q_proj.base_layer
+    base_layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(base_layer, QuantLinear)
     calls = []
     base_layer.register_forward_hook(lambda *_: calls.append(1))

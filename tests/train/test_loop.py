@@ -92,7 +92,7 @@ def _crash_at_forward(model, calls: int):
         if count["n"] == calls:
             raise RuntimeError("simulated crash")
 
-    return model.base_model.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model.base_model.model.model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def test_resume_after_crash_is_bitwise_identical(tmp_path):
@@ -120,7 +120,12 @@ def test_final_and_best_hold_only_the_adapter_files(tmp_path):
     batches = make_batches(2)
     config = quick(max_steps=2, grad_accum_steps=1)
     result = train(model, None, batches, batches, config, tmp_path)
-    adapter = ["adapter_config.json", "adapter_model.safetensors", "chat_template.jinja"]
+    adapter = [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+    ]
     assert sorted(p.name for p in result.final_dir.iterdir()) == adapter  # no COMPLETE marker
     assert sorted(p.name for p in result.best_dir.iterdir()) == [*adapter, "eval.json"]
     # Checkpoints keep their marker; resume finds them and never takes final/ for one.
@@ -171,7 +176,7 @@ def _signal_at_forward(model, calls: dict[int, signal.Signals]):
         if count["n"] in calls:
             signal.raise_signal(calls[count["n"]])
 
-    return model.base_model.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model.base_model.model.model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -245,7 +250,7 @@ def test_nonfinite_loss_stops_with_step_and_samples(tmp_path):
             )
         return output
 
-    model.base_model.model.layers[0].register_forward_hook(poison)
+    model.base_model.model.model.layers[0].register_forward_hook(poison)
     batches = make_batches(6)
     with pytest.raises(NonFiniteError, match=r"step 3.*samples") as err:
         train(model, None, batches, batches[:1], quick(save_every=1, eval_every=1), tmp_path)
@@ -345,7 +350,7 @@ def test_bf16_base_dtype_keeps_adapter_fp32(tmp_path):
         tmp_path,
     )
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    assert model.base_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert result.losses[-1] < result.losses[0]
 
 
@@ -419,7 +424,7 @@ def test_a_full_disk_is_a_clear_error_and_nothing_half_written_is_left(small_dis
 
     count = {"n": 0}
     model = lora_model()
-    model.base_model.model.register_forward_pre_hook(fill_the_disk, with_kwargs=True)
+    model.base_model.model.model.register_forward_pre_hook(fill_the_disk, with_kwargs=True)
     with pytest.raises(StorageError, match="No space left on device. The files being written"):
         train(model, None, batches, None, quick(save_every=4), small_disk / "b")
     root = small_disk / "b" / "checkpoints"

@@ -9,7 +9,7 @@ import os
 import pytest
 from safetensors import SafetensorError
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, DataError
 from lorakit.train import rundir
 from lorakit.train.rundir import atomic_dir, check_fresh_dir, clean_leftovers, storage_error
 
@@ -91,3 +91,21 @@ def test_write_failures_become_storage_errors(tmp_path):
     assert message.startswith(f"cannot write {tmp_path / 'config.json'}: Read-only file system")
     assert storage_error(FileNotFoundError(errno.ENOENT, "gone"), tmp_path) is None
     assert storage_error(ValueError("other"), tmp_path) is None
+
+
+def test_the_loop_records_finished_and_failed_in_status_json(tmp_path):
+    from test_loop import lora_model, make_batches, quick
+
+    from lorakit.train import train
+    from lorakit.train.rundir import read_status
+
+    train(lora_model(), None, make_batches(2), None, quick(max_steps=2), tmp_path / "ok")
+    done = read_status(tmp_path / "ok")
+    assert (done["status"], done["step"], done["total_steps"]) == ("finished", 2, 2)
+    masked = make_batches(2)
+    for batch in masked:
+        batch["labels"][:] = -100  # no supervised token: the first step raises DataError
+    with pytest.raises(DataError):
+        train(lora_model(), None, masked, None, quick(max_steps=2), tmp_path / "bad")
+    failed = read_status(tmp_path / "bad")
+    assert failed["status"] == "failed" and "no supervised token" in failed["error"]

@@ -20,6 +20,7 @@ from lorakit.cli.estimate import register_estimate
 from lorakit.cli.generate import register_generation
 from lorakit.cli.sweep import register_sweep
 from lorakit.cli.tools import register_tools
+from lorakit.cli.ui import register_ui
 from lorakit.errors import LorakitError
 from lorakit.version import __version__
 
@@ -133,6 +134,7 @@ def quickstart(
 register_generation(app)
 register_estimate(app)
 register_tools(app)
+register_ui(app)
 register_sweep(app)
 
 

@@ -5,7 +5,8 @@ loads a saved adapter (peft's format) onto a base model.
 """
 
 from lorakit.lora.adapters import check_adapter, read_adapter
-from lorakit.lora.config import LoraConfig
+from lorakit.lora.auto import AutoPeftModelForCausalLM
+from lorakit.lora.config import LoraConfig, PeftType
 from lorakit.lora.inject import check_gradients, check_injection, inject_lora, lora_state_dict
 from lorakit.lora.layers import LoraLinear, ModulesToSave
 from lorakit.lora.model import LoraModel, get_peft_model
@@ -15,6 +16,8 @@ from lorakit.lora.rows import BASE, PackedAdapters
 
 __all__ = [
     "BASE",
+    "AutoPeftModelForCausalLM",
+    "PeftType",
     "TARGET_PRESETS",
     "LoraConfig",
     "LoraLinear",

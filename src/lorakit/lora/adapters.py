@@ -13,8 +13,10 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -27,6 +29,16 @@ from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
+CARD_NAME = "README.md"
+
+
+class LoadResult(NamedTuple):
+    """Keys of the model's adapter that the given dict lacked, and keys it had that fit nothing."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 PREFIX = "base_model.model."
 MAX_TEMPLATE_BYTES = 1 << 20
 # Largest |scaling * B @ A| entry an adapter may add to a base weight: what float16 holds, so the
@@ -82,6 +94,8 @@ def save_adapter(
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(staging)
+        if not (directory / CARD_NAME).exists():  # a card the user wrote is kept
+            (staging / CARD_NAME).write_text(model_card(model, config), encoding="utf-8")
         if chat_template:
             (staging / CHAT_TEMPLATE_NAME).write_text(chat_template)
         apply_umask(staging)
@@ -94,6 +108,23 @@ def save_adapter(
         if staging.exists():
             _remove_tree(staging)
     return directory
+
+
+def model_card(model: nn.Module, config: LoraConfig) -> str:
+    """The adapter's `README.md`: the Hub's metadata block (peft's library name, so the Hub and
+    peft's tools recognise a LoRA adapter) and a short description."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    meta: dict = {"base_model": name} if name else {}
+    meta.update({"library_name": "peft", "tags": ["lora", "lorakit"]})
+    targets = config.target_modules
+    shown = ", ".join(targets) if isinstance(targets, list) else str(targets)
+    base = f" for `{name}`" if name else ""
+    return (
+        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# LoRA adapter{base}\n\n"
+        f"Rank {config.rank_for('')}, alpha {config.alpha_for('')}, on: {shown}.\n\n"
+        "Written by lorakit in peft's format: load it with `PeftModel.from_pretrained(base, "
+        "folder)` from lorakit or from peft.\n"
+    )
 
 
 def _replace_dir(staging: Path, directory: Path) -> None:
@@ -272,7 +303,7 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
     does not have."""
     files = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter)
     where = files.directory / WEIGHTS_NAME
-    base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
     try:
         check = expected_shapes(base, files.config)
     except ConfigError as error:

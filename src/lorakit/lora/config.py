@@ -8,6 +8,7 @@ rank / alpha; the first pattern that matches the end of the name wins.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import re
@@ -20,8 +21,19 @@ from lorakit.errors import AdapterError, ConfigError, closest
 
 CONFIG_NAME = "adapter_config.json"
 
-# peft fields lorakit does not implement. Left at these values they change nothing; any other
-# value means the adapter needs a feature lorakit lacks, so loading it must fail, not drift.
+
+class PeftType(str, enum.Enum):
+    """peft's method names; lorakit has one, LoRA (`LoraConfig.peft_type`)."""
+
+    LORA = "LORA"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# peft fields lorakit does not implement, with their defaults. Left at these values they change
+# nothing; any other value asks for a feature lorakit lacks, so it is refused (when a config is
+# made, and when an adapter is loaded), never silently dropped.
 _UNSUPPORTED_FEATURES: dict[str, Any] = {
     "use_dora": False,
     "lora_bias": False,
@@ -31,14 +43,27 @@ _UNSUPPORTED_FEATURES: dict[str, Any] = {
     "layer_replication": None,
     "alora_invocation_tokens": None,
     "use_bdlora": None,
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "megatron_config": None,
+    "ensure_weight_tying": False,
+}
+# what to use instead, where lorakit has something
+_INSTEAD = {
+    "megatron_config": "lorakit shards with FSDP (train.distributed), not Megatron",
+    "trainable_token_indices": "train the whole embedding with modules_to_save=['embed_tokens']",
 }
 # peft fields that only describe how the adapter was made or initialised: kept, not used.
 _DESCRIPTIVE = {
-    "peft_type", "auto_mapping", "peft_version", "revision", "megatron_config", "megatron_core",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
-    "qalora_group_size", "runtime_config", "arrow_config", "kasa_config", "monteclora_config",
-    "ensure_weight_tying",
+    "peft_type", "auto_mapping", "peft_version", "revision", "megatron_core", "loftq_config",
+    "qalora_group_size", "runtime_config",
 }  # fmt: skip
+_PEFT_INIT = ("pissa", "olora", "loftq", "eva", "corda", "lora_ga", "orthogonal", "mica")
 _BIAS = ("none", "all", "lora_only")
 
 
@@ -69,14 +94,63 @@ class LoraConfig(_LoraFields):
 
     def __init__(self, **kwargs: Any) -> None:
         names = [f.name for f in dataclasses.fields(_LoraFields)]
-        for key in kwargs:
-            if key not in names:
+        extra = {}
+        for key in list(kwargs):
+            if key in _UNSUPPORTED_FEATURES:
+                _refuse_feature(key, kwargs.pop(key), ConfigError, "LoraConfig")
+            elif key in _DESCRIPTIVE:
+                extra[key] = kwargs.pop(key)
+            elif key not in names:
                 raise ConfigError(
                     f"LoraConfig got an unknown argument `{key}`{closest(key, names)}; "
                     f"allowed: {', '.join(n for n in names if n != 'extra')}"
                 )
         super().__init__(**kwargs)
+        self.extra = {k: v for k, v in {**self.extra, **extra}.items() if k != "peft_type"}
         self._validate()
+
+    @property
+    def peft_type(self) -> PeftType:
+        """Always `PeftType.LORA` (equal to the string 'LORA' and to peft's `PeftType.LORA`)."""
+        return PeftType.LORA
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def peft_version(self) -> str | None:
+        """The peft version an adapter's file names, where it names one."""
+        return self.extra.get("peft_version")
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Write `adapter_config.json` into `save_directory` (made if missing), as peft does."""
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ConfigError(f"{directory}: is a file; save_pretrained needs a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None, **kwargs: Any
+    ) -> LoraConfig:
+        """Read `adapter_config.json` from a local adapter folder (lorakit does not download)."""
+        directory = Path(pretrained_model_name_or_path)
+        if subfolder:
+            directory = directory / subfolder
+        if not directory.is_dir():
+            raise ConfigError(
+                f"{directory}: no such folder; LoraConfig.from_pretrained reads a local adapter "
+                "folder (downloading from a model hub is not supported by lorakit: download the "
+                "folder first, e.g. with huggingface_hub.snapshot_download)"
+            )
+        return cls.load(directory)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | Path) -> dict[str, Any]:
+        """The content of an `adapter_config.json` file, as a dict (peft's meaning)."""
+        return json.loads(Path(path_json_file).read_text())
 
     def _validate(self) -> None:
         """Check every field's type and value; the error names the field, the value and what is
@@ -144,11 +218,7 @@ class LoraConfig(_LoraFields):
             if key in known:
                 kwargs[key] = value
             elif key in _UNSUPPORTED_FEATURES:
-                if value not in (_UNSUPPORTED_FEATURES[key], None, False, {}, []):
-                    raise AdapterError(
-                        f"{source}: `{key}`={value!r} needs a feature lorakit does not support; "
-                        f"only adapters with `{key}`={_UNSUPPORTED_FEATURES[key]!r} can be used"
-                    )
+                _refuse_feature(key, value, AdapterError, source)
             elif key in _DESCRIPTIVE:
                 extra[key] = value
             else:
@@ -188,6 +258,25 @@ class LoraConfig(_LoraFields):
         if not isinstance(data, dict):
             raise AdapterError(f"{path}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
+
+
+def _refuse_feature(key: str, value: Any, kind: type[Exception], where: str) -> None:
+    """Raise `kind` when `value` asks for peft feature `key`, which lorakit does not have."""
+    if value in (_UNSUPPORTED_FEATURES[key], None, False, {}, []):
+        return
+    instead = _INSTEAD.get(key, f"leave `{key}` at {_UNSUPPORTED_FEATURES[key]!r}")
+    raise kind(f"{where}: `{key}`={_shown(value)} is not supported by lorakit; {instead}")
+
+
+def _valid_init(value: Any) -> bool:
+    if isinstance(value, bool) or value == "gaussian":
+        return True
+    if isinstance(value, str) and value.split("_niter_")[0] in _PEFT_INIT:
+        raise ConfigError(
+            f"LoraConfig.init_lora_weights={value!r} is not supported by lorakit; use True "
+            "(kaiming A, zero B), 'gaussian' or False"
+        )
+    return False
 
 
 def _shown(value: Any) -> str:
@@ -235,7 +324,7 @@ _FIELD_RULES: list[tuple[str, Any, str]] = [
     ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
     (
         "init_lora_weights",
-        lambda v: isinstance(v, bool) or v == "gaussian",
+        _valid_init,
         "True (kaiming A, zero B), 'gaussian' or False",
     ),
     (

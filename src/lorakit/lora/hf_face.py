@@ -39,15 +39,15 @@ class WrappedForward:
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return _class_forward
-        return obj.base_model.forward
+        return obj.base_model.model.forward
 
     def __set__(self, obj: Any, value: Any) -> None:
         if isinstance(value, types.MethodType) and value.__self__ is obj:
-            value = types.MethodType(value.__func__, obj.base_model)
-        obj.base_model.forward = value
+            value = types.MethodType(value.__func__, obj.base_model.model)
+        obj.base_model.model.forward = value
 
     def __delete__(self, obj: Any) -> None:
-        obj.base_model.__dict__.pop("forward", None)
+        obj.base_model.model.__dict__.pop("forward", None)
 
 
 class _FromWrapped:
@@ -59,7 +59,7 @@ class _FromWrapped:
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        return getattr(obj.base_model, self.name)
+        return getattr(obj.base_model.model, self.name)
 
 
 def _face_namespace() -> dict[str, Any]:

@@ -23,6 +23,10 @@ from lorakit.lora.presets import target_preset
 _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
+# layer kinds peft adapts and lorakit does not
+_PEFT_LAYER_KINDS = ("Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "ParamWrapper")
+
+
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """(name, module) for every submodule, not descending into LoRA or modules_to_save wrappers."""
     for name, child in model.named_children():
@@ -125,10 +129,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         if layer_kind(module) is None:
             if isinstance(targets, list) and type(module).__name__ in targets:
                 continue  # a class-name target matched a container of that name
+            kind = type(module).__name__
+            what = (
+                f"LoRA on a {kind} is not supported by lorakit"
+                if kind in _PEFT_LAYER_KINDS
+                else f"a {kind}, which LoRA cannot wrap"
+            )
             raise ConfigError(
-                f"target `{name}` is a {type(module).__name__}, which LoRA cannot wrap; target "
-                "its nn.Linear / Conv1D / nn.Embedding children instead\n"
-                + _layer_names_hint(model)
+                f"target `{name}` is {what}; target its nn.Linear / Conv1D / nn.Embedding "
+                "children instead\n" + _layer_names_hint(model)
             )
         if config.layers_to_transform is not None:
             index = _layer_index(name, config.layers_pattern)

@@ -145,6 +145,31 @@ class LoraLinear(nn.Module):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make these adapters this layer's active ones (`LoraModel.set_adapter` sets all)."""
+        self.active_adapters = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """peft's name for `delta_weight`, in the base weight's dtype."""
+        weight = self._base_weight()
+        delta = self.delta_weight(adapter)
+        return (
+            delta.to(weight.dtype) if weight is not None and weight.is_floating_point() else delta
+        )
+
+    @torch.no_grad()
+    def cast_adapter_to_base(self, adapter_name: str) -> None:
+        """Store adapter `adapter_name` in the base weight's float dtype (fp16 / bf16 bases)."""
+        weight = self._base_weight()
+        if adapter_name not in self.r or weight is None or not weight.is_floating_point():
+            return
+        for container in (self.lora_A, self.lora_B):
+            if adapter_name in container:
+                container[adapter_name].to(weight.dtype)
+        for table in (self.lora_embedding_A, self.lora_embedding_B):
+            if adapter_name in table:
+                table[adapter_name].data = table[adapter_name].data.to(weight.dtype)
+
     @property
     def packable(self) -> bool:
         """Whether `rows.PackedAdapters` may pack this layer (not an embedding, nothing merged)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,21 +31,53 @@ logger = logging.getLogger("lorakit")
 TRAINER_WEIGHTS = "model.safetensors"
 
 
+class LoraTuner(nn.Module):
+    """`lora_model.base_model`: holds the wrapped model as `.model`, as peft nests it.
+
+    Parameter names are then peft's (`base_model.model.<module path>...`), and so are the paths
+    peft programs walk (`model.base_model.model.model.layers[0]`). Other attributes are the
+    wrapped model's; the adapter methods peft's tuner offers are the owning `LoraModel`'s.
+    """
+
+    def __init__(self, model: nn.Module, owner: LoraModel) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_owner", weakref.ref(owner))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _TUNER_METHODS:
+                return getattr(self._owner(), name)
+            return getattr(self.model, name)
+
+
 class LoraModel(HFFace):
     """A base model whose target layers carry named adapters; attributes fall through to it.
 
     Calling it calls the wrapped model (its `forward` is the wrapped model's, see `hf_face`);
-    forward hooks belong on the wrapped model or its layers, not on the wrapper.
+    forward hooks belong on the wrapped model or its layers, not on the wrapper. The wrapped
+    model is `get_base_model()` (also `base_model.model`, peft's nesting).
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+    ):
         nn.Module.__init__(self)
-        self.base_model = model
+        self.base_model = LoraTuner(model, self)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.chat_template: str | None = None
         self._wrapper_cache: list[nn.Module] | None = None
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
@@ -68,7 +101,7 @@ class LoraModel(HFFace):
 
     def lora_layers(self) -> Iterator[tuple[str, LoraLinear]]:
         """(name, layer) for every `LoraLinear` in the base model."""
-        for name, module in self.base_model.named_modules():
+        for name, module in self.base_model.model.named_modules():
             if isinstance(module, LoraLinear):
                 yield name, module
 
@@ -76,12 +109,26 @@ class LoraModel(HFFace):
         """Every LoRA / modules_to_save wrapper, cached until adapters are added or removed."""
         if self._wrapper_cache is None:
             self._wrapper_cache = [
-                m for m in self.base_model.modules() if isinstance(m, (LoraLinear, ModulesToSave))
+                m
+                for m in self.base_model.model.modules()
+                if isinstance(m, (LoraLinear, ModulesToSave))
             ]
         return self._wrapper_cache
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Add a fresh adapter; the active adapters stay as they are."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a fresh adapter; the active adapters stay as they are.
+
+        With a float16 / bfloat16 base the adapter is made in float32 (peft's
+        `autocast_adapter_dtype=True`); `autocast_adapter_dtype=False` makes it in the base
+        layer's dtype. `low_cpu_mem_usage` is accepted and changes nothing: the adapter's tensors
+        are small and made directly on the base layer's device.
+        """
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named `{adapter_name}` exists; delete it or pick a name")
         if not isinstance(config, LoraConfig):
@@ -94,11 +141,16 @@ class LoraModel(HFFace):
                 "bias != 'none'. Use bias='none' for every adapter when loading several"
             )
         config = copy.deepcopy(config)
-        config.target_modules = resolve_targets(self.base_model, config)  # saved files name modules
+        config.target_modules = resolve_targets(
+            self.base_model.model, config
+        )  # saved files name modules
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = _name_or_path(self.base_model)
-        add_adapter_layers(self.base_model, config, adapter_name)
+            config.base_model_name_or_path = _name_or_path(self.base_model.model)
+        add_adapter_layers(self.base_model.model, config, adapter_name)
         self._wrapper_cache = None
+        if not autocast_adapter_dtype:
+            for _, layer in self.lora_layers():
+                layer.cast_adapter_to_base(adapter_name)
         self.peft_config[adapter_name] = config
         if self.active_adapters:
             self.set_adapter(self.active_adapters)
@@ -113,9 +165,9 @@ class LoraModel(HFFace):
         self.active_adapters = names
         config = self.peft_config[names[0]]
         if config.inference_mode:
-            self.base_model.requires_grad_(False)
+            self.base_model.model.requires_grad_(False)
         else:
-            mark_trainable(self.base_model, names, config.bias)
+            mark_trainable(self.base_model.model, names, config.bias)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; a merged adapter must be unmerged first."""
@@ -143,15 +195,32 @@ class LoraModel(HFFace):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the context the model computes exactly the base model's output."""
+        """Within the context the model computes exactly the base model's output; on leaving,
+        each layer's enabled / disabled state is what it was before."""
         wrappers = self._wrappers()
+        before = [module.disable_adapters for module in wrappers]
         for module in wrappers:
             module.disable_adapters = True
         try:
             yield
         finally:
-            for module in wrappers:
-                module.disable_adapters = False
+            for module, state in zip(wrappers, before, strict=True):
+                module.disable_adapters = state
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off until `enable_adapter_layers()` (the base model's output)."""
+        for module in self._wrappers():
+            module.disable_adapters = True
+
+    def enable_adapter_layers(self) -> None:
+        """Undo `disable_adapter_layers()`."""
+        for module in self._wrappers():
+            module.disable_adapters = False
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (in the wrapped model) of the modules that carry LoRA adapters."""
+        return [name for name, _ in self.lora_layers()]
 
     @contextlib.contextmanager
     def mixed_adapters(
@@ -165,7 +234,7 @@ class LoraModel(HFFace):
         for name in dict.fromkeys(adapter_names):
             if name is not None and name != BASE:
                 self._require(name)
-        device = next(self.base_model.parameters()).device
+        device = next(self.base_model.model.parameters()).device
         plan = RowPlan(list(adapter_names), device, packed)
         wrappers = self._wrappers()
         for module in wrappers:
@@ -191,20 +260,20 @@ class LoraModel(HFFace):
     def __call__(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Call the wrapped model; `adapter_names` gives one adapter per batch row."""
         if adapter_names is None:
-            return self.base_model(*args, **kwargs)
+            return self.base_model.model(*args, **kwargs)
         with self.mixed_adapters(adapter_names):
-            return self.base_model(*args, **kwargs)
+            return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`, optionally with one adapter per batch row."""
         if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
+            return self.base_model.model.generate(*args, **kwargs)
         with self.mixed_adapters(adapter_names):
-            return self.base_model.generate(*args, **kwargs)
+            return self.base_model.model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its target layers hold LoRA wrappers)."""
-        return self.base_model
+        return self.base_model.model
 
     # ---------------------------------------------------------------- parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -213,7 +282,7 @@ class LoraModel(HFFace):
         for param in self.parameters():
             all_params += param.numel()
             trainable += param.numel() if param.requires_grad else 0
-        for module in self.base_model.modules():
+        for module in self.base_model.model.modules():
             if is_quantized_linear(module):
                 all_params += module.in_features * module.out_features
         return trainable, all_params
@@ -250,7 +319,7 @@ class LoraModel(HFFace):
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         names = adapter_names or self.active_adapters
         replacements = []
-        for name, module in self.base_model.named_modules():
+        for name, module in self.base_model.model.named_modules():
             if isinstance(module, LoraLinear):
                 replacements.append((name, _merged_base(module, names, safe_merge, merge)))
             elif isinstance(module, ModulesToSave):
@@ -260,9 +329,13 @@ class LoraModel(HFFace):
         self._wrapper_cache = None
         for name, new in replacements:
             parent_name, _, child = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            parent = (
+                self.base_model.model.get_submodule(parent_name)
+                if parent_name
+                else self.base_model.model
+            )
             setattr(parent, child, new)
-        return self.base_model
+        return self.base_model.model
 
     # ---------------------------------------------------------------- combining
     def add_weighted_adapter(
@@ -280,7 +353,7 @@ class LoraModel(HFFace):
         config = combine_adapters(
             self.peft_config, layers, adapters, weights, adapter_name, combination_type, svd_rank
         )
-        mark_trainable(self.base_model, self.active_adapters, config.bias)
+        mark_trainable(self.base_model.model, self.active_adapters, config.bias)
         self.peft_config[adapter_name] = config
 
     # ---------------------------------------------------------------- files
@@ -302,8 +375,8 @@ class LoraModel(HFFace):
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            config.target_modules = saved_targets(self.base_model, config, name)
-            files.save_adapter(self.base_model, target, name, config, self.chat_template)
+            config.target_modules = saved_targets(self.base_model.model, config, name)
+            files.save_adapter(self.base_model.model, target, name, config, self.chat_template)
         if "state_dict" in kwargs:
             trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
             save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
@@ -331,7 +404,7 @@ class LoraModel(HFFace):
 
     def tie_weights(self, *args: Any, **kwargs: Any) -> None:
         """The wrapped model's `tie_weights`, where it has one."""
-        tie = getattr(self.base_model, "tie_weights", None)
+        tie = getattr(self.base_model.model, "tie_weights", None)
         if callable(tie):
             tie(*args, **kwargs)
 
@@ -342,17 +415,24 @@ class LoraModel(HFFace):
         model_id: str | Path,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> LoraModel:
         """Attach the adapter saved in `model_id` to `model` (strictly checked first).
 
         As in peft, an adapter loaded for inference (`is_trainable=False`) leaves the whole
-        model in eval mode, so LoRA dropout is off.
+        model in eval mode, so LoRA dropout is off. `config` replaces the folder's
+        adapter_config.json; `subfolder` reads `model_id/subfolder`. The adapter's tensors go
+        where each base layer is, so `torch_device` / `device_map` are accepted and need nothing.
         """
-        adapter = files.read_adapter(model_id)
+        adapter = _read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
         files.check_adapter(model, adapter)
-        config = adapter.config
-        config.inference_mode = not is_trainable
-        lora_model = cls(model, config, adapter_name)
+        adapter.config.inference_mode = not is_trainable
+        lora_model = cls(model, adapter.config, adapter_name, autocast_adapter_dtype)
         lora_model._copy_weights(adapter, adapter_name)
         lora_model.chat_template = adapter.chat_template
         lora_model.set_adapter(adapter_name)
@@ -361,28 +441,42 @@ class LoraModel(HFFace):
         return lora_model
 
     def load_adapter(
-        self, model_id: str | Path, adapter_name: str, is_trainable: bool = False
-    ) -> None:
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> files.LoadResult:
         """Load a saved adapter under `adapter_name`; on any error the model is unchanged.
 
-        With `is_trainable=False` the model is put in eval mode, as peft does.
+        With `is_trainable=False` the model is put in eval mode, as peft does. Returns peft's
+        load result; both key lists are empty, since the adapter was checked to fit exactly.
         """
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
-        adapter = files.read_adapter(model_id)
-        check = files.check_adapter(self.base_model, adapter)
+        config = kwargs.pop("config", None)
+        adapter = _read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
+        check = files.check_adapter(self.base_model.model, adapter)
         if check.base_copies:
             raise AdapterError(
                 f"{adapter.directory}: {check.base_copies[0]} replaces a base weight the loaded "
                 "adapters share; load this adapter alone (LoraModel.from_pretrained)"
             )
         adapter.config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, adapter.config)
+        self.add_adapter(
+            adapter_name, adapter.config, autocast_adapter_dtype=autocast_adapter_dtype
+        )
         self._copy_weights(adapter, adapter_name)
         if self.chat_template is None:
             self.chat_template = adapter.chat_template
         if not is_trainable:
             self.eval()
+        return files.LoadResult([], [])
 
     def _copy_weights(self, adapter: files.AdapterFiles, adapter_name: str) -> None:
         self._copy_tensors(adapter.tensors, adapter_name)
@@ -391,8 +485,8 @@ class LoraModel(HFFace):
     def _copy_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Copy tensors under peft's file key names into adapter `adapter_name` (keys checked)."""
         tensors = files.normalise_keys(tensors)
-        params = dict(self.base_model.named_parameters())
-        modules = dict(self.base_model.named_modules())
+        params = dict(self.base_model.model.named_parameters())
+        modules = dict(self.base_model.model.named_modules())
         for key, tensor in tensors.items():
             path = key.removeprefix(files.PREFIX)
             owner, _, leaf = path.rpartition(".")
@@ -405,6 +499,44 @@ class LoraModel(HFFace):
                 target = _module_to_save_param(modules, path, adapter_name)
                 target = params[path] if target is None else target
             target.copy_(tensor.to(target.dtype))
+
+
+# from_pretrained / load_adapter keywords that only say where to put or how to fetch tensors
+_PLACEMENT = {"torch_device", "device_map", "max_memory", "offload_folder", "offload_dir",
+              "use_safetensors", "local_files_only"}  # fmt: skip
+_HUB = {"revision", "cache_dir", "token", "force_download", "proxies", "use_auth_token"}
+
+
+def _read_for_loading(
+    model_id: str | Path,
+    config: LoraConfig | None,
+    ephemeral_gpu_offload: bool,
+    key_mapping: dict[str, str] | None,
+    kwargs: dict[str, Any],
+) -> files.AdapterFiles:
+    """The adapter folder's files, with peft's loading keywords checked."""
+    subfolder = kwargs.pop("subfolder", None)
+    unknown = sorted(set(kwargs) - _PLACEMENT - _HUB)
+    if unknown:
+        raise TypeError(f"from_pretrained / load_adapter got unexpected keyword(s) {unknown}")
+    if ephemeral_gpu_offload:
+        raise ConfigError("ephemeral_gpu_offload=True is not supported by lorakit; leave it False")
+    if key_mapping:
+        raise ConfigError(
+            "key_mapping is not supported by lorakit; adapter keys are read as peft writes them"
+        )
+    directory = Path(model_id) / subfolder if subfolder else Path(model_id)
+    if not directory.is_dir() and any(kwargs.get(k) for k in _HUB):
+        raise AdapterError(
+            f"{directory}: not a local folder; downloading adapters is not supported by lorakit "
+            "(fetch the folder first, e.g. with huggingface_hub.snapshot_download)"
+        )
+    adapter = files.read_adapter(directory)
+    if config is not None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config: expected a lorakit LoraConfig, got {type(config).__name__}")
+        adapter.config = copy.deepcopy(config)
+    return adapter
 
 
 def _module_to_save_param(modules: dict, path: str, adapter_name: str) -> torch.Tensor | None:
@@ -444,6 +576,14 @@ def _name_or_path(model: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
+# what peft's tuner (`peft_model.base_model`) offers besides the wrapped model's attributes
+_TUNER_METHODS = {
+    "peft_config", "active_adapter", "active_adapters", "add_adapter", "set_adapter",
+    "delete_adapter", "disable_adapter_layers", "enable_adapter_layers", "merge_adapter",
+    "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter",
+    "targeted_module_names", "get_nb_trainable_parameters", "print_trainable_parameters",
+}  # fmt: skip
+
 # peft's task types whose head is trained in full (a `modules_to_save` copy) with the adapter.
 _TASK_HEADS = {
     "SEQ_CLS": ("classifier", "score"),
@@ -464,23 +604,22 @@ def get_peft_model(
     """Wrap `model` with a fresh adapter; the base is frozen, only the adapter trains.
 
     As in peft, `task_type` SEQ_CLS / TOKEN_CLS also trains the model's `classifier` / `score`
-    head in full, and QUESTION_ANS its `qa_outputs` (the ones the model has). The adapter is
-    created in the base layer's dtype (peft's `autocast_adapter_dtype` upcasts fp16/bf16
-    adapters to fp32; lorakit does not, so `autocast_adapter_dtype=False` is what it does).
+    head in full, and QUESTION_ANS its `qa_outputs` (the ones the model has). With a float16 /
+    bfloat16 base the adapter is float32 unless `autocast_adapter_dtype=False`.
+    `low_cpu_mem_usage` changes nothing (the adapter's small tensors are made directly);
+    `revision` is kept in the config as peft keeps it.
     """
     if mixed:
         raise ConfigError(
             "get_peft_model(mixed=True) (peft's PeftMixedModel) is not supported by lorakit; "
             "several LoRA adapters live in one LoraModel: add_adapter() and set_adapter([...])"
         )
-    if low_cpu_mem_usage:
-        raise ConfigError(
-            "get_peft_model(low_cpu_mem_usage=True) is not supported by lorakit; the adapter "
-            "weights are created directly (they are small), leave it False"
-        )
     heads = _TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ())
     present = [h for h in heads if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
     if present:
         config = copy.deepcopy(config)
         config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + present))
-    return LoraModel(model, config, adapter_name)
+    if revision is not None:
+        config = copy.deepcopy(config)
+        config.extra["revision"] = revision
+    return LoraModel(model, config, adapter_name, autocast_adapter_dtype)

@@ -8,12 +8,12 @@ name dropped, `base_model.model.` in front), exactly what `adapter_model.safeten
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
 
 import torch
 
 import lorakit.lora.adapters as files
 from lorakit.errors import AdapterError
+from lorakit.lora.adapters import LoadResult
 from lorakit.lora.model import LoraModel
 
 
@@ -31,13 +31,6 @@ class TaskType(str, enum.Enum):
         return self.value
 
 
-class LoadResult(NamedTuple):
-    """Keys of the model's adapter that the given dict lacked, and keys it had that fit nothing."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-
 def get_peft_model_state_dict(
     model: LoraModel,
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -53,7 +46,7 @@ def get_peft_model_state_dict(
         )
     model._require(adapter_name)
     bias = model.peft_config[adapter_name].bias
-    return files.adapter_state_dict(model.base_model, adapter_name, bias)
+    return files.adapter_state_dict(model.get_base_model(), adapter_name, bias)
 
 
 def set_peft_model_state_dict(
@@ -70,7 +63,7 @@ def set_peft_model_state_dict(
     """
     model._require(adapter_name)
     bias = model.peft_config[adapter_name].bias
-    expected = files.adapter_state_dict(model.base_model, adapter_name, bias)
+    expected = files.adapter_state_dict(model.get_base_model(), adapter_name, bias)
     given = files.normalise_keys(peft_model_state_dict)
     unexpected = sorted(set(given) - set(expected))
     for key in sorted(set(given) & set(expected)):
@@ -85,7 +78,7 @@ def set_peft_model_state_dict(
 
 
 def _in_memory_key(file_key: str, adapter_name: str) -> str:
-    path = "base_model." + file_key.removeprefix(files.PREFIX)
+    path = file_key  # in-memory names are the file names with the adapter name added
     for leaf in (".lora_A.weight", ".lora_B.weight"):
         if path.endswith(leaf):
             return path.removesuffix(".weight") + f".{adapter_name}.weight"

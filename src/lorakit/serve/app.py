@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,21 +65,44 @@ class _Job:
 
 
 def create_app(
-    state: ServerState,
+    state: ServerState | None,
     *,
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
     body_timeout_s: float = 30.0,
+    extend: Callable[[Any], None] | None = None,
+    open_paths: frozenset[str] = frozenset(),
 ) -> Any:
-    """The ASGI app: FastAPI routes behind the key, body-size and body-time guard."""
+    """The ASGI app: FastAPI routes behind the key, body-size and body-time guard.
+
+    state None: no model is served and every /v1 route says so. extend(app) adds routes (the
+    web page's); open_paths are served without the key besides /health (the page's own files,
+    which hold no data: the page asks for the key and sends it with its API calls).
+    """
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lorakit = state
     _add_error_handlers(app)
+    if extend is not None:
+        extend(app)
 
     @app.get("/health")
     async def health() -> dict:
-        running, waiting = state.engine.load
+        running, waiting = state.engine.load if state is not None else (0, 0)
         return {"status": "ok", "running": running, "waiting": waiting}
+
+    if state is None:
+
+        @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
+        async def no_model(rest: str) -> None:
+            raise ApiError(404, "no model is loaded; start with --model BASE", code="no_model")
+
+    else:
+        _add_model_routes(app, state)
+    return GuardMiddleware(app, api_key, max_body_bytes, body_timeout_s, open_paths)
+
+
+def _add_model_routes(app: Any, state: ServerState) -> None:
+    """The OpenAI-compatible routes of the served model."""
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -106,8 +129,6 @@ def create_app(
     async def unload_adapter(request: Request) -> dict:
         body = parse_body(UnloadAdapterRequest, await _json(request))
         return await _unload(state, body)
-
-    return GuardMiddleware(app, api_key, max_body_bytes, body_timeout_s)
 
 
 def _add_error_handlers(app: Any) -> None:

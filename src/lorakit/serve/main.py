@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import socket
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +134,7 @@ def served_models(base_name: str, adapters: list[str], host: str, port: int) -> 
 
 
 def serve_main(
-    model: str,
+    model: str | None,
     adapters: list[str] | dict[str, str] | None = None,
     *,
     host: str = "127.0.0.1",
@@ -148,8 +150,15 @@ def serve_main(
     max_body_bytes: int = 1 << 20,
     served_model_name: str | None = None,
     threads: int | None = None,
+    extend: Callable[[Any], None] | None = None,
+    open_paths: frozenset[str] = frozenset(),
+    banner: str | None = None,
 ) -> None:
-    """`lorakit serve`: load the base and adapters, then serve the OpenAI API until stopped."""
+    """`lorakit serve`: load the base and adapters, then serve the OpenAI API until stopped.
+
+    model None serves no model (the web page's runs view alone); extend, open_paths: see
+    `create_app`; banner: a line printed after the served model ids.
+    """
     api_key = api_key or os.environ.get("LORAKIT_API_KEY") or None
     check_bind(host, api_key, allow_insecure_bind)
     try:
@@ -163,22 +172,32 @@ def serve_main(
     from lorakit.models import load_model, load_tokenizer
 
     specs = adapters if isinstance(adapters, dict) else parse_adapter_specs(list(adapters or []))
-    base = load_model(model, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model)
-    state = build_state(
-        base,
-        tokenizer,
-        base_name=served_model_name or model,
-        adapters=specs,
-        max_batch=max_batch,
-        max_model_len=max_model_len,
-        adapters_root=adapters_root,
-        allow_runtime_loading=allow_runtime_loading,
-        threads=threads,
+    state = None
+    if model is None:
+        if specs or adapters_root is not None:
+            raise ConfigError("--adapter and --adapters-root need a base model: pass --model BASE")
+    else:
+        state = build_state(
+            load_model(model, dtype=dtype, device=device),
+            load_tokenizer(model),
+            base_name=served_model_name or model,
+            adapters=specs,
+            max_batch=max_batch,
+            max_model_len=max_model_len,
+            adapters_root=adapters_root,
+            allow_runtime_loading=allow_runtime_loading,
+            threads=threads,
+        )
+    app = create_app(
+        state, api_key=api_key, max_body_bytes=max_body_bytes, extend=extend, open_paths=open_paths
     )
-    app = create_app(state, api_key=api_key, max_body_bytes=max_body_bytes)
-    print(served_models(state.host.base_name, list(state.host.adapters), host, port), flush=True)
+    if state is not None:
+        print(served_models(state.host.base_name, list(state.host.adapters), host, port))
+    if banner:
+        print(banner)
+    sys.stdout.flush()
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
-        state.engine.shutdown()
+        if state is not None:
+            state.engine.shutdown()

@@ -16,7 +16,8 @@ log = logging.getLogger("lorakit.serve")
 
 
 class GuardMiddleware:
-    """Pure ASGI middleware: 401 without the right bearer key, 413 for bodies over the cap.
+    """Pure ASGI middleware: 401 without the right bearer key (but on `open_paths`), 413 for
+    bodies over the cap.
 
     The key is compared in constant time. The body is read (at most `max_body_bytes` + 1
     bytes) before the app runs and handed on unchanged; later `receive` calls go straight to
@@ -25,9 +26,15 @@ class GuardMiddleware:
     """
 
     def __init__(
-        self, app: Any, api_key: str | None, max_body_bytes: int, body_timeout_s: float = 30.0
+        self,
+        app: Any,
+        api_key: str | None,
+        max_body_bytes: int,
+        body_timeout_s: float = 30.0,
+        open_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
+        self.open_paths = OPEN_PATHS | open_paths
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -37,7 +44,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if self.expected is not None and scope.get("path") not in OPEN_PATHS:
+        if self.expected is not None and scope.get("path") not in self.open_paths:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "missing or wrong API key: send 'Authorization: Bearer <key>'"

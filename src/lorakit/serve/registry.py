@@ -66,7 +66,7 @@ class ModelHost:
     @property
     def forward_model(self) -> torch.nn.Module:
         """The Hugging Face model to call (with LoRA layers inside once adapters are loaded)."""
-        return self.base if self.lora is None else self.lora.base_model
+        return self.base if self.lora is None else self.lora.get_base_model()
 
     @contextlib.contextmanager
     def decode(self, rows: list[str]) -> Iterator[None]:

@@ -47,7 +47,7 @@ from lorakit.train.log import RunLog, read_metrics
 from lorakit.train.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches, sample_ids
 from lorakit.train.plots import plot_run
-from lorakit.train.rundir import clean_leftovers, storage_error, write_json
+from lorakit.train.rundir import clean_leftovers, storage_error, write_json, write_status
 from lorakit.train.runtime import (
     Dist,
     all_reduce_grads,
@@ -147,6 +147,16 @@ def _clean_leftovers(output_dir: Path) -> list[str]:
         if failure is None:
             raise
         raise failure from err
+
+
+def _record_failure(log: RunLog | None, output_dir: Path, err: BaseException) -> None:
+    """status.json for a run that raised (rank 0, once its log exists): a second Ctrl-C is an
+    interruption, anything else a failure."""
+    if log is None:
+        return
+    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    with contextlib.suppress(OSError):  # the disk may be what failed
+        write_status(output_dir, status, error=f"{type(err).__name__}: {err}")
 
 
 def _due(step: int, every: int | None) -> bool:
@@ -322,6 +332,7 @@ def _run(
         if ctx.main:
             _write_run_config(output_dir, config, run_config)
             log = RunLog(output_dir, total_steps, start_step, config.progress, config.tensorboard)
+            write_status(output_dir, "running", step=start_step, total_steps=total_steps)
             for note in notes:
                 log.message(note)
             if checkpoint_path is not None:
@@ -448,11 +459,18 @@ def _run(
             result.history = read_metrics(output_dir / "metrics.jsonl")
             if config.plots:
                 plot_run(result.history, output_dir / "plots")
+            ended = "interrupted" if result.interrupted else "finished"
+            write_status(output_dir, ended, step=result.steps, total_steps=total_steps)
     except (OSError, SafetensorError) as err:
         failure = storage_error(err, output_dir)
         if failure is None:
+            _record_failure(log, output_dir, err)
             raise
+        _record_failure(log, output_dir, failure)
         raise failure from err
+    except BaseException as err:
+        _record_failure(log, output_dir, err)
+        raise
     finally:
         restore_signals(old_handlers)
         if log is not None:

@@ -7,6 +7,10 @@ exchange of the two paths (Linux renameat2 with RENAME_EXCHANGE), so `best/` is 
 where the file system cannot exchange, the old folder is first renamed to `.old-<name>-<pid>`
 and put back if the second rename fails. A run that starts cleans the leftovers of writers that
 died: it deletes their staging folders and restores an `.old-` folder whose name is gone.
+
+`status.json` says what the run is doing: `running` (with the writer's host and pid, so a
+reader can tell a run whose process died), then `finished`, `interrupted` or `failed` (with
+the error).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +32,11 @@ from lorakit.errors import ConfigError, StorageError
 
 # What a run writes at the top of its output_dir; a fresh run refuses a directory holding any.
 RUN_FILES = (
-    "config.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "final", "best", "plots",
-    "tensorboard", "checkpoints",
+    "config.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "status.json", "final", "best",
+    "plots", "tensorboard", "checkpoints",
 )  # fmt: skip
+STATUS = "status.json"
+RUN_STATES = ("running", "finished", "interrupted", "failed")
 _LEFTOVER = re.compile(r"^\.(tmp|old)-(.+)-(\d+)$")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -105,6 +113,43 @@ def atomic_dir(final: Path, marker: str | None = None) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_status(output_dir: Path, status: str, **fields: Any) -> None:
+    """Record the run's state in status.json (replaced atomically; readers never see half)."""
+    assert status in RUN_STATES, status
+    record = {"status": status, "time": time.time(), **fields}
+    if status == "running":
+        record.update(host=socket.gethostname(), pid=os.getpid())
+    tmp = output_dir / f".{STATUS}.{os.getpid()}"
+    tmp.write_text(json.dumps(record, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / STATUS)
+
+
+def read_status(output_dir: Path) -> dict[str, Any]:
+    """The run's state: status.json's record, with a `running` run whose process is gone on
+    this host reported as `failed`. Folders without status.json are judged by what they hold:
+    `final/` finished, checkpoints only interrupted; otherwise the status is `unknown`."""
+    path = Path(output_dir) / STATUS
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("status") not in RUN_STATES:
+        if (Path(output_dir) / "final").is_dir():
+            return {"status": "finished"}
+        if (Path(output_dir) / "checkpoints").is_dir():
+            return {"status": "interrupted"}
+        return {"status": "unknown"}
+    if record["status"] == "running" and record.get("host") == socket.gethostname():
+        pid = record.get("pid")
+        if isinstance(pid, int) and not _alive(pid):
+            record.update(
+                status="failed",
+                error=f"the training process (pid {pid}) is gone without recording how the run "
+                "ended (killed?)",
+            )
+    return record
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,197 @@
+"""peft's public LoRA surface beyond the basics, each against peft itself on the same model."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import peft
+import pytest
+import torch
+import transformers
+import yaml
+from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+from torch import nn
+
+import lorakit
+from conftest import make_tiny_llama
+from lorakit.errors import AdapterError, ConfigError
+
+
+def _pair(**config):
+    """The same tiny Llama wrapped by peft and by lorakit, with equal adapter weights."""
+    base = make_tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    ours = lorakit.get_peft_model(base, lorakit.LoraConfig(**config))
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def test_parameter_names_and_paths_nest_as_peft_does():
+    theirs, ours = _pair(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert ours.base_model.model is ours.get_base_model()
+    q = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, lorakit.LoraLinear)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    # the tuner level forwards to the wrapped model and to the adapter methods
+    assert ours.base_model.config is ours.get_base_model().config
+    assert ours.base_model.peft_config is ours.peft_config
+
+
+def test_disable_and_enable_adapter_layers():
+    theirs, ours = _pair(target_modules=["q_proj"], init_lora_weights=False)
+    ids = torch.tensor([[5, 6, 7]])
+    with_adapter = ours(input_ids=ids).logits
+    ours.disable_adapter_layers()
+    theirs.base_model.disable_adapter_layers()
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    assert not torch.allclose(ours(input_ids=ids).logits, with_adapter)
+    with ours.disable_adapter():  # leaving the context keeps the layers disabled
+        pass
+    assert not torch.allclose(ours(input_ids=ids).logits, with_adapter)
+    ours.enable_adapter_layers()
+    torch.testing.assert_close(ours(input_ids=ids).logits, with_adapter)
+
+
+def test_targeted_module_names_match_peft():
+    theirs, ours = _pair(target_modules=["q_proj", "down_proj"])
+    assert sorted(ours.targeted_module_names) == sorted(theirs.targeted_module_names)
+    assert len(ours.targeted_module_names) == 4  # 2 layers x 2 targets
+
+
+def test_layer_set_adapter_and_get_delta_weight_match_peft():
+    theirs, ours = _pair(target_modules=["q_proj"], init_lora_weights=False, lora_alpha=16)
+    mine = ours.base_model.model.model.layers[0].self_attn.q_proj
+    peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(
+        mine.get_delta_weight("default"), peft_layer.get_delta_weight("default")
+    )
+    ours.add_adapter("other", lorakit.LoraConfig(target_modules=["q_proj"]))
+    mine.set_adapter("other")
+    assert mine.active_adapters == ["other"]
+
+
+def test_saved_adapter_has_peft_model_card(tmp_path):
+    ours = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"]))
+    ours.get_base_model().config._name_or_path = "org/tiny-llama"
+    ours.save_pretrained(tmp_path / "a")
+    card = (tmp_path / "a" / "README.md").read_text()
+    meta = yaml.safe_load(re.search(r"---\n(.*?)\n---", card, re.DOTALL).group(1))
+    assert meta["library_name"] == "peft" and "lora" in meta["tags"]
+    assert meta["base_model"] == "org/tiny-llama"
+    (tmp_path / "a" / "README.md").write_text("my own notes")
+    ours.save_pretrained(tmp_path / "a")  # a card the user edited is kept
+    assert (tmp_path / "a" / "README.md").read_text() == "my own notes"
+
+
+def test_from_pretrained_and_load_adapter_take_peft_keywords(tmp_path):
+    theirs, ours = _pair(target_modules=["q_proj"], init_lora_weights=False)
+    ours.save_pretrained(tmp_path / "root" / "sub")
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    want = ours(input_ids=ids).logits
+    loaded = lorakit.PeftModel.from_pretrained(
+        make_tiny_llama(), tmp_path / "root", subfolder="sub", torch_device="cpu",
+        device_map="cpu", low_cpu_mem_usage=True, autocast_adapter_dtype=True,
+    )  # fmt: skip
+    torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    result = loaded.load_adapter(tmp_path / "root" / "sub", "second", torch_device="cpu")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    # config= replaces the folder's config, as in peft
+    bigger = lorakit.LoraConfig(target_modules=["q_proj"], lora_alpha=16)
+    scaled = lorakit.PeftModel.from_pretrained(
+        make_tiny_llama(), tmp_path / "root/sub", config=bigger
+    )
+    assert scaled.peft_config["default"].lora_alpha == 16
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        lorakit.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "root/sub", colour="red")
+    with pytest.raises(ConfigError, match="not supported by lorakit"):
+        lorakit.PeftModel.from_pretrained(
+            make_tiny_llama(), tmp_path / "root/sub", ephemeral_gpu_offload=True
+        )
+    with pytest.raises(AdapterError, match="downloading adapters is not supported by lorakit"):
+        lorakit.PeftModel.from_pretrained(make_tiny_llama(), "org/adapter", revision="main")
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_autocast_adapter_dtype_as_peft(autocast):
+    base = make_tiny_llama().to(torch.bfloat16)
+    config = {"target_modules": ["q_proj"]}
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(**config), autocast_adapter_dtype=autocast
+    )
+    ours = lorakit.get_peft_model(
+        base, lorakit.LoraConfig(**config), autocast_adapter_dtype=autocast
+    )
+    dtypes = {n: p.dtype for n, p in theirs.named_parameters() if "lora_" in n}
+    assert {n: p.dtype for n, p in ours.named_parameters() if "lora_" in n} == dtypes
+    assert set(dtypes.values()) == {torch.float32 if autocast else torch.bfloat16}
+
+
+def test_loraplus_optimizer_groups_match_peft():
+    base = make_tiny_llama()
+    config = {"target_modules": ["q_proj", "v_proj"], "bias": "lora_only"}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    ours = lorakit.get_peft_model(base, lorakit.LoraConfig(**config))
+    kwargs = {"lr": 1e-3, "loraplus_lr_ratio": 16.0, "loraplus_weight_decay": 0.01}
+    peft_opt = peft_loraplus(theirs, torch.optim.AdamW, **kwargs, betas=(0.8, 0.9))
+    our_opt = lorakit.create_loraplus_optimizer(ours, torch.optim.AdamW, **kwargs, betas=(0.8, 0.9))
+    names_theirs = {id(p): n for n, p in theirs.named_parameters()}
+    names_ours = {id(p): n for n, p in ours.named_parameters()}
+
+    def shape(opt, names):
+        return [
+            (g["lr"], g["weight_decay"], g["betas"], sorted(names[id(p)] for p in g["params"]))
+            for g in opt.param_groups
+        ]
+
+    assert shape(our_opt, names_ours) == shape(peft_opt, names_theirs)
+    assert our_opt.param_groups[2]["lr"] == pytest.approx(1.6e-2)  # B matrices: lr x ratio
+
+
+def test_auto_peft_model_loads_base_and_adapter(tmp_path):
+    from tiny_folders import save_tiny
+
+    folder = save_tiny(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    ours = lorakit.get_peft_model(
+        model, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights=False)
+    )
+    assert ours.peft_config["default"].base_model_name_or_path == str(folder)
+    ours.save_pretrained(tmp_path / "adapter")
+    loaded = lorakit.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[10, 20, 30]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits)
+    (tmp_path / "lonely").mkdir()
+    lorakit.LoraConfig(target_modules=["q_proj"]).save_pretrained(tmp_path / "lonely")
+    with pytest.raises(AdapterError, match="names no base_model_name_or_path"):
+        lorakit.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "lonely")
+
+
+def test_config_round_trip_and_peft_type(tmp_path):
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj"], peft_type="LORA")
+    assert config.peft_type == peft.PeftType.LORA and config.peft_type.value == "LORA"
+    config.save_pretrained(tmp_path)
+    assert lorakit.LoraConfig.from_pretrained(tmp_path) == config
+    assert lorakit.LoraConfig.from_json_file(tmp_path / "adapter_config.json")["r"] == 4
+    # peft reads what lorakit wrote
+    assert peft.LoraConfig.from_pretrained(tmp_path).r == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"use_dora": True}, {"lora_bias": True}, {"trainable_token_indices": [1, 2]},
+     {"init_lora_weights": "eva"}, {"velora_config": {"rank": 2}}],
+)  # fmt: skip
+def test_unimplemented_peft_features_are_refused_by_name(kwargs):
+    if "use_dora" in kwargs and "use_dora" not in lorakit.lora.config._UNSUPPORTED_FEATURES:
+        pytest.skip("DoRA is implemented")
+    with pytest.raises(ConfigError, match="not supported by lorakit"):
+        lorakit.LoraConfig(**kwargs)
+
+
+def test_unsupported_layer_kind_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1))
+    with pytest.raises(ConfigError, match="LoRA on a Conv2d is not supported by lorakit"):
+        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["0"]))
