@@ -175,7 +175,9 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 
     seen = 0
     while (not isinstance(model, PreTrainedModel) or hasattr(model, "get_base_model")) and seen < 4:
-        inner = getattr(model, "module", None) or getattr(model, "base_model", None)
+        getter = getattr(model, "get_base_model", None)  # a LoraModel: the model it wraps
+        inner = getter() if callable(getter) else getattr(model, "module", None)
+        inner = inner if inner is not None else getattr(model, "base_model", None)
         if inner is None or inner is model:
             break
         model, seen = inner, seen + 1

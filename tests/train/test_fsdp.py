@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(
             calls["n"] += 1
             if calls["n"] == 6:  # eval before step 1, then 2 micro-batches per step
                 signal.raise_signal(signal.SIGTERM)
-        stopped.base_model.model.register_forward_pre_hook(hook)
+        stopped.get_base_model().model.register_forward_pre_hook(hook)  # the decoder
     first = train(stopped, None, data, data[:1], quick(**FSDP), out + "/stopped")
     assert first.interrupted and first.steps == 3, first
     train(lora_model(dropout=0.0), None, data, data[:1], quick(**FSDP), out + "/stopped",
@@ -163,7 +163,7 @@ def test_nf4_base_under_ddp_two_processes_equal_one(runs):
     root, _ = runs
     two, one = _adapter(root / "two" / "nf4" / "final"), _adapter(root / "nf4" / "final")
     _assert_same(two, one, 1e-5)
-    start = qlora_model().base_model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    start = qlora_model().get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert not torch.allclose(one[key], start)  # trained
 
