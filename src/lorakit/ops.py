@@ -175,7 +175,9 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 
     seen = 0
     while (not isinstance(model, PreTrainedModel) or hasattr(model, "get_base_model")) and seen < 4:
-        inner = getattr(model, "module", None) or getattr(model, "base_model", None)
+        getter = getattr(model, "get_base_model", None)  # a LoraModel: the model it wraps
+        inner = getter() if callable(getter) else getattr(model, "module", None)
+        inner = inner if inner is not None else getattr(model, "base_model", None)
         if inner is None or inner is model:
             break
         model, seen = inner, seen + 1
@@ -197,6 +199,13 @@ def supervised_targets(
     return mask, nxt[keep]
 
 
+def _fsdp(module: nn.Module) -> bool:
+    """True for a module `torch.distributed.fsdp.fully_shard` has sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def causal_lm_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024
 ) -> tuple[torch.Tensor, int]:
@@ -209,7 +218,9 @@ def causal_lm_loss(
     head = lm.get_output_embeddings()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     mask, targets = supervised_targets(batch["labels"], batch.get("position_ids"))
-    if getattr(lm.config, "final_logit_softcapping", None) or decoder is lm:
+    # An FSDP2-sharded model runs whole: its root's hooks gather the head's shards, which the
+    # chunked path (reading head.weight outside any forward) would bypass.
+    if getattr(lm.config, "final_logit_softcapping", None) or decoder is lm or _fsdp(lm):
         logits = model(**inputs, use_cache=False).logits  # (B, T, V): no chunked path
         loss = F.cross_entropy(logits[mask].float(), targets, reduction="sum")
         return loss, int(targets.numel())

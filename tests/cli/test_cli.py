@@ -14,7 +14,7 @@ from lorakit.cli import main
 from tiny_folders import save_tiny
 
 COMMANDS = ["train", "validate", "quickstart", "generate", "chat", "eval", "merge", "inspect",
-            "serve", "init", "data", "sweep", "ui"]  # fmt: skip
+            "serve", "init", "data", "sweep", "ui", "estimate"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

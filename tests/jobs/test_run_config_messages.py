@@ -121,3 +121,22 @@ def test_a_whole_file_of_the_wrong_format_is_not_told_to_skip_rows(tmp_path):
     message = str(caught.value)
     assert "none of its 4 rows can be used" in message and "data.format" in message
     assert "bad_rows=skip" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["model.quantization=nf4"], "model.quantization='nf4'"),
+        (["method=full"], "method=full"),
+        (["eval.exact_match=true"], "eval.exact_match"),
+        (["train.precision=fp16"], "precision='fp16'"),
+    ],
+)
+def test_fsdp_refusals_are_found_before_any_model_loads(tmp_path, overrides, names):
+    path = write(tmp_path, "train:\n  distributed: fsdp\n")
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path, overrides)
+    message = str(caught.value)
+    assert names in message and "not supported by lorakit" in message
+    assert "train.distributed=ddp" in message  # the fix
+    assert load_run_config(path).train.distributed == "fsdp"  # fsdp itself is fine

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from lorakit.cli.estimate import register_estimate
 from lorakit.cli.generate import register_generation
 from lorakit.cli.sweep import register_sweep
 from lorakit.cli.tools import register_tools
@@ -131,6 +132,7 @@ def quickstart(
 
 
 register_generation(app)
+register_estimate(app)
 register_tools(app)
 register_ui(app)
 register_sweep(app)

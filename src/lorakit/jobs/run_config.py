@@ -225,7 +225,31 @@ def validate_run_config(
             f"{source}: train.optimizer: adamw_8bit needs bitsandbytes; install it with "
             "`pip install 'lorakit[optim8bit]'`, or use train.optimizer: adamw"
         )
+    _check_fsdp(config, source)
     return config
+
+
+def _check_fsdp(run: RunConfig, source: str) -> None:
+    """What train.distributed='fsdp' refuses, found before any model loads."""
+    if run.train.distributed != "fsdp":
+        return
+    why = None
+    if run.model.quantization:
+        why = (
+            f"model.quantization={run.model.quantization!r}: the quantized codes are buffers, "
+            "which FSDP2 does not shard; QLoRA runs with train.distributed=ddp"
+        )
+    elif run.method == "full":
+        why = "method=full: fsdp checkpoints gather the trainable tensors, here the whole model"
+    elif run.train.precision == "fp16":
+        why = "precision='fp16': its loss scaling is not run on sharded gradients; use bf16"
+    elif run.eval.exact_match:
+        why = "eval.exact_match: answers are generated after training, from the sharded model"
+    if why:
+        raise ConfigError(
+            f"{source}: train.distributed='fsdp' with {why}. This combination is not supported "
+            "by lorakit; use train.distributed=ddp, or drop the setting"
+        )
 
 
 def _override_of(path: str, overrides: dict[str, str] | None) -> str | None:

@@ -76,3 +76,11 @@ class TrainConfig(BaseModel):
     )
     tensorboard: bool = Field(True, description="Write TensorBoard events when it is installed.")
     plots: bool = Field(True, description="Write plots/loss.png and plots/lr.png at the end.")
+    # -- distributed (torchrun) --
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp (model replicated, gradients summed) or fsdp (base sharded).",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="fsdp only: keep sharded parameters in CPU memory between uses."
+    )

@@ -42,12 +42,14 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import append_samples, eval_loss, generate_samples, move_batch
+from lorakit.train.fsdp import check_micro_batches, check_shardable, gathered, shard_model
 from lorakit.train.log import RunLog, read_metrics
 from lorakit.train.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches, sample_ids
 from lorakit.train.plots import plot_run
 from lorakit.train.rundir import clean_leftovers, storage_error, write_json, write_status
 from lorakit.train.runtime import (
+    Dist,
     all_reduce_grads,
     all_reduce_sum,
     autocast,
@@ -94,14 +96,19 @@ class TrainResult:
         return [r["loss"] for r in self.history if r.get("kind", "train") == "train"]
 
 
-def _all_finite(params: list[nn.Parameter]) -> bool:
-    """True when every trainable parameter is finite."""
-    return all(bool(torch.isfinite(p).all()) for p in params)
+def _all_finite(model: nn.Module) -> bool:
+    """True when every trainable parameter is finite (under fsdp: inside `gathered`)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
 def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -> list:
-    """Move, cast frozen weights, set up checkpointing; return the trainable parameters."""
-    model.to(device)
+    """Move, cast frozen weights, set up checkpointing; return the trainable parameters.
+
+    Under fsdp the model stays where it was loaded: `fully_shard` moves each rank's shards to
+    the device (or keeps them in CPU memory with fsdp_cpu_offload), so no device ever holds
+    the whole base."""
+    if config.distributed != "fsdp":
+        model.to(device)
     lm = unwrap_causal_lm(model)
     full = all(p.requires_grad for p in model.parameters())
     base_dtype = config.base_dtype
@@ -176,9 +183,17 @@ def _save_state(
 
 
 def _evaluate(
-    model, tokenizer, eval_data, config: TrainConfig, device, step: int, output_dir: Path
+    model,
+    tokenizer,
+    eval_data,
+    config: TrainConfig,
+    device,
+    step: int,
+    output_dir: Path,
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Eval loss and perplexity, plus greedy samples appended to samples.jsonl."""
+    """Eval loss and perplexity, plus greedy samples appended to samples.jsonl (when `write`;
+    under fsdp every rank evaluates, since every forward gathers shards, and rank 0 writes)."""
     metrics = eval_loss(
         model, eval_data, device, config.precision, config.loss_chunk_size, config.eval_max_batches
     )
@@ -187,7 +202,8 @@ def _evaluate(
             samples = generate_samples(
                 model, tokenizer, config.eval_prompts, config.eval_max_new_tokens, device
             )
-        append_samples(output_dir / "samples.jsonl", step, samples)
+        if write:
+            append_samples(output_dir / "samples.jsonl", step, samples)
     return {"kind": "eval", "step": step, **metrics}
 
 
@@ -217,13 +233,41 @@ def train(
     StorageError, with nothing half-written left.
     """
     config = config or TrainConfig()
-    output_dir = Path(output_dir)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)  # auto: bf16 only where it is fast
     config = config.model_copy(update={"precision": precision})
-    ctx = init_distributed(device)
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision='fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
+    if config.distributed == "fsdp":  # refused before any process group exists
+        check_shardable(model, precision)
+    ctx = init_distributed(device, always=config.distributed == "fsdp")
+    try:
+        return _run(
+            model, tokenizer, train_data, eval_data, config, Path(output_dir), device, ctx,
+            resume=resume, force=force, run_config=run_config,
+        )  # fmt: skip
+    finally:  # the group this call joined is left, whatever happened
+        if ctx.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(
+    model: nn.Module,
+    tokenizer: Any,
+    train_data: Sequence[dict[str, Any]] | Any,
+    eval_data: Sequence[dict[str, Any]] | Any | None,
+    config: TrainConfig,
+    output_dir: Path,
+    device: torch.device,
+    ctx: Dist,
+    *,
+    resume: str | Path | bool | None,
+    force: bool,
+    run_config: dict[str, Any] | None,
+) -> TrainResult:
+    """The loop of `train`, on the resolved config, inside the process group `train` joined."""
     plan = StepPlan(
         train_data, config.batch_size, config.grad_accum_steps, config.seed, config.shuffle
     )
@@ -250,6 +294,9 @@ def train(
         raise preflight or ConfigError(f"rank 0 cannot write to {output_dir}")
     seed_everything(config.seed)
     params = _prepare_model(model, config, device)
+    sharded = config.distributed == "fsdp"
+    if sharded:  # after the adapter is attached and cast; the optimizer then holds the shards
+        shard_model(model, ctx, device, config.precision, config.fsdp_cpu_offload)
     optimizer, params = build_optimizer(
         model, config.lr, config.weight_decay, config.betas, config.eps, config.lora_b_lr,
         config.optimizer,
@@ -265,11 +312,12 @@ def train(
                 f"checkpoint {checkpoint_path} was made with other settings: {'; '.join(diffs)}."
                 " Resume with the same settings, or pass force=True (--force) to accept them"
             )
-        state = restore_checkpoint(saved, model, optimizer)
+        with gathered(model, optimizer):  # fsdp: loaded whole, then cut into this rank's shards
+            state = restore_checkpoint(saved, model, optimizer)
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         start_step, best = state["step"], state.get("best_eval_loss") or math.inf
-    elif ctx.world_size > 1:  # every rank starts from rank 0's initial adapter
+    elif ctx.world_size > 1 and not sharded:  # every rank starts from rank 0's initial adapter
         import torch.distributed as dist
 
         for p in params:
@@ -290,14 +338,18 @@ def train(
                 log.message(note)
             if checkpoint_path is not None:
                 log.message(f"resumed from {checkpoint_path} at step {start_step}/{total_steps}")
-            if eval_data is not None and start_step == 0:  # the "before" of before -> after
-                log.log(_evaluate(model, tokenizer, evals, config, device, 0, output_dir))
+        if eval_data is not None and start_step == 0 and (ctx.main or sharded):  # "before"
+            evaluation = _evaluate(model, tokenizer, evals, config, device, 0, output_dir, ctx.main)
+            if ctx.main:
+                log.log(evaluation)
         for step in range(start_step, total_steps):
             t0, c0 = time.perf_counter(), time.process_time()
             step_seed(config.seed, step, ctx.rank)  # dropout masks depend on (seed, step, rank)
             batches = plan.rank_batches(step, ctx)
             ids = sample_ids(batches)
             batches = [move_batch(b, device) for b in batches]
+            if sharded:  # every rank must run as many forward passes (each one gathers)
+                check_micro_batches(len(batches), ctx, step)
             # The loss is normalised by the supervised tokens of the whole global batch.
             local = sum(
                 supervised_targets(b["labels"], b.get("position_ids"))[1].numel() for b in batches
@@ -330,7 +382,8 @@ def train(
                     "these rows, or use precision='fp32'"
                 )
 
-            all_reduce_grads(params, ctx)  # sum over ranks, once per step
+            if not sharded:  # fsdp has reduce-scattered (summed) them in backward
+                all_reduce_grads(params, ctx)  # sum over ranks, once per step
             scaler.unscale_(optimizer)
             grad_norm = float(clip_grad_norm_(params, config.max_grad_norm or math.inf))
             if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: scaler skips
@@ -346,8 +399,8 @@ def train(
             result.steps = done = step + 1
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 
+            last = done == total_steps
             if ctx.main:  # rank 0 logs, evaluates and saves
-                epoch, index = plan.locate(done)  # where the next step starts
                 log.log(
                     {
                         "kind": "train",
@@ -364,20 +417,25 @@ def train(
                     },  # fmt: skip
                     show=done % config.log_every == 0 or done == total_steps,
                 )
-                last = done == total_steps
-                if eval_data is not None and (last or _due(done, config.eval_every)):
-                    evaluation = _evaluate(
-                        model, tokenizer, evals, config, device, done, output_dir
-                    )
+            evaluation = None
+            due = eval_data is not None and (last or _due(done, config.eval_every))
+            if due and (ctx.main or sharded):  # fsdp: every rank runs the forward passes
+                evaluation = _evaluate(
+                    model, tokenizer, evals, config, device, done, output_dir, ctx.main
+                )
+            save = last or stopping or _due(done, config.save_every)
+            with gathered(model, optimizer) if (evaluation or save) else contextlib.nullcontext():
+                if ctx.main and evaluation is not None:
                     log.log(evaluation)
-                    if evaluation["eval_loss"] < best and _all_finite(params):
+                    if evaluation["eval_loss"] < best and _all_finite(model):
                         best = evaluation["eval_loss"]
                         result.best_dir = save_final(
                             output_dir / "best", model, extra={"eval.json": evaluation}
                         )
-                if last or stopping or _due(done, config.save_every):
-                    if not _all_finite(params):
+                if ctx.main and save:
+                    if not _all_finite(model):
                         raise NonFiniteError(f"parameters are not finite after step {done}")
+                    epoch, index = plan.locate(done)  # where the next step starts
                     position = {"epoch": epoch, "batch_index": index, "step": done}
                     state = {"settings": settings, "data_position": position,
                              "best_eval_loss": best if math.isfinite(best) else None}  # fmt: skip
@@ -393,11 +451,12 @@ def train(
                     )
                 break
 
-        if ctx.main:
-            if not _all_finite(params):
+        with gathered(model):
+            if ctx.main and not _all_finite(model):
                 raise NonFiniteError("trained parameters are not finite; nothing final was saved")
-            if not result.interrupted:
+            if ctx.main and not result.interrupted:
                 result.final_dir = save_final(output_dir / "final", model)
+        if ctx.main:
             result.history = read_metrics(output_dir / "metrics.jsonl")
             if config.plots:
                 plot_run(result.history, output_dir / "plots")
@@ -417,10 +476,6 @@ def train(
         restore_signals(old_handlers)
         if log is not None:
             log.close()
-        if ctx.created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     result.best_eval_loss = best if math.isfinite(best) else None
     if result.best_dir is None and (output_dir / "best").is_dir():
         result.best_dir = output_dir / "best"

@@ -104,16 +104,24 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
+def init_distributed(device: torch.device, always: bool = False) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU; NCCL for CUDA tensors).
+
+    `always` (fsdp, which needs a group even for one process): a single process outside torchrun
+    gets a group of one over an in-memory store."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or not dist.is_available():
+    if (world <= 1 and not always) or not dist.is_available():
         return Dist()
     created = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # CUDA tensors over NCCL; the loop's small CPU tensors (token counts, stop flags) over gloo
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         created = True
     return Dist(
         dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created
