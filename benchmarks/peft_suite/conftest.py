@@ -72,7 +72,7 @@ def pytest_runtest_makereport(item, call):
         if report.passed:
             kind, why = "passed", ""
         elif report.skipped:
-            kind, why = "skipped", str(report.longrepr[-1]) if report.longrepr else ""
+            kind, why = "skipped", _skip_reason(report.longrepr)
         else:
             text = str(call.excinfo.value) if call.excinfo else str(report.longrepr)
             exc = call.excinfo.typename if call.excinfo else "?"
@@ -81,3 +81,10 @@ def pytest_runtest_makereport(item, call):
             why = f"{exc}: {first}"
         with RESULTS.open("a") as f:
             f.write(json.dumps({"id": item.nodeid, "kind": kind, "why": why}) + "\n")
+
+
+def _skip_reason(longrepr) -> str:
+    """A skip's reason: pytest gives (path, line, reason) for pytest.skip, a repr otherwise."""
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr).splitlines()[-1] if longrepr else ""

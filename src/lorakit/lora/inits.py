@@ -131,9 +131,12 @@ def check_loftq_config(init: bool | str, loftq_config: dict) -> str | None:
 
 
 def loading_config(config):
-    """A copy of `config` to build an adapter that saved tensors will fill: no initialisation
-    that changes the base (the base it is loaded onto is already the one it was trained on)."""
-    if not is_mutating(config.init_lora_weights):
+    """The config to build an adapter that saved tensors will fill. As in peft, a PiSSA / OLoRA
+    adapter saved as it is (not converted) is loaded onto the *original* base: its init runs
+    again, turning the base into the same residual it was trained on (PiSSA's SVD and OLoRA's QR
+    are deterministic; `pissa_niter_N` is randomised, so convert such adapters when saving).
+    LoftQ is not run again: its adapter is loaded onto the base it was saved with."""
+    if config.init_lora_weights != "loftq":
         return config
     config = copy.deepcopy(config)
     config.init_lora_weights = True

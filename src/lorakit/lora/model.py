@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,8 +178,8 @@ class LoraModel(HFFace):
         self._require(adapter_name)
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise AdapterError(
-                f"adapter `{adapter_name}` is merged into the base weights; call "
-                "unmerge_adapter() before deleting it"
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
+                "them first (unmerge_adapter())."
             )
         for module in self._wrappers():
             if isinstance(module, LoraLinear):
@@ -301,6 +302,11 @@ class LoraModel(HFFace):
     # ---------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False):
         """Merge adapters into the base weights in place (undo with `unmerge_adapter`)."""
+        names = adapter_names or self.active_adapters
+        layers = [layer for _, layer in self.lora_layers()]
+        if layers and all(set(names) <= set(layer.merged_adapters) for layer in layers):
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
         for _, layer in self.lora_layers():
             layer.merge(adapter_names or self.active_adapters, safe_merge=safe_merge)
 
