@@ -132,7 +132,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 continue  # a class-name target matched a container of that name
             kind = type(module).__name__
             what = (
-                f"LoRA on a {kind} is not supported by lorakit"
+                f"a {kind}: LoRA on a {kind} is not supported by lorakit"
                 if kind in _PEFT_LAYER_KINDS
                 else f"a {kind}, which LoRA cannot wrap"
             )
