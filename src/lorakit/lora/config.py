@@ -190,6 +190,21 @@ class LoraConfig(_LoraFields):
         problem = check_loftq_config(self.init_lora_weights, self.loftq_config)
         if problem:
             raise ConfigError(f"LoraConfig: {problem}")
+        if (
+            (
+                self.init_lora_weights in ("pissa", "olora")
+                or str(self.init_lora_weights).startswith("pissa_niter_")
+            )
+            and self.use_rslora
+            and (self.rank_pattern or self.alpha_pattern)
+        ):
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training "
+                "conversion of the changed base weights (PiSSA, OLoRA): such an adapter cannot be "
+                "converted with save_pretrained(path_initial_model_for_weight_conversion=...); "
+                "save it as it is, or drop use_rslora or the patterns",
+                stacklevel=3,
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(
                 "LoraConfig: layers_to_transform works with a list of target_modules, not a regex "

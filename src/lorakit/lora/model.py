@@ -179,7 +179,7 @@ class LoraModel(HFFace):
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise AdapterError(
                 f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
-                "them first (unmerge_adapter())."
+                "them first. (lorakit: call unmerge_adapter(), then delete_adapter().)"
             )
         for module in self._wrappers():
             if isinstance(module, LoraLinear):
