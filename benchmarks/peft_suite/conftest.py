@@ -34,7 +34,9 @@ for _name in ("LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
     setattr(peft, _name, getattr(lorakit, _name))
 peft.optimizers.create_loraplus_optimizer = lorakit.create_loraplus_optimizer
 
-RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+RESULTS = Path(
+    os.environ.get("PEFT_SUITE_RESULTS", Path(__file__).resolve().parent / "results.jsonl")
+)
 # test_initialization.py classes that are about LoRA or about no method in particular
 INIT_CLASSES = {
     "TestLoraInitialization", "TestScaling", "TestLowCpuMemUsage", "TestLoadPeftKeyMapping",
