@@ -181,12 +181,10 @@ def test_config_round_trip_and_peft_type(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"use_dora": True}, {"lora_bias": True}, {"trainable_token_indices": [1, 2]},
+    [{"target_parameters": ["x.weight"]}, {"lora_bias": True}, {"trainable_token_indices": [1, 2]},
      {"init_lora_weights": "eva"}, {"velora_config": {"rank": 2}}],
 )  # fmt: skip
 def test_unimplemented_peft_features_are_refused_by_name(kwargs):
-    if "use_dora" in kwargs and "use_dora" not in lorakit.lora.config._UNSUPPORTED_FEATURES:
-        pytest.skip("DoRA is implemented")
     with pytest.raises(ConfigError, match="not supported by lorakit"):
         lorakit.LoraConfig(**kwargs)
 
@@ -195,3 +193,25 @@ def test_unsupported_layer_kind_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(3, 3, 1))
     with pytest.raises(ConfigError, match="LoRA on a Conv2d is not supported by lorakit"):
         lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["0"]))
+
+
+def test_set_state_dict_loads_base_biases_as_peft_does():
+    """A state dict saved with bias='all' restores the biases into a model made with
+    bias='none', as peft's whole-model load does."""
+    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    source = lorakit.get_peft_model(
+        copy.deepcopy(base), lorakit.LoraConfig(target_modules=["0"], bias="all")
+    )
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if name.endswith("bias"):
+                p.fill_(1.23)
+    state = lorakit.get_peft_model_state_dict(source)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["0"]))
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["0"]))
+    peft.set_peft_model_state_dict(theirs, state)
+    result = lorakit.set_peft_model_state_dict(ours, state)
+    assert result.unexpected_keys == []
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours(x), source(x))

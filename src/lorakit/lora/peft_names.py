@@ -73,8 +73,25 @@ def set_peft_model_state_dict(
                 f"`{adapter_name}` needs {list(expected[key].shape)}"
             )
     model._copy_tensors({k: v for k, v in given.items() if k in expected}, adapter_name)
+    unexpected = _load_base_tensors(model, given, unexpected)
     missing = [_in_memory_key(k, adapter_name) for k in sorted(set(expected) - set(given))]
     return LoadResult(missing, unexpected)
+
+
+@torch.no_grad()
+def _load_base_tensors(model: LoraModel, given: dict, keys: list[str]) -> list[str]:
+    """As peft does (its load is `load_state_dict(strict=False)` over the whole model), keys
+    that name a parameter of the wrapped model (a bias saved with bias='all', say) are copied
+    into it; returns the keys that still fit nothing."""
+    params = dict(model.get_base_model().named_parameters())
+    left = []
+    for key in keys:
+        param = params.get(key.removeprefix(files.PREFIX)) if key.startswith(files.PREFIX) else None
+        if param is None or tuple(param.shape) != tuple(given[key].shape):
+            left.append(key)
+        else:
+            param.copy_(given[key].to(param.dtype))
+    return left
 
 
 def _in_memory_key(file_key: str, adapter_name: str) -> str:
