@@ -33,6 +33,9 @@ RULES = [
     ("deliberate: a config without peft_type is refused", r"test_from_pretrained_sanity_check"),
     ("deliberate: unknown keys warn once, lorakit's wording",
      r"test_from_pretrained_forward_compatible"),
+    # a Kolmogorov-Smirnov test of one random draw asking p > 0.5: half of all N(0, 1) draws fail
+    # it; over seeds 0-7 lorakit's embedding B gives p = 0.19 ... 0.90, spread as they should be
+    ("statistical: one draw's KS p-value", r"test_lora_embedding_gaussian"),
     ("deliberate: low_cpu_mem_usage makes real tensors, not meta ones",
      r"test_load_model_low_cpu_mem_usage"),
 ]  # fmt: skip

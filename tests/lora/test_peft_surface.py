@@ -215,3 +215,18 @@ def test_set_state_dict_loads_base_biases_as_peft_does():
     x = torch.randn(3, 4)
     torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours(x), source(x))
+
+
+@pytest.mark.parametrize("container", [nn.ModuleList, nn.ModuleDict, nn.ParameterList])
+def test_modules_to_save_refuses_containers_as_peft(container):
+    model = nn.Sequential()
+    model.add_module("other_layer", nn.Linear(4, 4))
+    items = [nn.Parameter(torch.rand(2))] if container is nn.ParameterList else [nn.Linear(2, 2)]
+    model.add_module("module", container({"0": items[0]} if container is nn.ModuleDict else items))
+    config = {"target_modules": ["other_layer"], "modules_to_save": ["module"]}
+    for wrap, make in (
+        (peft.get_peft_model, peft.LoraConfig),
+        (lorakit.get_peft_model, lorakit.LoraConfig),
+    ):
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
+            wrap(copy.deepcopy(model), make(**config))

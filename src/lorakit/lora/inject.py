@@ -24,6 +24,8 @@ from lorakit.lora.presets import target_preset
 _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
+# containers a modules_to_save copy cannot stand in for (they have no forward of their own)
+_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 # layer kinds peft adapts and lorakit does not
 _PEFT_LAYER_KINDS = ("Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "ParamWrapper")
 
@@ -202,6 +204,12 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
         )
         names.append(name)
     for name, module in find_modules_to_save(model, config):
+        if isinstance(module, _CONTAINERS):
+            raise TypeError(
+                f"modules_to_save cannot be applied to modules of type {type(module).__name__} "
+                f"(`{name}`): a container's forward is its owner's code; name the layers inside "
+                "it instead (e.g. modules_to_save=['" + name + ".0'])"
+            )
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             _replace(model, name, module)
