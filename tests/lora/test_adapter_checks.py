@@ -224,7 +224,7 @@ def test_a_merged_adapter_cannot_be_deleted():
 @pytest.mark.parametrize("first, second", [("all", "none"), ("none", "lora_only"), ("all", "all")])
 def test_only_one_adapter_may_train_biases(first, second):
     model = get_peft_model(make_tiny_llama(), LoraConfig(target_modules=["q_proj"], bias=first))
-    with pytest.raises(ConfigError, match="only one adapter of a model may train biases"):
+    with pytest.raises(ConfigError, match="only one of a model may train biases"):
         model.add_adapter("other", LoraConfig(target_modules=["q_proj"], bias=second))
     assert list(model.peft_config) == ["default"]
 

@@ -99,7 +99,7 @@ def test_several_adapters_load_set_and_delete(tmp_path):
     assert torch.allclose(logits(model), logits(first), atol=1e-6)
     model.delete_adapter("b")
     assert list(model.peft_config) == ["a"]
-    with pytest.raises(AdapterError, match="no adapter named `b`"):
+    with pytest.raises(AdapterError, match="Adapter b does not exist"):
         model.set_adapter("b")
 
 

@@ -159,8 +159,9 @@ def converted_to_lora(tensors: dict[str, torch.Tensor], config, initial: dict[st
         )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise AdapterError(
-            "path_initial_model_for_weight_conversion with use_rslora and rank_pattern / "
-            "alpha_pattern is not supported (the doubled rank would change the scaling)"
+            "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` with "
+            "use_rslora and rank_pattern / alpha_pattern is not supported by lorakit (the doubled "
+            "rank would change each pattern's scaling); save the adapter as it is"
         )
     out = {}
     for key, tensor in tensors.items():

@@ -51,10 +51,18 @@ class LoraTuner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """As on peft's tuner: the name when one adapter is active, the list when several are."""
+        names = self._owner().active_adapters
+        return names[0] if len(names) == 1 else list(names)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name in ("model", "_owner") or name.startswith("__"):
+                raise  # not set up yet (a copy being built): never recurse
             if name in _TUNER_METHODS:
                 return getattr(self._owner(), name)
             return getattr(self.model, name)
@@ -140,7 +148,8 @@ class LoraModel(HFFace):
         biased = [n for n, c in self.peft_config.items() if c.bias != "none"]
         if self.peft_config and (config.bias != "none" or biased):
             raise ConfigError(
-                f"adapter `{adapter_name}`: only one adapter of a model may train biases (they are "
+                f"adapter `{adapter_name}`: LoRA supports only 1 adapter with bias. When using "
+                "multiple adapters, only one of a model may train biases (they are "
                 f"the base's own, shared by all adapters); `{(biased or [adapter_name])[0]}` has "
                 "bias != 'none'. Use bias='none' for every adapter when loading several"
             )
@@ -195,7 +204,9 @@ class LoraModel(HFFace):
 
     def _require(self, name: str) -> None:
         if name not in self.peft_config:
-            raise AdapterError(f"no adapter named `{name}`; loaded: {sorted(self.peft_config)}")
+            raise AdapterError(
+                f"Adapter {name} does not exist; loaded adapters: {sorted(self.peft_config)}"
+            )
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
