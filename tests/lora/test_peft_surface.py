@@ -230,3 +230,11 @@ def test_modules_to_save_refuses_containers_as_peft(container):
     ):
         with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
             wrap(copy.deepcopy(model), make(**config))
+
+
+def test_get_peft_model_takes_peft_keyword_names():
+    model = nn.Sequential(nn.Linear(4, 4))
+    wrapped = lorakit.get_peft_model(
+        model=model, peft_config=lorakit.LoraConfig(target_modules=["0"])
+    )
+    assert wrapped.targeted_module_names == ["0"]

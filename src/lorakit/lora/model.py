@@ -634,7 +634,7 @@ _TASK_HEADS = {
 
 def get_peft_model(
     model: nn.Module,
-    config: LoraConfig,
+    peft_config: LoraConfig,
     adapter_name: str = "default",
     mixed: bool = False,
     autocast_adapter_dtype: bool = True,
@@ -654,6 +654,7 @@ def get_peft_model(
             "get_peft_model(mixed=True) (peft's PeftMixedModel) is not supported by lorakit; "
             "several LoRA adapters live in one LoraModel: add_adapter() and set_adapter([...])"
         )
+    config = peft_config
     heads = _TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ())
     present = [h for h in heads if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
     if present:
