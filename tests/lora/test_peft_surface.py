@@ -238,3 +238,23 @@ def test_get_peft_model_takes_peft_keyword_names():
         model=model, peft_config=lorakit.LoraConfig(target_modules=["0"])
     )
     assert wrapped.targeted_module_names == ["0"]
+
+
+def test_modules_to_save_reads_as_the_running_module():
+    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = lorakit.get_peft_model(
+        base, lorakit.LoraConfig(target_modules=["0"], modules_to_save=["2"])
+    )
+    head = model.get_base_model()[2]
+    assert head.weight is head.modules_to_save["default"].weight
+    assert head.out_features == 2
+    torch.testing.assert_close(head(input=torch.ones(1, 4)), head(torch.ones(1, 4)))  # keywords
+    with model.disable_adapter():
+        assert head.weight is head.original_module.weight
+
+
+def test_no_recursion_when_attributes_are_read_before_init():
+    """DeepSpeed's init wrapper calls hasattr on the half-made object."""
+    for cls in (lorakit.LoraModel, lorakit.lora.layers.ModulesToSave):
+        obj = cls.__new__(cls)
+        assert not hasattr(obj, "abc")

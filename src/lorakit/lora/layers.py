@@ -416,15 +416,37 @@ class ModulesToSave(nn.Module):
         """Per-row adapters, as in `LoraLinear.set_rows` (always as grouped rows)."""
         self._rows = plan
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._rows is not None:
-            result = self.original_module(x, *args, **kwargs)
-            for name, rows, _ in self._rows.groups:
-                if name in self.modules_to_save:
-                    own = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
-                    result = result.index_copy(0, rows, own.to(result.dtype))
-            return result
+    def active_module(self) -> nn.Module:
+        """The module that runs now: the active adapter's copy, or the original when the
+        adapters are disabled or none of the active ones has a copy here."""
         active = [a for a in self.active_adapters if a in self.modules_to_save]
         if self.disable_adapters or not active:
-            return self.original_module(x, *args, **kwargs)
-        return self.modules_to_save[active[0]](x, *args, **kwargs)
+            return self.original_module
+        return self.modules_to_save[active[0]]
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks (`weight`, `in_features`, ...) are the running module's,
+        as in peft, so `model.lm_head.weight` works with `modules_to_save=["lm_head"]`."""
+        if "_modules" not in self.__dict__:
+            raise AttributeError(name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.active_module(), name)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self._rows is None:
+            return self.active_module()(*args, **kwargs)
+        if not args:
+            raise TypeError(
+                "per-row adapters need the module's input as its first positional argument"
+            )
+        x, rest = args[0], args[1:]
+        result = self.original_module(x, *rest, **kwargs)
+        for name, rows, _ in self._rows.groups:
+            if name in self.modules_to_save:
+                own = self.modules_to_save[name](x.index_select(0, rows), *rest, **kwargs)
+                result = result.index_copy(0, rows, own.to(result.dtype))
+        return result

@@ -58,6 +58,8 @@ class LoraTuner(nn.Module):
         return names[0] if len(names) == 1 else list(names)
 
     def __getattr__(self, name: str) -> Any:
+        if "_modules" not in self.__dict__:
+            raise AttributeError(name)
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -93,6 +95,8 @@ class LoraModel(HFFace):
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
+        if "_modules" not in self.__dict__:  # before __init__ ran (DeepSpeed's init wrapper)
+            raise AttributeError(name)
         try:
             return super().__getattr__(name)
         except AttributeError:
