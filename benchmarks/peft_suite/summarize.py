@@ -50,7 +50,13 @@ def classify(row: dict) -> str | None:
 
 
 def main(path: Path) -> None:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_id = {}  # a case recorded twice (two runs into one file) counts once: its last outcome
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_id.pop(row["id"], None)
+            by_id[row["id"]] = row
+    rows = list(by_id.values())
     kinds = collections.Counter(r["kind"] for r in rows)
     causes = collections.Counter()
     open_failures = []
