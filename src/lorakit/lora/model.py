@@ -6,7 +6,6 @@ import contextlib
 import copy
 import logging
 import warnings
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,9 @@ from lorakit.lora.hf_face import HFFace
 from lorakit.lora.inits import loading_config
 from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets, saved_targets
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
+from lorakit.lora.reading import module_to_save_param, read_for_loading
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
+from lorakit.lora.tuner import LoraTuner
 
 logger = logging.getLogger("lorakit")
 
@@ -31,43 +32,6 @@ logger = logging.getLogger("lorakit")
 # `PeftModel` from this file only (`model.load_state_dict(load_file(...), strict=False)`), so a
 # checkpoint written through `Trainer` holds the trainable tensors here too, next to the adapter.
 TRAINER_WEIGHTS = "model.safetensors"
-
-
-class LoraTuner(nn.Module):
-    """`lora_model.base_model`: holds the wrapped model as `.model`, as peft nests it.
-
-    Parameter names are then peft's (`base_model.model.<module path>...`), and so are the paths
-    peft programs walk (`model.base_model.model.model.layers[0]`). Other attributes are the
-    wrapped model's; the adapter methods peft's tuner offers are the owning `LoraModel`'s.
-    """
-
-    prefix = "lora_"  # every adapter parameter's name holds it, as in peft
-
-    def __init__(self, model: nn.Module, owner: LoraModel) -> None:
-        super().__init__()
-        self.model = model
-        object.__setattr__(self, "_owner", weakref.ref(owner))
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """As on peft's tuner: the name when one adapter is active, the list when several are."""
-        names = self._owner().active_adapters
-        return names[0] if len(names) == 1 else list(names)
-
-    def __getattr__(self, name: str) -> Any:
-        if "_modules" not in self.__dict__:
-            raise AttributeError(name)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("model", "_owner") or name.startswith("__"):
-                raise  # not set up yet (a copy being built): never recurse
-            if name in _TUNER_METHODS:
-                return getattr(self._owner(), name)
-            return getattr(self.model, name)
 
 
 class LoraModel(HFFace):
@@ -468,7 +432,7 @@ class LoraModel(HFFace):
         adapter_config.json; `subfolder` reads `model_id/subfolder`. The adapter's tensors go
         where each base layer is, so `torch_device` / `device_map` are accepted and need nothing.
         """
-        adapter = _read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
+        adapter = read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
         files.check_adapter(model, adapter)
         config = adapter.config
         config.inference_mode = not is_trainable
@@ -501,7 +465,7 @@ class LoraModel(HFFace):
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
         config = kwargs.pop("config", None)
-        adapter = _read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
+        adapter = read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
         check = files.check_adapter(self.base_model.model, adapter)
         if check.base_copies:
             raise AdapterError(
@@ -540,57 +504,9 @@ class LoraModel(HFFace):
                 target = getattr(modules[owner.rsplit(".", 1)[0]], owner.rsplit(".", 1)[1])
                 target = target[adapter_name].weight
             else:
-                target = _module_to_save_param(modules, path, adapter_name)
+                target = module_to_save_param(modules, path, adapter_name)
                 target = params[path] if target is None else target
             target.copy_(tensor.to(target.dtype))
-
-
-# from_pretrained / load_adapter keywords that only say where to put or how to fetch tensors
-_PLACEMENT = {"torch_device", "device_map", "max_memory", "offload_folder", "offload_dir",
-              "use_safetensors", "local_files_only"}  # fmt: skip
-_HUB = {"revision", "cache_dir", "token", "force_download", "proxies", "use_auth_token"}
-
-
-def _read_for_loading(
-    model_id: str | Path,
-    config: LoraConfig | None,
-    ephemeral_gpu_offload: bool,
-    key_mapping: dict[str, str] | None,
-    kwargs: dict[str, Any],
-) -> files.AdapterFiles:
-    """The adapter folder's files, with peft's loading keywords checked."""
-    subfolder = kwargs.pop("subfolder", None)
-    unknown = sorted(set(kwargs) - _PLACEMENT - _HUB)
-    if unknown:
-        raise TypeError(f"from_pretrained / load_adapter got unexpected keyword(s) {unknown}")
-    if ephemeral_gpu_offload:
-        raise ConfigError("ephemeral_gpu_offload=True is not supported by lorakit; leave it False")
-    if key_mapping:
-        raise ConfigError(
-            "key_mapping is not supported by lorakit; adapter keys are read as peft writes them"
-        )
-    directory = Path(model_id) / subfolder if subfolder else Path(model_id)
-    if not directory.is_dir() and any(kwargs.get(k) for k in _HUB):
-        raise AdapterError(
-            f"{directory}: not a local folder; downloading adapters is not supported by lorakit "
-            "(fetch the folder first, e.g. with huggingface_hub.snapshot_download)"
-        )
-    adapter = files.read_adapter(directory)
-    if config is not None:
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"config: expected a lorakit LoraConfig, got {type(config).__name__}")
-        adapter.config = copy.deepcopy(config)
-    return adapter
-
-
-def _module_to_save_param(modules: dict, path: str, adapter_name: str) -> torch.Tensor | None:
-    parts = path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module = modules.get(".".join(parts[:cut]))
-        if isinstance(module, ModulesToSave):
-            copy_ = module.modules_to_save[adapter_name]
-            return copy_.get_parameter(".".join(parts[cut:])) if parts[cut:] else None
-    return None
 
 
 def _merged_base(layer: LoraLinear, names: list[str], safe_merge: bool, merge: bool) -> nn.Module:
@@ -619,14 +535,6 @@ def _name_or_path(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or None
 
-
-# what peft's tuner (`peft_model.base_model`) offers besides the wrapped model's attributes
-_TUNER_METHODS = {
-    "peft_config", "active_adapter", "active_adapters", "add_adapter", "set_adapter",
-    "delete_adapter", "disable_adapter_layers", "enable_adapter_layers", "merge_adapter",
-    "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter",
-    "targeted_module_names", "get_nb_trainable_parameters", "print_trainable_parameters",
-}  # fmt: skip
 
 # peft's task types whose head is trained in full (a `modules_to_save` copy) with the adapter.
 _TASK_HEADS = {
