@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lorakit.train.evaluate import eval_loss, exact_match, generate_samples
+from lorakit.train.evaluate import eval_loss, exact_match, generate_samples, greedy_answers
 from lorakit.train.plots import plot_run
 
 
@@ -87,3 +87,13 @@ def test_plot_run_writes_both_figures(tmp_path):
     written = plot_run(rows, tmp_path)
     assert [p.name for p in written] == ["loss.png", "lr.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_greedy_answers_batched_equal_one_at_a_time(tiny_llama):
+    # prompts of 1..4 words: left padding and the attention mask must not change an answer
+    tok = tiny_tokenizer()
+    conversations = [[{"role": "user", "content": " ".join(f"w{5 + j}" for j in range(n))}]
+                     for n in (3, 1, 4, 2, 1)]  # fmt: skip
+    alone = [greedy_answers(tiny_llama, tok, [c], tok.chat_template, 6)[0] for c in conversations]
+    together = greedy_answers(tiny_llama, tok, conversations, tok.chat_template, 6, batch_size=3)
+    assert together == alone and all(a.strip() for a in alone)

@@ -26,7 +26,7 @@ from lorakit.lora import inits
 from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.models import RAW_TEMPLATE, load_model, load_tokenizer
 from lorakit.train.checkpoint import find_resume
-from lorakit.train.evaluate import eval_loss
+from lorakit.train.evaluate import eval_loss, greedy_answers
 from lorakit.train.loop import TrainResult, train
 from lorakit.train.plan import eval_batches
 from lorakit.train.runtime import autocast, is_main_process, resolve_device, seed_everything
@@ -127,31 +127,6 @@ def _silent(text: str) -> None:
 # ---------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def answer(
-    model: nn.Module,
-    tokenizer: Any,
-    messages: list[dict[str, str]],
-    template: str | None,
-    max_new_tokens: int,
-    device: torch.device,
-) -> str:
-    """The greedy answer to a conversation (its last message is the user's)."""
-    if template:
-        ids = tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True,
-            return_tensors="pt", return_dict=True,
-        )["input_ids"]  # fmt: skip
-    else:
-        ids = tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
-    ids = ids.to(device)
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-        do_sample=False, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
 def score_answers(
     model: nn.Module,
     tokenizer: Any,
@@ -165,15 +140,14 @@ def score_answers(
     template = getattr(model, "chat_template", None) or prompt_template(data, tokenizer)
     model.eval()
     with autocast(precision, device):
-        answers = [
-            answer(model, tokenizer, e["messages"], template, max_new_tokens, device)
-            for e in examples
-        ]
+        replies = greedy_answers(
+            model, tokenizer, [e["messages"] for e in examples], template, max_new_tokens, device
+        )
     refs = [e["reference"] for e in examples]
-    score: dict[str, Any] = {"exact_match": exact_match_score(answers, refs), "answers": len(refs)}
+    score: dict[str, Any] = {"exact_match": exact_match_score(replies, refs), "answers": len(refs)}
     if data.dataset == "identity":
         variables = {**BUILTIN_VARIABLES["identity"], **(data.template_vars or {})}
-        score["name_rate"] = name_rate(answers, variables["name"])
+        score["name_rate"] = name_rate(replies, variables["name"])
     return score
 
 

@@ -466,14 +466,14 @@ def score_answers_fp32(model: Any, tokenizer: Any, eval_config: Any, run: RunCon
 def _answers(sweep: Sweep, model: Any, tokenizer: Any, run: RunConfig, device: Any) -> list:
     """Greedy answers to the sweep's fixed prompts."""
     from lorakit.data.pipeline import prompt_template
-    from lorakit.jobs.finetune import answer
+    from lorakit.train.evaluate import greedy_answers
 
     template = getattr(model, "chat_template", None) or prompt_template(run.data, tokenizer)
-    return [
-        {"prompt": p, "answer": answer(model, tokenizer, [{"role": "user", "content": p}],
-                                       template, sweep.max_new_tokens, device)}
-        for p in sweep.prompts
-    ]  # fmt: skip
+    conversations = [[{"role": "user", "content": p}] for p in sweep.prompts]
+    replies = greedy_answers(
+        model, tokenizer, conversations, template, sweep.max_new_tokens, device
+    )
+    return [{"prompt": p, "answer": a} for p, a in zip(sweep.prompts, replies, strict=True)]
 
 
 def _load_final(run: RunConfig, final: Path):

@@ -89,7 +89,58 @@ def _chat_template(model: nn.Module, tokenizer: Any) -> str | None:
     return getattr(model, "chat_template", None) or getattr(tokenizer, "chat_template", None)
 
 
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]], template: str | None) -> list[int]:
+    """The token ids that prompt for the answer to a conversation (the template's, when given,
+    else the last message's text alone)."""
+    if template:
+        ids = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True,
+            return_tensors="pt", return_dict=True,
+        )["input_ids"]  # fmt: skip
+    else:
+        ids = tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
+    return ids[0].tolist()
+
+
 @torch.no_grad()
+def greedy_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    conversations: Sequence[list[dict[str, str]]],
+    template: str | None,
+    max_new_tokens: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to conversations (each ends with the user's message), in their order.
+
+    Prompts of similar length are generated together, left-padded, `batch_size` at a time; the
+    attention mask hides the padding, so each answer is the one its prompt gets alone.
+    """
+    device = torch.device(device)
+    prompts = [_prompt_ids(tokenizer, messages, template) for messages in conversations]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [""] * len(prompts)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            group = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, i in enumerate(group):
+                n = len(prompts[i])
+                ids[row, width - n :] = torch.tensor(prompts[i])
+                mask[row, width - n :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            )  # fmt: skip
+            for row, i in enumerate(group):
+                out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+    return out
+
+
 def generate_samples(
     model: nn.Module,
     tokenizer: Any,
@@ -98,37 +149,10 @@ def generate_samples(
     device: torch.device | str = "cpu",
 ) -> list[dict[str, str]]:
     """Greedy completions of `prompts` (as user turns of the chat template when there is one)."""
-    device = torch.device(device)
+    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
     template = _chat_template(model, tokenizer)
-    samples = []
-    with eval_mode(model):
-        for prompt in prompts:
-            if template:
-                ids = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}],
-                    chat_template=template,
-                    add_generation_prompt=True,
-                    return_tensors="pt",
-                    return_dict=True,
-                )["input_ids"]
-            else:
-                ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-            ids = ids.to(device)
-            pad = (
-                tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else tokenizer.eos_token_id
-            )
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-            samples.append({"prompt": prompt, "completion": text})
-    return samples
+    replies = greedy_answers(model, tokenizer, conversations, template, max_new_tokens, device)
+    return [{"prompt": p, "completion": c} for p, c in zip(prompts, replies, strict=True)]
 
 
 def append_samples(path: Path, step: int, samples: list[dict[str, str]]) -> None:
