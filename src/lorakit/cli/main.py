@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         if _heavy(argv):
-            from lorakit.train.runtime import preload_tcmalloc
+            from lorakit.train.runtime import reexec_for_speed
 
-            preload_tcmalloc()  # re-execs this process with tcmalloc when it helps
+            reexec_for_speed()  # re-execs with tcmalloc and a short OpenMP spin when they help
     argv = list(argv) or ["--help"]  # bare `lorakit`: the overview, exit code 0
     try:
         code = app(args=argv, prog_name="lorakit", standalone_mode=False)

@@ -9,7 +9,8 @@ summed over the active adapters. A transformers `Conv1D` stores W as (in × out)
 (`fan_in_fan_out`); an `nn.Embedding` uses A (r × num_embeddings) and B (dim × r) and looks A up
 by token id. With a per-row plan set (`set_rows`, see `rows.py`), each batch row gets only its
 own adapter. A DoRA adapter (`use_dora`) also has a magnitude per output row (see `dora.py`);
-PiSSA / OLoRA / LoftQ initialise from the base weight and change it (see `inits.py`).
+PiSSA / OLoRA / LoftQ initialise from the base weight and change it (see `inits.py`). Layers
+that read the same input (q, k, v; gate, up) share one dropout mask on it (`shared.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.lora import dora, inits
+from lorakit.lora import dora, inits, shared
 from lorakit.lora.rows import RowPlan
 from lorakit.ops import FEW_ROWS, few_rows
 
@@ -237,7 +238,7 @@ class LoraLinear(nn.Module):
         autocast = torch.is_autocast_enabled(result.device.type)
         if self.kind == EMBEDDING or not (same_dtype or autocast):
             return result + self._delta(x, name, result.dtype)
-        h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
+        h = F.linear(shared.dropped(self, x, name), a)  # (..., r)
         flat, h = result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1])
         if torch.is_grad_enabled() or autocast:  # in-place ops are not autocast
             return torch.addmm(flat, h, b.T, alpha=self.scaling[name]).view(result.shape)
@@ -305,7 +306,7 @@ class LoraLinear(nn.Module):
             h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
                             base.scale_grad_by_freq, base.sparse)  # fmt: skip
             return (h @ b.T * self.scaling[name]).to(dtype)  # (..., dim)
-        x = self.lora_dropout[name](x)
+        x = shared.dropped(self, x, name)
         h = F.linear(x.to(a.dtype), a) * self.scaling[name]  # (..., r)
         return F.linear(h, b).to(dtype)  # (..., out)
 

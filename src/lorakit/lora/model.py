@@ -16,6 +16,7 @@ from torch import nn
 
 import lorakit.lora.adapters as files
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.lora import shared
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.hf_face import HFFace
@@ -242,17 +243,23 @@ class LoraModel(HFFace):
     # ---------------------------------------------------------------- running
     def __call__(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Call the wrapped model; `adapter_names` gives one adapter per batch row."""
-        if adapter_names is None:
-            return self.base_model.model(*args, **kwargs)
-        with self.mixed_adapters(adapter_names):
-            return self.base_model.model(*args, **kwargs)
+        try:
+            if adapter_names is None:
+                return self.base_model.model(*args, **kwargs)
+            with self.mixed_adapters(adapter_names):
+                return self.base_model.model(*args, **kwargs)
+        finally:
+            shared.clear()  # the layers' shared input is this forward's only
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate`, optionally with one adapter per batch row."""
-        if adapter_names is None:
-            return self.base_model.model.generate(*args, **kwargs)
-        with self.mixed_adapters(adapter_names):
-            return self.base_model.model.generate(*args, **kwargs)
+        try:
+            if adapter_names is None:
+                return self.base_model.model.generate(*args, **kwargs)
+            with self.mixed_adapters(adapter_names):
+                return self.base_model.model.generate(*args, **kwargs)
+        finally:
+            shared.clear()
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its target layers hold LoRA wrappers)."""

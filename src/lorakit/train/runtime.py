@@ -1,4 +1,5 @@
-"""The process around a training run: seeds, torchrun, allocator, precision, memory, preflight."""
+"""The process around a training run: seeds, torchrun, allocator and OpenMP waiting, precision,
+memory, preflight."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import resource
 import signal
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,10 @@ from torch import nn
 from lorakit.errors import ConfigError
 
 NO_TCMALLOC_ENV = "LORAKIT_NO_TCMALLOC"
-_REEXEC_ENV = "LORAKIT_TCMALLOC_REEXEC"
+NO_WAIT_POLICY_ENV = "LORAKIT_NO_WAIT_POLICY"
+WAIT_POLICY = {"GOMP_SPINCOUNT": "10000"}
+_OPENMP_WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_REEXEC_ENV = "LORAKIT_REEXEC"
 _TCMALLOC_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
     "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -46,21 +51,39 @@ def tcmalloc_loaded() -> bool:
         return "tcmalloc" in os.environ.get("LD_PRELOAD", "")
 
 
-def preload_tcmalloc(argv: list[str] | None = None) -> bool:
-    """Re-exec this process with tcmalloc preloaded when it is installed and not loaded yet.
+def startup_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables the CLI adds to `environ` before torch loads; {} when there is nothing to add.
 
-    Call first thing at CLI startup: CPU training is 1.25-1.75x faster with it. Set
-    LORAKIT_NO_TCMALLOC=1 to opt out. Returns False when nothing was done (it does not return
-    at all when it re-execs).
+    - LD_PRELOAD gains tcmalloc when it is installed and not loaded yet: CPU training is
+      1.25-1.75x faster with it. LORAKIT_NO_TCMALLOC=1 opts out.
+    - WAIT_POLICY for GNU OpenMP (torch's intra-op threads, MKL, oneDNN): a thread that waits
+      for the others spins for a short while, then sleeps. libgomp's own default spins for
+      ~3 ms, which on a CPU shared with other work burns the time slices the other threads
+      need (docs/benchmarks.md has the numbers). The user's OMP_WAIT_POLICY or GOMP_SPINCOUNT
+      wins; LORAKIT_NO_WAIT_POLICY=1 keeps libgomp's default.
     """
-    if os.environ.get(NO_TCMALLOC_ENV) or os.environ.get(_REEXEC_ENV) or tcmalloc_loaded():
+    changes = {}
+    if not environ.get(NO_WAIT_POLICY_ENV) and not any(k in environ for k in _OPENMP_WAIT_ENV):
+        changes.update(WAIT_POLICY)
+    lib = None if environ.get(NO_TCMALLOC_ENV) or tcmalloc_loaded() else find_tcmalloc()
+    if lib is not None:
+        changes["LD_PRELOAD"] = ":".join(p for p in (lib, environ.get("LD_PRELOAD", "")) if p)
+    return changes
+
+
+def reexec_for_speed(argv: list[str] | None = None) -> bool:
+    """Re-exec this process once with `startup_env`'s additions (Linux only).
+
+    Call first thing at CLI startup: libgomp and the allocator read their settings only when
+    they are loaded, which `import torch` has done by now. Returns False when nothing was done
+    (it does not return at all when it re-execs).
+    """
+    if os.environ.get(_REEXEC_ENV) or not sys.platform.startswith("linux"):
         return False
-    lib = find_tcmalloc()
-    if lib is None or not sys.platform.startswith("linux"):
+    changes = startup_env(os.environ)
+    if not changes:
         return False
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    env[_REEXEC_ENV] = "1"  # never loop, even if the preload silently fails
+    env = {**os.environ, **changes, _REEXEC_ENV: "1"}  # never loop, even if a preload fails
     args = (
         argv if argv is not None else list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
     )
