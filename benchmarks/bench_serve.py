@@ -12,7 +12,16 @@ generated tokens per second, prefill included:
 - peft mixed: peft's `generate(..., adapter_names=[...])` on the same model and adapter files
 
 Scenarios are interleaved `--repeats` times; the median tokens/s is printed, and each ratio is
-the median of the ratios within a round. Usage:
+the median of the ratios within a round. Then the decode step alone, against what memory allows:
+
+- decode step: (time for --new-tokens tokens - time for 1 token) / (--new-tokens - 1), so the
+  prefill cancels out; for the 8-mixed batch and for a single request (with its time to first
+  token, which is prefill plus one step)
+- memory-bandwidth limit: the time to read, once, the bytes a decode step must read (the base
+  model's weights and the adapters' A and B), measured in the same run by summing every one of
+  those tensors; a step can be no faster than that. The share printed is limit / step.
+
+Usage:
 
     python benchmarks/bench_serve.py [--layers 30] [--requests 8] [--prompt-len 64]
         [--new-tokens 32] [--repeats 3] [--dtype float32] [--threads N]
@@ -121,6 +130,41 @@ def run_peft(model, prompts: list[list[int]], adapters: list[str], new: int, out
     return seconds
 
 
+def read_time(tensors: list[torch.Tensor], repeats: int = 5) -> float:
+    """Seconds to read these tensors once (a sum over each; the median of `repeats`)."""
+    with torch.inference_mode():
+        for t in tensors:  # warm-up: pages touched, threads started
+            t.sum()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for t in tensors:
+                t.sum()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_bytes(state) -> list[torch.Tensor]:
+    """The tensors one decode step reads: the base weights and every adapter's A and B."""
+    model = state.host.forward_model  # the base model with the LoRA layers inside
+    seen, out = set(), []
+    for param in model.parameters():
+        if id(param) not in seen:  # tied embeddings: read once
+            seen.add(id(param))
+            out.append(param.detach())
+    return out
+
+
+def decode_steps(state, prompts, adapters, new: int, repeats: int) -> tuple[float, float]:
+    """(time to first token, seconds per decode step), medians over `repeats` interleaved."""
+    first, full = [], []
+    for _ in range(repeats):
+        first.append(run_engine(state, prompts, adapters, 1))
+        full.append(run_engine(state, prompts, adapters, new))
+    t1, tn = statistics.median(first), statistics.median(full)
+    return t1, (tn - t1) / (new - 1)
+
+
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,7 +222,6 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, scenario in scenarios.items():
             times[name].append(scenario())
-    state.engine.shutdown()
 
     tokens = args.requests * args.new_tokens
     print(
@@ -204,6 +247,24 @@ def main() -> None:
         )
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
     print(f"greedy tokens identical to peft's mixed batch: {same}/{len(ours)} requests")
+    report_decode(state, prompts, mixed, args)
+    state.engine.shutdown()
+
+
+def report_decode(state, prompts: list[list[int]], mixed: list[str], args) -> None:
+    """Decode step time of the 8-mixed batch and of one request, against the bandwidth limit."""
+    tensors = step_bytes(state)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    limit = read_time(tensors)
+    print(f"one decode step reads {size / 1e9:.3f} GB: {1e3 * limit:.1f} ms at the "
+          f"{size / limit / 1e9:.1f} GB/s measured now (the memory-bandwidth limit)")  # fmt: skip
+    for label, rows, names in [
+        (f"{len(prompts)} mixed", prompts, mixed),
+        ("1 request", prompts[:1], mixed[:1]),
+    ]:
+        first, step = decode_steps(state, rows, names, args.new_tokens, args.repeats)
+        print(f"{label:<10} decode step {1e3 * step:7.1f} ms ({100 * limit / step:4.1f}% of the "
+              f"limit), time to first token {1e3 * first:7.1f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -205,3 +205,22 @@ def test_reading_finds_plateau_and_overfitting():
     text = reading(SimpleNamespace(axes=["lora.r"]), records, baseline=None)
     assert any("stops improving above r=8" in line for line in text)
     assert any(line.startswith("r=64 overfits from step 10") for line in text)
+
+
+def test_reading_names_the_cheapest_variant_close_to_the_best_and_the_noise():
+    records = [
+        {"name": name, "status": "finished", "overrides": {"variant": name}, "method": "lora",
+         "trainable_params": params, "exact_match": score, "exact_match_questions": 100}
+        for name, params, score in [("q", 100, 0.20), ("attention", 400, 0.50),
+                                    ("attention+mlp", 1000, 0.52)]
+    ]  # fmt: skip
+    text = reading(SimpleNamespace(axes=["variant"]), records, baseline=None)
+    assert (
+        "attention comes within 5 points of the best exact match (50.0% against "
+        "attention+mlp's 52.0%) with 40% of its trainable parameters" in text
+    )
+    # 100 answers: standard error sqrt(0.5 * 0.5 / 100) = 5 points
+    assert any("standard error is up to 5 points" in line and "~10 points" in line for line in text)
+    records[1]["exact_match"] = 0.40
+    text = reading(SimpleNamespace(axes=["variant"]), records, baseline=None)
+    assert any(line.startswith("attention+mlp has the best exact match (52.0%)") for line in text)

@@ -292,7 +292,9 @@ def _run_variant(sweep: Sweep, variant: Variant, show: Callable[[str], None]) ->
     """Train one variant; its record is written as variant.json, or error.json on failure."""
     from lorakit.jobs.finetune import run_training
     from lorakit.train.checkpoint import latest_checkpoint
+    from lorakit.train.runtime import release_memory, resolve_device
 
+    release_memory(resolve_device(variant.run.train.device))  # peak memory: this variant's own
     folder = variant.folder
     resume = "auto" if latest_checkpoint(folder / "checkpoints") is not None else None
     if resume is None and folder.exists():  # a failed or early-stopped try: start it afresh
@@ -458,9 +460,11 @@ def score_answers_fp32(model: Any, tokenizer: Any, eval_config: Any, run: RunCon
     """Exact match of greedy answers, computed in fp32 (the same for every variant)."""
     from lorakit.jobs.finetune import score_answers
 
-    return score_answers(
+    score = score_answers(
         model, tokenizer, eval_config, run.eval.max_new_tokens, device, precision="fp32"
     )
+    score["exact_match_questions"] = score.pop("answers")  # "answers" holds the prompts' answers
+    return score
 
 
 def _answers(sweep: Sweep, model: Any, tokenizer: Any, run: RunConfig, device: Any) -> list:

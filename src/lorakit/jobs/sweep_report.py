@@ -27,6 +27,7 @@ COLUMNS = [
 ]
 OVERFIT_RISE = 0.02  # final eval loss above its minimum by more than this share: overfitting
 PLATEAU = 0.01  # within this share of the best eval loss: no real improvement
+CLOSE = 0.05  # exact match within this many points of the best: as good, within the noise
 
 
 def write_report(sweep: Any, records: list[dict[str, Any]], baseline: dict | None = None) -> list:
@@ -179,8 +180,45 @@ def reading(sweep: Any, finished: list[dict[str, Any]], baseline: dict | None) -
         text = overfitting(record)
         if text:
             out.append(text)
+    out += cheapest_close_to_best(finished)
     out += full_vs_lora(finished, baseline)
+    out += score_noise(finished)
     return out
+
+
+def cheapest_close_to_best(finished: list[dict[str, Any]]) -> list[str]:
+    """The variant with the fewest trainable parameters whose exact match is within CLOSE of
+    the best."""
+    rows = [r for r in finished if r.get("exact_match") is not None and r.get("trainable_params")]
+    if len(rows) < 3:
+        return []
+    best = max(rows, key=lambda r: r["exact_match"])
+    close = [r for r in rows if r["exact_match"] >= best["exact_match"] - CLOSE]
+    cheapest = min(close, key=lambda r: r["trainable_params"])
+    if cheapest["trainable_params"] >= best["trainable_params"]:
+        return [
+            f"{best['name']} has the best exact match ({best['exact_match']:.1%}); every variant "
+            f"with fewer trainable parameters is more than {CLOSE * 100:.0f} points below it"
+        ]
+    share = cheapest["trainable_params"] / best["trainable_params"]
+    return [
+        f"{cheapest['name']} comes within {CLOSE * 100:.0f} points of the best exact match "
+        f"({cheapest['exact_match']:.1%} against {best['name']}'s {best['exact_match']:.1%}) with "
+        f"{share:.0%} of its trainable parameters"
+    ]
+
+
+def score_noise(finished: list[dict[str, Any]]) -> list[str]:
+    """How far apart two exact-match scores must be before they differ beyond chance."""
+    counts = [r["exact_match_questions"] for r in finished if r.get("exact_match_questions")]
+    if not counts:
+        return []
+    n = min(counts)
+    error = 0.5 / math.sqrt(n)  # the largest standard error of a share of n answers (at 50%)
+    return [
+        f"exact match is scored on {n} questions: its standard error is up to "
+        f"{error * 100:.0f} points, so differences under ~{2 * error * 100:.0f} points may be chance"
+    ]
 
 
 def _groups(finished: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
@@ -352,18 +390,24 @@ def _smooth(values: list[float], alpha: float = 0.8) -> list[float]:
     return out
 
 
-def _curves(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+def _style(plt, i: int) -> dict[str, str]:
+    """Line colour and dash of the i-th variant: the colours, then again dashed, then dotted."""
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dashes = ["-", "--", ":"]
+    return {"color": colors[i % len(colors)], "linestyle": dashes[i // len(colors) % 3]}
+
+
+def _curves(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4))
     for i, record in enumerate(finished):
-        color = colors[i % len(colors)]
+        style = _style(plt, i)
         train = record.get("curve", {}).get("train", [])
         evals = record.get("curve", {}).get("eval", [])
         if train:
-            left.plot([s for s, _ in train], _smooth([v for _, v in train]), color=color,
+            left.plot([s for s, _ in train], _smooth([v for _, v in train]), **style,
                       label=record["name"])  # fmt: skip
         if evals:
-            right.plot([s for s, _ in evals], [v for _, v in evals], "o-", color=color,
+            right.plot([s for s, _ in evals], [v for _, v in evals], marker="o", **style,
                        label=record["name"])  # fmt: skip
     left.set_title("train loss (smoothed)")
     right.set_title("eval loss")
@@ -373,7 +417,7 @@ def _curves(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
         values = [v for r in finished for _, v in r["curve"]["train"] if math.isfinite(v)]
         if values and min(values) > 0 and max(values) / min(values) > 10:  # spans a decade
             ax.set_yscale("log")
-    right.legend(fontsize=7, loc="upper right")
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     path = folder / "curves.png"
     fig.savefig(path, dpi=110)
@@ -382,17 +426,18 @@ def _curves(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
 
 
 def _gap(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for record in finished:
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, record in enumerate(finished):
         gap = record.get("gap", [])
         if gap:
-            ax.plot([s for s, _ in gap], [g for _, g in gap], "o-", label=record["name"])
+            ax.plot([s for s, _ in gap], [g for _, g in gap], marker="o", **_style(plt, i),
+                    label=record["name"])  # fmt: skip
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss − train loss")
     ax.set_title("generalisation gap")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     path = folder / "gap.png"
     fig.savefig(path, dpi=110)

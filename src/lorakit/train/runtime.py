@@ -59,8 +59,10 @@ def startup_env(environ: Mapping[str, str]) -> dict[str, str]:
     - WAIT_POLICY for GNU OpenMP (torch's intra-op threads, MKL, oneDNN): a thread that waits
       for the others spins for a short while, then sleeps. libgomp's own default spins for
       ~3 ms, which on a CPU shared with other work burns the time slices the other threads
-      need (docs/benchmarks.md has the numbers). The user's OMP_WAIT_POLICY or GOMP_SPINCOUNT
-      wins; LORAKIT_NO_WAIT_POLICY=1 keeps libgomp's default.
+      need: beside one busy process per core a step took 5.3x its quiet time with it, 3.0x
+      with this, at +3-5% on a quiet machine (OMP_WAIT_POLICY=PASSIVE: 2.7-3.0x, +16-21%;
+      docs/benchmarks.md). The user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins, and
+      OMP_NUM_THREADS is left to them; LORAKIT_NO_WAIT_POLICY=1 keeps libgomp's default.
     """
     changes = {}
     if not environ.get(NO_WAIT_POLICY_ENV) and not any(k in environ for k in _OPENMP_WAIT_ENV):
@@ -249,6 +251,24 @@ def peak_memory_mb(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand memory freed by Python objects back to the system (tcmalloc's or glibc's caches,
+    CUDA's cache), so that a peak measured next counts what the next job holds, not what an
+    earlier job in this process left cached."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    libc = ctypes.CDLL(None)
+    for symbol in ("MallocExtension_ReleaseFreeMemory", "malloc_trim"):  # tcmalloc, glibc
+        release = getattr(libc, symbol, None)
+        if release is not None:
+            release(*([0] if symbol == "malloc_trim" else []))
 
 
 def check_output_dir(path: Path, need_bytes: int) -> None:
