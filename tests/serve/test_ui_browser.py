@@ -62,7 +62,8 @@ def write_runs(root: Path) -> None:
     plan = {"axes": ["lora.r"], "variants": [{"name": "v1"}, {"name": "v2"}]}
     (sweep / "sweep.json").write_text(json.dumps(plan))
     hour_ago = time.time() - 3600
-    for path in [*(root / "done").iterdir(), *sweep.rglob("*")]:  # newest first: live
+    # newest first: live (a sweep is as new as its folder, which sweep.json just touched)
+    for path in [*(root / "done").iterdir(), root / "done", *sweep.rglob("*"), sweep]:
         os.utime(path, (hour_ago, hour_ago))
 
 
