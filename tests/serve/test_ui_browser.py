@@ -180,9 +180,11 @@ def test_chat_streams_an_answer(ui):
     page.select_option("#chat-model", "a")
     page.fill("#chat-params input[name=max_tokens]", "12")
     page.fill("#chat-params input[name=seed]", "1")
-    # count the answer's updates: a streamed answer arrives in more than one piece
+    # count the answer's updates (mutation records, not observer calls, which the browser
+    # batches): a streamed answer arrives in more than one piece
     page.evaluate(
-        """() => { window.updates = 0; new MutationObserver(() => window.updates++)
+        """() => { window.updates = 0;
+        new MutationObserver((records) => { window.updates += records.length; })
         .observe(document.querySelector('#chat-log'),
                  {subtree: true, childList: true, characterData: true}); }"""
     )
