@@ -1,13 +1,15 @@
 """Training throughput and peak memory: lorakit's loop against peft + transformers.
 
-Same base model, same data, same LoRA config (r=16, alpha=32, dropout 0, all 7 projections),
-batch 8 x 256, AdamW, one optimizer step per batch. Each configuration runs in its own
+Same base model, same data, same LoRA config (`--adapter`: r=16 on all 7 projections, or r=8
+on q,v; alpha = 2r; `--dropout`, 0 by default), batch 8 x 256, AdamW, one optimizer step per batch. Each configuration runs in its own
 subprocess; peft runs twice, with the default allocator and with tcmalloc preloaded
 (LD_PRELOAD); lorakit's worker calls `preload_tcmalloc()` at startup, as the CLI does.
 
     python benchmarks/bench_train.py                       # built-in 135M model + tiny model
     python benchmarks/bench_train.py --models tiny --steps 5
     python benchmarks/bench_train.py --json results.json
+    python benchmarks/bench_train.py --models builtin --cases fixed-fp32,variable-fp32 \
+        --dropout 0.05 --adapter all-r16,qv-r8
     python benchmarks/bench_train.py --interleaved --models builtin --cases fixed-fp32 --rows 2
     python benchmarks/bench_train.py --contention 2 --models builtin --cases fixed-fp32 \
         --omp-policy unset,lorakit,passive --threads default,1
@@ -46,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {"all-r16": (16, TARGETS), "qv-r8": (8, ["q_proj", "v_proj"])}  # rank, targets
 BATCH, LENGTH = 8, 256
 OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "LORAKIT_NO_WAIT_POLICY")
 # a busy process: pure CPU, no memory traffic; it stops by itself once the driver is gone
@@ -117,8 +120,9 @@ def run_lorakit(args, model, batches) -> dict:
     from lorakit import LoraConfig, get_peft_model
     from lorakit.train import TrainConfig, train
 
-    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                            target_modules=TARGETS))  # fmt: skip
+    r, targets = ADAPTERS[args.adapter]
+    lora = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout,
+                                            target_modules=targets))  # fmt: skip
     config = TrainConfig(precision=args.precision, max_steps=len(batches), shuffle=False, plots=False,
                          lr=1e-4, scheduler="constant", progress="none", tensorboard=False,
                          device="cpu")  # fmt: skip
@@ -139,7 +143,9 @@ def run_peft(args, model, batches) -> dict:
 
     from lorakit.train.runtime import peak_memory_mb, reset_peak_memory
 
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    r, targets = ADAPTERS[args.adapter]
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout,
+                             target_modules=targets)  # fmt: skip
     model = peft.get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -205,8 +211,12 @@ def interleaved(args) -> None:
     twin = copy.deepcopy(base)
     batch = make_batches(base.config.vocab_size, False, False, 1)[0]
     batch = {k: v[: args.rows] for k, v in batch.items() if v is not None}
-    ours = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
-    theirs = peft.get_peft_model(twin, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    r, targets = ADAPTERS[args.adapter.split(",")[0]]
+    common = {"r": r, "lora_alpha": 2 * r, "lora_dropout": args.dropout, "target_modules": targets}
+    ours = get_peft_model(base, LoraConfig(**common))
+    theirs = peft.get_peft_model(twin, peft.LoraConfig(**common))
+    ours.train()
+    theirs.train()  # dropout draws only in training mode
     precision = args.cases.split(",")[0].split("-")[1]
 
     def lorakit_step() -> None:
@@ -277,7 +287,8 @@ def run_config(model: str, engine: str, precision: str, data: str, allocator: st
         env["LD_PRELOAD"] = lib
     command = [sys.executable, __file__, "--worker", "--model", model, "--engine", engine,
                "--precision", precision, "--data", data, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]  # fmt: skip
+               "--warmup", str(args.warmup), "--dropout", str(args.dropout),
+               "--adapter", args.adapter]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -355,6 +366,12 @@ def main() -> None:
         default="fixed-bf16,fixed-fp32,variable-bf16",
         help="comma list of <fixed|variable>-<bf16|fp32>",
     )
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout of both engines")
+    parser.add_argument(
+        "--adapter",
+        default="all-r16",
+        help="comma list of " + ", ".join(ADAPTERS) + " (rank and target modules)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
         "--interleaved",
@@ -394,46 +411,54 @@ def main() -> None:
             openmp_env(policy, threads)
     except ValueError as error:
         parser.error(str(error))
+    adapters = args.adapter.split(",")
+    unknown = [a for a in adapters if a not in ADAPTERS]
+    if unknown:
+        parser.error(f"--adapter {','.join(unknown)}: expected one of {', '.join(ADAPTERS)}")
     if args.contention:
-        results = contention(args)
+        results = contention(argparse.Namespace(**{**vars(args), "adapter": adapters[0]}))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return
     results = []
-    print(f"batch {BATCH} x {LENGTH}, r=16 on {len(TARGETS)} projections, {args.steps} timed "
-          f"steps after {args.warmup} warmup, {os.cpu_count()} CPUs")  # fmt: skip
-    header = (f"{'model':8} {'case':14} {'engine':18} {'tok/s':>8} {'s/step':>7} "
+    import torch
+
+    print(f"batch {BATCH} x {LENGTH}, lora_dropout {args.dropout}, {args.steps} timed steps after "
+          f"{args.warmup} warmup, {os.cpu_count()} CPUs "
+          f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")  # fmt: skip
+    header = (f"{'model':8} {'adapter':8} {'case':14} {'engine':18} {'tok/s':>8} {'s/step':>7} "
               f"{'cpu-s/step':>10} {'tok/cpu-s':>9} {'peak MB':>8}")  # fmt: skip
     print(header)
-    for model in args.models.split(","):
-        for case in args.cases.split(","):
-            data, precision = case.split("-")
-            row = {"model": model, "case": case}
-            for engine, allocator in (
-                ("lorakit", "auto"),
-                ("peft", "default"),
-                ("peft", "tcmalloc"),
-            ):
-                name = f"{engine}+{allocator}" if engine == "peft" else "lorakit"
-                out = run_config(model, engine, precision, data, allocator, args)
-                row[name] = out
-                if "error" in out:
-                    print(f"{model:8} {case:14} {name:18} error: {out['error']}", flush=True)
-                    continue
-                # CPU seconds are the steadier measure on a shared machine
-                out["tokens_per_cpu_s"] = out["tokens_per_s"] * out["step_s"] / out["cpu_s"]
-                print(f"{model:8} {case:14} {name:18} {out['tokens_per_s']:8.0f} "
-                      f"{out['step_s']:7.2f} {out['cpu_s']:10.2f} {out['tokens_per_cpu_s']:9.0f} "
-                      f"{out['peak_mb']:8.0f}", flush=True)  # fmt: skip
-            lk, best_peft = row["lorakit"], row.get("peft+tcmalloc", {})
-            if "error" not in lk and "tokens_per_s" in best_peft:
-                row["speed_ratio"] = lk["tokens_per_s"] / best_peft["tokens_per_s"]
-                row["cpu_ratio"] = lk["tokens_per_cpu_s"] / best_peft["tokens_per_cpu_s"]
-                row["memory_ratio"] = lk["peak_mb"] / best_peft["peak_mb"]
-                print(f"{'':8} {case:14} lorakit / peft+tcmalloc: {row['speed_ratio']:.2f}x "
-                      f"tokens/s, {row['cpu_ratio']:.2f}x tokens/cpu-s, "
-                      f"{row['memory_ratio']:.2f}x peak memory", flush=True)  # fmt: skip
-            results.append(row)
+    for model, adapter, case in itertools.product(args.models.split(","), adapters,
+                                                  args.cases.split(",")):  # fmt: skip
+        one = argparse.Namespace(**{**vars(args), "adapter": adapter})
+        data, precision = case.split("-")
+        row = {"model": model, "adapter": adapter, "dropout": args.dropout, "case": case}
+        for engine, allocator in (
+            ("lorakit", "auto"),
+            ("peft", "default"),
+            ("peft", "tcmalloc"),
+        ):
+            name = f"{engine}+{allocator}" if engine == "peft" else "lorakit"
+            out = run_config(model, engine, precision, data, allocator, one)
+            row[name] = out
+            if "error" in out:
+                print(f"{model:8} {adapter:8} {case:14} {name:18} error: {out['error']}")
+                continue
+            # CPU seconds are the steadier measure on a shared machine
+            out["tokens_per_cpu_s"] = out["tokens_per_s"] * out["step_s"] / out["cpu_s"]
+            print(f"{model:8} {adapter:8} {case:14} {name:18} {out['tokens_per_s']:8.0f} "
+                  f"{out['step_s']:7.2f} {out['cpu_s']:10.2f} {out['tokens_per_cpu_s']:9.0f} "
+                  f"{out['peak_mb']:8.0f}", flush=True)  # fmt: skip
+        lk, best_peft = row["lorakit"], row.get("peft+tcmalloc", {})
+        if "error" not in lk and "tokens_per_s" in best_peft:
+            row["speed_ratio"] = lk["tokens_per_s"] / best_peft["tokens_per_s"]
+            row["cpu_ratio"] = lk["tokens_per_cpu_s"] / best_peft["tokens_per_cpu_s"]
+            row["memory_ratio"] = lk["peak_mb"] / best_peft["peak_mb"]
+            print(f"{'':8} {adapter:8} {case:14} lorakit / peft+tcmalloc: "
+                  f"{row['speed_ratio']:.2f}x tokens/s, {row['cpu_ratio']:.2f}x tokens/cpu-s, "
+                  f"{row['memory_ratio']:.2f}x peak memory", flush=True)  # fmt: skip
+        results.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
