@@ -1,9 +1,10 @@
 """Training throughput and peak memory: lorakit's loop against peft + transformers.
 
 Same base model, same data, same LoRA config (`--adapter`: r=16 on all 7 projections, or r=8
-on q,v; alpha = 2r; `--dropout`, 0 by default), batch 8 x 256, AdamW, one optimizer step per batch. Each configuration runs in its own
-subprocess; peft runs twice, with the default allocator and with tcmalloc preloaded
-(LD_PRELOAD); lorakit's worker calls `preload_tcmalloc()` at startup, as the CLI does.
+on q,v; alpha = 2r; `--dropout`, 0 by default), batch 8 x 256, AdamW, one optimizer step per
+batch. Each configuration runs in its own subprocess; peft runs twice, with the default
+allocator and with tcmalloc preloaded (LD_PRELOAD); lorakit's worker calls
+`preload_tcmalloc()` at startup, as the CLI does.
 
     python benchmarks/bench_train.py                       # built-in 135M model + tiny model
     python benchmarks/bench_train.py --models tiny --steps 5
@@ -403,6 +404,10 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    adapters = args.adapter.split(",")
+    unknown = [a for a in adapters if a not in ADAPTERS]
+    if unknown:
+        parser.error(f"--adapter {','.join(unknown)}: expected one of {', '.join(ADAPTERS)}")
     if args.interleaved:
         interleaved(args)
         return
@@ -411,10 +416,6 @@ def main() -> None:
             openmp_env(policy, threads)
     except ValueError as error:
         parser.error(str(error))
-    adapters = args.adapter.split(",")
-    unknown = [a for a in adapters if a not in ADAPTERS]
-    if unknown:
-        parser.error(f"--adapter {','.join(unknown)}: expected one of {', '.join(ADAPTERS)}")
     if args.contention:
         results = contention(argparse.Namespace(**{**vars(args), "adapter": adapters[0]}))
         if args.json:
