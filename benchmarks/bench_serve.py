@@ -18,13 +18,14 @@ the median of the ratios within a round. Then the decode step alone, against wha
   prefill cancels out; for the 8-mixed batch and for a single request (with its time to first
   token, which is prefill plus one step)
 - memory-bandwidth limit: the time to read, once, the bytes a decode step must read (the base
-  model's weights and the adapters' A and B), measured in the same run by summing every one of
-  those tensors; a step can be no faster than that. The share printed is limit / step.
+  model's weights and the adapters' A and B), at the bandwidth measured in the same run by
+  summing one contiguous buffer of that size; a step can be no faster than that. The share
+  printed is limit / step.
 
 Usage:
 
     python benchmarks/bench_serve.py [--layers 30] [--requests 8] [--prompt-len 64]
-        [--new-tokens 32] [--repeats 3] [--dtype float32] [--threads N]
+        [--new-tokens 32] [--repeats 3] [--dtype float32] [--threads N] [--no-prepack]
 """
 
 from __future__ import annotations
@@ -130,18 +131,19 @@ def run_peft(model, prompts: list[list[int]], adapters: list[str], new: int, out
     return seconds
 
 
-def read_time(tensors: list[torch.Tensor], repeats: int = 5) -> float:
-    """Seconds to read these tensors once (a sum over each; the median of `repeats`)."""
+def read_time(nbytes: int, repeats: int = 5) -> float:
+    """Seconds to read `nbytes` once at this machine's memory bandwidth: a sum over one
+    contiguous fp32 buffer of that size, the fastest of `repeats` (per-tensor reads would add
+    thousands of small ops' overhead to the limit and flatter the share)."""
+    buffer = torch.ones(nbytes // 4)
     with torch.inference_mode():
-        for t in tensors:  # warm-up: pages touched, threads started
-            t.sum()
+        buffer.sum()  # warm-up: pages touched, threads started
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            for t in tensors:
-                t.sum()
+            buffer.sum()
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def step_bytes(state) -> list[torch.Tensor]:
@@ -176,6 +178,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-prepack", action="store_true", help="serve without prepacked weights")
     return parser.parse_args()
 
 
@@ -186,7 +189,7 @@ def setup(args: argparse.Namespace):
     paths = save_adapters(base, root, args.rank)
     state = build_state(
         copy.deepcopy(base), _NoTokenizer(), base_name="base", adapters=paths,
-        max_batch=args.requests, threads=args.threads,
+        max_batch=args.requests, threads=args.threads, prepack=not args.no_prepack,
     )  # fmt: skip
     state.engine.eos_token_ids = set()  # always generate exactly --new-tokens
     reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a0"], adapter_name="a0")
@@ -227,7 +230,9 @@ def main() -> None:
     print(
         f"SmolLM2-135M shape, {args.layers} layers, {args.dtype}, {args.requests} requests x "
         f"{args.prompt_len} prompt tokens -> {args.new_tokens} new tokens, r={args.rank} on 7 "
-        f"projections, torch threads {torch.get_num_threads()}, median of {args.repeats}"
+        f"projections, torch threads {torch.get_num_threads()}, median of {args.repeats}, "
+        f"CPU {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, prepacked "
+        f"linears {state.host.prepacked.nbytes / 1e9:.3f} GB"
     )
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
     for name, value in rate.items():
@@ -253,9 +258,8 @@ def main() -> None:
 
 def report_decode(state, prompts: list[list[int]], mixed: list[str], args) -> None:
     """Decode step time of the 8-mixed batch and of one request, against the bandwidth limit."""
-    tensors = step_bytes(state)
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    limit = read_time(tensors)
+    size = sum(t.numel() * t.element_size() for t in step_bytes(state))
+    limit = read_time(size)
     print(f"one decode step reads {size / 1e9:.3f} GB: {1e3 * limit:.1f} ms at the "
           f"{size / limit / 1e9:.1f} GB/s measured now (the memory-bandwidth limit)")  # fmt: skip
     for label, rows, names in [

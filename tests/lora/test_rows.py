@@ -1,4 +1,4 @@
-"""Per-row adapters (`lorakit.lora.rows`) and the few-row linear form (`lorakit.ops.few_rows_linear`).
+"""Per-row adapters (`lorakit.lora.rows`) and prepacked linear layers (`lorakit.ops.PrepackedLinears`).
 
 The packed and block paths are checked against the grouped path and against each row run alone
 with `set_adapter`, the definition of what a mixed batch must compute.
@@ -15,7 +15,7 @@ from conftest import make_tiny_llama
 from lorakit import LoraConfig, get_peft_model
 from lorakit.lora.layers import LoraLinear
 from lorakit.lora.rows import RowPlan
-from lorakit.ops import FEW_ROWS, FewRowsLinear, few_rows, few_rows_linear, few_rows_linears
+from lorakit.ops import FEW_ROWS, PrepackedLinear, PrepackedLinears, few_rows, prepack_weight
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -145,15 +145,31 @@ def test_packed_snapshot_and_row_count_errors():
         model(input_ids=torch.zeros(3, 2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, FEW_ROWS, FEW_ROWS + 1, 64])
+@pytest.mark.parametrize("rows", [1, 2, 8, FEW_ROWS + 1, 64])
 @pytest.mark.parametrize("bias", [True, False])
-def test_few_rows_linear_equals_f_linear(rows, bias):
+def test_prepacked_linear_equals_f_linear(rows, bias):
     layer = nn.Linear(48, 80, bias=bias)
+    packs = PrepackedLinears([layer])
+    if not packs.linears:
+        pytest.skip("this torch build has no oneDNN prepacked linear")
     x = torch.randn(rows, 1, 48)
-    with torch.no_grad():
-        got = few_rows_linear(x, layer.weight, layer.bias)
+    with torch.no_grad(), packs.active():
+        assert type(layer) is PrepackedLinear
+        got = layer(x)
     torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    assert got.shape == (rows, 1, 80) and got.is_contiguous()
+    assert got.shape == (rows, 1, 80) and type(layer) is nn.Linear
+
+
+def test_prepacked_linear_keeps_autograd_and_other_dtypes_plain():
+    layer = nn.Linear(8, 4)
+    packs = PrepackedLinears([layer])
+    x = torch.randn(3, 8, requires_grad=True)
+    with packs.active():
+        layer(x).sum().backward()  # autograd on: F.linear, gradients flow
+    assert x.grad is not None and layer.weight.grad is not None
+    assert prepack_weight(torch.randn(4, 8, dtype=torch.bfloat16)) is None
+    assert prepack_weight(torch.randn(4, 8, 2)) is None
+    assert PrepackedLinears([nn.Linear(8, 4).to(torch.float64)]).linears == []
 
 
 def test_few_rows_only_outside_autograd_on_cpu():
@@ -164,15 +180,16 @@ def test_few_rows_only_outside_autograd_on_cpu():
         assert not few_rows(torch.randn(FEW_ROWS + 1, 4))
 
 
-def test_few_rows_linears_swap_and_restore():
+def test_prepacked_linears_swap_and_restore():
     model = make_tiny_llama()
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    packs = PrepackedLinears([m for m in model.modules() if type(m) is nn.Linear])
     ids = torch.randint(0, 128, (4, 1))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        with few_rows_linears(linears):
-            assert all(type(m) is FewRowsLinear for m in linears)
+        with packs.active():
+            assert all(type(m) is PrepackedLinear for m in packs.linears)
             fast = model(input_ids=ids).logits
-    assert all(type(m) is nn.Linear for m in linears)
+    assert all(type(m) is nn.Linear for m in packs.linears)
     assert model.lm_head.weight is model.get_output_embeddings().weight
+    assert packs.nbytes == sum(m.weight.numel() * 4 for m in packs.linears)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

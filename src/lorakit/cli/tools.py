@@ -185,6 +185,13 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str, typer.Option()] = "float32",
     device: Annotated[str, typer.Option()] = "cpu",
+    prepack: Annotated[
+        bool,
+        typer.Option(
+            help="Keep a oneDNN-prepacked copy of fp32 CPU linear weights: faster decoding, "
+            "as much memory again as those weights."
+        ),
+    ] = True,
 ) -> None:
     """Serve the base model and adapters with an OpenAI-compatible API."""
     from lorakit.serve import serve_main
@@ -194,7 +201,7 @@ def serve(
             base, list(adapter or []), host=host, port=port, api_key=api_key, max_batch=max_batch,
             adapters_root=adapters_root, allow_runtime_loading=allow_runtime_loading,
             allow_insecure_bind=allow_insecure_bind, dtype=dtype, device=device,
-            max_model_len=max_model_len, served_model_name=served_model_name,
+            max_model_len=max_model_len, served_model_name=served_model_name, prepack=prepack,
         )  # fmt: skip
     except ImportError as missing:  # the serve extra is not installed
         raise LorakitError(str(missing)) from None

@@ -93,6 +93,7 @@ def build_state(
     chat_template: str | None = None,
     threads: int | None = None,
     packed: bool = True,
+    prepack: bool = True,
 ):
     """Load the adapters into the model and start the engine; returns the app's ServerState."""
     from lorakit.serve.app import ServerState
@@ -108,7 +109,7 @@ def build_state(
     from lorakit.models import chat_template_of
 
     chat = chat_template or chat_template_of(tokenizer)
-    host = ModelHost(model, base_name, chat, packed=packed)
+    host = ModelHost(model, base_name, chat, packed=packed, prepack=prepack)
     for name, path in (adapters or {}).items():
         host.load(name, path)  # raises with the reason; the server does not start
         log.info("adapter %s loaded from %s", name, path)
@@ -150,6 +151,7 @@ def serve_main(
     max_body_bytes: int = 1 << 20,
     served_model_name: str | None = None,
     threads: int | None = None,
+    prepack: bool = True,
     extend: Callable[[Any], None] | None = None,
     open_paths: frozenset[str] = frozenset(),
     banner: str | None = None,
@@ -187,6 +189,7 @@ def serve_main(
             adapters_root=adapters_root,
             allow_runtime_loading=allow_runtime_loading,
             threads=threads,
+            prepack=prepack,
         )
     app = create_app(
         state, api_key=api_key, max_body_bytes=max_body_bytes, extend=extend, open_paths=open_paths

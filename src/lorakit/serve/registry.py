@@ -17,7 +17,7 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.lora.adapters import read_chat_template
 from lorakit.lora.rows import BASE as BASE_ROW
 from lorakit.lora.rows import PackedAdapters
-from lorakit.ops import few_rows_linears
+from lorakit.ops import PrepackedLinears
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 
@@ -41,6 +41,7 @@ class ModelHost:
         base_name: str,
         chat_template: str | None = None,
         packed: bool = True,
+        prepack: bool = True,
     ) -> None:
         self.base, self.base_name, self.chat_template = base, base_name, chat_template
         self.lora = None  # a lorakit LoraModel once the first adapter is loaded
@@ -48,12 +49,9 @@ class ModelHost:
         self.lock = threading.RLock()
         self.created = int(time.time())
         self.packed = packed  # False: always the core's grouped rows (see lorakit.lora.rows)
-        # the decode step's plain linear layers (see lorakit.ops.few_rows); CPU only
-        self._linears = [
-            m
-            for m in base.modules()
-            if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-        ]
+        # the base's plain fp32 CPU linear layers, prepacked for decode steps (lorakit.ops)
+        linears = [m for m in base.modules() if type(m) is torch.nn.Linear] if prepack else []
+        self.prepacked = PrepackedLinears(linears)
         self._packed: PackedAdapters | None = None
         self._version = 0  # bumped by every load and unload
         self._packed_version = -1
@@ -70,8 +68,8 @@ class ModelHost:
 
     @contextlib.contextmanager
     def decode(self, rows: list[str]) -> Iterator[None]:
-        """Context for a decode step: per-row adapters, and few-row linear layers on CPU."""
-        with few_rows_linears(self._linears), self.rows(rows):
+        """Context for a decode step: per-row adapters, and prepacked linear layers on CPU."""
+        with self.prepacked.active(), self.rows(rows):
             yield
 
     def rows(self, rows: list[str]):
