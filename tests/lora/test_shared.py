@@ -55,8 +55,8 @@ def test_a_llama_block_draws_one_mask_per_distinct_input(monkeypatch):
     model = get_peft_model(make_tiny_llama(layers=2), LoraConfig(r=4, target_modules=ALL,
                                                                   lora_dropout=0.1))  # fmt: skip
     draws = []
-    forward = nn.Dropout.forward
-    monkeypatch.setattr(nn.Dropout, "forward", lambda self, x: draws.append(x) or forward(self, x))
+    keep_mask = shared.keep_mask
+    monkeypatch.setattr(shared, "keep_mask", lambda *a: draws.append(a) or keep_mask(*a))
     model.train()
     model(input_ids=torch.randint(0, 128, (2, 9)))
     assert len(draws) == 4 * 2
@@ -90,3 +90,34 @@ def test_checkpointed_training_with_dropout_matches_the_plain_run(reentrant):
     plain, checkpointed = run(False), run(True)
     for name, grad in plain.items():
         assert torch.allclose(checkpointed[name], grad, atol=1e-6), name
+
+
+def test_keep_mask_keeps_each_element_with_probability_one_minus_rate():
+    torch.manual_seed(0)
+    n = 2_000_000
+    for rate in (0.05, 0.5):
+        kept = shared.keep_mask((n,), rate).double().mean().item()
+        # binomial standard deviation sqrt(p(1-p)/n) is at most 3.5e-4 here: 5 sigma
+        assert abs(kept - (1 - rate)) < 5 * (rate * (1 - rate) / n) ** 0.5
+    # neighbouring elements (the two halves of one 64-bit draw) are independent
+    keep = shared.keep_mask((n,), 0.5).view(-1, 2).double()
+    both = (keep[:, 0] * keep[:, 1]).mean().item()
+    assert abs(both - 0.25) < 5 * (0.25 * 0.75 / (n // 2)) ** 0.5
+    # the same seed draws the same mask; odd sizes and shapes work
+    torch.manual_seed(3)
+    first = shared.keep_mask((3, 5, 7), 0.1)
+    torch.manual_seed(3)
+    assert first.shape == (3, 5, 7) and torch.equal(shared.keep_mask((3, 5, 7), 0.1), first)
+    assert shared.keep_mask((4,), 0.0).all() and not shared.keep_mask((64,), 1 - 2**-33).any()
+
+
+def test_dropout_gradient_is_the_mask_scaled():
+    layer = identity_lora(16, 0.25)
+    x = (torch.randn(8, 16) + 5).requires_grad_(True)
+    out = layer(x)
+    kept = out != 0
+    out.sum().backward()
+    # d out / d x = 1 / (1 - p) where kept, 0 where dropped
+    assert torch.equal(x.grad, kept.float() / 0.75)
+    assert torch.allclose(out, x.detach() * kept / 0.75)
+    shared.clear()

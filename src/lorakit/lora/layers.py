@@ -238,12 +238,14 @@ class LoraLinear(nn.Module):
         autocast = torch.is_autocast_enabled(result.device.type)
         if self.kind == EMBEDDING or not (same_dtype or autocast):
             return result + self._delta(x, name, result.dtype)
-        h = F.linear(shared.dropped(self, x, name), a)  # (..., r)
+        masked, factor = shared.dropped(self, x, name)  # dropout(x) = factor * masked
+        h = F.linear(masked, a)  # (..., r)
         flat, h = result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1])
+        alpha = self.scaling[name] * factor
         if torch.is_grad_enabled() or autocast:  # in-place ops are not autocast
-            return torch.addmm(flat, h, b.T, alpha=self.scaling[name]).view(result.shape)
+            return torch.addmm(flat, h, b.T, alpha=alpha).view(result.shape)
         # Without autograd the base output is ours alone: add into it, saving a pass over it.
-        return flat.addmm_(h, b.T, alpha=self.scaling[name]).view(result.shape)
+        return flat.addmm_(h, b.T, alpha=alpha).view(result.shape)
 
     def _add_rows(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         """result + each row's own adapter (see `rows.py` for the three ways)."""
@@ -306,8 +308,8 @@ class LoraLinear(nn.Module):
             h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
                             base.scale_grad_by_freq, base.sparse)  # fmt: skip
             return (h @ b.T * self.scaling[name]).to(dtype)  # (..., dim)
-        x = shared.dropped(self, x, name)
-        h = F.linear(x.to(a.dtype), a) * self.scaling[name]  # (..., r)
+        x, factor = shared.dropped(self, x, name)  # dropout(x) = factor * x now
+        h = F.linear(x.to(a.dtype), a) * (self.scaling[name] * factor)  # (..., r)
         return F.linear(h, b).to(dtype)  # (..., out)
 
     # ---------------------------------------------------------------- merging
