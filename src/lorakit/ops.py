@@ -94,6 +94,14 @@ class PrepackedLinears:
         """Bytes the prepacked copies take (the same as the plain weights)."""
         return sum(m.weight.numel() * m.weight.element_size() for m in self.linears)
 
+    def drop(self, modules: list[nn.Module]) -> None:
+        """Give up the copies of these layers (computed another way); they stay plain."""
+        gone = set(modules)
+        for module in self.linears:
+            if module in gone:
+                del module._lorakit_packed
+        self.linears = [m for m in self.linears if m not in gone]
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Within the context the layers compute with their prepacked weights."""

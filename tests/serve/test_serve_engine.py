@@ -275,6 +275,9 @@ def test_long_mixed_batch_equals_peft_generate(state, adapter_paths):
                     plain = reference.generate(input_ids=ids, **kwargs)
                 assert not torch.equal(want, plain)  # the adapter changes the tokens
         assert got == want[0, len(prompt) :].tolist()
+    if state.host.packed:  # decode steps ran q_proj and v_proj (one input) fused (lora/fused.py)
+        groups = {id(g): g for g in state.host._fused._groups.values()}.values()
+        assert sorted(len(g.members) for g in groups) == [1, 1, 2, 2]  # down alone, per layer
 
 
 def test_dora_adapter_is_served_and_equals_peft_generate(adapter_paths, tmp_path):

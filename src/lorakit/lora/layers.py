@@ -219,6 +219,12 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters and self.merged_adapters:
             self.unmerge()
+        plan = self._rows
+        if plan is not None and plan.fused is not None and not (self.disable_adapters or args
+                                                                 or kwargs):  # fmt: skip
+            out = plan.fused.forward(self, x, plan)  # a decode step's fused group (fused.py)
+            if out is not None:
+                return out
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.r:
             return result

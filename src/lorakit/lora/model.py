@@ -19,6 +19,7 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.lora import shared
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.config import LoraConfig
+from lorakit.lora.fused import FusedDecode
 from lorakit.lora.hf_face import HFFace
 from lorakit.lora.inits import loading_config
 from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets, saved_targets
@@ -208,18 +209,23 @@ class LoraModel(HFFace):
 
     @contextlib.contextmanager
     def mixed_adapters(
-        self, adapter_names: list[str | None], packed: PackedAdapters | None = None
+        self,
+        adapter_names: list[str | None],
+        packed: PackedAdapters | None = None,
+        fused: FusedDecode | None = None,
     ) -> Iterator[None]:
         """Per-row adapters for one batch: row i uses adapter_names[i] (None / '__base__': none).
 
         `packed` (from `pack_adapters()`) makes inference batches that mix adapters cost two
         matmuls per layer instead of two per adapter; training always uses grouped rows.
+        `fused` (from `fuse_for_decoding()`) computes the layers that read one input together
+        in decode steps (one token per row).
         """
         for name in dict.fromkeys(adapter_names):
             if name is not None and name != BASE:
                 self._require(name)
         device = next(self.base_model.model.parameters()).device
-        plan = RowPlan(list(adapter_names), device, packed)
+        plan = RowPlan(list(adapter_names), device, packed, fused)
         wrappers = self._wrappers()
         for module in wrappers:
             module.set_rows(plan)
@@ -239,6 +245,11 @@ class LoraModel(HFFace):
             self._require(name)
         with torch.no_grad():
             return PackedAdapters([m for m in self._wrappers() if isinstance(m, LoraLinear)], names)
+
+    def fuse_for_decoding(self, packed: PackedAdapters) -> FusedDecode:
+        """Fused groups of the LoRA layers reading one input, for decode steps with `packed`
+        (see `lorakit.lora.fused`). A snapshot, like `pack_adapters()`."""
+        return FusedDecode([m for m in self._wrappers() if isinstance(m, LoraLinear)], packed)
 
     # ---------------------------------------------------------------- running
     def __call__(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:

@@ -76,6 +76,7 @@ class RowPlan:
         names: list[str | None],
         device: torch.device | None = None,
         packed: PackedAdapters | None = None,
+        fused=None,
     ) -> None:
         self.names = [None if name in (None, BASE) else name for name in names]
         self.rows = len(self.names)
@@ -87,7 +88,10 @@ class RowPlan:
         one_adapter = len(self.groups) == 1 and None not in self.names
         self.single = self.groups[0][0] if one_adapter else None  # every row, one adapter
         self.packed = packed
+        self.fused = fused  # a lorakit.lora.fused.FusedDecode for decode steps, or None
+        self.device = device
         self._layouts: dict[tuple, tuple[int, int, torch.Tensor] | None] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def packed_layout(
         self, layer: nn.Module
@@ -112,8 +116,20 @@ class RowPlan:
         used = sum(r for _, _, r, _ in present)
         if hi - lo > max(2 * used, _MIN_PACKED_SPAN):
             return None  # mostly adapters this batch does not use: grouped rows are cheaper
-        mask = torch.zeros(self.rows, hi - lo, dtype=entry.a.dtype, device=entry.a.device)
+        return lo, hi, self._mask(present, lo, hi, entry.a.dtype, entry.a.device)
+
+    def block_mask(self, blocks: tuple[tuple[str, int, int, float], ...]) -> torch.Tensor:
+        """(rows, all of `blocks`' columns), fp32: each row's scaling on its own adapter's
+        columns, 0 elsewhere (rows without an adapter in `blocks`: all 0)."""
+        if blocks not in self._masks:
+            total = blocks[-1][1] + blocks[-1][2]
+            present = [block for block in blocks if block[0] in self.names]
+            self._masks[blocks] = self._mask(present, 0, total, torch.float32, self.device)
+        return self._masks[blocks]
+
+    def _mask(self, present, lo: int, hi: int, dtype, device) -> torch.Tensor:
+        mask = torch.zeros(self.rows, hi - lo, dtype=dtype, device=device)
         for name, start, r, scaling in present:
             rows = [i for i, n in enumerate(self.names) if n == name]
             mask[rows, start - lo : start - lo + r] = scaling
-        return lo, hi, mask
+        return mask

@@ -53,6 +53,7 @@ class ModelHost:
         linears = [m for m in base.modules() if type(m) is torch.nn.Linear] if prepack else []
         self.prepacked = PrepackedLinears(linears)
         self._packed: PackedAdapters | None = None
+        self._fused = None  # lorakit.lora.fused.FusedDecode over the packed adapters
         self._version = 0  # bumped by every load and unload
         self._packed_version = -1
 
@@ -68,11 +69,16 @@ class ModelHost:
 
     @contextlib.contextmanager
     def decode(self, rows: list[str]) -> Iterator[None]:
-        """Context for a decode step: per-row adapters, and prepacked linear layers on CPU."""
-        with self.prepacked.active(), self.rows(rows):
+        """Context for a decode step: per-row adapters, prepacked linear layers on CPU and,
+        with packed adapters on a prepacking host, the layers that read one input fused
+        (`lorakit.lora.fused`; its first step learns the groups)."""
+        with self.prepacked.active(), self.rows(rows, fuse=bool(self.prepacked.linears)):
             yield
+        fused = self._fused
+        if fused is not None and fused.learn():  # the groups compute those bases now
+            self.prepacked.drop(fused.grouped_bases())
 
-    def rows(self, rows: list[str]):
+    def rows(self, rows: list[str], fuse: bool = False):
         """Context in which batch row i uses adapter rows[i] (BASE_ROW for none)."""
         if self.lora is None:
             if any(name != BASE_ROW for name in rows):
@@ -80,8 +86,11 @@ class ModelHost:
             return contextlib.nullcontext()
         if self.packed and self._packed_version != self._version:
             self._packed = self.lora.pack_adapters(list(self.adapters))
+            self._fused = self.lora.fuse_for_decoding(self._packed)
             self._packed_version = self._version
-        return self.lora.mixed_adapters(rows, self._packed if self.packed else None)
+        if not self.packed:
+            return self.lora.mixed_adapters(rows)
+        return self.lora.mixed_adapters(rows, self._packed, self._fused if fuse else None)
 
     def template_for(self, adapter: str | None) -> str | None:
         """The adapter's own chat template if it ships one, else the base model's."""
