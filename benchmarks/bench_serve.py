@@ -232,7 +232,8 @@ def main() -> None:
         f"{args.prompt_len} prompt tokens -> {args.new_tokens} new tokens, r={args.rank} on 7 "
         f"projections, torch threads {torch.get_num_threads()}, median of {args.repeats}, "
         f"CPU {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, prepacked "
-        f"linears {state.host.prepacked.nbytes / 1e9:.3f} GB"
+        f"linears {state.host.prepacked.nbytes / 1e9:.3f} GB, fused groups "
+        f"{state.host._fused.nbytes / 1e9 if state.host._fused else 0:.3f} GB"
     )
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
     for name, value in rate.items():

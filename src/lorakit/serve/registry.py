@@ -53,6 +53,7 @@ class ModelHost:
         linears = [m for m in base.modules() if type(m) is torch.nn.Linear] if prepack else []
         self.prepacked = PrepackedLinears(linears)
         self._packed: PackedAdapters | None = None
+        self.fuse = True  # False: decode steps without fused groups (benchmarks compare)
         self._fused = None  # lorakit.lora.fused.FusedDecode over the packed adapters
         self._version = 0  # bumped by every load and unload
         self._packed_version = -1
@@ -72,10 +73,11 @@ class ModelHost:
         """Context for a decode step: per-row adapters, prepacked linear layers on CPU and,
         with packed adapters on a prepacking host, the layers that read one input fused
         (`lorakit.lora.fused`; its first step learns the groups)."""
-        with self.prepacked.active(), self.rows(rows, fuse=bool(self.prepacked.linears)):
+        fuse = self.fuse and bool(self.prepacked.linears)
+        with self.prepacked.active(), self.rows(rows, fuse=fuse):
             yield
         fused = self._fused
-        if fused is not None and fused.learn():  # the groups compute those bases now
+        if fuse and fused is not None and fused.learn():  # the groups compute those bases now
             self.prepacked.drop(fused.grouped_bases())
 
     def rows(self, rows: list[str], fuse: bool = False):
