@@ -83,6 +83,7 @@ class PrepackedLinears:
 
     def __init__(self, linears: list[nn.Linear]) -> None:
         self.linears = []
+        self._dropped: list[nn.Module] = []
         for module in linears:
             packed = prepack_weight(module.weight)
             if packed is not None:
@@ -95,12 +96,18 @@ class PrepackedLinears:
         return sum(m.weight.numel() * m.weight.element_size() for m in self.linears)
 
     def drop(self, modules: list[nn.Module]) -> None:
-        """Give up the copies of these layers (computed another way); they stay plain."""
+        """Give up the copies of these layers (computed another way) until `restore()`."""
         gone = set(modules)
         for module in self.linears:
             if module in gone:
                 del module._lorakit_packed
+                self._dropped.append(module)
         self.linears = [m for m in self.linears if m not in gone]
+
+    def restore(self) -> None:
+        """Prepack the dropped layers again (their weights as they are now)."""
+        dropped, self._dropped = self._dropped, []
+        self.linears.extend(PrepackedLinears(dropped).linears)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

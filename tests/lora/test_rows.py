@@ -193,3 +193,23 @@ def test_prepacked_linears_swap_and_restore():
     assert model.lm_head.weight is model.get_output_embeddings().weight
     assert packs.nbytes == sum(m.weight.numel() * 4 for m in packs.linears)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_prepacked_linears_drop_and_restore():
+    model = make_tiny_llama()
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    packs = PrepackedLinears(linears)
+    if not packs.linears:
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    q = model.model.layers[0].self_attn.q_proj
+    packs.drop([q])
+    assert q not in packs.linears and not hasattr(q, "_lorakit_packed")
+    with packs.active():
+        assert type(q) is nn.Linear  # a dropped layer stays plain
+    packs.restore()
+    assert q in packs.linears and len(packs.linears) == len(linears)
+    with torch.no_grad(), packs.active():
+        x = torch.randn(3, 32)
+        torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.weight), rtol=1e-5, atol=1e-5)
+    packs.restore()  # nothing dropped: nothing to do
+    assert len(packs.linears) == len(linears)

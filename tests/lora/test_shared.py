@@ -111,6 +111,22 @@ def test_keep_mask_keeps_each_element_with_probability_one_minus_rate():
     assert shared.keep_mask((4,), 0.0).all() and not shared.keep_mask((64,), 1 - 2**-33).any()
 
 
+def test_a_large_mask_drawn_in_two_halves_follows_from_the_default_generator():
+    n = 4 * shared._SPLIT_WORDS + 6  # two halves, drawn on two threads
+    torch.manual_seed(5)
+    first = shared.keep_mask((n,), 0.5)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(shared.keep_mask((n,), 0.5), first) and torch.equal(torch.rand(1), after)
+    assert not torch.equal(shared.keep_mask((n,), 0.5), first)  # the stream moved on
+    half = first[: n // 2].double()
+    second = first[n // 2 : n // 2 * 2].double()
+    # each half keeps half its elements, and the halves are independent of each other
+    sigma = (0.25 / (n // 2)) ** 0.5
+    assert abs(half.mean().item() - 0.5) < 5 * sigma and abs(second.mean().item() - 0.5) < 5 * sigma
+    assert abs((half * second).mean().item() - 0.25) < 5 * (0.1875 / (n // 2)) ** 0.5
+
+
 def test_dropout_gradient_is_the_mask_scaled():
     layer = identity_lora(16, 0.25)
     x = (torch.randn(8, 16) + 5).requires_grad_(True)

@@ -74,11 +74,10 @@ class FusedGroup:
         outs = [y[:, s:e] for s, e in self.slices]
         if self.blocks is None:  # base weights stacked; adapters as packed rows add them
             return [m._add_rows(out, x, plan) for m, out in zip(self.members, outs)]
-        mask = plan.block_mask(self.blocks)  # (rows, packed ranks): each row's scaling
-        start = self.slices[-1][1]
+        mask = plan.block_mask(self.blocks, len(self.members))  # each row's scaling, per member
+        h = y[:, self.slices[-1][1] :] * mask  # (rows, members x packed ranks)
         for i, (b, out) in enumerate(zip(self.b, outs)):
-            h = y[:, start + i * self.ranks : start + (i + 1) * self.ranks] * mask
-            out.add_(torch.mm(b, h.T).T)  # MKL is fastest with h^T for few rows (ops.few_rows)
+            out.addmm_(h[:, i * self.ranks : (i + 1) * self.ranks], b.T)  # into y's slice
         return outs
 
 

@@ -118,14 +118,16 @@ class RowPlan:
             return None  # mostly adapters this batch does not use: grouped rows are cheaper
         return lo, hi, self._mask(present, lo, hi, entry.a.dtype, entry.a.device)
 
-    def block_mask(self, blocks: tuple[tuple[str, int, int, float], ...]) -> torch.Tensor:
-        """(rows, all of `blocks`' columns), fp32: each row's scaling on its own adapter's
-        columns, 0 elsewhere (rows without an adapter in `blocks`: all 0)."""
-        if blocks not in self._masks:
+    def block_mask(self, blocks: tuple[tuple[str, int, int, float], ...], times: int = 1):
+        """(rows, all of `blocks`' columns x `times`), fp32: each row's scaling on its own
+        adapter's columns, 0 elsewhere (rows without an adapter in `blocks`: all 0)."""
+        key = (blocks, times)
+        if key not in self._masks:
             total = blocks[-1][1] + blocks[-1][2]
             present = [block for block in blocks if block[0] in self.names]
-            self._masks[blocks] = self._mask(present, 0, total, torch.float32, self.device)
-        return self._masks[blocks]
+            mask = self._mask(present, 0, total, torch.float32, self.device)
+            self._masks[key] = mask.repeat(1, times)
+        return self._masks[key]
 
     def _mask(self, present, lo: int, hi: int, dtype, device) -> torch.Tensor:
         mask = torch.zeros(self.rows, hi - lo, dtype=dtype, device=device)

@@ -14,24 +14,30 @@ a new sample. The masks come from the same random stream in the same order on ev
 activation checkpointing's re-run and a resumed run draw what the original did. The record of
 the last tensor is per thread; `clear()` drops it (LoraModel calls it after every forward).
 
-On the CPU the mask is drawn by `keep_mask`: 32 random bits per element from torch's generator,
-64 at a time, compared with a threshold. torch's own dropout draws a float per element with
-`bernoulli_`, which is ~2.5x slower here and was 17% of a training step's time with dropout
-0.05 (docs/benchmarks.md); the keep probability is exact to 2^-32 (float32 `bernoulli_`'s is to
-2^-24). The mask is kept for backward as bytes, a quarter of the float mask's memory. On
+On the CPU the mask is drawn by `keep_mask`: 32 random bits per element, 64 at a time,
+compared with a threshold. torch's own dropout draws a float per element with `bernoulli_`,
+which is ~2.5x slower here and was 17% of a training step's time with dropout 0.05
+(docs/benchmarks.md); the keep probability is exact to 2^-32 (float32 `bernoulli_`'s is to
+2^-24). torch's CPU generator is serial, so a large mask is drawn in two halves at once, on
+this thread and on a helper thread, from two generators seeded by two draws of torch's default
+generator: the masks still follow from its state alone. The mask is kept for backward as
+bytes, a quarter of the float mask's memory; the 1/(1-p) is left to the caller's scaling. On
 other devices torch's fused dropout runs.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
 
 _BITS = 2**32  # the resolution of the keep probability
+_SPLIT_WORDS = 2**16  # 64-bit draws from which a mask is drawn in two halves at once
 
 
 class _Record(threading.local):
@@ -95,9 +101,39 @@ def keep_mask(shape: torch.Size | tuple[int, ...], rate: float, device=None) -> 
     count = 1
     for size in shape:
         count *= size
-    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device)
-    draws = words.random_(-(2**63), None).view(torch.int32)[:count].view(shape)  # all 32 bits
+    words = _random_words((count + 1) // 2, device)
+    draws = words.view(torch.int32)[:count].view(shape)  # 32 random bits each
     return draws >= threshold - 2**31
+
+
+class _Helper(threading.local):
+    """Per thread: two generators for the halves of a mask."""
+
+    def __init__(self) -> None:
+        self.generators = (torch.Generator(), torch.Generator())
+
+
+_helper = _Helper()
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, the thread drawing second halves)
+
+
+def _random_words(count: int, device) -> torch.Tensor:
+    """`count` uniformly random 64-bit integers, following from torch's default generator."""
+    words = torch.empty(count, dtype=torch.int64, device=device)
+    if count < _SPLIT_WORDS or words.device.type != "cpu":
+        return words.random_(-(2**63), None)
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():  # a forked child has no helper thread
+        _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lorakit-dropout"))
+    seeds = torch.empty(2, dtype=torch.int64).random_(0, 2**62).tolist()
+    first, second = _helper.generators
+    first.manual_seed(seeds[0])
+    second.manual_seed(seeds[1])
+    half = count // 2
+    done = _pool[1].submit(words[half:].random_, -(2**63), None, generator=second)
+    words[:half].random_(-(2**63), None, generator=first)
+    done.result()
+    return words
 
 
 class _Masked(torch.autograd.Function):

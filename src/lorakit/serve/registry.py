@@ -88,6 +88,7 @@ class ModelHost:
             return contextlib.nullcontext()
         if self.packed and self._packed_version != self._version:
             self._packed = self.lora.pack_adapters(list(self.adapters))
+            self.prepacked.restore()  # the new groups are learned with every base prepacked
             self._fused = self.lora.fuse_for_decoding(self._packed)
             self._packed_version = self._version
         if not self.packed:
