@@ -107,10 +107,13 @@ def keep_mask(shape: torch.Size | tuple[int, ...], rate: float, device=None) -> 
 
 
 class _Helper(threading.local):
-    """Per thread: two generators for the halves of a mask."""
+    """Per thread: two generators for the halves of a mask, and the buffer the random words
+    are drawn into (reused: a fresh one per mask is ~4 bytes of new memory per element, whose
+    page faults cost as much as the drawing)."""
 
     def __init__(self) -> None:
         self.generators = (torch.Generator(), torch.Generator())
+        self.words = torch.empty(0, dtype=torch.int64)
 
 
 _helper = _Helper()
@@ -118,9 +121,14 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, the thread drawing 
 
 
 def _random_words(count: int, device) -> torch.Tensor:
-    """`count` uniformly random 64-bit integers, following from torch's default generator."""
-    words = torch.empty(count, dtype=torch.int64, device=device)
-    if count < _SPLIT_WORDS or words.device.type != "cpu":
+    """`count` uniformly random 64-bit integers, following from torch's default generator; on
+    the CPU in this thread's buffer, valid until its next call."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None)
+    if _helper.words.numel() < count:
+        _helper.words = torch.empty(count, dtype=torch.int64)
+    words = _helper.words[:count]
+    if count < _SPLIT_WORDS:
         return words.random_(-(2**63), None)
     global _pool
     if _pool is None or _pool[0] != os.getpid():  # a forked child has no helper thread
