@@ -105,3 +105,27 @@ def test_training_and_prefill_never_take_the_fused_path():
     with torch.inference_mode(), model.mixed_adapters(["a", "a"], packed, fused):
         model(input_ids=ids)
     assert fused.learn() and fused._groups == {}
+
+
+def test_too_many_adapter_columns_stack_only_the_base_and_excluded_layers_stay_ordinary():
+    # r=8 on q, k, v: 24 A rows against 64 output rows, within half; three such adapters (72
+    # rows) are not, so the A's stay with the packed path and only the base weights are stacked
+    model = model_with({"a": (8, ALL), "b": (8, ALL), "c": (8, ALL)})
+    layer = model.get_base_model().model.layers[0]
+    layer.mlp.down_proj.register_forward_hook(lambda *a: None)  # a hooked layer stays ordinary
+    rows = ["a", "b", "c", "__base__"]
+    ids = torch.randint(0, 128, (len(rows), 1), generator=torch.Generator().manual_seed(2))
+    packed = model.pack_adapters()
+    fused = model.fuse_for_decoding(packed)
+    with torch.inference_mode():
+        with model.mixed_adapters(rows, packed):
+            want = model(input_ids=ids).logits
+        for _ in range(2):
+            with model.mixed_adapters(rows, packed, fused):
+                got = model(input_ids=ids).logits
+            fused.learn()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    qkv = fused._groups[layer.self_attn.q_proj]
+    assert len(qkv.members) == 3 and qkv.blocks is None
+    assert layer.mlp.down_proj not in fused._groups
+    assert layer.self_attn.o_proj not in fused._groups  # alone and nothing to stack with
