@@ -36,6 +36,22 @@ def decode(model, ids, packed, fused=None):
         return model(input_ids=ids).logits
 
 
+def fused_steps_equal_packed(model, rows: list[str], ids: torch.Tensor):
+    """Two decode-shaped forwards with fused groups (learning, then fused) equal the packed
+    path's; returns the FusedDecode."""
+    packed = model.pack_adapters()
+    fused = model.fuse_for_decoding(packed)
+    with torch.inference_mode():
+        with model.mixed_adapters(rows, packed):
+            want = model(input_ids=ids).logits
+        for _ in range(2):
+            with model.mixed_adapters(rows, packed, fused):
+                got = model(input_ids=ids).logits
+            fused.learn()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return fused
+
+
 def test_fused_steps_equal_the_packed_path_and_group_the_shared_inputs():
     model = model_with({"a": (2, ALL), "b": (4, ALL)})  # A rows within half the outputs
     ids = torch.randint(0, 128, (len(ROWS), 1), generator=torch.Generator().manual_seed(0))
@@ -63,16 +79,7 @@ def test_layers_whose_adapters_differ_stack_only_the_base_weights():
     model = model_with({"a": (4, ALL), "b": (8, ALL), "c": (2, ["q_proj", "v_proj"])})
     rows = ["c", "a", "__base__", "b"]
     ids = torch.randint(0, 128, (len(rows), 1), generator=torch.Generator().manual_seed(1))
-    packed = model.pack_adapters()
-    fused = model.fuse_for_decoding(packed)
-    with torch.inference_mode():
-        with model.mixed_adapters(rows, packed):
-            want = model(input_ids=ids).logits
-        for _ in range(2):
-            with model.mixed_adapters(rows, packed, fused):
-                got = model(input_ids=ids).logits
-            fused.learn()
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused = fused_steps_equal_packed(model, rows, ids)
     qkv = [g for g in fused._groups.values() if len(g.members) == 3]
     assert qkv and all(g.blocks is None for g in qkv)
 
@@ -115,16 +122,7 @@ def test_too_many_adapter_columns_stack_only_the_base_and_excluded_layers_stay_o
     layer.mlp.down_proj.register_forward_hook(lambda *a: None)  # a hooked layer stays ordinary
     rows = ["a", "b", "c", "__base__"]
     ids = torch.randint(0, 128, (len(rows), 1), generator=torch.Generator().manual_seed(2))
-    packed = model.pack_adapters()
-    fused = model.fuse_for_decoding(packed)
-    with torch.inference_mode():
-        with model.mixed_adapters(rows, packed):
-            want = model(input_ids=ids).logits
-        for _ in range(2):
-            with model.mixed_adapters(rows, packed, fused):
-                got = model(input_ids=ids).logits
-            fused.learn()
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fused = fused_steps_equal_packed(model, rows, ids)
     qkv = fused._groups[layer.self_attn.q_proj]
     assert len(qkv.members) == 3 and qkv.blocks is None
     assert layer.mlp.down_proj not in fused._groups
