@@ -102,6 +102,18 @@ def test_a_layer_called_on_another_tensor_computes_its_own_output():
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
 
 
+def test_groups_are_built_by_the_second_step_when_learn_is_never_called():
+    model = model_with({"a": (2, ALL), "b": (4, ALL)})
+    ids = torch.randint(0, 128, (len(ROWS), 1), generator=torch.Generator().manual_seed(3))
+    packed = model.pack_adapters()
+    want = decode(model, ids, packed)
+    fused = model.fuse_for_decoding(packed)
+    for _ in range(3):
+        torch.testing.assert_close(decode(model, ids, packed, fused), want, rtol=1e-5, atol=1e-5)
+    assert fused._groups and not fused._calls  # nothing held from the learning step
+    assert fused.learn() and not fused.learn()  # reported once
+
+
 def test_training_and_prefill_never_take_the_fused_path():
     model = model_with({"a": (4, ALL)})
     packed = model.pack_adapters()

@@ -17,7 +17,7 @@ the result never depends on the call order, only the cost does.
 
 Which layers read one input is learned, not assumed: the first decode step runs the ordinary
 path and records which layers were called on the same tensor one after another; the groups are
-built at its end. Layers whose adapters differ (one adapter targets q but not k), DoRA or
+built at its end (`learn()`), or when a recorded layer is called again, whichever comes first. Layers whose adapters differ (one adapter targets q but not k), DoRA or
 merged adapters, quantized or non-fp32 bases, hooks, or more packed adapter columns than half
 the group's outputs (then the A's would cost more to read than they save) are left to the
 ordinary path; with too many adapter columns the base weights are still stacked, and each
@@ -98,6 +98,8 @@ class FusedDecode:
         self._packed = packed
         self._groups: dict[nn.Module, FusedGroup] | None = None  # None until learned
         self._calls: list[tuple[torch.Tensor, int, nn.Module]] = []
+        self._recorded: set[nn.Module] = set()
+        self._reported = False  # whether learn() has returned True
         self._kept = _Kept()
 
     @property
@@ -120,8 +122,11 @@ class FusedDecode:
         ):
             return None
         version = _version(x)
+        if self._groups is None and layer in self._recorded:  # a second step: learning is over
+            self._build()
         if self._groups is None:  # learning: record the call, run the ordinary path
             self._calls.append((x, version, layer))
+            self._recorded.add(layer)
             return None
         group = self._groups.get(layer)
         if group is None:
@@ -140,9 +145,13 @@ class FusedDecode:
 
     def learn(self) -> bool:
         """End the learning step: group the layers called one after another on one tensor.
-        Returns True when the groups were built now."""
-        if self._groups is not None:
-            return False
+        Returns True the first time it is called after the groups exist."""
+        if self._groups is None:
+            self._build()
+        reported, self._reported = self._reported, True
+        return not reported
+
+    def _build(self) -> None:
         runs: list[list[nn.Module]] = []
         last = None
         for x, version, layer in self._calls:
@@ -151,7 +160,7 @@ class FusedDecode:
             else:
                 runs.append([layer])
             last = (x, version)
-        self._calls = []
+        self._calls, self._recorded = [], set()
         groups: dict[nn.Module, FusedGroup] = {}
         with torch.no_grad():
             for members in runs:
@@ -162,7 +171,6 @@ class FusedDecode:
                     continue  # nothing gained over the ordinary path
                 groups.update(dict.fromkeys(members, group))
         self._groups = groups
-        return True
 
 
 def _version(x: torch.Tensor) -> int:

@@ -27,6 +27,7 @@ other devices torch's fused dropout runs.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -98,9 +99,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], rate: float, device=None) -> 
     threshold = round(rate * _BITS)
     if threshold >= _BITS:  # a rate within 2^-33 of 1 drops everything
         return torch.zeros(shape, dtype=torch.bool, device=device)
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     words = _random_words((count + 1) // 2, device)
     draws = words.view(torch.int32)[:count].view(shape)  # 32 random bits each
     return draws >= threshold - 2**31
