@@ -14,6 +14,7 @@ greedy tokens match exactly.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -218,7 +219,7 @@ class Engine:
                     for seq in group:
                         self._finish(seq, FINISH_ERROR, f"{type(error).__name__}: {error}")
                     continue
-            keep = [i for i, seq in enumerate(group) if not self._accept(seq, logits[i])]
+            keep = [i for i, done in enumerate(self._accept_rows(group, logits)) if not done]
             if keep:
                 self._batch.add(cache, mask, keep)
                 with self._wake:
@@ -248,12 +249,12 @@ class Engine:
         with self.host.rows([seq.adapter or BASE_ROW for seq in group]):
             out = self.host.forward_model(
                 input_ids=ids,
-                past_key_values=DynamicCache(),
                 use_cache=True,
                 logits_to_keep=1,  # only the last position's logits are needed
+                **_cache_argument(self.host.forward_model, DynamicCache()),
                 **extra,
             )
-        return out.logits[:, -1].float(), out.past_key_values, mask
+        return out.logits[:, -1].float(), _returned_cache(out), mask
 
     def _decode_step(self) -> None:
         rows = self._active
@@ -266,33 +267,43 @@ class Engine:
                 input_ids=input_ids,
                 position_ids=positions,
                 attention_mask=mask,
-                past_key_values=self._batch.cache,
                 use_cache=True,
+                **_cache_argument(self.host.forward_model, self._batch.cache),
             )
-        self._batch.cache = out.past_key_values
+        self._batch.cache = _returned_cache(out)
         self.steps += 1
-        logits = out.logits[:, -1].float()
-        for row, seq in enumerate(rows):
-            if not seq.cancelled:
-                self._accept(seq, logits[row])
+        live = [seq for seq in rows if not seq.cancelled]
+        if live:
+            logits = out.logits[:, -1].float()
+            if len(live) < len(rows):
+                logits = logits[[row for row, seq in enumerate(rows) if not seq.cancelled]]
+            self._accept_rows(live, logits)
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Sample the next token, send the text; return True when the request is finished.
+    def _accept_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[bool]:
+        """Sample each row's next token and send its text; True where a request finished.
 
         Rows are independent, so a row that fails here (non-finite logits from its adapter, a
-        sampling error) ends only its own request; the rest of the batch decodes on.
+        sampling error) ends only its own request; the rest of the batch decodes on. Finiteness
+        and the greedy choice are computed for all rows at once (one op each, not one a row).
         """
-        try:
-            return self._next_token(seq, logits)
-        except Exception as error:
-            message = f"{type(error).__name__}: {error}"
-            log.warning("a request failed alone (adapter %s): %s", seq.adapter, message)
-            return self._finish(seq, FINISH_ERROR, message)
+        finite = torch.isfinite(logits).all(dim=1).tolist()
+        best = logits.argmax(dim=1).tolist()
+        done = []
+        for row, seq in enumerate(seqs):
+            try:
+                if not finite[row]:
+                    raise FloatingPointError(_non_finite_message(seq))
+                done.append(self._next_token(seq, logits[row], best[row]))
+            except Exception as error:
+                message = f"{type(error).__name__}: {error}"
+                log.warning("a request failed alone (adapter %s): %s", seq.adapter, message)
+                done.append(self._finish(seq, FINISH_ERROR, message))
+        return done
 
-    def _next_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError(_non_finite_message(seq))
-        token = sample_token(logits, seq.params, seq.generator)
+    def _next_token(self, seq: Sequence, logits: torch.Tensor, best: int) -> bool:
+        """Take the row's next token (`best` is its greedy choice, the argmax of `logits`)."""
+        greedy = seq.params.temperature == 0 or seq.generator is None
+        token = best if greedy else sample_token(logits, seq.params, seq.generator)
         seq.output_ids.append(token)
         if token in self.eos_token_ids:
             return self._finish(seq, FINISH_STOP, token=token, flush=True)
@@ -382,3 +393,22 @@ def _send(seq: Sequence, event: Event) -> None:
     except Exception:
         log.exception("a request's sink failed; cancelling the request")
         seq.cancelled = True
+
+
+def _cache_argument(model: torch.nn.Module, cache: object) -> dict[str, object]:
+    """The KV cache as the model's forward names it: `cache` in newer transformers (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    name = _CACHE_NAMES.get(type(model))
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = _CACHE_NAMES[type(model)] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
+
+
+def _returned_cache(out: object) -> object:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(type(out), "__dataclass_fields__", {})
+    return out.cache if "cache" in cache else out.past_key_values
+
+
+_CACHE_NAMES: dict[type, str] = {}
