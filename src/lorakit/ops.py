@@ -112,13 +112,14 @@ class PrepackedLinears:
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Within the context the layers compute with their prepacked weights."""
+        swap = object.__setattr__  # nn.Module's __setattr__ costs ~5 us a call, twice a step
         for module in self.linears:
-            module.__class__ = PrepackedLinear
+            swap(module, "__class__", PrepackedLinear)
         try:
             yield
         finally:
             for module in self.linears:
-                module.__class__ = nn.Linear
+                swap(module, "__class__", nn.Linear)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -73,6 +73,21 @@ def test_fused_steps_equal_the_packed_path_and_group_the_shared_inputs():
     assert fused.nbytes > 0 and len(fused.grouped_bases()) == 14
 
 
+def test_biased_projections_keep_their_biases_in_the_group():
+    # Qwen2-style attention: q, k and v carry biases (o_proj none), so the stacked group adds
+    # each member's bias to its own columns and none to the A columns
+    model = model_with({"a": (2, ALL), "b": (4, ALL)})
+    for layer in model.get_base_model().model.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            base = getattr(attn, name).base_layer
+            base.bias = torch.nn.Parameter(torch.randn(base.out_features))
+    ids = torch.randint(0, 128, (len(ROWS), 1), generator=torch.Generator().manual_seed(4))
+    fused = fused_steps_equal_packed(model, ROWS, ids)
+    qkv = [g for g in fused._groups.values() if len(g.members) == 3]
+    assert qkv and all(g.bias is not None and g.blocks is not None for g in qkv)
+
+
 def test_layers_whose_adapters_differ_stack_only_the_base_weights():
     # adapter c targets q and v only, so q, k and v carry different adapters: their base
     # weights are still stacked, each adds its own adapters as packed rows do

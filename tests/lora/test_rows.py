@@ -210,6 +210,8 @@ def test_prepacked_linears_drop_and_restore():
     assert q in packs.linears and len(packs.linears) == len(linears)
     with torch.no_grad(), packs.active():
         x = torch.randn(3, 32)
-        torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            q(x), torch.nn.functional.linear(x, q.weight), rtol=1e-5, atol=1e-5
+        )
     packs.restore()  # nothing dropped: nothing to do
     assert len(packs.linears) == len(linears)

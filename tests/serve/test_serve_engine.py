@@ -10,7 +10,13 @@ import torch
 from test_serve_support import BASE_NAME, make_adapters, make_model, make_tokenizer
 
 from lorakit.serve import build_state
-from lorakit.serve.decode import SamplingParams, TextStream, sample_token
+from lorakit.serve.decode import (
+    SamplingParams,
+    TextStream,
+    greedy_tokens,
+    rows_finite,
+    sample_token,
+)
 from lorakit.serve.kvcache import BatchCache
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
@@ -48,6 +54,20 @@ def test_sample_token_filters():
     draws = [sample_token(logits, seeded, first) for _ in range(30)]
     assert draws == [sample_token(logits, seeded, second) for _ in range(30)]
     assert len(set(draws)) > 1
+
+
+def test_batch_greedy_tokens_and_finite_rows():
+    logits = torch.tensor(
+        [
+            [0.5, 2.0, 2.0, -1.0],  # a tie: the first maximum, as argmax
+            [3e38, 3e38, -1.0, 0.0],  # finite, though its sum overflows to inf
+            [0.0, float("nan"), 1.0, 2.0],
+            [float("inf"), float("-inf"), 0.0, 0.0],  # its sum is NaN
+        ]
+    )
+    assert greedy_tokens(logits[:2]) == [int(row.argmax()) for row in logits[:2]] == [1, 0]
+    assert rows_finite(logits) == [True, True, False, False]
+    assert rows_finite(logits[:2]) == [True, True]
 
 
 def test_text_stream_holds_back_possible_stop():

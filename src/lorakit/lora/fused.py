@@ -54,7 +54,7 @@ class FusedGroup:
         parts = [m.base_layer.weight.detach() for m in members]
         if self.blocks is not None:
             parts += [e.a for e in entries]
-            self.b = [e.b for e in entries]  # (out, packed ranks)
+            self.b_t = [e.b.T for e in entries]  # (packed ranks, out) views
             self.ranks = entries[0].a.shape[0]
         weight = torch.cat(parts)
         self.weight = prepack_weight(weight)
@@ -62,22 +62,23 @@ class FusedGroup:
         biases = [m.base_layer.bias for m in members]
         self.bias = None
         if any(b is not None for b in biases):
-            zeros = [torch.zeros(n) for n in outs]
-            self.bias = torch.cat([b.detach() if b is not None else z for b, z in zip(biases, zeros)]
-                                  + [torch.zeros(weight.shape[0] - sum(outs))])  # fmt: skip
-        starts = [sum(outs[:i]) for i in range(len(outs))]
-        self.slices = [(s, s + n) for s, n in zip(starts, outs)]
+            own = [
+                torch.zeros(n) if b is None else b.detach()
+                for b, n in zip(biases, outs, strict=True)
+            ]
+            self.bias = torch.cat([*own, torch.zeros(weight.shape[0] - sum(outs))])  # A's: none
+        self.sizes = outs + [weight.shape[0] - sum(outs)]  # y's columns: each member, the A's
 
     def run(self, x: torch.Tensor, plan: RowPlan) -> list[torch.Tensor]:
         """Every member's output for x (rows, in), one token per plan row."""
         y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        outs = [y[:, s:e] for s, e in self.slices]
+        *outs, ax = y.split(self.sizes, dim=1)  # views; ax: every member's x @ A^T
         if self.blocks is None:  # base weights stacked; adapters as packed rows add them
-            return [m._add_rows(out, x, plan) for m, out in zip(self.members, outs)]
+            return [m._add_rows(out, x, plan) for m, out in zip(self.members, outs, strict=True)]
         mask = plan.block_mask(self.blocks, len(self.members))  # each row's scaling, per member
-        h = y[:, self.slices[-1][1] :] * mask  # (rows, members x packed ranks)
-        for i, (b, out) in enumerate(zip(self.b, outs)):
-            out.addmm_(h[:, i * self.ranks : (i + 1) * self.ranks], b.T)  # into y's slice
+        h = (ax * mask).split(self.ranks, dim=1)  # (rows, packed ranks) per member
+        for h_i, b_t, out in zip(h, self.b_t, outs, strict=True):
+            out.addmm_(h_i, b_t)  # into y's columns
         return outs
 
 
@@ -138,7 +139,7 @@ class FusedDecode:
                 return out
         outs = group.run(x.reshape(plan.rows, -1), plan)
         shape = x.shape[:-1]
-        outputs = {m: o.view(*shape, o.shape[-1]) for m, o in zip(group.members, outs)}
+        outputs = {m: o.view(*shape, o.shape[-1]) for m, o in zip(group.members, outs, strict=True)}
         mine = outputs.pop(layer)
         kept.x, kept.version, kept.outputs = weakref.ref(x), version, outputs
         return mine

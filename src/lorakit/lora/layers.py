@@ -213,7 +213,7 @@ class LoraLinear(nn.Module):
 
     def set_rows(self, plan: RowPlan | None) -> None:
         """Per-row adapters for the next forwards (None: the active adapters for every row)."""
-        self._rows = plan
+        self.__dict__["_rows"] = plan  # a plain attribute: skip nn.Module's slower __setattr__
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -48,6 +48,7 @@ class PackedAdapters:
 
     def __init__(self, layers: list[nn.Module], adapters: list[str]) -> None:
         self._layers: dict[nn.Module, PackedLayer] = {}
+        interned: dict[tuple, tuple] = {}  # layers with equal blocks share one tuple (one mask)
         for layer in layers:
             names = [name for name in adapters if name in layer.r]
             if not names or not layer.packable:
@@ -59,8 +60,9 @@ class PackedAdapters:
                 b_parts.append(b.detach())
                 blocks.append((name, start, layer.r[name], layer.scaling[name]))
                 start += layer.r[name]
+            blocks = interned.setdefault(tuple(blocks), tuple(blocks))
             self._layers[layer] = PackedLayer(
-                torch.cat(a_parts).contiguous(), torch.cat(b_parts, 1).contiguous(), tuple(blocks)
+                torch.cat(a_parts).contiguous(), torch.cat(b_parts, 1).contiguous(), blocks
             )
 
     def get(self, layer: nn.Module) -> PackedLayer | None:
@@ -91,7 +93,7 @@ class RowPlan:
         self.fused = fused  # a lorakit.lora.fused.FusedDecode for decode steps, or None
         self.device = device
         self._layouts: dict[tuple, tuple[int, int, torch.Tensor] | None] = {}
-        self._masks: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[tuple, tuple[tuple, torch.Tensor]] = {}
 
     def packed_layout(
         self, layer: nn.Module
@@ -121,13 +123,15 @@ class RowPlan:
     def block_mask(self, blocks: tuple[tuple[str, int, int, float], ...], times: int = 1):
         """(rows, all of `blocks`' columns x `times`), fp32: each row's scaling on its own
         adapter's columns, 0 elsewhere (rows without an adapter in `blocks`: all 0)."""
-        key = (blocks, times)
-        if key not in self._masks:
+        key = (id(blocks), times)  # hashing the blocks each call would cost more than the op
+        # (PackedAdapters gives layers with equal blocks one tuple, so they share this mask)
+        kept = self._masks.get(key)
+        if kept is None or kept[0] is not blocks:
             total = blocks[-1][1] + blocks[-1][2]
             present = [block for block in blocks if block[0] in self.names]
             mask = self._mask(present, 0, total, torch.float32, self.device)
-            self._masks[key] = mask.repeat(1, times)
-        return self._masks[key]
+            kept = self._masks[key] = (blocks, mask.repeat(1, times))  # blocks kept: id unique
+        return kept[1]
 
     def _mask(self, present, lo: int, hi: int, dtype, device) -> torch.Tensor:
         mask = torch.zeros(self.rows, hi - lo, dtype=dtype, device=device)

@@ -27,6 +27,8 @@ from lorakit.serve.decode import (
     FINISH_STOP,
     SamplingParams,
     TextStream,
+    greedy_tokens,
+    rows_finite,
     sample_token,
 )
 from lorakit.serve.kvcache import BatchCache
@@ -286,8 +288,7 @@ class Engine:
         sampling error) ends only its own request; the rest of the batch decodes on. Finiteness
         and the greedy choice are computed for all rows at once (one op each, not one a row).
         """
-        finite = torch.isfinite(logits).all(dim=1).tolist()
-        best = logits.argmax(dim=1).tolist()
+        finite, best = rows_finite(logits), greedy_tokens(logits)
         done = []
         for row, seq in enumerate(seqs):
             try:
