@@ -1,8 +1,10 @@
 """Forward cost of an unmerged LoRA adapter (r=16 on all 7 projections) over the base model.
 
 Runs the base model, lorakit and peft on the same SmolLM2-135M-shaped Llama (random weights) in
-one process, interleaving the three so machine noise hits them alike, and prints the median
-time of each and the overhead over the base. Usage:
+one process, interleaving the three (the order reversed every other round, so a steady drift
+hits them alike) and prints the median time of each and the overhead over the base: the median
+of the per-round ratios, with their lower and upper quartiles (a round's three runs are
+seconds apart, so the machine's slower drifts cancel in them). Usage:
 
     python benchmarks/bench_forward.py [--layers 30] [--batch 8] [--seq 128] [--repeats 7] [--dtypes float32,bfloat16]
 """
@@ -28,7 +30,7 @@ def timed(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, float]:
+def measure(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, list[float]]:
     base = smollm2_shape(args.layers, dtype)
     config = dict(r=16, lora_alpha=32, target_modules=TARGETS)
     models = {
@@ -44,10 +46,18 @@ def measure(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in models}
     for model in models.values():  # warm-up
         timed(model, ids)
-    for _ in range(args.repeats):
-        for name, model in models.items():
+    for round_ in range(args.repeats):
+        order = list(models.items())
+        for name, model in order if round_ % 2 == 0 else order[::-1]:
             times[name].append(timed(model, ids))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def overhead(times: dict[str, list[float]], name: str) -> str:
+    """Median and quartiles of the per-round cost of `name` over the base, in percent."""
+    ratios = [100 * (t / b - 1) for t, b in zip(times[name], times["base"], strict=True)]
+    low, mid, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{mid:+6.1f}% [{low:+.1f}, {high:+.1f}]"
 
 
 def main() -> None:
@@ -60,14 +70,13 @@ def main() -> None:
     args = parser.parse_args()
     print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch} x {args.seq}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    print(
-        f"{'dtype':<6} {'base s':>8} {'lorakit s':>10} {'peft s':>8} {'lorakit +%':>11} {'peft +%':>8}"
-    )
+    print(f"{'dtype':<9} {'base s':>7} {'lorakit s':>9} {'peft s':>7}   lorakit cost [quartiles]"
+          f"   peft cost [quartiles]")  # fmt: skip
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         t = measure(dtype, args)
-        ours, theirs = t["lorakit"] / t["base"] - 1, t["peft"] / t["base"] - 1
-        print(f"{str(dtype).removeprefix('torch.'):<6} {t['base']:>8.3f} {t['lorakit']:>10.3f} "
-              f"{t['peft']:>8.3f} {100 * ours:>10.1f}% {100 * theirs:>7.1f}%")  # fmt: skip
+        m = {name: statistics.median(values) for name, values in t.items()}
+        print(f"{str(dtype).removeprefix('torch.'):<9} {m['base']:>7.3f} {m['lorakit']:>9.3f} "
+              f"{m['peft']:>7.3f}   {overhead(t, 'lorakit'):<24} {overhead(t, 'peft')}")  # fmt: skip
 
 
 if __name__ == "__main__":
