@@ -72,11 +72,12 @@ class FusedGroup:
     def run(self, x: torch.Tensor, plan: RowPlan) -> list[torch.Tensor]:
         """Every member's output for x (rows, in), one token per plan row."""
         y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        *outs, ax = y.split(self.sizes, dim=1)  # views; ax: every member's x @ A^T
+        *outs, ax = y.split_with_sizes(self.sizes, 1)  # views (Tensor.split is Python); ax:
+        # every member's x @ A^T
         if self.blocks is None:  # base weights stacked; adapters as packed rows add them
             return [m._add_rows(out, x, plan) for m, out in zip(self.members, outs, strict=True)]
         mask = plan.block_mask(self.blocks, len(self.members))  # each row's scaling, per member
-        h = (ax * mask).split(self.ranks, dim=1)  # (rows, packed ranks) per member
+        h = (ax * mask).view(len(ax), -1, self.ranks).unbind(1)  # (rows, packed ranks) each
         for h_i, b_t, out in zip(h, self.b_t, outs, strict=True):
             out.addmm_(h_i, b_t)  # into y's columns
         return outs
