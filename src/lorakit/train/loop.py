@@ -65,6 +65,7 @@ from lorakit.train.runtime import (
     seed_everything,
     step_seed,
 )
+from lorakit.train.threads import FIXED_THREADS_ENV, ThreadGovernor
 
 # Sections of the CLI's run config that do not change the result (train is compared field by
 # field, with its own exceptions).
@@ -328,6 +329,7 @@ def _run(
     reset_peak_memory(device)  # memory_mb: the peak since training began
     result = TrainResult(output_dir=output_dir, steps=start_step, total_steps=total_steps)
     evals = eval_batches(eval_data, config.batch_size)
+    governor = ThreadGovernor.for_run(device, ctx.world_size)  # fewer threads on a busy CPU
 
     try:
         if ctx.main:
@@ -398,6 +400,9 @@ def _run(
             optimizer.zero_grad(set_to_none=True)
             result.steps = done = step + 1
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            switched = governor.update() if governor is not None else None
+            if switched is not None and ctx.main:
+                log.message(_threads_note(*switched, governor.full))
 
             last = done == total_steps
             if ctx.main:  # rank 0 logs, evaluates and saves
@@ -474,9 +479,20 @@ def _run(
         raise
     finally:
         restore_signals(old_handlers)
+        if governor is not None:
+            governor.restore()
         if log is not None:
             log.close()
     result.best_eval_loss = best if math.isfinite(best) else None
     if result.best_dir is None and (output_dir / "best").is_dir():
         result.best_dir = output_dir / "best"
     return result
+
+
+def _threads_note(threads: int, others: float, full: int) -> str:
+    if threads < full:
+        return (
+            f"other work is using {others:.1f} of this process's CPUs: training on {threads} "
+            f"thread(s) instead of {full} until it stops ({FIXED_THREADS_ENV}=1 keeps {full})"
+        )
+    return f"the CPUs are free again: training on {threads} threads"
