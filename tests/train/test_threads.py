@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -119,3 +120,5 @@ def test_training_on_a_busy_machine_drops_a_thread_logs_it_and_restores(
     assert before == 2 and machine.threads == [1, 2]  # dropped to 1, restored at the end
     assert seen[0] == 2 and seen[-1] == 1 and torch.get_num_threads() == 2
     assert "training on 1 thread(s) instead of 2" in capsys.readouterr().err
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["threads"] for r in steps if r["kind"] == "train"] == [2, 2, 1, 1]

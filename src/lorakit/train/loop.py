@@ -400,6 +400,7 @@ def _run(
             optimizer.zero_grad(set_to_none=True)
             result.steps = done = step + 1
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            threads = torch.get_num_threads()  # what this step ran on
             switched = governor.update() if governor is not None else None
             if switched is not None and ctx.main:
                 log.message(_threads_note(*switched, governor.full))
@@ -418,6 +419,7 @@ def _run(
                         "tokens_per_s": tokens / elapsed,
                         "step_s": elapsed,
                         "cpu_s": cpu,
+                        "threads": threads,
                         "memory_mb": peak_memory_mb(device),
                     },  # fmt: skip
                     show=done % config.log_every == 0 or done == total_steps,
