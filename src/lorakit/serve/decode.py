@@ -46,11 +46,16 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return logits.max(dim=1).indices.tolist()
 
 
+def is_greedy(params: SamplingParams, generator: torch.Generator | None) -> bool:
+    """Whether the request takes the highest logit (temperature 0, or no generator)."""
+    return params.temperature == 0 or generator is None
+
+
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
     """Pick the next token from one row of logits, shape (vocab,)."""
-    if params.temperature == 0 or generator is None:
+    if is_greedy(params, generator):
         return int(torch.argmax(logits))
     # the best token scores 0 before dividing, so any temperature > 0, however small, gives
     # finite probabilities (a tiny one is greedy among the tied best tokens)

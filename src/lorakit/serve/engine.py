@@ -28,6 +28,7 @@ from lorakit.serve.decode import (
     SamplingParams,
     TextStream,
     greedy_tokens,
+    is_greedy,
     rows_finite,
     sample_token,
 )
@@ -303,7 +304,7 @@ class Engine:
 
     def _next_token(self, seq: Sequence, logits: torch.Tensor, best: int) -> bool:
         """Take the row's next token (`best` is its greedy choice, the argmax of `logits`)."""
-        greedy = seq.params.temperature == 0 or seq.generator is None
+        greedy = is_greedy(seq.params, seq.generator)
         token = best if greedy else sample_token(logits, seq.params, seq.generator)
         seq.output_ids.append(token)
         if token in self.eos_token_ids:
