@@ -135,6 +135,7 @@ def run_lorakit(args, model, batches) -> dict:
         "step_s": statistics.median(r["step_s"] for r in rows),
         "cpu_s": statistics.median(r["cpu_s"] for r in rows),
         "peak_mb": max(r["memory_mb"] for r in rows),
+        "step_threads": [r["threads"] for r in result.history if r["kind"] == "train"],
     }
 
 
@@ -329,7 +330,7 @@ def contention(args) -> list[dict]:
           f"{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), torch "
           f"{torch.__version__}, {args.contention} busy processes")  # fmt: skip
     print(f"{'model':8} {'case':11} {'policy':8} {'threads':>7} {'quiet s/step':>12} "
-          f"{'busy s/step':>11} {'busy/quiet':>10} {'quiet vs 1st':>12} {'load':>9}")  # fmt: skip
+          f"{'busy s/step':>11} {'busy/quiet':>10} {'quiet vs 1st':>12} {'load':>9}  busy threads")  # fmt: skip
     results = []
     for model, case in itertools.product(args.models.split(","), args.cases.split(",")):
         data, precision = case.split("-")
@@ -353,7 +354,8 @@ def contention(args) -> list[dict]:
             row["quiet_cost"] = quiet["step_s"] / first
             print(f"{model:8} {case:11} {policy:8} {quiet['threads']:>7} {quiet['step_s']:12.2f} "
                   f"{busy['step_s']:11.2f} {row['ratio']:9.2f}x {row['quiet_cost']:11.3f}x "
-                  f"{row['load_quiet']:4.1f}/{row['load_busy']:<4.1f}", flush=True)  # fmt: skip
+                  f"{row['load_quiet']:4.1f}/{row['load_busy']:<4.1f}  {busy.get('step_threads')}",
+                  flush=True)  # fmt: skip
     return results
 
 

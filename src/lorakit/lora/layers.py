@@ -296,13 +296,16 @@ class LoraLinear(nn.Module):
         x = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (tokens, in)
         if x.shape[0] != plan.rows:  # several tokens per row: each token takes its row's mask
             mask = mask.repeat_interleave(x.shape[0] // plan.rows, 0)
-        if few_rows(x):  # see lorakit.ops.few_rows; MKL is fastest with x^T, h^T as views
+        flat = result.reshape(-1, self.out_features)
+        in_place = flat.dtype == a.dtype and not torch.is_autocast_enabled(result.device.type)
+        if few_rows(x):  # see lorakit.ops.few_rows; MKL is fastest with x^T as a view
             h = torch.mm(a, x.T).T.contiguous().mul_(mask)  # (tokens, span)
-            delta = torch.mm(b, h.T).T
+            if in_place:  # b.T is contiguous (rows.PackedLayer)
+                return flat.addmm_(h, b.T).view(result.shape)
+            delta = h @ b.T
         else:
             delta = F.linear(F.linear(x, a).mul_(mask), b)
-        flat = result.reshape(-1, self.out_features)
-        if flat.dtype == delta.dtype and not torch.is_autocast_enabled(result.device.type):
+        if in_place:
             return flat.add_(delta).view(result.shape)
         return result + delta.to(result.dtype).view(result.shape)
 
