@@ -146,6 +146,53 @@ def test_generate_streams_with_adapters_and_sampling(tiny_dir, run_dir, capsys):
     assert "temperature" in capsys.readouterr().err
 
 
+def test_generate_merges_float32_adapters_only(tiny_dir, run_dir):
+    """generate/chat merge adapters into a float32 base (the logits of the merged model equal the
+    unmerged one's up to fp32 rounding), and keep them unmerged on a bf16 base."""
+    import torch
+
+    from lorakit.cli.generate import prepare_model
+    from lorakit.jobs.finetune import load_with_adapters, parse_adapters
+    from lorakit.lora.layers import LoraLinear
+    from lorakit.lora.model import LoraModel
+
+    spec = [str(run_dir / "final")]
+    merged, _, template = prepare_model(str(tiny_dir), spec, None, "float32", "cpu")
+    assert not any(isinstance(m, (LoraModel, LoraLinear)) for m in merged.modules())
+    assert template == (run_dir / "final" / "chat_template.jinja").read_text()
+    unmerged, _ = load_with_adapters(str(tiny_dir), parse_adapters(spec), "float32", "cpu")
+    ids = torch.tensor([[5, 17, 42, 9, 100]])
+    with torch.no_grad():
+        want = unmerged(input_ids=ids).logits
+        with unmerged.disable_adapter():
+            base = unmerged(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    half, _, _ = prepare_model(str(tiny_dir), spec, None, "bfloat16", "cpu")
+    assert isinstance(half, LoraModel)
+    assert not any(layer.merged_adapters for _, layer in half.lora_layers())
+
+
+def test_tied_or_half_precision_weights_are_not_merged_for_generation():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+    from lorakit.cli.generate import _merges_exactly
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    tied = lorakit.get_peft_model(model, lorakit.LoraConfig(r=2, target_modules=["lm_head"]))
+    assert not _merges_exactly(tied)  # the update would reach the input embedding too
+    qv = lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    plain = lorakit.get_peft_model(LlamaForCausalLM(config), qv)
+    assert _merges_exactly(plain)
+    half = lorakit.get_peft_model(LlamaForCausalLM(config).bfloat16(), qv)
+    assert not _merges_exactly(half)
+
+
 def test_chat_keeps_the_conversation(tiny_dir, run_dir, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand then?\n/reset\nhi\n/exit\n"))
     seen = []
