@@ -26,6 +26,7 @@ from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targ
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
 from lorakit.lora.reading import module_to_save_param, read_for_loading
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
+from lorakit.lora.ties import untie_for_merge
 from lorakit.lora.tuner import LoraTuner
 
 logger = logging.getLogger("lorakit")
@@ -300,12 +301,14 @@ class LoraModel(HFFace):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False):
         """Merge adapters into the base weights in place (undo with `unmerge_adapter`)."""
         names = adapter_names or self.active_adapters
-        layers = [layer for _, layer in self.lora_layers()]
+        named = list(self.lora_layers())
+        layers = [layer for _, layer in named]
         if layers and all(set(names) <= set(layer.merged_adapters) for layer in layers):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
-        for _, layer in self.lora_layers():
-            layer.merge(adapter_names or self.active_adapters, safe_merge=safe_merge)
+        untie_for_merge(self.base_model.model, named, names)  # a tied weight gets its own copy
+        for layer in layers:
+            layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Undo `merge_adapter`: the base weights return to their values before the merge."""
@@ -324,6 +327,8 @@ class LoraModel(HFFace):
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         names = adapter_names or self.active_adapters
+        if merge:
+            untie_for_merge(self.base_model.model, list(self.lora_layers()), names, stacklevel=4)
         replacements = []
         for name, module in self.base_model.model.named_modules():
             if isinstance(module, LoraLinear):
