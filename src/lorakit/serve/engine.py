@@ -266,18 +266,22 @@ class Engine:
         positions = torch.tensor([[seq.length - 1] for seq in rows], device=device)
         mask = self._batch.step_mask()
         with self.host.lock, self.host.decode([seq.adapter or BASE_ROW for seq in rows]):
-            out = self.host.forward_model(
-                input_ids=input_ids,
-                position_ids=positions,
-                attention_mask=mask,
-                use_cache=True,
-                **_cache_argument(self.host.forward_model, self._batch.cache),
-            )
-        self._batch.cache = _returned_cache(out)
+            lean = self.host.lean_decode  # the same step without transformers' plumbing
+            if lean is not None:
+                logits = lean(input_ids, positions, mask, self._batch.cache)
+            else:
+                out = self.host.forward_model(
+                    input_ids=input_ids,
+                    position_ids=positions,
+                    attention_mask=mask,
+                    use_cache=True,
+                    **_cache_argument(self.host.forward_model, self._batch.cache),
+                )
+                self._batch.cache, logits = _returned_cache(out), out.logits
         self.steps += 1
         live = [seq for seq in rows if not seq.cancelled]
         if live:
-            logits = out.logits[:, -1].float()
+            logits = logits[:, -1].float()
             if len(live) < len(rows):
                 logits = logits[[row for row, seq in enumerate(rows) if not seq.cancelled]]
             self._accept_rows(live, logits)

@@ -18,6 +18,7 @@ from lorakit.lora.adapters import read_chat_template
 from lorakit.lora.rows import BASE as BASE_ROW
 from lorakit.lora.rows import PackedAdapters
 from lorakit.ops import PrepackedLinears
+from lorakit.serve.lean import LlamaDecode
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 
@@ -54,6 +55,8 @@ class ModelHost:
         self.prepacked = PrepackedLinears(linears)
         self._packed: PackedAdapters | None = None
         self.fuse = True  # False: decode steps without fused groups (benchmarks compare)
+        self.lean = True  # False: decode steps through the model's own forward (lean.py)
+        self._lean: tuple[torch.nn.Module, LlamaDecode | None] | None = None
         self._fused = None  # lorakit.lora.fused.FusedDecode over the packed adapters
         self._version = 0  # bumped by every load and unload
         self._packed_version = -1
@@ -67,6 +70,16 @@ class ModelHost:
     def forward_model(self) -> torch.nn.Module:
         """The Hugging Face model to call (with LoRA layers inside once adapters are loaded)."""
         return self.base if self.lora is None else self.lora.get_base_model()
+
+    @property
+    def lean_decode(self) -> LlamaDecode | None:
+        """The lean decode step for the model as it is now, where one applies (`lean.py`)."""
+        model = self.forward_model
+        if not self.lean:
+            return None
+        if self._lean is None or self._lean[0] is not model:
+            self._lean = (model, LlamaDecode.for_model(model))
+        return self._lean[1]
 
     @contextlib.contextmanager
     def decode(self, rows: list[str]) -> Iterator[None]:

@@ -1,0 +1,118 @@
+"""A decode step for Llama models without the Hugging Face module plumbing around the math.
+
+In a decode step each op works on one token per row, so the ops are cheap and the Python around
+them is not: transformers' Llama forward passes each layer through four module calls, keyword
+plumbing, deprecation wrappers and hub-kernel dispatch before any math runs (a 30-layer model
+with hidden size 64 spends ~9 ms a step there). `LlamaDecode` runs the same step as one loop:
+the same ops in the same order on the same tensors. The projections (q, k, v, o, gate, up,
+down, lm_head) are still called as the model's own modules, so LoRA layers, per-row adapters,
+fused groups and prepacked weights work as in the ordinary forward; the attention is
+transformers' own SDPA function with transformers' own mask, and the KV cache is updated
+through the cache's `update`. The logits equal the ordinary forward's bit for bit (checked by
+the tests on padded and unpadded batches).
+
+It applies to `LlamaForCausalLM` itself (not a subclass) on the CPU with SDPA attention, SiLU
+MLPs and standard Llama modules carrying no hooks; anything else returns None from `for_model`
+and the engine calls the model as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LlamaDecode:
+    """One decode step of a Llama model: (input_ids (B, 1), positions, mask, cache) -> logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.inner = model.model
+        self.config = self.inner.config
+        self.layers = list(self.inner.layers[: self.config.num_hidden_layers])
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> LlamaDecode | None:
+        """A lean step for `model`, or None where it does not apply (see the module's text)."""
+        try:
+            from transformers.models.llama import modeling_llama as llama
+        except ImportError:
+            return None
+        if (
+            type(model) is not llama.LlamaForCausalLM
+            or nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks
+        ):
+            return None
+        config = model.config
+        if (
+            getattr(config, "_attn_implementation", None) != "sdpa"
+            or config.hidden_act != "silu"
+            or getattr(model, "use_kernels", False)
+            or next(model.parameters()).device.type != "cpu"
+        ):
+            return None
+        inner = model.model
+        expected = [(model, llama.LlamaForCausalLM), (inner, llama.LlamaModel), (inner.rotary_emb, llama.LlamaRotaryEmbedding),
+                    (inner.norm, llama.LlamaRMSNorm)]  # fmt: skip
+        for layer in inner.layers:
+            expected += [(layer, llama.LlamaDecoderLayer), (layer.self_attn, llama.LlamaAttention),
+                         (layer.mlp, llama.LlamaMLP), (layer.input_layernorm, llama.LlamaRMSNorm),
+                         (layer.post_attention_layernorm, llama.LlamaRMSNorm)]  # fmt: skip
+        if any(
+            type(module) is not kind or module._forward_hooks or module._forward_pre_hooks
+            for module, kind in expected
+        ):
+            return None
+        return cls(model)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache,
+    ) -> torch.Tensor:
+        """The logits (B, 1, vocab) of one step; `cache` gets this step's keys and values."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import create_causal_mask
+
+        inner = self.inner
+        h = inner.embed_tokens(input_ids)
+        mask = create_causal_mask(config=self.config, inputs_embeds=h,
+                                  attention_mask=attention_mask, cache=cache,
+                                  position_ids=position_ids)  # fmt: skip
+        cos, sin = inner.rotary_emb(h, position_ids=position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for index, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            shape = (*h.shape[:-1], -1, attn.head_dim)
+            x = _rms_norm(h, layer.input_layernorm)
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            k, v = cache.update(k, v, index)
+            dropout = attn.attention_dropout if attn.training else 0.0
+            out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout, attn.scaling)
+            h = h + attn.o_proj(out.reshape(*shape[:-2], -1).contiguous())
+            x = _rms_norm(h, layer.post_attention_layernorm)
+            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return self.model.lm_head(_rms_norm(h, inner.norm))
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """LlamaRMSNorm's forward, op for op."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
