@@ -12,11 +12,13 @@ through the cache's `update`. The logits equal the ordinary forward's bit for bi
 the tests on padded and unpadded batches).
 
 It applies to `LlamaForCausalLM` itself (not a subclass) on the CPU with SDPA attention, SiLU
-MLPs and standard Llama modules carrying no hooks; anything else returns None from `for_model`
-and the engine calls the model as usual.
+MLPs and standard Llama modules carrying no hooks, under transformers 5 (whose forward it
+mirrors); anything else returns None from `for_model` and the engine calls the model as usual.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +38,12 @@ class LlamaDecode:
     def for_model(cls, model: nn.Module) -> LlamaDecode | None:
         """A lean step for `model`, or None where it does not apply (see the module's text)."""
         try:
+            from transformers.masking_utils import create_causal_mask
             from transformers.models.llama import modeling_llama as llama
         except ImportError:
             return None
+        if "cache" not in inspect.signature(create_causal_mask).parameters:
+            return None  # transformers 4.x: its forward takes other arguments; run that one
         if (
             type(model) is not llama.LlamaForCausalLM
             or nn.modules.module._global_forward_hooks
