@@ -15,21 +15,51 @@ from lorakit.serve.lean import LlamaDecode
 from lorakit.serve.registry import ModelHost
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             tie_word_embeddings=False)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
+def _mistral(window: int | None):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(**SMALL, sliding_window=window)).eval()
+
+
+def _qwen2():
+    """Qwen2 with q/k/v biases, its last two layers on a 3-token sliding window."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    assert config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+FAMILIES = {
+    "llama": make_model,
+    "mistral": lambda: _mistral(None),
+    "mistral-window": lambda: _mistral(3),
+    "qwen2-bias-window": _qwen2,
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(model maker, adapter dirs): two random adapters on all 7 projections."""
+    make = FAMILIES[request.param]
     root = tmp_path_factory.mktemp("lean")
     for seed, name in enumerate(["a", "b"], start=1):
         torch.manual_seed(seed)
-        model = get_peft_model(make_model(), LoraConfig(r=4, lora_alpha=8, target_modules=ALL,
-                                                        init_lora_weights=False))  # fmt: skip
+        model = get_peft_model(make(), LoraConfig(r=4, lora_alpha=8, target_modules=ALL,
+                                                  init_lora_weights=False))  # fmt: skip
         model.save_pretrained(root / name)
-    return {name: root / name for name in ["a", "b"]}
+    return make, {name: root / name for name in ["a", "b"]}
 
 
-def _host(adapters: dict, lean: bool) -> ModelHost:
-    host = ModelHost(make_model(), "base")
+def _host(make, adapters: dict, lean: bool) -> ModelHost:
+    host = ModelHost(make(), "base")
     host.lean = lean
     for name, path in adapters.items():
         host.load(name, path)
@@ -37,12 +67,15 @@ def _host(adapters: dict, lean: bool) -> ModelHost:
 
 
 @pytest.mark.parametrize("lengths", [[5, 3, 4], [4, 4, 4]], ids=["padded", "same-length"])
-def test_lean_steps_equal_the_forward_bit_for_bit(adapters, lengths):
+def test_lean_steps_equal_the_forward_bit_for_bit(family, lengths):
     """Three decode steps over mixed adapters (packed, fused groups learned on the first step,
-    prepacked bases): the lean step's logits and KV cache equal the model's own forward's."""
+    prepacked bases): the lean step's logits and KV cache equal the model's own forward's, for
+    Llama, Mistral with and without a sliding window, and Qwen2 with biases and sliding layers
+    (the prompts are longer than the 3-token windows)."""
     from transformers import DynamicCache
 
-    hosts = {"lean": _host(adapters, True), "forward": _host(adapters, False)}
+    make, adapters = family
+    hosts = {"lean": _host(make, adapters, True), "forward": _host(make, adapters, False)}
     assert hosts["lean"].lean_decode is not None and hosts["forward"].lean_decode is None
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long)

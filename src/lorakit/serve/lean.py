@@ -1,4 +1,4 @@
-"""A decode step for Llama models without the Hugging Face module plumbing around the math.
+"""A decode step for Llama-family models without the Hugging Face plumbing around the math.
 
 In a decode step each op works on one token per row, so the ops are cheap and the Python around
 them is not: transformers' Llama forward passes each layer through four module calls, keyword
@@ -11,41 +11,56 @@ transformers' own SDPA function with transformers' own mask, and the KV cache is
 through the cache's `update`. The logits equal the ordinary forward's bit for bit (checked by
 the tests on padded and unpadded batches).
 
-It applies to `LlamaForCausalLM` itself (not a subclass) on the CPU with SDPA attention, SiLU
-MLPs and standard Llama modules carrying no hooks, under transformers 5 (whose forward it
-mirrors); anything else returns None from `for_model` and the engine calls the model as usual.
+It applies to `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` themselves (not
+subclasses) on the CPU with SDPA attention, SiLU MLPs and the family's standard modules carrying
+no hooks, under transformers 5 (whose forwards it mirrors); anything else returns None from
+`for_model` and the engine calls the model as usual.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # module: class prefix
+
 
 class LlamaDecode:
-    """One decode step of a Llama model: (input_ids (B, 1), positions, mask, cache) -> logits."""
+    """One decode step of a Llama-family model: (input_ids (B, 1), positions, mask, cache) ->
+    logits. Llama, Mistral and Qwen2 share the block; they differ in which attention mask each
+    layer gets (Mistral: a sliding window when the config sets one; Qwen2: per `layer_types`),
+    and that is taken from the same transformers functions their forwards call."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, masks: list) -> None:
         self.model = model
         self.inner = model.model
         self.config = self.inner.config
         self.layers = list(self.inner.layers[: self.config.num_hidden_layers])
+        self.masks = masks  # per layer: the mask function its forward would use
 
     @classmethod
     def for_model(cls, model: nn.Module) -> LlamaDecode | None:
         """A lean step for `model`, or None where it does not apply (see the module's text)."""
+        family = next((f for f, prefix in _FAMILIES.items()
+                       if type(model).__name__ == f"{prefix}ForCausalLM"), None)  # fmt: skip
+        if family is None:
+            return None
         try:
-            from transformers.masking_utils import create_causal_mask
-            from transformers.models.llama import modeling_llama as llama
+            from transformers import masking_utils
+
+            classes = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ImportError:
             return None
-        if "cache" not in inspect.signature(create_causal_mask).parameters:
+        if "cache" not in inspect.signature(masking_utils.create_causal_mask).parameters:
             return None  # transformers 4.x: its forward takes other arguments; run that one
+        prefix = _FAMILIES[family]
+        kind = {part: getattr(classes, f"{prefix}{part}", None) for part in _PARTS}
         if (
-            type(model) is not llama.LlamaForCausalLM
+            type(model) is not kind["ForCausalLM"]
             or nn.modules.module._global_forward_hooks
             or nn.modules.module._global_forward_pre_hooks
         ):
@@ -59,18 +74,30 @@ class LlamaDecode:
         ):
             return None
         inner = model.model
-        expected = [(model, llama.LlamaForCausalLM), (inner, llama.LlamaModel), (inner.rotary_emb, llama.LlamaRotaryEmbedding),
-                    (inner.norm, llama.LlamaRMSNorm)]  # fmt: skip
+        expected = [(model, "ForCausalLM"), (inner, "Model"), (inner.rotary_emb, "RotaryEmbedding"),
+                    (inner.norm, "RMSNorm")]  # fmt: skip
         for layer in inner.layers:
-            expected += [(layer, llama.LlamaDecoderLayer), (layer.self_attn, llama.LlamaAttention),
-                         (layer.mlp, llama.LlamaMLP), (layer.input_layernorm, llama.LlamaRMSNorm),
-                         (layer.post_attention_layernorm, llama.LlamaRMSNorm)]  # fmt: skip
+            expected += [(layer, "DecoderLayer"), (layer.self_attn, "Attention"), (layer.mlp, "MLP"),
+                         (layer.input_layernorm, "RMSNorm"),
+                         (layer.post_attention_layernorm, "RMSNorm")]  # fmt: skip
         if any(
-            type(module) is not kind or module._forward_hooks or module._forward_pre_hooks
-            for module, kind in expected
+            type(module) is not kind[part] or module._forward_hooks or module._forward_pre_hooks
+            for module, part in expected
         ):
             return None
-        return cls(model)
+        full, sliding = (
+            masking_utils.create_causal_mask,
+            masking_utils.create_sliding_window_causal_mask,
+        )
+        layers = range(config.num_hidden_layers)
+        if family == "qwen2":
+            by_type = {"full_attention": full, "sliding_attention": sliding}
+            masks = [by_type.get(config.layer_types[i]) for i in layers]
+        elif family == "mistral":
+            masks = [full if config.sliding_window is None else sliding for _ in layers]
+        else:
+            masks = [full for _ in layers]
+        return None if None in masks else cls(model, masks)
 
     @torch.no_grad()
     def __call__(
@@ -82,16 +109,18 @@ class LlamaDecode:
     ) -> torch.Tensor:
         """The logits (B, 1, vocab) of one step; `cache` gets this step's keys and values."""
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.masking_utils import create_causal_mask
 
         inner = self.inner
         h = inner.embed_tokens(input_ids)
-        mask = create_causal_mask(config=self.config, inputs_embeds=h,
+        made = {}  # one mask per mask function, as the forward builds them
+        for make in self.masks:
+            if make not in made:
+                made[make] = make(config=self.config, inputs_embeds=h,
                                   attention_mask=attention_mask, cache=cache,
                                   position_ids=position_ids)  # fmt: skip
-        cos, sin = inner.rotary_emb(h, position_ids=position_ids)
+        cos, sin = inner.rotary_emb(h, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        for index, layer in enumerate(self.layers):
+        for index, (layer, make) in enumerate(zip(self.layers, self.masks, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
             shape = (*h.shape[:-1], -1, attn.head_dim)
             x = _rms_norm(h, layer.input_layernorm)
@@ -102,11 +131,14 @@ class LlamaDecode:
             k = (k * cos) + (_rotate_half(k) * sin)
             k, v = cache.update(k, v, index)
             dropout = attn.attention_dropout if attn.training else 0.0
-            out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout, attn.scaling)
+            out, _ = sdpa_attention_forward(attn, q, k, v, made[make], dropout, attn.scaling)
             h = h + attn.o_proj(out.reshape(*shape[:-2], -1).contiguous())
             x = _rms_norm(h, layer.post_attention_layernorm)
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         return self.model.lm_head(_rms_norm(h, inner.norm))
+
+
+_PARTS = ("ForCausalLM", "Model", "RotaryEmbedding", "RMSNorm", "DecoderLayer", "Attention", "MLP")
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
