@@ -1,6 +1,6 @@
 """`lorakit generate` and `lorakit chat`: a base model with zero, one or several adapters, tokens
 streamed to the terminal, greedy unless a temperature is given. Adapters on a float32 base are
-merged into it first, so each token costs what the base model's does (unmerged, LoRA adds ~23%
+merged into it first, so each token costs what the base model's does (unmerged, LoRA adds ~30%
 a token on the built-in model: docs/benchmarks.md)."""
 
 from __future__ import annotations
@@ -87,18 +87,18 @@ def _merges_exactly(model: nn.Module) -> bool:
     """Whether merging the adapters changes generation by fp32 rounding only: every adapted
     weight is float32 and used by its layer alone. A quantized or half-precision weight would
     round W + BA to its own precision, losing small updates, and a tied weight (an output layer
-    sharing the input embedding) would carry the update into the other layer too; such models
-    generate with the adapters unmerged."""
+    sharing the input embedding) would first have to be copied (`lora/ties.py`), growing the
+    model; such models generate with the adapters unmerged."""
     import torch
 
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[param.data_ptr()] = uses.get(param.data_ptr(), 0) + 1
+    from lorakit.lora.ties import weight_uses
+
+    uses = weight_uses(model)
     for _, layer in model.lora_layers():
         weight = getattr(layer.base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
             return False
-        if uses.get(weight.data_ptr(), 0) > 1:
+        if uses[weight.data_ptr()] > 1:
             return False
     return True
 

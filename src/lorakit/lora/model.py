@@ -301,12 +301,11 @@ class LoraModel(HFFace):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False):
         """Merge adapters into the base weights in place (undo with `unmerge_adapter`)."""
         names = adapter_names or self.active_adapters
-        named = list(self.lora_layers())
-        layers = [layer for _, layer in named]
+        layers = [layer for _, layer in self.lora_layers()]
         if layers and all(set(names) <= set(layer.merged_adapters) for layer in layers):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
-        untie_for_merge(self.base_model.model, named, names)  # a tied weight gets its own copy
+        untie_for_merge(self.base_model.model, list(self.lora_layers()), names)  # own copies
         for layer in layers:
             layer.merge(names, safe_merge=safe_merge)
 

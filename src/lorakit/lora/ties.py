@@ -23,9 +23,7 @@ def untie_for_merge(
 ) -> list[str]:
     """Give each of `layers` that has one of the adapters `names` and a weight shared with
     another parameter of `model` its own copy of that weight; returns the layers' names."""
-    uses = Counter(
-        p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False) if p.numel()
-    )
+    uses = weight_uses(model)
     untied = []
     for name, layer in layers:
         weight = getattr(layer.base_layer, "weight", None)
@@ -53,6 +51,13 @@ def untie_for_merge(
             stacklevel=stacklevel,
         )
     return untied
+
+
+def weight_uses(model: nn.Module) -> Counter:
+    """How many of `model`'s parameters point at each address: 2 or more for a tied weight."""
+    return Counter(
+        p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False) if p.numel()
+    )
 
 
 def _text_config(config):
