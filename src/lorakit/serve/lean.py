@@ -44,7 +44,9 @@ class LlamaDecode:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> LlamaDecode | None:
-        """A lean step for `model`, or None where it does not apply (see the module's text)."""
+        """A lean step for `model`, or None where it does not apply (see the module's text).
+        Types and hooks are checked here, once: the server builds it anew when its model
+        changes, not when a hook is added later."""
         family = next((f for f, prefix in _FAMILIES.items()
                        if type(model).__name__ == f"{prefix}ForCausalLM"), None)  # fmt: skip
         if family is None:
@@ -59,11 +61,7 @@ class LlamaDecode:
             return None  # transformers 4.x: its forward takes other arguments; run that one
         prefix = _FAMILIES[family]
         kind = {part: getattr(classes, f"{prefix}{part}", None) for part in _PARTS}
-        if (
-            type(model) is not kind["ForCausalLM"]
-            or nn.modules.module._global_forward_hooks
-            or nn.modules.module._global_forward_pre_hooks
-        ):
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return None
         config = model.config
         if (
