@@ -5,7 +5,7 @@ loads a saved adapter (peft's format) onto a base model.
 """
 
 from lorakit.lora.adapters import check_adapter, read_adapter
-from lorakit.lora.auto import AutoPeftModelForCausalLM
+from lorakit.lora.compat.auto import AutoPeftModelForCausalLM
 from lorakit.lora.config import LoraConfig, PeftType
 from lorakit.lora.inject import (
     check_gradients,
@@ -16,7 +16,7 @@ from lorakit.lora.inject import (
 )
 from lorakit.lora.layers import LoraLinear, ModulesToSave
 from lorakit.lora.model import LoraModel, get_peft_model
-from lorakit.lora.peft_names import TaskType, get_peft_model_state_dict, set_peft_model_state_dict
+from lorakit.lora.compat.peft_names import TaskType, get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.lora.presets import TARGET_PRESETS, target_preset
 from lorakit.lora.rows import BASE, PackedAdapters
 

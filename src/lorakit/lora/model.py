@@ -20,14 +20,14 @@ from lorakit.lora import shared
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.fused import FusedDecode
-from lorakit.lora.hf_face import HFFace
+from lorakit.lora.compat.hf_face import HFFace
 from lorakit.lora.inits import loading_config
 from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets, saved_targets
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
-from lorakit.lora.reading import module_to_save_param, read_for_loading
+from lorakit.lora.compat.reading import module_to_save_param, read_for_loading
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
 from lorakit.lora.ties import untie_for_merge
-from lorakit.lora.tuner import LoraTuner
+from lorakit.lora.compat.tuner import LoraTuner
 
 logger = logging.getLogger("lorakit")
 

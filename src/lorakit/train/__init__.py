@@ -1,7 +1,7 @@
 """Training: the loop (`loop.train`, one function read top to bottom) and what it stands on.
 
 `config` holds the loop's typed settings, `plan` the rows each rank takes each step,
-`optim` AdamW / LoRA+ and the schedules, `loraplus` peft's LoRA+ optimizer builder,
+`optim` AdamW / LoRA+ and the schedules (peft's `create_loraplus_optimizer` is lora.compat's),
 `optim8bit` AdamW with 8-bit moments (bitsandbytes;
 `AdamW8bit` is imported on first use), `checkpoint` checkpoints and exact resume, `rundir`
 atomic folders and what a new run refuses to write over, `log` metrics and progress, `runtime`
@@ -11,10 +11,10 @@ seeds, torchrun, precision, the allocator and stop signals,
 
 from typing import Any
 
+from lorakit.lora.compat.loraplus import create_loraplus_optimizer
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import eval_loss, generate_samples
 from lorakit.train.loop import NonFiniteError, TrainResult, train
-from lorakit.train.loraplus import create_loraplus_optimizer
 
 
 def __getattr__(name: str) -> Any:

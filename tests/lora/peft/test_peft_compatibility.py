@@ -15,7 +15,7 @@ import lorakit
 from conftest import make_tiny_llama
 from lorakit.errors import LorakitError
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "peft-compatibility.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "peft-compatibility.md"
 TOP_LEVEL = [
     "LoraConfig", "PeftConfig", "TaskType", "get_peft_model", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
