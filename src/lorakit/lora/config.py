@@ -11,7 +11,6 @@ rank / alpha; the first pattern that matches the end of the name wins.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import math
 import re
@@ -21,52 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import AdapterError, ConfigError, closest
+from lorakit.lora.compat.fields import (
+    DESCRIPTIVE,
+    INSTEAD,
+    PEFT_INIT,
+    TASK_TYPES,
+    UNSUPPORTED_FEATURES,
+    PeftConfigNames,
+)
 from lorakit.lora.inits import check_loftq_config, is_pissa
 
 CONFIG_NAME = "adapter_config.json"
 
 
-class PeftType(str, enum.Enum):
-    """peft's method names; lorakit has one, LoRA (`LoraConfig.peft_type`)."""
-
-    LORA = "LORA"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-# peft fields lorakit does not implement, with their defaults. Left at these values they change
-# nothing; any other value asks for a feature lorakit lacks, so it is refused (when a config is
-# made, and when an adapter is loaded), never silently dropped.
-_UNSUPPORTED_FEATURES: dict[str, Any] = {
-    "lora_bias": False,
-    "use_qalora": False,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "layer_replication": None,
-    "alora_invocation_tokens": None,
-    "use_bdlora": None,
-    "eva_config": None,
-    "corda_config": None,
-    "lora_ga_config": None,
-    "velora_config": None,
-    "monteclora_config": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "megatron_config": None,
-    "ensure_weight_tying": False,
-}
-# what to use instead, where lorakit has something
-_INSTEAD = {
-    "megatron_config": "lorakit shards with FSDP (train.distributed), not Megatron",
-    "trainable_token_indices": "train the whole embedding with modules_to_save=['embed_tokens']",
-}
-# peft fields that only describe how the adapter was made or initialised: kept, not used.
-_DESCRIPTIVE = {
-    "peft_type", "auto_mapping", "peft_version", "revision", "megatron_core",
-    "qalora_group_size", "runtime_config",
-}  # fmt: skip
-_PEFT_INIT = ("eva", "corda", "lora_ga", "orthogonal", "mica")  # peft's, not lorakit's
 _BIAS = ("none", "all", "lora_only")
 
 
@@ -94,16 +60,16 @@ class _LoraFields:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-class LoraConfig(_LoraFields):
+class LoraConfig(_LoraFields, PeftConfigNames):
     """Configuration of one LoRA adapter (peft's `LoraConfig` fields and meanings)."""
 
     def __init__(self, **kwargs: Any) -> None:
         names = [f.name for f in dataclasses.fields(_LoraFields)]
         extra = {}
         for key in list(kwargs):
-            if key in _UNSUPPORTED_FEATURES:
+            if key in UNSUPPORTED_FEATURES:
                 _refuse_feature(key, kwargs.pop(key), ConfigError, "LoraConfig")
-            elif key in _DESCRIPTIVE:
+            elif key in DESCRIPTIVE:
                 extra[key] = kwargs.pop(key)
             elif key not in names:
                 raise ConfigError(
@@ -113,24 +79,6 @@ class LoraConfig(_LoraFields):
         super().__init__(**kwargs)
         self.extra = {k: v for k, v in {**self.extra, **extra}.items() if k != "peft_type"}
         self._validate()
-
-    @property
-    def peft_type(self) -> PeftType:
-        """Always `PeftType.LORA` (equal to the string 'LORA' and to peft's `PeftType.LORA`)."""
-        return PeftType.LORA
-
-    @property
-    def is_prompt_learning(self) -> bool:
-        return False
-
-    @property
-    def is_adaption_prompt(self) -> bool:
-        return False
-
-    @property
-    def peft_version(self) -> str | None:
-        """The peft version an adapter's file names, where it names one."""
-        return self.extra.get("peft_version")
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
         """Write `adapter_config.json` into `save_directory` (made if missing), as peft does."""
@@ -155,14 +103,6 @@ class LoraConfig(_LoraFields):
                 "folder first, e.g. with huggingface_hub.snapshot_download)"
             )
         return cls.load(directory)
-
-    @classmethod
-    def from_json_file(cls, path_json_file: str | Path) -> dict[str, Any]:
-        """The content of an `adapter_config.json` file, as a dict (peft's meaning); a
-        `runtime_config` entry is dropped (it describes one run, not the adapter)."""
-        data = json.loads(Path(path_json_file).read_text())
-        data.pop("runtime_config", None)
-        return data
 
     def _validate(self) -> None:
         """Check every field's type and value; the error names the field, the value and what is
@@ -232,7 +172,7 @@ class LoraConfig(_LoraFields):
         """The `adapter_config.json` content, peft's layout."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(_LoraFields)}
         data.pop("extra")
-        data = {**_UNSUPPORTED_FEATURES, **self.extra, **data}
+        data = {**UNSUPPORTED_FEATURES, **self.extra, **data}
         data["peft_type"] = "LORA"
         for key in ("target_modules", "exclude_modules"):
             if isinstance(data[key], list):
@@ -247,9 +187,9 @@ class LoraConfig(_LoraFields):
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
-            elif key in _UNSUPPORTED_FEATURES:
+            elif key in UNSUPPORTED_FEATURES:
                 _refuse_feature(key, value, AdapterError, source)
-            elif key in _DESCRIPTIVE:
+            elif key in DESCRIPTIVE:
                 extra[key] = value
             else:
                 ignored.append(key)
@@ -299,15 +239,10 @@ class LoraConfig(_LoraFields):
 
 def _refuse_feature(key: str, value: Any, kind: type[Exception], where: str) -> None:
     """Raise `kind` when `value` asks for peft feature `key`, which lorakit does not have."""
-    if value in (_UNSUPPORTED_FEATURES[key], None, False, {}, []):
+    if value in (UNSUPPORTED_FEATURES[key], None, False, {}, []):
         return
-    instead = _INSTEAD.get(key, f"leave `{key}` at {_UNSUPPORTED_FEATURES[key]!r}")
+    instead = INSTEAD.get(key, f"leave `{key}` at {UNSUPPORTED_FEATURES[key]!r}")
     raise kind(f"{where}: `{key}`={_shown(value)} is not supported by lorakit; {instead}")
-
-
-# peft's TaskType values, in its order
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
-              "FEATURE_EXTRACTION")  # fmt: skip
 
 
 def _valid_task_type(value: Any) -> bool:
@@ -324,7 +259,7 @@ def _valid_task_type(value: Any) -> bool:
 def _valid_init(value: Any) -> bool:
     if isinstance(value, bool) or value in ("gaussian", "olora", "loftq") or is_pissa(value):
         return True
-    if isinstance(value, str) and value.split("_niter_")[0] in _PEFT_INIT:
+    if isinstance(value, str) and value.split("_niter_")[0] in PEFT_INIT:
         raise ConfigError(
             f"LoraConfig.init_lora_weights={value!r} is not supported by lorakit; use True "
             "(kaiming A, zero B), 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq' or False"

@@ -8,7 +8,6 @@ architecture's preset from `lorakit.lora.presets.target_preset`.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -279,28 +278,6 @@ def inject_lora(
         r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         target_modules=target_modules, **config_fields,
     )  # fmt: skip
-    add_adapter_layers(model, config, adapter_name)
-    mark_trainable(model, [adapter_name], config.bias)
-    return model
-
-
-def inject_adapter_in_model(
-    peft_config: LoraConfig,
-    model: nn.Module,
-    adapter_name: str = "default",
-    low_cpu_mem_usage: bool = False,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> nn.Module:
-    """peft's `inject_adapter_in_model`: wrap the config's targets of `model` in place (no
-    `LoraModel` around it) and freeze the rest; returns `model`. `low_cpu_mem_usage` changes
-    nothing (the adapter's tensors are small and made directly)."""
-    if state_dict is not None:
-        raise ConfigError(
-            "inject_adapter_in_model(state_dict=...) is not supported by lorakit; give "
-            "target_modules in the config"
-        )
-    config = copy.deepcopy(peft_config)
-    config.target_modules = resolve_targets(model, config)
     add_adapter_layers(model, config, adapter_name)
     mark_trainable(model, [adapter_name], config.bias)
     return model

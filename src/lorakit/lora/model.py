@@ -1,4 +1,9 @@
-"""`LoraModel`: a base model with named LoRA adapters, and `get_peft_model`."""
+"""`LoraModel`: a base model with named LoRA adapters, and `get_peft_model`.
+
+`LoraModel.base_model` is the tuner level (peft's naming, `compat.tuner`) and
+`get_base_model()` the wrapped base model (also `base_model.model`). What only peft programs
+and Hugging Face `Trainer` use is `compat.surface.PeftSurface`, which `LoraModel` inherits.
+"""
 
 from __future__ import annotations
 
@@ -11,33 +16,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-import lorakit.lora.adapters as files
+import lorakit.lora.adapters as adapter_io
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.lora import shared
 from lorakit.lora.combine import combine_adapters
+from lorakit.lora.compat.hf_face import HFFace
+from lorakit.lora.compat.keywords import check_peft_kwargs
+from lorakit.lora.compat.reading import module_to_save_param, read_for_loading
+from lorakit.lora.compat.surface import PeftSurface, peft_model_config
+from lorakit.lora.compat.tuner import LoraTuner
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.fused import FusedDecode
-from lorakit.lora.compat.hf_face import HFFace
 from lorakit.lora.inits import loading_config
 from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets, saved_targets
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
-from lorakit.lora.compat.reading import module_to_save_param, read_for_loading
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
 from lorakit.lora.ties import untie_for_merge
-from lorakit.lora.compat.tuner import LoraTuner
 
 logger = logging.getLogger("lorakit")
 
-# Hugging Face `Trainer` resumes and loads the best checkpoint of a model that is not a peft
-# `PeftModel` from this file only (`model.load_state_dict(load_file(...), strict=False)`), so a
-# checkpoint written through `Trainer` holds the trainable tensors here too, next to the adapter.
-TRAINER_WEIGHTS = "model.safetensors"
 
-
-class LoraModel(HFFace):
+class LoraModel(PeftSurface, HFFace):
     """A base model whose target layers carry named adapters; attributes fall through to it.
 
     Calling it calls the wrapped model (its `forward` is the wrapped model's, see `hf_face`);
@@ -102,16 +103,17 @@ class LoraModel(HFFace):
         self,
         adapter_name: str,
         config: LoraConfig,
-        low_cpu_mem_usage: bool = False,
+        *,
         autocast_adapter_dtype: bool = True,
+        **peft_kwargs: Any,
     ) -> None:
         """Add a fresh adapter; the active adapters stay as they are.
 
         With a float16 / bfloat16 base the adapter is made in float32 (peft's
         `autocast_adapter_dtype=True`); `autocast_adapter_dtype=False` makes it in the base
-        layer's dtype. `low_cpu_mem_usage` is accepted and changes nothing: the adapter's tensors
-        are small and made directly on the base layer's device.
+        layer's dtype. `peft_kwargs`: see `compat.keywords`.
         """
+        check_peft_kwargs("add_adapter", peft_kwargs)
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named `{adapter_name}` exists; delete it or pick a name")
         if not isinstance(config, LoraConfig):
@@ -388,8 +390,9 @@ class LoraModel(HFFace):
 
         With `path_initial_model_for_weight_conversion=` (the adapter folder saved right after a
         PiSSA / OLoRA initialisation), the adapter is written as the plain LoRA of twice the rank
-        that gives the same model on the original base (see `lorakit.lora.inits`). Called as `Trainer` calls it (with a `state_dict=` keyword), it also writes the trainable
-        tensors under their in-memory names as `model.safetensors` (see `TRAINER_WEIGHTS`).
+        that gives the same model on the original base (see `lorakit.lora.inits`). Called as
+        `Trainer` calls it (with a `state_dict=` keyword), it also writes the trainable tensors
+        as `model.safetensors` (`compat.surface.TRAINER_WEIGHTS`).
         """
         if not is_main_process:
             return
@@ -398,40 +401,12 @@ class LoraModel(HFFace):
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.target_modules = saved_targets(self.base_model.model, config, name)
-            files.save_adapter(
+            adapter_io.save_adapter(
                 self.base_model.model, target, name, config, self.chat_template,
                 kwargs.get("path_initial_model_for_weight_conversion"),
             )  # fmt: skip
         if "state_dict" in kwargs:
-            trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
-            save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
-
-    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
-        """Refused: the wrapped model's `push_to_hub` would upload the whole model."""
-        raise AdapterError(
-            "LoraModel.push_to_hub is not supported by lorakit (lorakit works offline); write the "
-            "adapter with save_pretrained(dir) and upload that folder with huggingface_hub's "
-            "upload_folder"
-        )
-
-    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-
-    @property
-    def _keys_to_ignore_on_save(self) -> list[str]:
-        """State-dict keys `model.safetensors` leaves out: everything but the trainable tensors.
-
-        `Trainer` compares them with the keys missing after it loads that file and, when they
-        agree, does not warn about the frozen base weights it did not find there.
-        """
-        trainable = {n for n, _ in self._trainable()}
-        return [k for k in self.state_dict(keep_vars=True) if k not in trainable]
-
-    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
-        """The wrapped model's `tie_weights`, where it has one."""
-        tie = getattr(self.base_model.model, "tie_weights", None)
-        if callable(tie):
-            tie(*args, **kwargs)
+            self._save_trainer_weights(save_directory)
 
     @classmethod
     def from_pretrained(
@@ -442,20 +417,18 @@ class LoraModel(HFFace):
         is_trainable: bool = False,
         config: LoraConfig | None = None,
         autocast_adapter_dtype: bool = True,
-        ephemeral_gpu_offload: bool = False,
-        low_cpu_mem_usage: bool = False,
-        key_mapping: dict[str, str] | None = None,
-        **kwargs: Any,
+        **peft_kwargs: Any,
     ) -> LoraModel:
         """Attach the adapter saved in `model_id` to `model` (strictly checked first).
 
         As in peft, an adapter loaded for inference (`is_trainable=False`) leaves the whole
         model in eval mode, so LoRA dropout is off. `config` replaces the folder's
         adapter_config.json; `subfolder` reads `model_id/subfolder`. The adapter's tensors go
-        where each base layer is, so `torch_device` / `device_map` are accepted and need nothing.
+        where each base layer is, so `torch_device` / `device_map` are accepted and need nothing
+        (`peft_kwargs`: see `compat.keywords`).
         """
-        adapter = read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
-        files.check_adapter(model, adapter)
+        adapter = read_for_loading(model_id, config, "from_pretrained", peft_kwargs)
+        adapter_io.check_adapter(model, adapter)
         config = adapter.config
         config.inference_mode = not is_trainable
         lora_model = cls(model, loading_config(config), adapter_name, autocast_adapter_dtype)
@@ -472,23 +445,21 @@ class LoraModel(HFFace):
         model_id: str | Path,
         adapter_name: str,
         is_trainable: bool = False,
-        torch_device: str | None = None,
+        *,
+        config: LoraConfig | None = None,
         autocast_adapter_dtype: bool = True,
-        ephemeral_gpu_offload: bool = False,
-        low_cpu_mem_usage: bool = False,
-        key_mapping: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> files.LoadResult:
+        **peft_kwargs: Any,
+    ) -> adapter_io.LoadResult:
         """Load a saved adapter under `adapter_name`; on any error the model is unchanged.
 
         With `is_trainable=False` the model is put in eval mode, as peft does. Returns peft's
         load result; both key lists are empty, since the adapter was checked to fit exactly.
+        `config` replaces the folder's adapter_config.json (`peft_kwargs`: `compat.keywords`).
         """
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
-        config = kwargs.pop("config", None)
-        adapter = read_for_loading(model_id, config, ephemeral_gpu_offload, key_mapping, kwargs)
-        check = files.check_adapter(self.base_model.model, adapter)
+        adapter = read_for_loading(model_id, config, "load_adapter", peft_kwargs)
+        check = adapter_io.check_adapter(self.base_model.model, adapter)
         if check.base_copies:
             raise AdapterError(
                 f"{adapter.directory}: {check.base_copies[0]} replaces a base weight the loaded "
@@ -506,19 +477,19 @@ class LoraModel(HFFace):
             self.chat_template = adapter.chat_template
         if not is_trainable:
             self.eval()
-        return files.LoadResult([], [])
+        return adapter_io.LoadResult([], [])
 
-    def _copy_weights(self, adapter: files.AdapterFiles, adapter_name: str) -> None:
+    def _copy_weights(self, adapter: adapter_io.AdapterFiles, adapter_name: str) -> None:
         self._copy_tensors(adapter.tensors, adapter_name)
 
     @torch.no_grad()
     def _copy_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Copy tensors under peft's file key names into adapter `adapter_name` (keys checked)."""
-        tensors = files.normalise_keys(tensors)
+        tensors = adapter_io.normalise_keys(tensors)
         params = dict(self.base_model.model.named_parameters())
         modules = dict(self.base_model.model.named_modules())
         for key, tensor in tensors.items():
-            path = key.removeprefix(files.PREFIX)
+            path = key.removeprefix(adapter_io.PREFIX)
             owner, _, leaf = path.rpartition(".")
             if leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
                 target = getattr(modules[owner], leaf)[adapter_name]
@@ -558,43 +529,19 @@ def _name_or_path(model: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
-# peft's task types whose head is trained in full (a `modules_to_save` copy) with the adapter.
-_TASK_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
-
-
 def get_peft_model(
     model: nn.Module,
     peft_config: LoraConfig,
     adapter_name: str = "default",
-    mixed: bool = False,
+    *,
     autocast_adapter_dtype: bool = True,
-    revision: str | None = None,
-    low_cpu_mem_usage: bool = False,
+    **peft_kwargs: Any,
 ) -> LoraModel:
     """Wrap `model` with a fresh adapter; the base is frozen, only the adapter trains.
 
-    As in peft, `task_type` SEQ_CLS / TOKEN_CLS also trains the model's `classifier` / `score`
-    head in full, and QUESTION_ANS its `qa_outputs` (the ones the model has). With a float16 /
-    bfloat16 base the adapter is float32 unless `autocast_adapter_dtype=False`.
-    `low_cpu_mem_usage` changes nothing (the adapter's small tensors are made directly);
-    `revision` is kept in the config as peft keeps it.
+    As in peft, `task_type` SEQ_CLS / TOKEN_CLS / QUESTION_ANS also trains the model's task head
+    in full (`compat.surface.peft_model_config`). With a float16 / bfloat16 base the adapter is
+    float32 unless `autocast_adapter_dtype=False`. `peft_kwargs`: see `compat.keywords`.
     """
-    if mixed:
-        raise ConfigError(
-            "get_peft_model(mixed=True) (peft's PeftMixedModel) is not supported by lorakit; "
-            "several LoRA adapters live in one LoraModel: add_adapter() and set_adapter([...])"
-        )
-    config = peft_config
-    heads = _TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ())
-    present = [h for h in heads if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
-    if present:
-        config = copy.deepcopy(config)
-        config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + present))
-    if revision is not None:
-        config = copy.deepcopy(config)
-        config.extra["revision"] = revision
+    config = peft_model_config(model, peft_config, peft_kwargs)
     return LoraModel(model, config, adapter_name, autocast_adapter_dtype)

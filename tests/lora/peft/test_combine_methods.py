@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft_oracle import add_twin_adapter, copy_adapter, twin_models
 
 from conftest import make_tiny_gpt2, make_tiny_llama
 from lorakit.errors import ConfigError
 from lorakit.lora.combine import COMBINATIONS, merge_tasks
-from peft_oracle import add_twin_adapter, copy_adapter, twin_models
 
 ATOL = 1e-5
 CASES = {

@@ -7,10 +7,10 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
+from peft_oracle import add_twin_adapter, twin_models
 from torch import nn
 
 from conftest import make_tiny_gpt2, make_tiny_llama
-from peft_oracle import add_twin_adapter, twin_models
 
 ATOL = 1e-5  # fp32: same math, only the summation order of small matmuls may differ
 

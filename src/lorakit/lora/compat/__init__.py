@@ -6,7 +6,19 @@ reads without it. The core's layers and injection never import this package
 - `hf_face`: `HFFace`, the `PreTrainedModel` in type only that `LoraModel` inherits.
 - `tuner`: `LoraTuner`, `lora_model.base_model` (peft's tuner level between wrapper and model).
 - `reading`: reading an adapter folder for `from_pretrained` / `load_adapter`.
-- `peft_names`: peft's remaining public names: `TaskType`, the state-dict helpers.
+- `peft_names`: peft's state-dict helpers `get_peft_model_state_dict` / `set_...`.
 - `auto`: `AutoPeftModelForCausalLM`.
-- `loraplus`: peft's `create_loraplus_optimizer`.
+- `loraplus`: the LoRA+ parameter groups (lorakit's `train.lora_b_lr` uses them too) and
+  peft's `create_loraplus_optimizer`.
+- `fields`: peft's tables for `LoraConfig`: refused and kept fields, `TaskType`, `PeftType`.
+- `keywords`: `check_peft_kwargs`, the one check of peft's keywords lorakit does not use.
+- `surface`: `PeftSurface`, the part of `LoraModel` only peft programs and `Trainer` use, and
+  `inject_adapter_in_model`.
+
+Import the modules themselves (`lorakit.lora.compat.surface`); this file imports only the
+light `check_peft_kwargs`, since `lora/config.py` reads `fields` while the package loads.
 """
+
+from lorakit.lora.compat.keywords import check_peft_kwargs
+
+__all__ = ["check_peft_kwargs"]

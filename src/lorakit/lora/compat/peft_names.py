@@ -1,4 +1,4 @@
-"""peft's remaining public LoRA names with peft's meaning: `TaskType` and the state-dict helpers.
+"""peft's state-dict helpers with peft's meaning (peft's `TaskType` is in `fields`).
 
 `get_peft_model_state_dict` returns an adapter's tensors under peft's file key names (the adapter
 name dropped, `base_model.model.` in front), exactly what `adapter_model.safetensors` holds;
@@ -7,28 +7,15 @@ name dropped, `base_model.model.` in front), exactly what `adapter_model.safeten
 
 from __future__ import annotations
 
-import enum
+from typing import Any
 
 import torch
 
-import lorakit.lora.adapters as files
+import lorakit.lora.adapters as adapter_io
 from lorakit.errors import AdapterError
 from lorakit.lora.adapters import LoadResult
+from lorakit.lora.compat.keywords import check_peft_kwargs
 from lorakit.lora.model import LoraModel
-
-
-class TaskType(str, enum.Enum):
-    """peft's task types; `LoraConfig(task_type=...)` takes these or their strings."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def get_peft_model_state_dict(
@@ -46,25 +33,26 @@ def get_peft_model_state_dict(
         )
     model._require(adapter_name)
     bias = model.peft_config[adapter_name].bias
-    return files.adapter_state_dict(model.get_base_model(), adapter_name, bias)
+    return adapter_io.adapter_state_dict(model.get_base_model(), adapter_name, bias)
 
 
 def set_peft_model_state_dict(
     model: LoraModel,
     peft_model_state_dict: dict[str, torch.Tensor],
     adapter_name: str = "default",
-    ignore_mismatched_sizes: bool = False,
-    low_cpu_mem_usage: bool = False,
+    **peft_kwargs: Any,
 ) -> LoadResult:
     """Copy a dict with peft's file key names into adapter `adapter_name`; shapes must match.
 
     Returns peft's load result: `missing_keys` are the model's adapter keys (in-memory names)
     the dict did not give, `unexpected_keys` the dict's keys that fit no adapter tensor.
+    `peft_kwargs` (`ignore_mismatched_sizes`, `low_cpu_mem_usage`) change nothing.
     """
+    check_peft_kwargs("set_peft_model_state_dict", peft_kwargs)
     model._require(adapter_name)
     bias = model.peft_config[adapter_name].bias
-    expected = files.adapter_state_dict(model.get_base_model(), adapter_name, bias)
-    given = files.normalise_keys(peft_model_state_dict)
+    expected = adapter_io.adapter_state_dict(model.get_base_model(), adapter_name, bias)
+    given = adapter_io.normalise_keys(peft_model_state_dict)
     unexpected = sorted(set(given) - set(expected))
     for key in sorted(set(given) & set(expected)):
         if tuple(given[key].shape) != tuple(expected[key].shape):
@@ -86,7 +74,7 @@ def _load_base_tensors(model: LoraModel, given: dict, keys: list[str]) -> list[s
     params = dict(model.get_base_model().named_parameters())
     left = []
     for key in keys:
-        param = params.get(key.removeprefix(files.PREFIX)) if key.startswith(files.PREFIX) else None
+        param = params.get(key.removeprefix(adapter_io.PREFIX)) if key.startswith(adapter_io.PREFIX) else None
         if param is None or tuple(param.shape) != tuple(given[key].shape):
             left.append(key)
         else:

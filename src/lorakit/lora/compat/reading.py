@@ -1,5 +1,5 @@
-"""Reading a saved adapter for `from_pretrained` / `load_adapter`: peft's keywords checked, the
-files read, and where a `modules_to_save` tensor goes."""
+"""Reading a saved adapter for `from_pretrained` / `load_adapter`: peft's keywords checked
+(`keywords`), the files read, and where a `modules_to_save` tensor goes."""
 
 from __future__ import annotations
 
@@ -9,42 +9,31 @@ from typing import Any
 
 import torch
 
-import lorakit.lora.adapters as files
-from lorakit.errors import AdapterError, ConfigError
+import lorakit.lora.adapters as adapter_io
+from lorakit.errors import AdapterError
+from lorakit.lora.compat.keywords import HUB, check_peft_kwargs
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layers import ModulesToSave
-
-# from_pretrained / load_adapter keywords that only say where to put or how to fetch tensors
-_PLACEMENT = {"torch_device", "device_map", "max_memory", "offload_folder", "offload_dir",
-              "use_safetensors", "local_files_only"}  # fmt: skip
-_HUB = {"revision", "cache_dir", "token", "force_download", "proxies", "use_auth_token"}
 
 
 def read_for_loading(
     model_id: str | Path,
     config: LoraConfig | None,
-    ephemeral_gpu_offload: bool,
-    key_mapping: dict[str, str] | None,
-    kwargs: dict[str, Any],
-) -> files.AdapterFiles:
-    """The adapter folder's files, with peft's loading keywords checked."""
-    subfolder = kwargs.pop("subfolder", None)
-    unknown = sorted(set(kwargs) - _PLACEMENT - _HUB)
-    if unknown:
-        raise TypeError(f"from_pretrained / load_adapter got unexpected keyword(s) {unknown}")
-    if ephemeral_gpu_offload:
-        raise ConfigError("ephemeral_gpu_offload=True is not supported by lorakit; leave it False")
-    if key_mapping:
-        raise ConfigError(
-            "key_mapping is not supported by lorakit; adapter keys are read as peft writes them"
-        )
+    function: str,
+    peft_kwargs: dict[str, Any],
+) -> adapter_io.AdapterFiles:
+    """The adapter folder's files (`model_id`, or its `subfolder=`), with the peft keywords of
+    `function` (from_pretrained / load_adapter) checked."""
+    peft_kwargs = dict(peft_kwargs)
+    subfolder = peft_kwargs.pop("subfolder", None)
+    check_peft_kwargs(function, peft_kwargs)
     directory = Path(model_id) / subfolder if subfolder else Path(model_id)
-    if not directory.is_dir() and any(kwargs.get(k) for k in _HUB):
+    if not directory.is_dir() and any(peft_kwargs.get(k) for k in HUB):
         raise AdapterError(
             f"{directory}: not a local folder; downloading adapters is not supported by lorakit "
             "(fetch the folder first, e.g. with huggingface_hub.snapshot_download)"
         )
-    adapter = files.read_adapter(directory)
+    adapter = adapter_io.read_adapter(directory)
     if config is not None:
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config: expected a lorakit LoraConfig, got {type(config).__name__}")

@@ -1,0 +1,69 @@
+"""peft's keywords that lorakit's functions take in `**peft_kwargs`, checked in one place.
+
+peft's signatures carry keywords lorakit needs nothing for (inert: accepted, changing nothing)
+and keywords for features lorakit does not have (refused when set). lorakit's own signatures
+name only what they use and hand the rest to `check_peft_kwargs`:
+
+- inert: `low_cpu_mem_usage` (an adapter's tensors are small and made directly on the base
+  layer's device), `torch_device` and the other placement keywords (an adapter's tensors go
+  where each base layer is), `revision` and the other hub keywords (only local folders are read);
+- refused when set: `mixed`, `ephemeral_gpu_offload`, `key_mapping`, `state_dict`;
+- anything else: a `TypeError`, as Python gives for an unknown keyword.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+PLACEMENT = frozenset(
+    {"torch_device", "device_map", "max_memory", "offload_folder", "offload_dir",
+     "use_safetensors", "local_files_only"}
+)  # fmt: skip
+HUB = frozenset({"revision", "cache_dir", "token", "force_download", "proxies", "use_auth_token"})
+_LOADING = PLACEMENT | HUB | {"low_cpu_mem_usage", "ephemeral_gpu_offload", "key_mapping"}
+
+# the peft keywords each function takes
+TAKES: dict[str, frozenset[str]] = {
+    "get_peft_model": frozenset({"mixed", "revision", "low_cpu_mem_usage"}),
+    "add_adapter": frozenset({"low_cpu_mem_usage"}),
+    "from_pretrained": _LOADING,
+    "load_adapter": _LOADING,
+    "inject_adapter_in_model": frozenset({"low_cpu_mem_usage", "state_dict"}),
+    "set_peft_model_state_dict": frozenset({"low_cpu_mem_usage", "ignore_mismatched_sizes"}),
+}
+
+# keyword -> (is it set?, the error when it is)
+_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "mixed": (
+        bool,
+        "get_peft_model(mixed=True) (peft's PeftMixedModel) is not supported by lorakit; several "
+        "LoRA adapters live in one LoraModel: add_adapter() and set_adapter([...])",
+    ),
+    "ephemeral_gpu_offload": (
+        bool,
+        "ephemeral_gpu_offload=True is not supported by lorakit; leave it False",
+    ),
+    "key_mapping": (
+        bool,
+        "key_mapping is not supported by lorakit; adapter keys are read as peft writes them",
+    ),
+    "state_dict": (
+        lambda value: value is not None,
+        "inject_adapter_in_model(state_dict=...) is not supported by lorakit; give "
+        "target_modules in the config",
+    ),
+}
+
+
+def check_peft_kwargs(function: str, peft_kwargs: dict[str, Any]) -> None:
+    """Refuse keywords `function` does not take (`TypeError`) and set refused ones
+    (`ConfigError`); the inert rest pass."""
+    unknown = sorted(set(peft_kwargs) - TAKES[function])
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    for name, value in peft_kwargs.items():
+        if name in _REFUSED and _REFUSED[name][0](value):
+            raise ConfigError(_REFUSED[name][1])

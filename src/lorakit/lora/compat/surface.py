@@ -1,0 +1,102 @@
+"""`PeftSurface`: the part of `LoraModel` that only peft programs and Hugging Face `Trainer` use,
+and `inject_adapter_in_model`, peft's functional entry point.
+
+`LoraModel` inherits `PeftSurface` (and `hf_face.HFFace`), so a `LoraModel` offers all of it;
+`lora/model.py` holds what lorakit itself needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.errors import AdapterError
+from lorakit.lora.compat.keywords import check_peft_kwargs
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.inject import inject_lora, resolve_targets
+
+# Hugging Face `Trainer` resumes and loads the best checkpoint of a model that is not a peft
+# `PeftModel` from this file only (`model.load_state_dict(load_file(...), strict=False)`), so a
+# checkpoint written through `Trainer` holds the trainable tensors here too, next to the adapter.
+TRAINER_WEIGHTS = "model.safetensors"
+
+# peft's task types whose head is trained in full (a `modules_to_save` copy) with the adapter.
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+class PeftSurface:
+    """`Trainer`'s checkpoint hooks and peft's refusals, mixed into `LoraModel`."""
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the wrapped model's `push_to_hub` would upload the whole model."""
+        raise AdapterError(
+            "LoraModel.push_to_hub is not supported by lorakit (lorakit works offline); write the "
+            "adapter with save_pretrained(dir) and upload that folder with huggingface_hub's "
+            "upload_folder"
+        )
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def _save_trainer_weights(self, save_directory: str | Path) -> None:
+        """The trainable tensors under their in-memory names, as `TRAINER_WEIGHTS`."""
+        trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
+        save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """State-dict keys `model.safetensors` leaves out: everything but the trainable tensors.
+
+        `Trainer` compares them with the keys missing after it loads that file and, when they
+        agree, does not warn about the frozen base weights it did not find there.
+        """
+        trainable = {n for n, _ in self._trainable()}
+        return [k for k in self.state_dict(keep_vars=True) if k not in trainable]
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """The wrapped model's `tie_weights`, where it has one."""
+        tie = getattr(self.base_model.model, "tie_weights", None)
+        if callable(tie):
+            tie(*args, **kwargs)
+
+
+def peft_model_config(model: nn.Module, config: LoraConfig, peft_kwargs: dict) -> LoraConfig:
+    """`get_peft_model`'s config, as peft makes it: the task type's head (SEQ_CLS / TOKEN_CLS:
+    `classifier` / `score`; QUESTION_ANS: `qa_outputs`, the ones the model has) added to
+    `modules_to_save`, and `revision` kept in the config. Checks the peft keywords."""
+    check_peft_kwargs("get_peft_model", peft_kwargs)
+    heads = _TASK_HEADS.get(str(getattr(config.task_type, "value", config.task_type)), ())
+    present = [h for h in heads if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
+    if present:
+        config = copy.deepcopy(config)
+        config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + present))
+    if peft_kwargs.get("revision") is not None:
+        config = copy.deepcopy(config)
+        config.extra["revision"] = peft_kwargs["revision"]
+    return config
+
+
+def inject_adapter_in_model(
+    peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default", **peft_kwargs: Any
+) -> nn.Module:
+    """peft's `inject_adapter_in_model`: `inject_lora` with the fields of `peft_config` (a
+    'preset' target resolved); wraps `model` in place, freezes the rest and returns it."""
+    check_peft_kwargs("inject_adapter_in_model", peft_kwargs)
+    fields = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)}
+    fields = copy.deepcopy(fields)
+    del fields["extra"]
+    fields["target_modules"] = resolve_targets(model, peft_config)
+    rank = fields.pop("r")
+    return inject_lora(model, rank=rank, adapter_name=adapter_name, **fields)
+
+
+__all__ = ["TRAINER_WEIGHTS", "PeftSurface", "inject_adapter_in_model", "peft_model_config"]
