@@ -3,6 +3,9 @@
 A module may import from its own package and from packages of a lower layer, never from a
 higher layer or a sibling of its own layer. Imports inside functions and under TYPE_CHECKING
 count too: a lazy import against the direction is still a circle in the design.
+
+Inside `lora`, the core modules (`CORE`) do not import `lora.compat`, the peft / Hugging Face
+face: LoRA's layers and injection read without peft's names.
 """
 
 from __future__ import annotations
@@ -76,6 +79,64 @@ def violations() -> list[str]:
                     f"({target}, layer {LAYERS[target]})"
                 )
     return problems
+
+
+# lora modules that may not import lorakit.lora.compat
+CORE = ("layers", "inject", "dora", "inits", "combine", "adapters", "rows", "fused", "shared",
+        "update")  # fmt: skip
+COMPAT = "lorakit.lora.compat"
+
+
+def imported_names(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted name) for every import in the file, anywhere in it, with `from a import b`
+    giving `a.b` and relative imports made absolute (for a module of `lorakit.lora`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = ["lorakit", "lora"][: max(0, 3 - node.level)]
+                base = ".".join(package + ([base] if base else []))
+            found += [(node.lineno, f"{base}.{a.name}") for a in node.names]
+    return found
+
+
+def core_imports_of_compat(package: Path) -> list[str]:
+    problems = []
+    for name in CORE:
+        path = package / "lora" / f"{name}.py"
+        if not path.is_file():
+            continue
+        for line, module in imported_names(path):
+            if module == COMPAT or module.startswith(COMPAT + "."):
+                problems.append(f"lora/{name}.py:{line} imports {module} (core imports no compat)")
+    return problems
+
+
+def test_core_does_not_import_compat():
+    assert core_imports_of_compat(PACKAGE) == []
+
+
+def test_the_check_sees_core_importing_compat(tmp_path):
+    lora = tmp_path / "lorakit" / "lora"
+    lora.mkdir(parents=True)
+    (lora / "layers.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from lorakit.lora.compat.surface import PeftSurface\n"
+    )
+    (lora / "inject.py").write_text("def f():\n    from lorakit.lora import compat\n")
+    (lora / "rows.py").write_text("from .compat import fields\nimport lorakit.lora.compat\n")
+    (lora / "dora.py").write_text("from lorakit.lora import config\n")  # allowed
+    (lora / "model.py").write_text("from lorakit.lora.compat.hf_face import HFFace\n")  # not core
+    assert core_imports_of_compat(tmp_path / "lorakit") == [
+        "lora/layers.py:3 imports lorakit.lora.compat.surface.PeftSurface (core imports no compat)",
+        "lora/inject.py:2 imports lorakit.lora.compat (core imports no compat)",
+        "lora/rows.py:1 imports lorakit.lora.compat.fields (core imports no compat)",
+        "lora/rows.py:2 imports lorakit.lora.compat (core imports no compat)",
+    ]
 
 
 def test_imports_go_down_the_layers():

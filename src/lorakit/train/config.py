@@ -34,7 +34,11 @@ class TrainConfig(BaseModel):
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     lora_b_lr: float | None = Field(
-        None, gt=0, description="Separate learning rate for lora_B matrices (LoRA+); None: lr."
+        None,
+        gt=0,
+        description="LoRA+: learning rate of the lora_B matrices and every 1-D trainable tensor "
+        "(biases, norms, DoRA magnitudes), peft's LoRA+ rule; embedding adapters and the rest "
+        "stay at lr. None: lr.",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases/norms).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from lorakit.lora.compat.loraplus import loraplus_roles
+
 
 def build_optimizer(
     model: nn.Module,
@@ -31,25 +33,23 @@ def build_optimizer(
     """AdamW over the trainable parameters; returns it and the parameters in a fixed order.
     `optimizer`: 'adamw' (torch's, fp32 moments) or 'adamw_8bit' (`optim8bit.AdamW8bit`).
 
-    Groups: decayed matrices, undecayed vectors (biases, norms), and, when `lora_b_lr` is set,
-    the LoRA B matrices at their own learning rate (LoRA+).
+    Groups: decayed matrices, undecayed vectors (biases, norms), and, when `lora_b_lr` is set
+    (LoRA+), the same two for the parameters LoRA+ puts at `lora_b_lr`: lora_B matrices and every
+    1-D tensor (`lora.compat.loraplus.loraplus_roles`, the rule peft's LoRA+ uses).
     """
-    decay, no_decay, lora_b = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if lora_b_lr is not None and (".lora_B." in name or ".lora_embedding_B." in name):
-            lora_b.append(p)
-        elif p.ndim >= 2:
-            decay.append(p)
+    decay, no_decay, b_decay, b_no_decay = [], [], [], []
+    for _, p, role in loraplus_roles(model):
+        at_b_lr = lora_b_lr is not None and role == "B"
+        if p.ndim >= 2:
+            (b_decay if at_b_lr else decay).append(p)
         else:
-            no_decay.append(p)
-    if not (decay or no_decay or lora_b):
-        raise ValueError("the model has no trainable parameters; add an adapter or unfreeze some")
+            (b_no_decay if at_b_lr else no_decay).append(p)
+    b_lr = lr if lora_b_lr is None else lora_b_lr
     groups = [
         {"params": decay, "weight_decay": weight_decay, "base_lr": lr},
         {"params": no_decay, "weight_decay": 0.0, "base_lr": lr},
-        {"params": lora_b, "weight_decay": weight_decay, "base_lr": lora_b_lr or lr},
+        {"params": b_decay, "weight_decay": weight_decay, "base_lr": b_lr},
+        {"params": b_no_decay, "weight_decay": 0.0, "base_lr": b_lr},
     ]
     groups = [g for g in groups if g["params"]]
     for g in groups:

@@ -11,6 +11,7 @@ import torch
 import transformers
 import yaml
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+from peft_oracle import twin_models
 from torch import nn
 
 import lorakit
@@ -18,17 +19,10 @@ from conftest import make_tiny_llama
 from lorakit.errors import AdapterError, ConfigError
 
 
-def _pair(**config):
-    """The same tiny Llama wrapped by peft and by lorakit, with equal adapter weights."""
-    base = make_tiny_llama()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    ours = lorakit.get_peft_model(base, lorakit.LoraConfig(**config))
-    ours.load_state_dict(theirs.state_dict())
-    return theirs, ours
-
-
 def test_parameter_names_and_paths_nest_as_peft_does():
-    theirs, ours = _pair(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ours, theirs = twin_models(
+        make_tiny_llama(), target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
     assert ours.base_model.model is ours.get_base_model()
     q = ours.base_model.model.model.layers[0].self_attn.q_proj
@@ -41,7 +35,9 @@ def test_parameter_names_and_paths_nest_as_peft_does():
 
 
 def test_disable_and_enable_adapter_layers():
-    theirs, ours = _pair(target_modules=["q_proj"], init_lora_weights=False)
+    ours, theirs = twin_models(
+        make_tiny_llama(), target_modules=["q_proj"], init_lora_weights=False
+    )
     ids = torch.tensor([[5, 6, 7]])
     with_adapter = ours(input_ids=ids).logits
     ours.disable_adapter_layers()
@@ -56,13 +52,15 @@ def test_disable_and_enable_adapter_layers():
 
 
 def test_targeted_module_names_match_peft():
-    theirs, ours = _pair(target_modules=["q_proj", "down_proj"])
+    ours, theirs = twin_models(make_tiny_llama(), target_modules=["q_proj", "down_proj"])
     assert sorted(ours.targeted_module_names) == sorted(theirs.targeted_module_names)
     assert len(ours.targeted_module_names) == 4  # 2 layers x 2 targets
 
 
 def test_layer_set_adapter_and_get_delta_weight_match_peft():
-    theirs, ours = _pair(target_modules=["q_proj"], init_lora_weights=False, lora_alpha=16)
+    ours, theirs = twin_models(
+        make_tiny_llama(), target_modules=["q_proj"], init_lora_weights=False, lora_alpha=16
+    )
     mine = ours.base_model.model.model.layers[0].self_attn.q_proj
     peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(
@@ -87,7 +85,9 @@ def test_saved_adapter_has_peft_model_card(tmp_path):
 
 
 def test_from_pretrained_and_load_adapter_take_peft_keywords(tmp_path):
-    theirs, ours = _pair(target_modules=["q_proj"], init_lora_weights=False)
+    ours, theirs = twin_models(
+        make_tiny_llama(), target_modules=["q_proj"], init_lora_weights=False
+    )
     ours.save_pretrained(tmp_path / "root" / "sub")
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     want = ours(input_ids=ids).logits

@@ -1,11 +1,17 @@
-"""`create_loraplus_optimizer`: peft's LoRA+ optimizer builder, for programs that call it.
+"""LoRA+ (B matrices at a higher learning rate than A): its one grouping rule, and peft's
+`create_loraplus_optimizer` for programs that call it.
 
-LoRA+ trains the B matrices at `loraplus_lr_ratio` times the learning rate of the A matrices.
-Parameter groups, as peft forms them: A matrices and other matrices at `lr`; B matrices and every
-1-D tensor at `lr * loraplus_lr_ratio` (biases and LayerNorm weights among them without weight
-decay); embedding adapters at `loraplus_lr_embedding` (default 1e-6). The decayed groups use
-`loraplus_weight_decay` (default 0). lorakit's own loop gets LoRA+ from `train.lora_b_lr`
-instead (see `optim.build_optimizer`).
+`loraplus_roles` is the rule, peft's, used by both builders:
+
+    embedding  embedding adapters (lora_embedding_A / lora_embedding_B)
+    B          lora_B matrices and every 1-D tensor (biases, norms, DoRA magnitudes)
+    A          everything else that trains (lora_A, other matrices)
+
+`create_loraplus_optimizer` gives A `lr`, B `lr * loraplus_lr_ratio` (biases and LayerNorm
+weights without weight decay), embedding adapters `loraplus_lr_embedding` (default 1e-6); the
+decayed groups use `loraplus_weight_decay` (default 0). lorakit's own loop takes LoRA+ from
+`train.lora_b_lr` (`train.optim.build_optimizer`): B at `lora_b_lr`, A and embedding adapters
+at `lr`.
 """
 
 from __future__ import annotations
@@ -33,15 +39,11 @@ def create_loraplus_optimizer(
     weight_decay = kwargs.pop("loraplus_weight_decay", 0.0)
     undecayed = _undecayed_names(model)
     groups: dict[str, list[nn.Parameter]] = {"a": [], "embedding": [], "b": [], "b_no_decay": []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if ".lora_embedding_" in name:
-            groups["embedding"].append(param)
-        elif ".lora_B." in name or param.ndim == 1:
+    for name, param, role in loraplus_roles(model):
+        if role == "B":
             groups["b_no_decay" if name in undecayed else "b"].append(param)
         else:
-            groups["a"].append(param)
+            groups["a" if role == "A" else "embedding"].append(param)
     b_lr = lr * loraplus_lr_ratio
     settings = {
         "a": {"lr": lr, "weight_decay": weight_decay},
@@ -49,11 +51,27 @@ def create_loraplus_optimizer(
         "b": {"lr": b_lr, "weight_decay": weight_decay},
         "b_no_decay": {"lr": b_lr, "weight_decay": 0.0},
     }
-    if not any(groups.values()):
-        raise ConfigError("the model has no trainable parameters; add an adapter first")
     # all four groups, empty ones too, in peft's order (so optimizer states line up with peft's)
     param_groups = [{"params": ps, **settings[k]} for k, ps in groups.items()]
     return optimizer_cls(param_groups, lr=lr, **kwargs)
+
+
+def loraplus_roles(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
+    """(name, parameter, role) for every trainable parameter; role 'A', 'B' or 'embedding' (see
+    the module docstring). `ConfigError` when nothing trains."""
+    roles = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if ".lora_embedding_" in name:
+            roles.append((name, param, "embedding"))
+        elif ".lora_B." in name or param.ndim == 1:
+            roles.append((name, param, "B"))
+        else:
+            roles.append((name, param, "A"))
+    if not roles:
+        raise ConfigError("the model has no trainable parameters; add an adapter or unfreeze some")
+    return roles
 
 
 def _undecayed_names(model: nn.Module) -> set[str]:

@@ -74,7 +74,8 @@ def _load_base_tensors(model: LoraModel, given: dict, keys: list[str]) -> list[s
     params = dict(model.get_base_model().named_parameters())
     left = []
     for key in keys:
-        param = params.get(key.removeprefix(adapter_io.PREFIX)) if key.startswith(adapter_io.PREFIX) else None
+        prefixed = key.startswith(adapter_io.PREFIX)
+        param = params.get(key.removeprefix(adapter_io.PREFIX)) if prefixed else None
         if param is None or tuple(param.shape) != tuple(given[key].shape):
             left.append(key)
         else:
