@@ -27,7 +27,8 @@ LAYERS = {
     "train": 4,
     "serve": 4,
     "jobs": 5,
-    "cli": 6,
+    "ui": 6,  # the web page reads the folders jobs write (runs, sweeps) and extends serve's app
+    "cli": 7,
 }
 TOP = {"__init__", "__main__"}  # the public face and `python -m lorakit` may import anything
 

@@ -42,7 +42,7 @@ def ui(
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
     """Serve a web page (runs with live curves, chat, side-by-side compare) and the OpenAI API."""
-    from lorakit.jobs.ui import ui_main
+    from lorakit.ui.routes import ui_main
 
     try:
         ui_main(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.errors import ConfigError
-from lorakit.jobs.runs import list_runs, metrics_since, resolve_run, run_details
+from lorakit.ui.runs import list_runs, metrics_since, resolve_run, run_details
 from lorakit.jobs.sweep import DONE, FAILED, PLAN
 from lorakit.train.rundir import write_status
 
@@ -142,7 +142,7 @@ def test_write_status_running_records_host_and_pid(tmp_path):
 def client(runs_root):
     from starlette.testclient import TestClient
 
-    from lorakit.jobs.ui import OPEN_PATHS, page_routes
+    from lorakit.ui.routes import OPEN_PATHS, page_routes
     from lorakit.serve.app import create_app
 
     app = create_app(None, api_key=KEY, extend=page_routes(runs_root), open_paths=OPEN_PATHS)
@@ -186,7 +186,7 @@ def test_the_page_fetches_nothing_from_elsewhere():
     """Offline machines: no URL of another host in the page's files, and every file listed."""
     import re
 
-    from lorakit.jobs.ui import PAGE, PAGE_FILES
+    from lorakit.ui.routes import PAGE, PAGE_FILES
 
     assert sorted(PAGE_FILES) == sorted(p.name for p in PAGE.iterdir())
     for name in PAGE_FILES:
