@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError
-from lorakit.ui.runs import list_runs, metrics_since, run_details
 from lorakit.serve import serve_main
 from lorakit.serve.protocol import ApiError
+from lorakit.ui.runs import list_runs, metrics_since, run_details
 from lorakit.version import __version__
 
 PAGE = Path(__file__).parent / "page"
