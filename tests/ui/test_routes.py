@@ -65,3 +65,27 @@ def test_the_page_fetches_nothing_from_elsewhere():
         text = (PAGE / name).read_text()
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
         assert not re.search(r"\b(import|@import)\s*\(?\s*['\"]https?", text), name
+
+
+def test_ui_serves_an_adapter_given_as_a_bare_path(tmp_path, monkeypatch, capsys):
+    """`lorakit ui --model M --adapter ./out`: the adapter is named after its folder."""
+    import uvicorn
+    from starlette.testclient import TestClient
+    from test_serve_support import make_adapters, make_model, make_tokenizer
+
+    from lorakit.ui.routes import ui_main
+
+    make_model().save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    folders = make_adapters(tmp_path, ["tuned"])
+    served = []
+
+    def run(app, **options):  # instead of listening: ask the app what it serves
+        with TestClient(app) as client:
+            auth = {"Authorization": f"Bearer {KEY}"}
+            served.extend(m["id"] for m in client.get("/v1/models", headers=auth).json()["data"])
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    ui_main(model=str(tmp_path / "model"), adapters=[str(folders["tuned"])], api_key=KEY, threads=1)
+    assert served == [str(tmp_path / "model"), "tuned"]
+    assert "web page: http://127.0.0.1:7860/ui/" in capsys.readouterr().out

@@ -23,7 +23,7 @@ def ui(
         str | None, typer.Option(help="Base model to chat with: folder, hub id or built-in alias.")
     ] = None,
     adapter: Annotated[
-        list[str] | None, typer.Option(help="name=dir; repeat to serve several adapters.")
+        list[str] | None, typer.Option(help="Adapter dir or name=dir; repeat to serve several.")
     ] = None,
     adapters_root: Annotated[
         Path | None, typer.Option(help="Folder the page may load more adapters from.")
