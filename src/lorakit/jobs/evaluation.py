@@ -11,13 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data.builtin import BUILTIN_VARIABLES
+from lorakit.data.builtin import BUILTIN_VARIABLES, exact_match_score, name_rate
 from lorakit.data.pipeline import (
     DataConfig,
     build_dataset,
     eval_examples,
-    exact_match_score,
-    name_rate,
     prompt_template,
 )
 from lorakit.lora.model import LoraModel
