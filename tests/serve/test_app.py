@@ -15,7 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_serve_support import (
+
+from lorakit.errors import ConfigError
+from lorakit.serve import build_state, check_bind, serve_main
+from lorakit.serve.app import create_app
+from serve_support import (
     BASE_NAME,
     VOCAB,
     live_server,
@@ -23,10 +27,6 @@ from test_serve_support import (
     make_model,
     make_tokenizer,
 )
-
-from lorakit.errors import ConfigError
-from lorakit.serve import build_state, check_bind, serve_main
-from lorakit.serve.app import create_app
 
 KEY = "sk-serve-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -71,9 +71,9 @@ def test_ui_serves_an_adapter_given_as_a_bare_path(tmp_path, monkeypatch, capsys
     """`lorakit ui --model M --adapter ./out`: the adapter is named after its folder."""
     import uvicorn
     from starlette.testclient import TestClient
-    from test_serve_support import make_adapters, make_model, make_tokenizer
 
     from lorakit.ui.routes import ui_main
+    from serve_support import make_adapters, make_model, make_tokenizer
 
     make_model().save_pretrained(tmp_path / "model")
     make_tokenizer().save_pretrained(tmp_path / "model")
