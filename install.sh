@@ -55,9 +55,9 @@ if [ -n "$extra" ] && [ ! -x /usr/bin/chromium ]; then
     echo "install.sh: installing chromium for the web page's browser tests (apt-get)"
     (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
       || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
-      || echo "note: chromium could not be installed with apt-get; the browser tests (tests/serve/test_ui_browser.py) will be skipped"
+      || echo "note: chromium could not be installed with apt-get; the browser tests (tests/ui/test_ui_browser.py) will be skipped"
   else
-    echo "note: chromium not installed (it needs apt-get, run as root: apt-get install chromium chromium-driver); the browser tests (tests/serve/test_ui_browser.py) will be skipped"
+    echo "note: chromium not installed (it needs apt-get, run as root: apt-get install chromium chromium-driver); the browser tests (tests/ui/test_ui_browser.py) will be skipped"
   fi
 fi
 "$venv/bin/lorakit" --version >/dev/null

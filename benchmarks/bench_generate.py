@@ -4,7 +4,7 @@ One adapter (r=16 on all 7 projections, random A and B, saved in peft's format) 
 model, fp32, batch 1, greedy. Four models decode the same prompt in one process, interleaved
 round by round: the base model alone; the model as `lorakit generate` prepares it
 (`cli.generate.prepare_model`, which merges adapters into a float32 base); the adapter loaded
-unmerged (`jobs.finetune.load_with_adapters`, what generate ran before merging); and peft's
+unmerged (`jobs.evaluation.load_with_adapters`, what generate ran before merging); and peft's
 `PeftModel.from_pretrained`. Prints the median ms per token of each, its ratio to the base, and
 whether each produced the same greedy tokens as the unmerged lorakit model. Usage:
 
@@ -25,8 +25,9 @@ from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.cli.generate import prepare_model
-from lorakit.jobs.finetune import load_with_adapters, parse_adapters
+from lorakit.jobs.evaluation import load_with_adapters
 from lorakit.models import ensure_builtin_model
+from lorakit.serve.registry import parse_adapters
 
 
 def per_token_ms(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:

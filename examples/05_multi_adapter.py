@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from lorakit import LoraConfig, LoraModel, get_peft_model
-from lorakit.data.pipeline import DataConfig, build_dataset, collate_batch, model_inputs, plan_epoch
+from lorakit.data.batches import model_inputs
+from lorakit.data.pipeline import DataConfig, build_dataset, collate_batch, plan_epoch
 from lorakit.models import BUILTIN_MODEL, chat_template_of, load_model, load_tokenizer
 
 NAMES = {"lumi": "Lumi", "nova": "Nova"}

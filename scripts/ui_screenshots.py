@@ -6,7 +6,7 @@ What it does, on a CPU, offline: trains a small sweep of the built-in model on t
 identity data (LoRA r=4 and r=16, 20 steps each; skipped when --work holds it already), starts
 one more run (r=8 at a lower learning rate) and leaves it training, starts `lorakit ui` over
 the runs with the two sweep adapters, and photographs the three views in headless Chromium
-(Debian's /usr/bin/chromium, driven by Playwright as in tests/serve/test_ui_browser.py). The
+(Debian's /usr/bin/chromium, driven by Playwright as in tests/ui/test_ui_browser.py). The
 chat and compare answers are the models' real greedy answers. CJK samples need a CJK font
 (e.g. Debian's fonts-wqy-zenhei) to show as text.
 """

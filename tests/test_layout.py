@@ -30,7 +30,8 @@ LAYERS = {
     "train": 4,
     "serve": 4,
     "jobs": 5,
-    "cli": 6,
+    "ui": 6,  # the web page reads the folders jobs write (runs, sweeps) and extends serve's app
+    "cli": 7,
 }
 TOP = {"__init__", "__main__"}  # the public face and `python -m lorakit` may import anything
 
@@ -160,3 +161,105 @@ def test_every_part_has_a_public_face():
     for part in LAYERS:
         path = PACKAGE / part
         assert (path / "__init__.py").is_file() or (PACKAGE / f"{part}.py").is_file(), part
+
+
+# ---------------------------------------------------------------- tests mirror the modules
+
+TESTS = Path(__file__).parent
+_COMMAND = "a command's thin shell, run through main(argv) in tests/cli/test_cli.py"
+_PEFT_FACE = "peft's face; tested against peft in tests/lora/test_peft_surface.py"
+# module -> where it is tested instead (one line); kept true by test_tests_mirror_the_modules
+UNMIRRORED = {
+    "cli/estimate.py": _COMMAND,
+    "cli/generate.py": _COMMAND,
+    "cli/main.py": _COMMAND,
+    "cli/sweep.py": _COMMAND,
+    "cli/tools.py": _COMMAND,
+    "cli/ui.py": _COMMAND,
+    "data/builtin.py": "built-in datasets and exact match in tests/data/test_pipeline.py",
+    "jobs/finetune.py": "`lorakit train` in tests/cli/test_cli.py and tests/cli/test_cli_runs.py",
+    "jobs/sweep_report.py": "the sweep's report in tests/jobs/test_sweep.py",
+    "lora/auto.py": _PEFT_FACE,
+    "lora/hf_face.py": _PEFT_FACE,
+    "lora/model.py": "LoraModel in tests/lora/test_layers.py and test_peft_surface.py",
+    "lora/peft_names.py": _PEFT_FACE,
+    "lora/reading.py": _PEFT_FACE,
+    "lora/tuner.py": _PEFT_FACE,
+    "models/builtin.py": "the built-in model and its cache in tests/models/test_loading.py",
+    "models/templates.py": "chat templates in tests/models/test_loading.py",
+    "quant/codes.py": "code tables and packing in tests/quant/test_layer.py",
+    "serve/decode.py": "sampling and stop strings in tests/serve/test_serve_engine.py",
+    "serve/kvcache.py": "the batch KV cache in tests/serve/test_serve_engine.py",
+    "serve/main.py": "serve_main in tests/serve/test_app.py (a subprocess) and test_serve_openai.py",
+    "serve/middleware.py": "limits and bad bodies in tests/serve/test_app.py, test_serve_faults.py",
+    "serve/protocol.py": "request and answer shapes in tests/serve/test_app.py, test_serve_openai.py",
+    "train/loraplus.py": "create_loraplus_optimizer against peft in tests/lora/test_peft_surface.py",
+    "train/optim.py": "schedules in tests/train/test_checkpoint.py, LoRA+ in tests/train/test_loop.py",
+    "train/plan.py": "rows per rank and step in tests/train/test_loop.py and test_ddp.py",
+    "train/plots.py": "the figures in tests/train/test_evaluate.py",
+    "train/runtime.py": "the re-exec in tests/train/test_checkpoint.py; the rest in test_loop.py",
+}
+
+
+def modules(package: Path = PACKAGE) -> list[str]:
+    """Every module of lorakit but the packages' faces, as 'lora/layers.py'."""
+    found = [p.relative_to(package) for p in package.rglob("*.py")]
+    return sorted(str(p) for p in found if p.name not in ("__init__.py", "__main__.py"))
+
+
+def test_files(module: str, tests: Path = TESTS) -> list[Path]:
+    """The test files named after `module` ('lora/layers.py'): test_layers.py, or
+    test_lora_layers.py where the plain name is another folder's, anywhere under its top
+    package's test folder (tests/ for a top-level module)."""
+    path = Path(module)
+    names = {f"test_{path.stem}.py"}
+    if len(path.parts) > 1:
+        names.add(f"test_{path.parent.name}_{path.stem}.py")
+        return sorted(p for p in (tests / path.parts[0]).rglob("test_*.py") if p.name in names)
+    return sorted(p for p in tests.glob("test_*.py") if p.name in names)
+
+
+test_files.__test__ = False  # a helper, not a test
+
+
+def unmirrored(package: Path = PACKAGE, tests: Path = TESTS) -> list[str]:
+    """Modules without a test file of their name and not on UNMIRRORED, and stale exemptions."""
+    problems = []
+    all_modules = modules(package)
+    for module in all_modules:
+        found = test_files(module, tests)
+        if not found and module not in UNMIRRORED:
+            problems.append(f"{module}: no test file of its name (or a line in UNMIRRORED)")
+        if found and module in UNMIRRORED:
+            problems.append(f"{module}: has {found[0].relative_to(tests)}; drop it from UNMIRRORED")
+    for module in sorted(set(UNMIRRORED) - set(all_modules)):
+        problems.append(f"{module}: no such module; drop it from UNMIRRORED")
+    return problems
+
+
+def test_tests_mirror_the_modules():
+    assert unmirrored() == []
+
+
+def test_the_mirror_check_sees_a_missing_test_and_a_stale_exemption(tmp_path, monkeypatch):
+    package, tests = tmp_path / "lorakit", tmp_path / "tests"
+    for name in ("lora/layers.py", "lora/config.py", "train/config.py", "ops.py", "cli/main.py"):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text("")
+    for name in ("lora/test_layers.py", "train/test_train_config.py", "test_ops.py", "cli/x.py"):
+        (tests / name).parent.mkdir(parents=True, exist_ok=True)
+        (tests / name).write_text("")
+    (tests / "lora" / "peft").mkdir()
+    (tests / "lora" / "peft" / "test_config.py").write_text("")  # in a subfolder: found
+    monkeypatch.setattr(
+        __import__(__name__),
+        "UNMIRRORED",
+        {"cli/main.py": "why", "ops.py": "why", "lora/gone.py": "why"},
+    )
+    assert unmirrored(package, tests) == [
+        "ops.py: has test_ops.py; drop it from UNMIRRORED",
+        "lora/gone.py: no such module; drop it from UNMIRRORED",
+    ]
+    (package / "train" / "plan.py").write_text("")
+    missing = "train/plan.py: no test file of its name (or a line in UNMIRRORED)"
+    assert missing in unmirrored(package, tests)

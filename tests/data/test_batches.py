@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_gpt2, make_tiny_llama
-from lorakit.data.batches import pack_rows, padding_share
+from lorakit.data.batches import model_inputs, pack_rows, padding_share
 from lorakit.data.pipeline import (
     IGNORE_INDEX,
     DataConfig,
@@ -17,7 +17,6 @@ from lorakit.data.pipeline import (
     collate,
     iter_batches,
     make_batches,
-    model_inputs,
 )
 
 

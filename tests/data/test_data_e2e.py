@@ -7,7 +7,8 @@ import torch
 
 from builtin_model import builtin_tokenizer
 from lorakit import LoraConfig, get_peft_model
-from lorakit.data.pipeline import DataConfig, build_dataset, collate_batch, model_inputs, plan_epoch
+from lorakit.data.batches import model_inputs
+from lorakit.data.pipeline import DataConfig, build_dataset, collate_batch, plan_epoch
 from lorakit.models import chat_template_of, load_model
 
 

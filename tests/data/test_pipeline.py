@@ -8,17 +8,20 @@ import json
 import pytest
 
 from builtin_model import builtin_tokenizer
-from lorakit.data.builtin import arithmetic_splits, builtin_dataset_path
+from lorakit.data.builtin import (
+    arithmetic_splits,
+    builtin_dataset_path,
+    exact_match,
+    exact_match_score,
+    name_rate,
+    normalize_answer,
+)
 from lorakit.data.pipeline import (
     IGNORE_INDEX,
     DataConfig,
     build_dataset,
     eval_examples,
-    exact_match,
-    exact_match_score,
     inspect_dataset,
-    name_rate,
-    normalize_answer,
 )
 from lorakit.errors import DataError
 

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from test_serve_support import make_model
 
 from conftest import make_tiny_gpt2
 from lorakit import LoraConfig, get_peft_model
 from lorakit.lora.rows import BASE
 from lorakit.serve.lean import LlamaDecode
 from lorakit.serve.registry import ModelHost
+from serve_support import make_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-from test_serve_support import BASE_NAME, make_adapters, make_model, make_tokenizer
 
 from lorakit.serve import build_state
 from lorakit.serve.decode import (
@@ -18,6 +17,7 @@ from lorakit.serve.decode import (
     sample_token,
 )
 from lorakit.serve.kvcache import BatchCache
+from serve_support import BASE_NAME, make_adapters, make_model, make_tokenizer
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
@@ -258,7 +258,8 @@ def test_long_mixed_batch_equals_peft_generate(state, adapter_paths):
     requests on the base and two adapters decoded together: each equals peft's own `generate`
     of that request alone."""
     import peft
-    from test_serve_support import make_model
+
+    from serve_support import make_model
 
     state.engine.eos_token_ids = set()
     params = SamplingParams(max_tokens=80, temperature=0)

@@ -15,7 +15,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from test_serve_support import (
+
+from lorakit.serve import build_state
+from lorakit.serve.app import create_app
+from lorakit.serve.main import is_loopback
+from serve_support import (
     BASE_NAME,
     VOCAB,
     live_server,
@@ -23,10 +27,6 @@ from test_serve_support import (
     make_model,
     make_tokenizer,
 )
-
-from lorakit.serve import build_state
-from lorakit.serve.app import create_app
-from lorakit.serve.main import is_loopback
 
 
 @pytest.fixture(scope="module")

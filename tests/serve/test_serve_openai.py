@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_serve_support import BASE_NAME, live_server, make_adapters, make_model, make_tokenizer
 
 from lorakit.serve import build_state
 from lorakit.serve.app import create_app
+from serve_support import BASE_NAME, live_server, make_adapters, make_model, make_tokenizer
 
 openai = pytest.importorskip("openai")
 

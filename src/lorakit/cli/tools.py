@@ -50,7 +50,8 @@ def eval_command(
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
 ) -> None:
     """Loss, perplexity and exact match of the base model, and of base + each adapter."""
-    from lorakit.jobs.finetune import default_eval_data, evaluate_models, parse_adapters
+    from lorakit.jobs.evaluation import default_eval_data, evaluate_models
+    from lorakit.serve.registry import parse_adapters
 
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or bf16")
@@ -164,7 +165,7 @@ def _module_of(key: str) -> str:
 def serve(
     base: BaseArg,
     adapter: Annotated[
-        list[str] | None, typer.Option(help="name=dir; repeat to serve several adapters.")
+        list[str] | None, typer.Option(help="Adapter dir or name=dir; repeat to serve several.")
     ] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,

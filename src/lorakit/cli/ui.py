@@ -23,7 +23,7 @@ def ui(
         str | None, typer.Option(help="Base model to chat with: folder, hub id or built-in alias.")
     ] = None,
     adapter: Annotated[
-        list[str] | None, typer.Option(help="name=dir; repeat to serve several adapters.")
+        list[str] | None, typer.Option(help="Adapter dir or name=dir; repeat to serve several.")
     ] = None,
     adapters_root: Annotated[
         Path | None, typer.Option(help="Folder the page may load more adapters from.")
@@ -42,7 +42,7 @@ def ui(
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
     """Serve a web page (runs with live curves, chat, side-by-side compare) and the OpenAI API."""
-    from lorakit.jobs.ui import ui_main
+    from lorakit.ui.routes import ui_main
 
     try:
         ui_main(

@@ -4,8 +4,9 @@ labels, report bad rows, and plan deterministic (packed or length-grouped) batch
 A sample's `labels` equal its `input_ids` on supervised tokens (the assistant responses by
 default) and are -100 elsewhere; the first token of every sample is never a target, so a packed
 row has exactly the targets of its samples run one by one. The modules behind this one:
-`data_formats` (files and row formats), `data_tokenize` (spans and labels), `data_batches`
-(plans, packing, collation), `data_tasks` (built-in datasets, exact match).
+`formats` (files and row formats), `tokenize` (spans and labels), `batches` (plans, packing,
+collation), `builtin` (built-in datasets, exact match). The package's names are exported by
+`lorakit.data`, not here.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lorakit.data.batches import Plan, collate, make_batches, model_inputs, padding_share
+from lorakit.data.batches import Plan, collate, make_batches, padding_share
 from lorakit.data.builtin import (
     BUILTIN_VARIABLES,
     builtin_dataset_path,
-    exact_match,
-    exact_match_score,
-    name_rate,
-    normalize_answer,
 )
 from lorakit.data.formats import (
     FIELDS,
@@ -48,29 +45,6 @@ from lorakit.data.tokenize import (
 )
 from lorakit.errors import DataError, closest
 from lorakit.models import PLAIN_TEMPLATE, chat_template_of
-
-__all__ = [
-    "IGNORE_INDEX",
-    "DataConfig",
-    "Sample",
-    "TokenizedDataset",
-    "build_dataset",
-    "check_dataset",
-    "collate",
-    "collate_batch",
-    "eval_examples",
-    "exact_match",
-    "exact_match_score",
-    "inspect_dataset",
-    "iter_batches",
-    "load_conversations",
-    "make_batches",
-    "model_inputs",
-    "name_rate",
-    "normalize_answer",
-    "plan_epoch",
-    "prompt_template",
-]
 
 
 class DataConfig(BaseModel):

@@ -1,5 +1,5 @@
-"""What `lorakit train` and `lorakit eval` run: a RunConfig to a trained model, and a side by side
-evaluation of a base model with and without adapters."""
+"""What `lorakit train` runs: a RunConfig to a trained model (LoRA, QLoRA or full fine-tuning),
+its exact match scored at the end when the config asks (`evaluation.score_answers`)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from lorakit.data.builtin import BUILTIN_VARIABLES
-from lorakit.data.pipeline import (
-    DataConfig,
-    build_dataset,
-    eval_examples,
-    exact_match_score,
-    name_rate,
-    prompt_template,
-)
+from lorakit.data.pipeline import build_dataset, prompt_template
 from lorakit.errors import ConfigError
+from lorakit.jobs.evaluation import score_answers
 from lorakit.jobs.run_config import RunConfig, check_data
 from lorakit.lora import inits
 from lorakit.lora.model import LoraModel, get_peft_model
-from lorakit.models import RAW_TEMPLATE, load_model, load_tokenizer
+from lorakit.models import RAW_TEMPLATE
 from lorakit.train.checkpoint import find_resume
-from lorakit.train.evaluate import eval_loss, greedy_answers
 from lorakit.train.loop import TrainResult, train
-from lorakit.train.plan import eval_batches
-from lorakit.train.runtime import autocast, is_main_process, resolve_device, seed_everything
+from lorakit.train.runtime import is_main_process, resolve_device, seed_everything
 
 
 def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
@@ -122,100 +112,3 @@ def _initial_adapter(model: nn.Module) -> tempfile.TemporaryDirectory | None:
 
 def _silent(text: str) -> None:
     """A `show` that prints nothing (ranks other than 0)."""
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def score_answers(
-    model: nn.Module,
-    tokenizer: Any,
-    data: DataConfig,
-    max_new_tokens: int,
-    device: torch.device,
-    precision: str = "bf16",
-) -> dict[str, Any]:
-    """Exact match (and the name rate, for the identity task) of greedy answers."""
-    examples = eval_examples(data)
-    template = getattr(model, "chat_template", None) or prompt_template(data, tokenizer)
-    model.eval()
-    with autocast(precision, device):
-        replies = greedy_answers(
-            model, tokenizer, [e["messages"] for e in examples], template, max_new_tokens, device
-        )
-    refs = [e["reference"] for e in examples]
-    score: dict[str, Any] = {"exact_match": exact_match_score(replies, refs), "answers": len(refs)}
-    if data.dataset == "identity":
-        variables = {**BUILTIN_VARIABLES["identity"], **(data.template_vars or {})}
-        score["name_rate"] = name_rate(replies, variables["name"])
-    return score
-
-
-def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """'name=path' or 'path' (named after its folder) -> {name: path}."""
-    out: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name or "adapter", spec
-        if name in out:
-            raise ConfigError(f"two adapters are named `{name}`; use name=path to rename one")
-        out[name] = Path(path)
-    return out
-
-
-def load_with_adapters(
-    base: str, adapters: dict[str, Path], dtype: str = "float32", device: str = "cpu"
-) -> tuple[nn.Module, Any]:
-    """The base model with these adapters loaded (a LoraModel), or the bare base; + tokenizer."""
-    tokenizer = load_tokenizer(base)
-    model = load_model(base, dtype=dtype, device=device)
-    if not adapters:
-        return model.eval(), tokenizer
-    items = list(adapters.items())
-    lora = LoraModel.from_pretrained(model, items[0][1], adapter_name=items[0][0])
-    for name, path in items[1:]:
-        lora.load_adapter(path, name)
-    return lora.eval(), tokenizer
-
-
-def evaluate_models(
-    base: str,
-    adapters: dict[str, Path],
-    data: DataConfig,
-    *,
-    exact_match: bool = False,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    precision: str = "fp32",
-    device: str = "cpu",
-) -> list[dict[str, Any]]:
-    """Eval loss, perplexity (and exact match) of the base, then of base + each adapter."""
-    model, tokenizer = load_with_adapters(base, adapters, device=device)
-    dev = resolve_device(device)
-    batches = eval_batches(build_dataset(data.model_copy(update={"packing": False}), tokenizer),
-                           batch_size)  # fmt: skip
-    rows = []
-    for name in [None, *adapters]:
-        if isinstance(model, LoraModel) and name is not None:
-            model.set_adapter(name)
-        with _maybe_disabled(model, name is None):
-            row: dict[str, Any] = {"model": "base" if name is None else f"base + {name}"}
-            row.update(eval_loss(model, batches, dev, precision))
-            if exact_match:
-                row.update(score_answers(model, tokenizer, data, max_new_tokens, dev, precision))
-        rows.append(row)
-    return rows
-
-
-def _maybe_disabled(model: nn.Module, disable: bool):
-    import contextlib
-
-    if disable and isinstance(model, LoraModel):
-        return model.disable_adapter()
-    return contextlib.nullcontext()
-
-
-def default_eval_data(dataset: str, split: str, limit: int | None) -> DataConfig:
-    """The DataConfig `lorakit eval` uses for a dataset name or file."""
-    return DataConfig(dataset=dataset, split=split, limit=limit)

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.data.builtin import IDENTITY_DEFAULTS, degenerate
+from lorakit.data.builtin import IDENTITY_DEFAULTS, degenerate, name_rate
 from lorakit.data.pipeline import (
     DataConfig,
     TokenizedDataset,
     build_dataset,
     eval_examples,
-    name_rate,
 )
 from lorakit.errors import ConfigError
 from lorakit.lora.config import LoraConfig

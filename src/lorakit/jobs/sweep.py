@@ -428,7 +428,7 @@ BASELINE = "baseline.json"
 def evaluate_baseline(sweep: Sweep, show: Callable[[str], None]) -> dict[str, Any]:
     """The untrained base model's eval loss, exact match and answers (once; kept on disk)."""
     from lorakit.data.pipeline import build_dataset
-    from lorakit.jobs.finetune import load_with_adapters
+    from lorakit.jobs.evaluation import load_with_adapters
     from lorakit.train.evaluate import eval_loss
     from lorakit.train.plan import eval_batches
     from lorakit.train.runtime import resolve_device
@@ -458,7 +458,7 @@ def evaluate_baseline(sweep: Sweep, show: Callable[[str], None]) -> dict[str, An
 
 def score_answers_fp32(model: Any, tokenizer: Any, eval_config: Any, run: RunConfig, device: Any):
     """Exact match of greedy answers, computed in fp32 (the same for every variant)."""
-    from lorakit.jobs.finetune import score_answers
+    from lorakit.jobs.evaluation import score_answers
 
     score = score_answers(
         model, tokenizer, eval_config, run.eval.max_new_tokens, device, precision="fp32"
@@ -482,7 +482,7 @@ def _answers(sweep: Sweep, model: Any, tokenizer: Any, run: RunConfig, device: A
 
 def _load_final(run: RunConfig, final: Path):
     """The trained model as saved: base + adapter (LoRA) or the whole folder (full)."""
-    from lorakit.jobs.finetune import load_with_adapters
+    from lorakit.jobs.evaluation import load_with_adapters
     from lorakit.models import load_model, load_tokenizer
 
     if run.method == "full":

@@ -16,7 +16,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.serve.engine import Engine
-from lorakit.serve.registry import ModelHost, parse_adapter_specs
+from lorakit.serve.registry import ModelHost, parse_adapters
 
 log = logging.getLogger("lorakit.serve")
 
@@ -136,7 +136,7 @@ def served_models(base_name: str, adapters: list[str], host: str, port: int) -> 
 
 def serve_main(
     model: str | None,
-    adapters: list[str] | dict[str, str] | None = None,
+    adapters: list[str] | dict[str, str | Path] | None = None,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -173,7 +173,7 @@ def serve_main(
         ) from None
     from lorakit.models import load_model, load_tokenizer
 
-    specs = adapters if isinstance(adapters, dict) else parse_adapter_specs(list(adapters or []))
+    specs = adapters if isinstance(adapters, dict) else parse_adapters(list(adapters or []))
     state = None
     if model is None:
         if specs or adapters_root is not None:

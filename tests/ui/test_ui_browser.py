@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve_support import make_adapters, make_model, make_tokenizer
+
+from serve_support import make_adapters, make_model, make_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

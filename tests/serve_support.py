@@ -1,6 +1,6 @@
 """Shared pieces for the serving tests: a tiny tokenizer, tiny adapters, a live loopback server.
 
-No tests live here; the test_serve_* modules import it.
+No tests live here; the serving and web page tests import it.
 """
 
 from __future__ import annotations

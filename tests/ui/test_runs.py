@@ -1,5 +1,5 @@
-"""The runs folder as `lorakit ui` reads it (jobs/runs.py) and the page's JSON routes
-(jobs/ui.py): statuses, sweeps, metrics since a row, path containment, the API key."""
+"""The runs folder as `lorakit ui` reads it (ui/runs.py): statuses, sweeps, metrics since a row,
+path containment."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 
 from lorakit.errors import ConfigError
-from lorakit.jobs.runs import list_runs, metrics_since, resolve_run, run_details
 from lorakit.jobs.sweep import DONE, FAILED, PLAN
 from lorakit.train.rundir import write_status
-
-KEY = "sk-ui-test"
+from lorakit.ui.runs import list_runs, metrics_since, resolve_run, run_details
 
 
 def write_run(folder: Path, losses: list[float], status: dict | None, **files) -> Path:
@@ -45,6 +43,11 @@ def dead_pid() -> int:
 
 @pytest.fixture
 def runs_root(tmp_path):
+    return example_runs(tmp_path)
+
+
+def example_runs(tmp_path: Path) -> Path:
+    """tmp_path/runs: finished, live, killed and old runs, a sweep, a symlink out, a hidden run."""
     root = tmp_path / "runs"
     host = socket.gethostname()
     done = write_run(
@@ -133,63 +136,3 @@ def test_write_status_running_records_host_and_pid(tmp_path):
     assert (record["status"], record["pid"], record["host"]) == (
         "running", os.getpid(), socket.gethostname()
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------- the JSON routes
-
-
-@pytest.fixture
-def client(runs_root):
-    from starlette.testclient import TestClient
-
-    from lorakit.jobs.ui import OPEN_PATHS, page_routes
-    from lorakit.serve.app import create_app
-
-    app = create_app(None, api_key=KEY, extend=page_routes(runs_root), open_paths=OPEN_PATHS)
-    with TestClient(app) as client:
-        yield client
-
-
-def test_page_files_are_open_and_data_needs_the_key(client):
-    page = client.get("/ui/")
-    assert page.status_code == 200 and "<canvas" in page.text
-    assert "default-src 'self'" in page.headers["content-security-policy"]
-    assert client.get("/ui/ui.js").headers["content-type"].startswith("text/javascript")
-    for path in ("/ui/api/info", "/ui/api/runs", "/ui/api/run?path=done", "/v1/models"):
-        answer = client.get(path)
-        assert answer.status_code == 401, path
-        assert "API key" in answer.json()["error"]["message"]
-    assert client.get("/ui/secret.py").status_code == 401  # not a page file: behind the key
-    auth = {"Authorization": f"Bearer {KEY}"}
-    assert client.get("/ui/secret.py", headers=auth).status_code == 404  # only the page's files
-
-
-def test_routes_answer_with_the_key(client):
-    auth = {"Authorization": f"Bearer {KEY}"}
-    info = client.get("/ui/api/info", headers=auth).json()
-    assert (info["runs"], info["model"]) == (True, None)
-    paths = [e["path"] for e in client.get("/ui/api/runs", headers=auth).json()["runs"]]
-    assert sorted(paths) == ["done", "group/live", "killed", "old", "ranks"]
-    rows = client.get("/ui/api/metrics?path=done&after=3", headers=auth).json()["rows"]
-    assert [r["step"] for r in rows] == [3, 4, 4]  # rows 4-6 of t1 t2 e2 t3 t4 e4
-    escape = client.get("/ui/api/run?path=../outside", headers=auth)
-    assert escape.status_code == 400 and "not allowed" in escape.json()["error"]["message"]
-    bad = client.get("/ui/api/metrics?path=done&after=-1", headers=auth)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
-    missing = client.get("/ui/api/run", headers=auth)
-    assert missing.status_code == 400 and "`path` is missing" in missing.json()["error"]["message"]
-    no_model = client.post("/v1/chat/completions", headers=auth, json={})
-    assert no_model.status_code == 404 and "--model" in no_model.json()["error"]["message"]
-
-
-def test_the_page_fetches_nothing_from_elsewhere():
-    """Offline machines: no URL of another host in the page's files, and every file listed."""
-    import re
-
-    from lorakit.jobs.ui import PAGE, PAGE_FILES
-
-    assert sorted(PAGE_FILES) == sorted(p.name for p in PAGE.iterdir())
-    for name in PAGE_FILES:
-        text = (PAGE / name).read_text()
-        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
-        assert not re.search(r"\b(import|@import)\s*\(?\s*['\"]https?", text), name

@@ -15,7 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_serve_support import (
+
+from lorakit.errors import ConfigError
+from lorakit.serve import build_state, check_bind, serve_main
+from lorakit.serve.app import create_app
+from serve_support import (
     BASE_NAME,
     VOCAB,
     live_server,
@@ -23,10 +27,6 @@ from test_serve_support import (
     make_model,
     make_tokenizer,
 )
-
-from lorakit.errors import ConfigError
-from lorakit.serve import build_state, check_bind, serve_main
-from lorakit.serve.app import create_app
 
 KEY = "sk-serve-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -447,7 +447,8 @@ def test_missing_fastapi_names_the_extra(monkeypatch):
 
 
 def test_serve_main_in_a_subprocess(tmp_path):
-    """serve_main loads a model folder and an adapter, listens on 127.0.0.1 and answers."""
+    """serve_main loads a model folder and an adapter given as a bare path (named after its
+    folder), listens on 127.0.0.1 and answers."""
     import socket
     import subprocess
     import sys
@@ -462,7 +463,7 @@ def test_serve_main_in_a_subprocess(tmp_path):
         port = probe.getsockname()[1]
     code = (
         "from lorakit.serve import serve_main; "
-        f"serve_main({str(tmp_path / 'model')!r}, ['x={tmp_path / 'x'}'], port={port}, "
+        f"serve_main({str(tmp_path / 'model')!r}, [{str(tmp_path / 'x')!r}], port={port}, "
         "api_key='k', served_model_name='tiny', threads=1)"
     )
     src = str(Path(lorakit.__file__).resolve().parents[1])

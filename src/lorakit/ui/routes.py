@@ -1,6 +1,6 @@
 """`lorakit ui`: the web page (runs, chat, compare) on the same app and port as `lorakit serve`.
 
-The page is plain files (ui_page/: HTML, CSS, JS, no build step, nothing fetched from
+The page is plain files (page/: HTML, CSS, JS, no build step, nothing fetched from
 elsewhere), served without the API key since they hold no data. Everything the page shows comes
 from key-protected JSON: the OpenAI-compatible /v1 routes for chat and compare, and read-only
 routes over the runs folder:
@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError
-from lorakit.jobs.runs import list_runs, metrics_since, run_details
 from lorakit.serve import serve_main
 from lorakit.serve.protocol import ApiError
+from lorakit.ui.runs import list_runs, metrics_since, run_details
 from lorakit.version import __version__
 
-PAGE = Path(__file__).parent / "ui_page"
+PAGE = Path(__file__).parent / "page"
 PAGE_FILES = {
     "index.html": "text/html; charset=utf-8",
     "ui.css": "text/css; charset=utf-8",
