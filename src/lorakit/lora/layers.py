@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.lora import dora, inits, shared
+from lorakit.lora import dora, inits, shared, update
 from lorakit.lora.rows import RowPlan
 from lorakit.ops import FEW_ROWS, few_rows
 
@@ -324,7 +324,7 @@ class LoraLinear(nn.Module):
     # ---------------------------------------------------------------- merging
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout: (out, in), (in, out) for Conv1D."""
-        delta = dora.scaled_update(self, adapter_name)  # (out, in)
+        delta = update.scaled_update(self, adapter_name)  # (out, in)
         return delta.T if self.kind in (CONV1D, EMBEDDING) else delta
 
     def _adapter_placement(self) -> tuple[torch.device | None, torch.dtype]:
@@ -363,7 +363,7 @@ class LoraLinear(nn.Module):
         if not names:
             return None
         unmerged = self.dense_weight().float()
-        return dora.merged_weight(self, names, unmerged)[0] - unmerged
+        return update.merged_weight(self, names, unmerged)[0] - unmerged
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -382,7 +382,7 @@ class LoraLinear(nn.Module):
             earlier = list(self.merged_adapters)  # DoRA's norm needs the unmerged weight
             self.unmerge()
             names = earlier + names
-        merged, norms = dora.merged_weight(self, names, self.dense_weight().float(), safe_merge)
+        merged, norms = update.merged_weight(self, names, self.dense_weight().float(), safe_merge)
         self.set_dense_weight(merged)
         self.dora_merged_norms.update(norms)
         self.merged_adapters.extend(names)
@@ -394,7 +394,7 @@ class LoraLinear(nn.Module):
             return
         chosen = [n for n in self.merged_adapters if adapter_names is None or n in adapter_names]
         names = chosen[::-1]
-        self.set_dense_weight(dora.unmerged_weight(self, names, self.dense_weight().float()))
+        self.set_dense_weight(update.unmerged_weight(self, names, self.dense_weight().float()))
         self.merged_adapters = [n for n in self.merged_adapters if n not in names]
 
     def extra_repr(self) -> str:
