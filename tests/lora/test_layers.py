@@ -104,7 +104,8 @@ def test_lora_linear_on_an_embedding_is_a_lora_embedding_with_peft_names():
     assert type(layer) is LoraEmbedding
     layer.update_layer("default", 2, 4)
     assert sorted(k for k in layer.state_dict() if "lora" in k) == [
-        "lora_embedding_A.default", "lora_embedding_B.default"
+        "lora_embedding_A.default",
+        "lora_embedding_B.default",
     ]
     assert type(copy.deepcopy(layer)) is LoraEmbedding
 

@@ -333,10 +333,8 @@ class LoraEmbedding(LoraLinear):
                 "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
                 "the embedding from target_modules"
             )
-        super().update_layer(
-            adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, False,
-            loftq_config,
-        )
+        args = (adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        super().update_layer(*args, loftq_config=loftq_config)
 
     def _create_weights(self, name: str, r: int, device, dtype: torch.dtype) -> None:
         self.lora_embedding_A[name] = nn.Parameter(
@@ -429,8 +427,8 @@ class ModulesToSave(nn.Module):
             )
         x, rest = args[0], args[1:]
         result = self.original_module(x, *rest, **kwargs)
-        for name, rows, _ in self._rows.groups:
+        for name, indices, _ in self._rows.groups:
             if name in self.modules_to_save:
-                own = self.modules_to_save[name](x.index_select(0, rows), *rest, **kwargs)
-                result = result.index_copy(0, rows, own.to(result.dtype))
+                own = self.modules_to_save[name](x.index_select(0, indices), *rest, **kwargs)
+                result = result.index_copy(0, indices, own.to(result.dtype))
         return result

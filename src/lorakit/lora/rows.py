@@ -162,7 +162,9 @@ def forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return add_rows(layer, result, x, plan) if layer.r else result
 
 
-def add_rows(layer: nn.Module, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+def add_rows(
+    layer: nn.Module, result: torch.Tensor, x: torch.Tensor, plan: RowPlan
+) -> torch.Tensor:
     """result + each row's own adapter, in one of the three ways of the module's text."""
     if layer.merged_adapters:
         raise RuntimeError("per-row adapters need unmerged adapters; call unmerge_adapter()")
