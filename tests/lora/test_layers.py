@@ -1,17 +1,113 @@
-"""LoRA invariants: zero B is the identity, merge/unmerge round trip, gradients only in adapters."""
+"""The LoRA layer: its formula written out (no peft), and its invariants: zero B is the identity,
+merge/unmerge round trip, gradients only in adapters."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from conftest import make_tiny_gpt2, make_tiny_llama
 from lorakit import LoraConfig, LoraLinear, get_peft_model
+from lorakit.lora.layers import LoraEmbedding
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# ---------------------------------------------------------------- the formula, without peft
+# For a base weight W (out × in), A (r × in), B (out × r):
+#     forward(x) = base(x) + scaling · x Aᵀ Bᵀ,   delta_weight = scaling · B A
+# with scaling = alpha / r (alpha / sqrt(r) with rslora); Conv1D and nn.Embedding store W as
+# (in × out), so their delta_weight is (scaling · B A)ᵀ; an embedding looks A up by token id:
+#     forward(ids) = base(ids) + scaling · embedding(ids, Aᵀ) Bᵀ.
+# init_lora_weights=False makes A and B both random, so a zero update cannot pass.
+
+IN, OUT, R, ALPHA = 6, 5, 4, 8
+SCALINGS = [(False, ALPHA / R), (True, ALPHA / math.sqrt(R))]  # (use_rslora, scaling)
+BASES = {
+    "linear": lambda: nn.Linear(IN, OUT, dtype=torch.float64),
+    "conv1d": lambda: Conv1D(OUT, IN).double(),  # Conv1D(nf=out, nx=in), weight (in, out)
+    "embedding": lambda: nn.Embedding(IN, OUT, dtype=torch.float64),  # IN ids, OUT dims
+}
+
+
+def _layer(kind: str, use_rslora: bool) -> LoraLinear:
+    torch.manual_seed(0)
+    layer = LoraLinear(BASES[kind]())
+    layer.update_layer("default", R, ALPHA, init_lora_weights=False, use_rslora=use_rslora)
+    return layer
+
+
+def _input(kind: str) -> torch.Tensor:
+    if kind == "embedding":
+        return torch.randint(0, IN, (3, 7))
+    return torch.randn(3, 7, IN, dtype=torch.float64)
+
+
+def _formula(layer: LoraLinear, x: torch.Tensor, scaling: float) -> torch.Tensor:
+    a, b = layer.lora_weights("default")  # A (r × in), B (out × r)
+    with torch.no_grad():
+        if isinstance(layer, LoraEmbedding):
+            return layer.base_layer(x) + scaling * F.embedding(x, a.T) @ b.T
+        return layer.base_layer(x) + scaling * x @ a.T @ b.T
+
+
+@pytest.mark.parametrize(("use_rslora", "scaling"), SCALINGS)
+@pytest.mark.parametrize("kind", BASES)
+def test_forward_is_base_plus_scaled_b_a_x(kind, use_rslora, scaling):
+    layer = _layer(kind, use_rslora)
+    a, b = layer.lora_weights("default")
+    assert a.shape == (R, IN) and b.shape == (OUT, R) and b.abs().min() > 0
+    assert layer.scaling["default"] == scaling
+    x = _input(kind)
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got, _formula(layer, x, scaling), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got, layer.base_layer(x))
+
+
+@pytest.mark.parametrize(("use_rslora", "scaling"), SCALINGS)
+@pytest.mark.parametrize("kind", BASES)
+def test_delta_weight_is_scaling_times_b_at_a(kind, use_rslora, scaling):
+    layer = _layer(kind, use_rslora)
+    a, b = layer.lora_weights("default")
+    expected = (scaling * b @ a).detach()  # (out, in)
+    if kind in ("conv1d", "embedding"):
+        expected = expected.T  # the base weight's (in, out) layout
+    assert layer.base_layer.weight.shape == expected.shape
+    torch.testing.assert_close(layer.delta_weight("default"), expected.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_merge_adds_delta_weight_and_unmerge_takes_it_out(kind):
+    layer = _layer(kind, False)
+    before = layer.base_layer.weight.detach().clone()
+    x = _input(kind)
+    want = _formula(layer, x, ALPHA / R)
+    layer.merge()
+    merged = layer.base_layer.weight.detach().clone()
+    torch.testing.assert_close(merged, before + layer.delta_weight("default").double())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)  # merged: the base alone computes the formula
+    layer.unmerge()  # merging computes in fp32
+    torch.testing.assert_close(layer.base_layer.weight, before, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+
+
+def test_lora_linear_on_an_embedding_is_a_lora_embedding_with_peft_names():
+    layer = LoraLinear(nn.Embedding(10, 4))
+    assert type(layer) is LoraEmbedding
+    layer.update_layer("default", 2, 4)
+    assert sorted(k for k in layer.state_dict() if "lora" in k) == [
+        "lora_embedding_A.default",
+        "lora_embedding_B.default",
+    ]
+    assert type(copy.deepcopy(layer)) is LoraEmbedding
 
 
 @pytest.mark.parametrize("init", [True, "gaussian"])
@@ -84,10 +180,17 @@ def test_disable_adapter_gives_base_output(tiny_llama):
         assert not torch.allclose(model(input_ids=ids).logits, expected)
 
 
-def test_zero_dropout_adds_no_dropout_module(tiny_llama):
-    model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"]))
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer.lora_dropout["default"], nn.Identity)
+@pytest.mark.parametrize(("dropout", "deterministic"), [(0.0, True), (0.5, False)])
+def test_zero_dropout_leaves_the_training_forward_deterministic(tiny_llama, dropout, deterministic):
+    model = get_peft_model(
+        tiny_llama,
+        LoraConfig(r=4, target_modules=ALL, lora_dropout=dropout, init_lora_weights=False),
+    )
+    model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second) is deterministic
 
 
 def test_tutorial_program_runs_and_a_step_updates_only_lora(capsys):

@@ -189,6 +189,17 @@ def test_to_bfloat16_changes_compute_dtype_but_keeps_scales_fp32():
     assert layer.compute_dtype == torch.float32
 
 
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_store_quantizes_a_new_weight_as_a_fresh_layer_would(method):
+    layer = QuantLinear.from_weight(torch.randn(16, 64), method=method, compute_dtype=torch.bfloat16)
+    weight = torch.randn(16, 64)
+    layer.store(weight)
+    fresh = QuantLinear.from_weight(weight.bfloat16(), method=method)
+    assert torch.equal(layer.dequantize(torch.float32), fresh.dequantize(torch.float32))
+    with pytest.raises(ValueError, match=r"expected an \(16, 64\) weight, got shape \(64, 16\)"):
+        layer.store(weight.T)
+
+
 def test_unknown_method_is_a_config_error():
     with pytest.raises(ConfigError, match="did you mean `nf4`"):
         QuantLinear(8, 8, method="nf5")

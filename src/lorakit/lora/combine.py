@@ -199,7 +199,7 @@ def _svd_merge(
     """Merge the deltas (in the base weight's layout, as peft prunes them), then truncate."""
     deltas = [layer.delta_weight(name).detach() for name, _ in present]
     merged = merge_tasks(deltas, [w for _, w in present], method, density, sign)
-    if layer.kind != "linear":  # Conv1D and embedding deltas are (in, out)
+    if layer.fan_in_fan_out:  # Conv1D and embedding deltas are (in, out)
         merged = merged.T
     u, s, vh = torch.linalg.svd(merged, full_matrices=True)  # (out, out), (k,), (in, in)
     return vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank])

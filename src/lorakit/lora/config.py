@@ -164,9 +164,8 @@ class LoraConfig(_LoraFields, PeftConfigNames):
         return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
     def scaling_for(self, module_name: str) -> float:
-        """alpha / r, or alpha / sqrt(r) with use_rslora."""
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        """The scaling of the adapter on `module_name` (see `scaling`)."""
+        return scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         """The `adapter_config.json` content, peft's layout."""
@@ -355,3 +354,9 @@ def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> 
         if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name):
             return value
     return default
+
+
+def scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """LoRA's factor on B @ A: lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised
+    LoRA (`use_rslora`)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)

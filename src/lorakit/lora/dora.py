@@ -26,18 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def lora_weight(layer: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """B @ A (out, in) in `dtype`, without the scaling."""
-    a, b = layer.lora_weights(name)
-    return (b @ a).to(dtype)
-
-
 def weight_norm(layer: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
     """n = ||W + scaling * B @ A|| per output row (out,), detached; `weight` is W (out, in)."""
     cache = layer.dora_norm_cache
     if cache is not None and not layer.training and name in cache:
         return cache[name]
-    update = lora_weight(layer, name, weight.dtype).detach()
+    a, b = layer.lora_weights(name)
+    update = (b @ a).to(weight.dtype).detach()  # B @ A, as `update.lora_weight`
     norm = torch.linalg.norm(weight.detach() + layer.scaling[name] * update, dim=1)
     norm = norm.to(weight.dtype)
     if cache is not None and not layer.training:
@@ -74,44 +69,24 @@ def dora_delta(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, name: st
     return (scale - 1) * base + scale * lora * layer.scaling[name]
 
 
-def scaled_update(layer: nn.Module, name: str) -> torch.Tensor:
-    """dW = scaling * B @ A as (out, in), fp32."""
-    return lora_weight(layer, name, torch.float32) * layer.scaling[name]
+def merge_step(
+    layer: nn.Module,
+    name: str,
+    merged: torch.Tensor,
+    unmerged: torch.Tensor,
+    delta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((m / n) * (W_now + dW), n) for merging DoRA adapter `name` into `merged` (W_now), n the
+    row norms of `unmerged` + dW; all (out, in) fp32 (`update.merged_weight` calls this)."""
+    norm = torch.linalg.norm(unmerged + delta, dim=1)
+    factor = layer.lora_magnitude_vector[name].float() / norm
+    return factor[:, None] * (merged + delta), norm
 
 
-@torch.no_grad()
-def merged_weight(
-    layer: nn.Module, names: list[str], unmerged: torch.Tensor, safe_merge: bool = False
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(W with `names` merged in order, {DoRA adapter: its n}), (out, in) fp32.
-
-    A plain adapter adds dW; a DoRA adapter maps W_now to (m / n) * (W_now + dW), with n the
-    row norms of `unmerged` + dW."""
-    merged, norms = unmerged, {}
-    for name in names:
-        delta = scaled_update(layer, name)
-        if name in layer.lora_magnitude_vector:
-            norms[name] = torch.linalg.norm(unmerged + delta, dim=1)
-            factor = layer.lora_magnitude_vector[name].float() / norms[name]
-            merged = factor[:, None] * (merged + delta)
-        else:
-            merged = merged + delta
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter `{name}` produced non-finite weights; not merged")
-    return merged, norms
-
-
-@torch.no_grad()
-def unmerged_weight(layer: nn.Module, names: list[str], weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (out, in) fp32 with `names` (newest first) taken out: the inverse of
-    `merged_weight`, with each DoRA adapter's n as kept at merge time."""
-    for name in names:
-        delta = scaled_update(layer, name)
-        if name in layer.lora_magnitude_vector:
-            norm = layer.dora_merged_norms.pop(name)
-            weight = weight * (norm / layer.lora_magnitude_vector[name].float())[:, None]
-        weight = weight - delta
-    return weight
+def unmerge_step(layer: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` divided by m / n, n as kept at merge time; what remains is W_now + dW."""
+    norm = layer.dora_merged_norms.pop(name)
+    return weight * (norm / layer.lora_magnitude_vector[name].float())[:, None]
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ import weakref
 import torch
 from torch import nn
 
-from lorakit.lora.rows import PackedAdapters, RowPlan
+from lorakit.lora.rows import PackedAdapters, RowPlan, add_rows
 from lorakit.ops import PrepackedLinear, prepack_weight
 
 _MAX_A_SHARE = 0.5  # packed A rows at most this share of the group's output rows
@@ -75,7 +75,7 @@ class FusedGroup:
         *outs, ax = y.split_with_sizes(self.sizes, 1)  # views (Tensor.split is Python); ax:
         # every member's x @ A^T
         if self.blocks is None:  # base weights stacked; adapters as packed rows add them
-            return [m._add_rows(out, x, plan) for m, out in zip(self.members, outs, strict=True)]
+            return [add_rows(m, out, x, plan) for m, out in zip(self.members, outs, strict=True)]
         mask = plan.block_mask(self.blocks, len(self.members))  # each row's scaling, per member
         h = (ax * mask).view(len(ax), -1, self.ranks).unbind(1)  # (rows, packed ranks) each
         for h_i, b_t, out in zip(h, self.b_t, outs, strict=True):

@@ -17,7 +17,15 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.layers import CONV1D, LINEAR, LoraLinear, ModulesToSave, layer_kind
+from lorakit.lora.layers import (
+    CONV1D,
+    EMBEDDING,
+    LINEAR,
+    LoraEmbedding,
+    LoraLinear,
+    ModulesToSave,
+    layer_kind,
+)
 from lorakit.lora.presets import target_preset
 
 _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -187,7 +195,7 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
     names = []
     for name, module in find_targets(model, config):
         if not isinstance(module, LoraLinear):
-            module = LoraLinear(module)
+            module = (LoraEmbedding if layer_kind(module) == EMBEDDING else LoraLinear)(module)
             _replace(model, name, module)
         if module.kind == CONV1D:
             config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)

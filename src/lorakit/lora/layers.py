@@ -1,14 +1,15 @@
 """`LoraLinear`: a base layer plus named low-rank adapters.
 
 For a base weight W (out × in), adapter `a` adds `scaling_a * B_a @ A_a` with
-A_a (r × in), B_a (out × r), so the forward is
+A_a (r × in), B_a (out × r), scaling_a = lora_alpha / r (`config.scaling`), so the forward is
 
     y = base(x) + scaling_a * B_a(A_a(dropout_a(x)))
 
 summed over the active adapters. A transformers `Conv1D` stores W as (in × out)
-(`fan_in_fan_out`); an `nn.Embedding` uses A (r × num_embeddings) and B (dim × r) and looks A up
-by token id. With a per-row plan set (`set_rows`, see `rows.py`), each batch row gets only its
-own adapter. A DoRA adapter (`use_dora`) also has a magnitude per output row (see `dora.py`);
+(`fan_in_fan_out`); `LoraEmbedding` wraps an `nn.Embedding`, whose A (r × num_embeddings) is
+looked up by token id. The update and merging are in `update.py`. With a per-row plan set
+(`set_rows`), each batch row gets only its own adapter, by the faster paths of `rows.py` and
+`fused.py`. A DoRA adapter (`use_dora`) also has a magnitude per output row (see `dora.py`);
 PiSSA / OLoRA / LoftQ initialise from the base weight and change it (see `inits.py`). Layers
 that read the same input (q, k, v; gate, up) share one dropout mask on it (`shared.py`).
 """
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.lora import dora, inits, shared
+from lorakit.lora import dora, inits, rows, shared, update
+from lorakit.lora.config import scaling
 from lorakit.lora.rows import RowPlan
-from lorakit.ops import FEW_ROWS, few_rows
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 
@@ -52,7 +53,14 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 
 class LoraLinear(nn.Module):
-    """Wraps `nn.Linear`, GPT-2 `Conv1D`, `nn.Embedding` or a quantized linear with adapters."""
+    """Wraps `nn.Linear`, GPT-2 `Conv1D` or a quantized linear with adapters.
+
+    `LoraLinear(embedding)` gives a `LoraEmbedding`."""
+
+    def __new__(cls, base_layer: nn.Module | None = None, *args, **kwargs):
+        if cls is LoraLinear and isinstance(base_layer, nn.Embedding):
+            cls = LoraEmbedding
+        return super().__new__(cls)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -61,12 +69,8 @@ class LoraLinear(nn.Module):
             raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.kind = kind
-        if kind == EMBEDDING:
-            self.in_features, self.out_features = (
-                base_layer.num_embeddings,
-                base_layer.embedding_dim,
-            )
-        elif kind == CONV1D:
+        self.fan_in_fan_out = kind in (CONV1D, EMBEDDING)  # the base stores W as (in, out)
+        if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -86,6 +90,33 @@ class LoraLinear(nn.Module):
         self.disable_adapters = False
         self._rows: RowPlan | None = None
 
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters and self.merged_adapters:
+            self.unmerge()
+        if self._rows is not None and not self.disable_adapters:
+            return rows.forward(self, x, *args, **kwargs)  # per-row adapters, fast paths: rows.py
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._running():
+            result = result + self._delta(x, name, result)
+        return result
+
+    def _running(self) -> list[str]:
+        """The adapters the forward adds: active, present here and not merged."""
+        if self.disable_adapters:
+            return []
+        return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+
+    def _delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """scaling * B(A(dropout(x))), computed in the adapter's dtype, returned in `result`'s;
+        DoRA's term instead, which reads `result` = base(x) (see `dora.py`)."""
+        if name in self.lora_magnitude_vector:
+            return dora.dora_delta(self, x, result, name).to(result.dtype)
+        a, b = self.lora_weights(name)
+        x, factor = shared.dropped(self, x, name)  # dropout(x) = factor * x now
+        h = F.linear(x.to(a.dtype), a) * (self.scaling[name] * factor)  # (..., r)
+        return F.linear(h, b).to(result.dtype)  # (..., out)
+
     # ---------------------------------------------------------------- adapters
     def update_layer(
         self,
@@ -99,28 +130,13 @@ class LoraLinear(nn.Module):
         loftq_config: dict | None = None,
     ) -> None:
         """Add (or replace) adapter `adapter_name` of rank r."""
-        if use_dora and self.kind == EMBEDDING:
-            raise ConfigError(
-                "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
-                "the embedding from target_modules"
-            )
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[adapter_name] = scaling(lora_alpha, r, use_rslora)
         self.lora_dropout[adapter_name] = (
             nn.Dropout(lora_dropout) if lora_dropout else nn.Identity()
         )
-        device, dtype = self._adapter_placement()
-        if self.kind == EMBEDDING:
-            self.lora_embedding_A[adapter_name] = nn.Parameter(
-                torch.empty(r, self.in_features, device=device, dtype=dtype)
-            )
-            self.lora_embedding_B[adapter_name] = nn.Parameter(
-                torch.empty(self.out_features, r, device=device, dtype=dtype)
-            )
-        else:
-            self.lora_A[adapter_name] = nn.Linear(self.in_features, r, False, device, dtype)
-            self.lora_B[adapter_name] = nn.Linear(r, self.out_features, False, device, dtype)
+        self._create_weights(adapter_name, r, *self._adapter_placement())
         if inits.is_mutating(init_lora_weights):
             inits.initialise(self, adapter_name, init_lora_weights, loftq_config)
         else:
@@ -133,19 +149,14 @@ class LoraLinear(nn.Module):
         if adapter_name not in self.active_adapters and not self.active_adapters:
             self.active_adapters = [adapter_name]
 
+    def _create_weights(self, name: str, r: int, device, dtype: torch.dtype) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, False, device, dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, False, device, dtype)
+
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         """True: A kaiming-uniform, B zero. 'gaussian': A ~ N(0, 1/r), B zero. False: both random."""
-        if self.kind == EMBEDDING:
-            # Embeddings look A up by token id, so the roles swap: A zero, B normal.
-            a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-            nn.init.normal_(b)
-            if init_lora_weights is False:
-                nn.init.normal_(a)
-            else:
-                nn.init.zeros_(a)
-            return
-        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        a, b = self.lora_weights(adapter_name)
         if init_lora_weights == "gaussian":
             nn.init.normal_(a, std=1 / self.r[adapter_name])
         else:
@@ -154,6 +165,10 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         else:
             nn.init.zeros_(b)
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of an adapter: A (r × in), B (out × r)."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter `adapter_name` (unmerging it first if merged)."""
@@ -195,14 +210,8 @@ class LoraLinear(nn.Module):
 
     @property
     def packable(self) -> bool:
-        """Whether `rows.PackedAdapters` may pack this layer (no embedding, DoRA or merge)."""
-        return self.kind != EMBEDDING and not (self.merged_adapters or self.lora_magnitude_vector)
-
-    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of an adapter: A (r × in), B (out × r) in every layer kind."""
-        if self.kind == EMBEDDING:
-            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        """Whether `rows.PackedAdapters` may pack this layer (no DoRA or merged adapters)."""
+        return not (self.merged_adapters or self.lora_magnitude_vector)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The trainable tensors of an adapter: A, B and, for DoRA, the magnitude."""
@@ -215,117 +224,14 @@ class LoraLinear(nn.Module):
         """Per-row adapters for the next forwards (None: the active adapters for every row)."""
         self.__dict__["_rows"] = plan  # a plain attribute: skip nn.Module's slower __setattr__
 
-    # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters and self.merged_adapters:
-            self.unmerge()
-        plan = self._rows
-        if plan is not None and plan.fused is not None and not (self.disable_adapters or args
-                                                                 or kwargs):  # fmt: skip
-            out = plan.fused.forward(self, x, plan)  # a decode step's fused group (fused.py)
-            if out is not None:
-                return out
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or not self.r:
-            return result
-        if self._rows is not None:
-            return self._add_rows(result, x, self._rows)
-        for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
-                result = self._add_lora(result, x, name)
-        return result
-
-    def _add_lora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """result + scaling * B(A(dropout(x))); one fused addmm when the dtypes allow it."""
-        if name in self.lora_magnitude_vector:
-            return result + dora.dora_delta(self, x, result, name).to(result.dtype)
-        a, b = self.lora_weights(name)
-        same_dtype = result.dtype == a.dtype
-        autocast = torch.is_autocast_enabled(result.device.type)
-        if self.kind == EMBEDDING or not (same_dtype or autocast):
-            return result + self._delta(x, name, result.dtype)
-        masked, factor = shared.dropped(self, x, name)  # dropout(x) = factor * masked
-        h = F.linear(masked, a)  # (..., r)
-        flat, h = result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1])
-        alpha = self.scaling[name] * factor
-        if torch.is_grad_enabled() or autocast:  # in-place ops are not autocast
-            return torch.addmm(flat, h, b.T, alpha=alpha).view(result.shape)
-        # Without autograd the base output is ours alone: add into it, saving a pass over it.
-        return flat.addmm_(h, b.T, alpha=alpha).view(result.shape)
-
-    def _add_rows(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
-        """result + each row's own adapter (see `rows.py` for the three ways)."""
-        if self.merged_adapters:
-            raise RuntimeError("per-row adapters need unmerged adapters; call unmerge_adapter()")
-        if x.shape[0] != plan.rows:
-            raise ValueError(f"the batch has {x.shape[0]} rows but {plan.rows} adapter names")
-        if plan.single is not None:
-            return self._add_lora(result, x, plan.single) if plan.single in self.r else result
-        inference = not (torch.is_grad_enabled() or self.training)
-        packed = None  # packed weights are detached copies, and pay off for few tokens only
-        if inference and x.numel() // x.shape[-1] <= FEW_ROWS:
-            packed = plan.packed_layout(self)
-        if packed is not None:
-            return self._add_packed(result, x, plan, packed)
-        for name, rows, span in plan.groups:
-            if name not in self.r:
-                continue
-            if inference and span is not None and self.kind != EMBEDDING:
-                part = result[span[0] : span[1]]  # the group's rows are one block: no gather
-                added = self._add_lora(part, x[span[0] : span[1]], name)
-                if added.data_ptr() != part.data_ptr():
-                    part.copy_(added)
-                continue
-            if name in self.lora_magnitude_vector:
-                delta = dora.dora_delta(self, x.index_select(0, rows),
-                                        result.index_select(0, rows), name).to(result.dtype)  # fmt: skip
-            else:
-                delta = self._delta(x.index_select(0, rows), name, result.dtype)
-            result = result.index_add(0, rows, delta)
-        return result
-
-    def _add_packed(
-        self,
-        result: torch.Tensor,
-        x: torch.Tensor,
-        plan: RowPlan,
-        packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """result + ((x @ A^T) * M) @ B^T over the packed adapters (see `rows.py`)."""
-        a, b, mask = packed
-        x = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (tokens, in)
-        if x.shape[0] != plan.rows:  # several tokens per row: each token takes its row's mask
-            mask = mask.repeat_interleave(x.shape[0] // plan.rows, 0)
-        flat = result.reshape(-1, self.out_features)
-        in_place = flat.dtype == a.dtype and not torch.is_autocast_enabled(result.device.type)
-        if few_rows(x):  # see lorakit.ops.few_rows; MKL is fastest with x^T as a view
-            h = torch.mm(a, x.T).T.contiguous().mul_(mask)  # (tokens, span)
-            if in_place:  # b.T is contiguous (rows.PackedLayer)
-                return flat.addmm_(h, b.T).view(result.shape)
-            delta = h @ b.T
-        else:
-            delta = F.linear(F.linear(x, a).mul_(mask), b)
-        if in_place:
-            return flat.add_(delta).view(result.shape)
-        return result + delta.to(result.dtype).view(result.shape)
-
-    def _delta(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """scaling * B(A(dropout(x))), computed in the adapter's dtype, returned in `dtype`."""
-        a, b = self.lora_weights(name)
-        if self.kind == EMBEDDING:
-            base = self.base_layer
-            h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
-                            base.scale_grad_by_freq, base.sparse)  # fmt: skip
-            return (h @ b.T * self.scaling[name]).to(dtype)  # (..., dim)
-        x, factor = shared.dropped(self, x, name)  # dropout(x) = factor * x now
-        h = F.linear(x.to(a.dtype), a) * (self.scaling[name] * factor)  # (..., r)
-        return F.linear(h, b).to(dtype)  # (..., out)
-
     # ---------------------------------------------------------------- merging
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """scaling * B @ A in the base weight's layout: (out, in), (in, out) for Conv1D."""
-        delta = dora.scaled_update(self, adapter_name)  # (out, in)
-        return delta.T if self.kind in (CONV1D, EMBEDDING) else delta
+        """scaling * B @ A in the base weight's layout: (out, in), (in, out) for fan_in_fan_out."""
+        return self._layout(update.scaled_update(self, adapter_name))
+
+    def _layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """An (out, in) weight in the base's layout, or the base's weight as (out, in)."""
+        return weight.T if self.fan_in_fan_out else weight
 
     def _adapter_placement(self) -> tuple[torch.device | None, torch.dtype]:
         """Adapters live on the base layer's device, in fp32 unless the base is fp32/fp64."""
@@ -345,16 +251,16 @@ class LoraLinear(nn.Module):
         weight = self._base_weight()
         if weight is None or not weight.is_floating_point():
             return self.base_layer.dequantize()
-        return weight.T if self.kind in (CONV1D, EMBEDDING) else weight
+        return self._layout(weight)
 
     @torch.no_grad()
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         """Store `weight` (out, in) as the base weight, in its own layout and dtype."""
         base = self._base_weight()
         if base is None or not base.is_floating_point():
-            self.base_layer._store(weight.to(self.base_layer.compute_dtype))
+            self.base_layer.store(weight)  # a quantized base quantizes it (QuantLinear.store)
             return
-        base.copy_((weight.T if self.kind in (CONV1D, EMBEDDING) else weight).to(base.dtype))
+        base.copy_(self._layout(weight).to(base.dtype))
 
     @torch.no_grad()
     def merged_delta(self, adapter_names: list[str]) -> torch.Tensor | None:
@@ -363,7 +269,7 @@ class LoraLinear(nn.Module):
         if not names:
             return None
         unmerged = self.dense_weight().float()
-        return dora.merged_weight(self, names, unmerged)[0] - unmerged
+        return update.merged_weight(self, names, unmerged)[0] - unmerged
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -382,7 +288,7 @@ class LoraLinear(nn.Module):
             earlier = list(self.merged_adapters)  # DoRA's norm needs the unmerged weight
             self.unmerge()
             names = earlier + names
-        merged, norms = dora.merged_weight(self, names, self.dense_weight().float(), safe_merge)
+        merged, norms = update.merged_weight(self, names, self.dense_weight().float(), safe_merge)
         self.set_dense_weight(merged)
         self.dora_merged_norms.update(norms)
         self.merged_adapters.extend(names)
@@ -394,12 +300,76 @@ class LoraLinear(nn.Module):
             return
         chosen = [n for n in self.merged_adapters if adapter_names is None or n in adapter_names]
         names = chosen[::-1]
-        self.set_dense_weight(dora.unmerged_weight(self, names, self.dense_weight().float()))
+        self.set_dense_weight(update.unmerged_weight(self, names, self.dense_weight().float()))
         self.merged_adapters = [n for n in self.merged_adapters if n not in names]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
         return f"kind={self.kind}, adapters=[{ranks}], active={self.active_adapters}"
+
+
+class LoraEmbedding(LoraLinear):
+    """Wraps an `nn.Embedding` (num_embeddings = in, embedding_dim = out) with adapters.
+
+    A (r × num_embeddings) is looked up by token id, as the base looks up its weight, so the
+    forward adds scaling * B(embedding(x, A^T)); no dropout. The parameters keep peft's names,
+    `lora_embedding_A` and `lora_embedding_B`. DoRA and the inits that read the base weight
+    are not supported here."""
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        loftq_config: dict | None = None,
+    ) -> None:
+        """As `LoraLinear.update_layer`; DoRA is refused."""
+        if use_dora:
+            raise ConfigError(
+                "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
+                "the embedding from target_modules"
+            )
+        args = (adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        super().update_layer(*args, loftq_config=loftq_config)
+
+    def _create_weights(self, name: str, r: int, device, dtype: torch.dtype) -> None:
+        self.lora_embedding_A[name] = nn.Parameter(
+            torch.empty(r, self.in_features, device=device, dtype=dtype)
+        )
+        self.lora_embedding_B[name] = nn.Parameter(
+            torch.empty(self.out_features, r, device=device, dtype=dtype)
+        )
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """A zero, B normal (the roles swap, as A is looked up); False: both normal."""
+        a, b = self.lora_weights(adapter_name)
+        nn.init.normal_(b)
+        if init_lora_weights is False:
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of an adapter: A (r × num_embeddings), B (embedding_dim × r)."""
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def _delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """scaling * B(embedding(x, A^T)) in `result`'s dtype; x holds token ids."""
+        a, b = self.lora_weights(name)
+        base = self.base_layer
+        h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
+                        base.scale_grad_by_freq, base.sparse)  # fmt: skip
+        return (h @ b.T * self.scaling[name]).to(result.dtype)  # (..., dim)
+
+    @property
+    def packable(self) -> bool:
+        """Never: packed rows and fused groups are for linear layers."""
+        return False
 
 
 class ModulesToSave(nn.Module):
@@ -457,8 +427,8 @@ class ModulesToSave(nn.Module):
             )
         x, rest = args[0], args[1:]
         result = self.original_module(x, *rest, **kwargs)
-        for name, rows, _ in self._rows.groups:
+        for name, indices, _ in self._rows.groups:
             if name in self.modules_to_save:
-                own = self.modules_to_save[name](x.index_select(0, rows), *rest, **kwargs)
-                result = result.index_copy(0, rows, own.to(result.dtype))
+                own = self.modules_to_save[name](x.index_select(0, indices), *rest, **kwargs)
+                result = result.index_copy(0, indices, own.to(result.dtype))
         return result

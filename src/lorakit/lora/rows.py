@@ -1,9 +1,11 @@
 """Per-row adapters for one batch: row i of the batch uses adapter names[i], or none.
 
-A `RowPlan` is built once per batch and read by every LoRA layer. A layer adds its LoRA in
-one of three ways:
+A `RowPlan` is built once per batch and read by every LoRA layer; with one set, a layer's
+forward is `forward` here. A decode step may take its output from a fused group (`fused.py`);
+otherwise the layer adds its LoRA to the base output in one of three ways:
 
-- one adapter for every row: the ordinary single-adapter forward, nothing per row;
+- one adapter for every row: scaling * B(A(dropout(x))) as one addmm (`add_adapter`), in place
+  into the base output when no autograd records it, nothing per row;
 - grouped rows (works with autograd): per adapter, gather its rows, two small matmuls, add back
   (at inference, an adapter whose rows are one block adds into that block in place, no gather);
 - packed adapters (inference only, from `PackedAdapters`): the loaded adapters' A and B side
@@ -23,7 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from lorakit.lora import shared
+from lorakit.ops import FEW_ROWS, few_rows
 
 BASE = "__base__"  # the per-row name meaning "no adapter"
 _MIN_PACKED_SPAN = 64  # columns; below this a wasted column costs less than a grouped matmul
@@ -140,3 +146,96 @@ class RowPlan:
             rows = [i for i, n in enumerate(self.names) if n == name]
             mask[rows, start - lo : start - lo + r] = scaling
         return mask
+
+
+# ---------------------------------------------------------------- a layer's forward with a plan
+
+
+def forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`layer`'s output with its plan's per-row adapters (adapters not disabled)."""
+    plan = layer._rows
+    if plan.fused is not None and not (args or kwargs):
+        out = plan.fused.forward(layer, x, plan)  # a decode step's fused group (fused.py)
+        if out is not None:
+            return out
+    result = layer.base_layer(x, *args, **kwargs)
+    return add_rows(layer, result, x, plan) if layer.r else result
+
+
+def add_rows(
+    layer: nn.Module, result: torch.Tensor, x: torch.Tensor, plan: RowPlan
+) -> torch.Tensor:
+    """result + each row's own adapter, in one of the three ways of the module's text."""
+    if layer.merged_adapters:
+        raise RuntimeError("per-row adapters need unmerged adapters; call unmerge_adapter()")
+    if x.shape[0] != plan.rows:
+        raise ValueError(f"the batch has {x.shape[0]} rows but {plan.rows} adapter names")
+    if plan.single is not None:
+        return add_adapter(layer, result, x, plan.single) if plan.single in layer.r else result
+    inference = not (torch.is_grad_enabled() or layer.training)
+    packed = None  # packed weights are detached copies, and pay off for few tokens only
+    if inference and x.numel() // x.shape[-1] <= FEW_ROWS:
+        packed = plan.packed_layout(layer)
+    if packed is not None:
+        return add_packed(layer, result, x, plan, packed)
+    for name, rows, span in plan.groups:
+        if name not in layer.r:
+            continue
+        if inference and span is not None and layer.kind != "embedding":
+            part = result[span[0] : span[1]]  # the group's rows are one block: no gather
+            added = add_adapter(layer, part, x[span[0] : span[1]], name)
+            if added.data_ptr() != part.data_ptr():
+                part.copy_(added)
+            continue
+        if name in layer.lora_magnitude_vector:
+            delta = layer._delta(x.index_select(0, rows), name, result.index_select(0, rows))
+        else:
+            delta = layer._delta(x.index_select(0, rows), name, result)  # reads result's dtype
+        result = result.index_add(0, rows, delta)
+    return result
+
+
+def add_adapter(layer: nn.Module, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """result + scaling * B(A(dropout(x))) as one addmm when the dtypes allow it (else the
+    layer's `_delta`); without autograd added into `result` in place, saving a pass over it."""
+    if name in layer.lora_magnitude_vector:
+        return result + layer._delta(x, name, result)
+    a, b = layer.lora_weights(name)
+    same_dtype = result.dtype == a.dtype
+    autocast = torch.is_autocast_enabled(result.device.type)
+    if layer.kind == "embedding" or not (same_dtype or autocast):
+        return result + layer._delta(x, name, result)
+    masked, factor = shared.dropped(layer, x, name)  # dropout(x) = factor * masked
+    h = F.linear(masked, a)  # (..., r)
+    flat, h = result.reshape(-1, layer.out_features), h.reshape(-1, h.shape[-1])
+    alpha = layer.scaling[name] * factor
+    if torch.is_grad_enabled() or autocast:  # in-place ops are not autocast
+        return torch.addmm(flat, h, b.T, alpha=alpha).view(result.shape)
+    # Without autograd the base output is ours alone: add into it, saving a pass over it.
+    return flat.addmm_(h, b.T, alpha=alpha).view(result.shape)
+
+
+def add_packed(
+    layer: nn.Module,
+    result: torch.Tensor,
+    x: torch.Tensor,
+    plan: RowPlan,
+    packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """result + ((x @ A^T) * M) @ B^T over the packed adapters (the module's text)."""
+    a, b, mask = packed
+    x = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (tokens, in)
+    if x.shape[0] != plan.rows:  # several tokens per row: each token takes its row's mask
+        mask = mask.repeat_interleave(x.shape[0] // plan.rows, 0)
+    flat = result.reshape(-1, layer.out_features)
+    in_place = flat.dtype == a.dtype and not torch.is_autocast_enabled(result.device.type)
+    if few_rows(x):  # see lorakit.ops.few_rows; MKL is fastest with x^T as a view
+        h = torch.mm(a, x.T).T.contiguous().mul_(mask)  # (tokens, span)
+        if in_place:  # b.T is contiguous (PackedLayer)
+            return flat.addmm_(h, b.T).view(result.shape)
+        delta = h @ b.T
+    else:
+        delta = F.linear(F.linear(x, a).mul_(mask), b)
+    if in_place:
+        return flat.add_(delta).view(result.shape)
+    return result + delta.to(result.dtype).view(result.shape)

@@ -120,6 +120,16 @@ class QuantLinear(nn.Module):
             weight = weight.t()
         return cls.from_weight(weight, linear.bias, method, double_quant, compute_dtype)
 
+    def store(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` (out, in), cast to the compute dtype, into this layer in place of
+        its weight (how a change to the dequantized weight, such as a merge, is written back)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"expected an ({self.out_features}, {self.in_features}) weight, got shape "
+                f"{tuple(weight.shape)}"
+            )
+        self._store(weight.to(self.compute_dtype))
+
     def _store(self, weight: torch.Tensor) -> None:
         """Quantize `weight` into this layer's buffers."""
         if self.method == "int8":
