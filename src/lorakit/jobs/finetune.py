@@ -26,6 +26,7 @@ from lorakit.lora import inits
 from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.models import RAW_TEMPLATE, load_model, load_tokenizer
 from lorakit.train.checkpoint import find_resume
+from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import eval_loss, greedy_answers
 from lorakit.train.loop import TrainResult, train
 from lorakit.train.plan import eval_batches
@@ -201,7 +202,7 @@ def evaluate_models(
             model.set_adapter(name)
         with _maybe_disabled(model, name is None):
             row: dict[str, Any] = {"model": "base" if name is None else f"base + {name}"}
-            row.update(eval_loss(model, batches, dev, precision))
+            row.update(eval_loss(model, batches, dev, TrainConfig(precision=precision)))
             if exact_match:
                 row.update(score_answers(model, tokenizer, data, max_new_tokens, dev, precision))
         rows.append(row)

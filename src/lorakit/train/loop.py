@@ -195,9 +195,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Eval loss and perplexity, plus greedy samples appended to samples.jsonl (when `write`;
     under fsdp every rank evaluates, since every forward gathers shards, and rank 0 writes)."""
-    metrics = eval_loss(
-        model, eval_data, device, config.precision, config.loss_chunk_size, config.eval_max_batches
-    )
+    metrics = eval_loss(model, eval_data, device, config)
     if tokenizer is not None and config.eval_prompts:
         with autocast(config.precision, device):
             samples = generate_samples(
@@ -298,10 +296,7 @@ def _run(
     sharded = config.distributed == "fsdp"
     if sharded:  # after the adapter is attached and cast; the optimizer then holds the shards
         shard_model(model, ctx, device, config.precision, config.fsdp_cpu_offload)
-    optimizer, params = build_optimizer(
-        model, config.lr, config.weight_decay, config.betas, config.eps, config.lora_b_lr,
-        config.optimizer,
-    )  # fmt: skip
+    optimizer, params = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     start_step, best = 0, math.inf
     if checkpoint_path is not None:
@@ -334,7 +329,7 @@ def _run(
     try:
         if ctx.main:
             _write_run_config(output_dir, config, run_config)
-            log = RunLog(output_dir, total_steps, start_step, config.progress, config.tensorboard)
+            log = RunLog(output_dir, config, total_steps=total_steps, start_step=start_step)
             write_status(output_dir, "running", step=start_step, total_steps=total_steps)
             for note in notes:
                 log.message(note)

@@ -18,22 +18,21 @@ import math
 import torch
 from torch import nn
 
+from lorakit.train.config import TrainConfig
+
 
 def build_optimizer(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    lora_b_lr: float | None = None,
-    optimizer: str = "adamw",
+    model: nn.Module, config: TrainConfig
 ) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
-    """AdamW over the trainable parameters; returns it and the parameters in a fixed order.
-    `optimizer`: 'adamw' (torch's, fp32 moments) or 'adamw_8bit' (`optim8bit.AdamW8bit`).
+    """AdamW over the trainable parameters, as `config` says (lr, weight_decay, betas, eps,
+    lora_b_lr, optimizer); returns it and the parameters in a fixed order. config.optimizer:
+    'adamw' (torch's, fp32 moments) or 'adamw_8bit' (`optim8bit.AdamW8bit`).
 
     Groups: decayed matrices, undecayed vectors (biases, norms), and, when `lora_b_lr` is set,
     the LoRA B matrices at their own learning rate (LoRA+).
     """
+    lr, weight_decay, lora_b_lr = config.lr, config.weight_decay, config.lora_b_lr
+    betas, eps, optimizer = config.betas, config.eps, config.optimizer
     decay, no_decay, lora_b = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
