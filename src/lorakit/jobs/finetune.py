@@ -87,6 +87,7 @@ def run_training(
     result = train(
         model, tokenizer, train_set, eval_set, run.train, output_dir,
         resume=resume, force=force, run_config=run.model_dump(mode="json"),
+        resume_settings=run.resume_settings(),
     )  # fmt: skip
     if initial is not None:
         with initial:
