@@ -1,12 +1,12 @@
-"""Training: the loop (`loop.train`, one function read top to bottom) and what it stands on.
+"""Training: the loop (`loop.train`, read top to bottom) and what it stands on.
 
-`config` holds the loop's typed settings, `plan` the rows each rank takes each step,
-`optim` AdamW / LoRA+ and the schedules, `loraplus` peft's LoRA+ optimizer builder,
-`optim8bit` AdamW with 8-bit moments (bitsandbytes;
-`AdamW8bit` is imported on first use), `checkpoint` checkpoints and exact resume, `rundir`
-atomic folders and what a new run refuses to write over, `log` metrics and progress, `runtime`
-seeds, torchrun, precision, the allocator and stop signals,
-`evaluate` loss / perplexity / exact match / samples, `plots` the run's figures.
+`config` holds the loop's typed settings, `plan` the rows each rank takes each step, `optim`
+AdamW / LoRA+ and the schedules, `loraplus` peft's LoRA+ optimizer builder, `optim8bit` AdamW
+with 8-bit moments (bitsandbytes; `AdamW8bit` is imported on first use), `checkpoint`
+checkpoints and exact resume, `rundir` atomic folders and what a new run refuses to write over,
+`log` metrics and progress, `runtime` seeds, torchrun, precision, the allocator and stop
+signals, `fsdp` sharding the base under torchrun, `threads` fewer CPU threads while other work
+is busy, `evaluate` loss / perplexity / exact match / samples, `plots` the run's figures.
 """
 
 from typing import Any

@@ -451,14 +451,25 @@ def _optimizer_step(run: Run, step: int) -> StepStats:
     switched = run.governor.update() if run.governor is not None else None
     if switched is not None and ctx.main:
         run.log.message(run.governor.note(*switched))
-    return StepStats(step + 1, loss, lr, grad_norm, tokens, elapsed, cpu, threads, stopping)
+    return StepStats(
+        done=step + 1,
+        loss=loss,
+        lr=lr,
+        grad_norm=grad_norm,
+        tokens=tokens,
+        elapsed=elapsed,
+        cpu=cpu,
+        threads=threads,
+        stopping=stopping,
+    )
 
 
 def _forward_backward(
     run: Run, batches: list[dict[str, Any]], step: int, ids: list[Any]
 ) -> tuple[float, float, bool]:
     """Backward of each micro-batch's summed loss / the supervised tokens of the global batch;
-    returns (mean loss, input tokens, stopping), summed over ranks."""
+    returns (mean loss, input tokens, stopping) over all ranks. Every rank raises when the
+    batch has no supervised token (DataError) or some rank's loss is not finite."""
     # The loss is normalised by the supervised tokens of the whole global batch.
     local = sum(supervised_targets(b["labels"], b.get("position_ids"))[1].numel() for b in batches)
     n_global = int(all_reduce_sum(torch.tensor(float(local)), run.ctx))
