@@ -28,9 +28,10 @@ from lorakit.models import RAW_TEMPLATE, load_model, load_tokenizer
 from lorakit.train.checkpoint import find_resume
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import eval_loss, greedy_answers
-from lorakit.train.loop import TrainResult, train
+from lorakit.train.loop import train
 from lorakit.train.plan import eval_batches
 from lorakit.train.runtime import autocast, is_main_process, resolve_device, seed_everything
+from lorakit.train.setup import TrainResult
 
 
 def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
