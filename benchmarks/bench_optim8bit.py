@@ -57,7 +57,7 @@ def run(kind: str, steps: int, batch: int, length: int, workdir: Path) -> dict:
     times = [r["step_s"] for r in rows if r.get("kind") == "train"]
 
     # the optimizer step alone, on the trained adapter's parameters with fixed gradients
-    optimizer, params = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 1e-8, None, kind)
+    optimizer, params = build_optimizer(model, TrainConfig(lr=1e-3, optimizer=kind))
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()

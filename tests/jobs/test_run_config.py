@@ -140,3 +140,14 @@ def test_reference_lists_every_key_and_is_up_to_date():
         "docs/configuration.md is out of date; regenerate it with: python -c 'import "
         'lorakit.jobs.run_config as s; print(s.config_reference(), end="")\' > docs/configuration.md'
     )
+
+
+def test_a_resume_must_match_every_section_but_train_eval_and_output_dir():
+    run = RunConfig()
+    settings = run.resume_settings()
+    assert set(settings) == {"run.method", "run.model", "run.lora", "run.data"}
+    eval_section = run.eval.model_copy(update={"exact_match": True})
+    other = run.model_copy(update={"output_dir": "elsewhere", "eval": eval_section})
+    assert other.resume_settings() == settings
+    lora = run.model_copy(update={"lora": run.lora.model_copy(update={"r": run.lora.r + 1})})
+    assert lora.resume_settings()["run.lora"]["r"] == run.lora.r + 1

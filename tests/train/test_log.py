@@ -9,14 +9,15 @@ import json
 import pytest
 from test_loop import lora_model, make_batches, quick
 
-from lorakit.train import train
+from lorakit.train import TrainConfig, train
 from lorakit.train.log import LEGEND, RunLog, _clock
 
 
 def test_eta_is_the_mean_step_time_times_the_steps_left(tmp_path, monkeypatch):
     clock = {"now": 100.0}
     monkeypatch.setattr("lorakit.train.log.time.perf_counter", lambda: clock["now"])
-    log = RunLog(tmp_path, total_steps=10, start_step=2, progress="none", tensorboard=False)
+    config = TrainConfig(progress="none", tensorboard=False)
+    log = RunLog(tmp_path, config, total_steps=10, start_step=2)
     assert log.eta(2) is None  # nothing measured yet
     clock["now"] += 90.0  # 3 steps (3..5) took 90 s: 30 s a step, 5 steps left
     assert log.eta(5) == pytest.approx(150.0)

@@ -14,7 +14,7 @@ import lorakit
 from conftest import make_tiny_llama
 from lorakit.errors import ConfigError
 from lorakit.jobs.run_config import validate_run_config
-from lorakit.train import AdamW8bit, train
+from lorakit.train import AdamW8bit, TrainConfig, train
 from lorakit.train.checkpoint import latest_checkpoint, optimizer_from_flat, optimizer_to_flat
 from lorakit.train.optim import build_optimizer, state_bytes
 
@@ -84,7 +84,7 @@ def test_state_memory_is_at_most_0_3_of_fp32_adamw():
     model = lorakit.get_peft_model(base, config)
     used = {}
     for kind in ("adamw", "adamw_8bit"):
-        optimizer, params = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 1e-8, None, kind)
+        optimizer, params = build_optimizer(model, TrainConfig(lr=1e-3, optimizer=kind))
         for p in params:
             p.grad = torch.ones_like(p)
         optimizer.step()

@@ -20,6 +20,7 @@ from lorakit.data.pipeline import (
 )
 from lorakit.lora.model import LoraModel
 from lorakit.models import load_model, load_tokenizer
+from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import eval_loss, greedy_answers
 from lorakit.train.plan import eval_batches
 from lorakit.train.runtime import autocast, resolve_device
@@ -86,7 +87,7 @@ def evaluate_models(
             model.set_adapter(name)
         with _maybe_disabled(model, name is None):
             row: dict[str, Any] = {"model": "base" if name is None else f"base + {name}"}
-            row.update(eval_loss(model, batches, dev, precision))
+            row.update(eval_loss(model, batches, dev, TrainConfig(precision=precision)))
             if exact_match:
                 row.update(score_answers(model, tokenizer, data, max_new_tokens, dev, precision))
         rows.append(row)

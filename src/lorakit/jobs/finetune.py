@@ -18,8 +18,9 @@ from lorakit.lora import inits
 from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.models import RAW_TEMPLATE
 from lorakit.train.checkpoint import find_resume
-from lorakit.train.loop import TrainResult, train
+from lorakit.train.loop import train
 from lorakit.train.runtime import is_main_process, resolve_device, seed_everything
+from lorakit.train.setup import TrainResult
 
 
 def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn.Module, Any]:
@@ -76,6 +77,7 @@ def run_training(
     result = train(
         model, tokenizer, train_set, eval_set, run.train, output_dir,
         resume=resume, force=force, run_config=run.model_dump(mode="json"),
+        resume_settings=run.resume_settings(),
     )  # fmt: skip
     if initial is not None:
         with initial:

@@ -23,7 +23,7 @@ from lorakit.errors import ConfigError, DataError, LorakitError, closest
 from lorakit.lora import inits
 from lorakit.lora.config import LoraConfig
 from lorakit.models import ModelConfig
-from lorakit.train.loop import TrainConfig
+from lorakit.train.config import TrainConfig
 
 
 class LoraSection(BaseModel):
@@ -107,6 +107,11 @@ class EvalSection(BaseModel):
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per exact-match answer.")
 
 
+# Sections that do not change the result: train's fields are compared one by one by the loop
+# (with its own exceptions); eval and output_dir not at all.
+RUN_FREE = {"train", "eval", "output_dir"}
+
+
 class RunConfig(BaseModel):
     """A whole run: `lorakit train CONFIG.yaml` validates and runs this."""
 
@@ -123,6 +128,11 @@ class RunConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalSection = Field(default_factory=EvalSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The sections a resumed run must share with its checkpoint, beside train's fields."""
+        run = self.model_dump(mode="json")
+        return {f"run.{k}": v for k, v in run.items() if k not in RUN_FREE}
 
     def eval_data_config(self) -> DataConfig | None:
         """The DataConfig of the eval set, or None when the run has none."""

@@ -429,6 +429,7 @@ def evaluate_baseline(sweep: Sweep, show: Callable[[str], None]) -> dict[str, An
     """The untrained base model's eval loss, exact match and answers (once; kept on disk)."""
     from lorakit.data.pipeline import build_dataset
     from lorakit.jobs.evaluation import load_with_adapters
+    from lorakit.train.config import TrainConfig
     from lorakit.train.evaluate import eval_loss
     from lorakit.train.plan import eval_batches
     from lorakit.train.runtime import resolve_device
@@ -446,7 +447,8 @@ def evaluate_baseline(sweep: Sweep, show: Callable[[str], None]) -> dict[str, An
     if eval_config is not None:
         data = build_dataset(eval_config, tokenizer)
         batches = eval_batches(data, run.train.batch_size)
-        scores = eval_loss(model, batches, device, "fp32", max_batches=run.train.eval_max_batches)
+        settings = TrainConfig(precision="fp32", eval_max_batches=run.train.eval_max_batches)
+        scores = eval_loss(model, batches, device, settings)
         out["best_eval_loss"] = out["final_eval_loss"] = scores.get("eval_loss")
         out["final_perplexity"] = scores.get("perplexity")
         if run.eval.exact_match:

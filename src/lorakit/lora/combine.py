@@ -45,6 +45,7 @@ SIGN_METHODS = ("total", "frequency")
 def combine_adapters(
     peft_config: dict[str, LoraConfig],
     layers: list[tuple[str, LoraLinear]],
+    *,
     adapters: list[str],
     weights: list[float],
     adapter_name: str,

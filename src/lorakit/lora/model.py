@@ -372,8 +372,9 @@ class LoraModel(PeftSurface, HFFace):
                 )
         layers = list(self.lora_layers())
         config = combine_adapters(
-            self.peft_config, layers, adapters, weights, adapter_name, combination_type,
-            svd_rank, density, majority_sign_method,
+            self.peft_config, layers, adapters=adapters, weights=weights, adapter_name=adapter_name,
+            combination_type=combination_type, svd_rank=svd_rank, density=density,
+            majority_sign_method=majority_sign_method,
         )  # fmt: skip
         mark_trainable(self.base_model.model, self.active_adapters, config.bias)
         self.peft_config[adapter_name] = config

@@ -1,12 +1,13 @@
-"""Training: the loop (`loop.train`, one function read top to bottom) and what it stands on.
+"""Training: the loop (`loop.train`, read top to bottom) and what it stands on.
 
-`config` holds the loop's typed settings, `plan` the rows each rank takes each step,
-`optim` AdamW / LoRA+ and the schedules (peft's `create_loraplus_optimizer` is lora.compat's),
-`optim8bit` AdamW with 8-bit moments (bitsandbytes;
-`AdamW8bit` is imported on first use), `checkpoint` checkpoints and exact resume, `rundir`
-atomic folders and what a new run refuses to write over, `log` metrics and progress, `runtime`
-seeds, torchrun, precision, the allocator and stop signals,
-`evaluate` loss / perplexity / exact match / samples, `plots` the run's figures.
+`setup` is everything a run needs before its first step (the `Run` the loop carries), `config`
+holds the loop's typed settings, `plan` the rows each rank takes each step, `optim` AdamW / LoRA+
+and the schedules (peft's `create_loraplus_optimizer` is lora.compat's), `optim8bit` AdamW with
+8-bit moments (bitsandbytes; `AdamW8bit` is imported on first use), `checkpoint` checkpoints and
+exact resume, `rundir` atomic folders and what a new run refuses to write over, `log` metrics and
+progress, `runtime` seeds, torchrun, precision, the allocator and stop signals, `fsdp` sharding
+the base under torchrun, `threads` fewer CPU threads while other work is busy, `evaluate` loss /
+perplexity / exact match / samples, `plots` the run's figures.
 """
 
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 from lorakit.lora.compat.loraplus import create_loraplus_optimizer
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import eval_loss, generate_samples
-from lorakit.train.loop import NonFiniteError, TrainResult, train
+from lorakit.train.loop import NonFiniteError, train
+from lorakit.train.setup import TrainResult
 
 
 def __getattr__(name: str) -> Any:

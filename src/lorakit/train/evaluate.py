@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.ops import causal_lm_loss
+from lorakit.train.config import TrainConfig
 
 
 @contextlib.contextmanager
@@ -41,14 +42,17 @@ def eval_loss(
     model: nn.Module,
     batches: Iterable[dict[str, Any]],
     device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    chunk_size: int = 1024,
-    max_batches: int | None = None,
+    config: TrainConfig | None = None,
 ) -> dict[str, float]:
-    """{'eval_loss', 'perplexity', 'eval_tokens'} over the supervised tokens of `batches`."""
-    from lorakit.train.runtime import autocast
+    """{'eval_loss', 'perplexity', 'eval_tokens'} over the supervised tokens of `batches`, at
+    config.precision, config.loss_chunk_size and at most config.eval_max_batches batches
+    (no config: fp32, every batch)."""
+    from lorakit.train.runtime import autocast, resolve_precision
 
+    config = config or TrainConfig(precision="fp32")
     device = torch.device(device)
+    precision = resolve_precision(config.precision, device)
+    chunk_size, max_batches = config.loss_chunk_size, config.eval_max_batches
     total, tokens = 0.0, 0
     with eval_mode(model):
         for i, batch in enumerate(batches):

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorakit.train.config import TrainConfig
+
 LEGEND = (
     "tok/s: input tokens of the step (prompts and responses; padding not counted, except a "
     "packed row's tail) per second; "
@@ -37,15 +39,19 @@ class RunLog:
     """Appends metric rows to metrics.jsonl and TensorBoard, and shows progress."""
 
     def __init__(
-        self, output_dir: Path, total_steps: int, start_step: int, progress: str, tensorboard: bool
+        self, output_dir: Path, config: TrainConfig, *, total_steps: int, start_step: int
     ) -> None:
+        """Rows after `start_step` (left by an interrupted run) are dropped; config.progress and
+        config.tensorboard say how the run is shown."""
         self.path = output_dir / "metrics.jsonl"
         self.rows = read_metrics(self.path, up_to_step=start_step)
         with open(self.path, "w", encoding="utf-8") as f:  # drop rows after the checkpoint
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
         self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()
-        self.writer = _tensorboard_writer(output_dir / "tensorboard") if tensorboard else None
-        mode = progress
+        self.writer = None
+        if config.tensorboard:
+            self.writer = _tensorboard_writer(output_dir / "tensorboard")
+        mode = config.progress
         if mode == "auto":
             mode = "rich" if sys.stderr.isatty() else "plain"
         self.mode, self.bar, self.task = mode, None, None

@@ -19,24 +19,22 @@ import torch
 from torch import nn
 
 from lorakit.lora.compat.loraplus import loraplus_roles
+from lorakit.train.config import TrainConfig
 
 
 def build_optimizer(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    lora_b_lr: float | None = None,
-    optimizer: str = "adamw",
+    model: nn.Module, config: TrainConfig
 ) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
-    """AdamW over the trainable parameters; returns it and the parameters in a fixed order.
-    `optimizer`: 'adamw' (torch's, fp32 moments) or 'adamw_8bit' (`optim8bit.AdamW8bit`).
+    """AdamW over the trainable parameters, as `config` says (lr, weight_decay, betas, eps,
+    lora_b_lr, optimizer); returns it and the parameters in a fixed order. config.optimizer:
+    'adamw' (torch's, fp32 moments) or 'adamw_8bit' (`optim8bit.AdamW8bit`).
 
     Groups: decayed matrices, undecayed vectors (biases, norms), and, when `lora_b_lr` is set
     (LoRA+), the same two for the parameters LoRA+ puts at `lora_b_lr`: lora_B matrices and every
     1-D tensor (`lora.compat.loraplus.loraplus_roles`, the rule peft's LoRA+ uses).
     """
+    lr, weight_decay, lora_b_lr = config.lr, config.weight_decay, config.lora_b_lr
+    betas, eps, optimizer = config.betas, config.eps, config.optimizer
     decay, no_decay, b_decay, b_no_decay = [], [], [], []
     for _, p, role in loraplus_roles(model):
         at_b_lr = lora_b_lr is not None and role == "B"

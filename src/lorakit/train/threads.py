@@ -99,6 +99,16 @@ class ThreadGovernor:
         self._set(want)
         return want, others
 
+    def note(self, threads: int, others: float) -> str:
+        """The line a run shows when `update` switched to `threads`."""
+        if threads < self.full:
+            return (
+                f"other work is using {others:.1f} of this process's CPUs: training on {threads} "
+                f"thread(s) instead of {self.full} until it stops ({FIXED_THREADS_ENV}=1 keeps "
+                f"{self.full})"
+            )
+        return f"the CPUs are free again: training on {threads} threads"
+
     def restore(self) -> None:
         """Back to the count the run started with."""
         if self.threads != self.full:

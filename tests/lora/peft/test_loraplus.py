@@ -11,6 +11,7 @@ from torch import nn
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.lora.compat.loraplus import loraplus_roles
+from lorakit.train.config import TrainConfig
 from lorakit.train.optim import build_optimizer
 
 
@@ -38,7 +39,7 @@ def test_roles():
 
 
 def test_lorakit_optimizer_puts_b_and_vectors_at_lora_b_lr():
-    optimizer, params = build_optimizer(_model(), 1e-3, 0.1, (0.9, 0.999), 1e-8, lora_b_lr=1e-2)
+    optimizer, params = build_optimizer(_model(), TrainConfig(lr=1e-3, weight_decay=0.1, lora_b_lr=1e-2))
     shape = [(g["lr"], g["weight_decay"], [tuple(p.shape) for p in g["params"]])
              for g in optimizer.param_groups]  # fmt: skip
     assert shape == [
@@ -52,6 +53,6 @@ def test_lorakit_optimizer_puts_b_and_vectors_at_lora_b_lr():
 def test_no_trainable_parameters_is_a_config_error_in_both():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
-        build_optimizer(frozen, 1e-3, 0.0, (0.9, 0.999), 1e-8)
+        build_optimizer(frozen, TrainConfig(lr=1e-3))
     with pytest.raises(ConfigError, match="no trainable parameters"):
         lorakit.create_loraplus_optimizer(frozen, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=4)
