@@ -10,7 +10,6 @@ touching it, and never unpickles.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.files import apply_umask, staging_dir
+from lorakit.files import apply_umask, atomic_dir
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
@@ -86,7 +85,10 @@ def save_adapter(
     chat_template: str | None = None,
     convert_from: str | Path | None = None,
 ) -> Path:
-    """Write one adapter atomically: a staging directory renamed into place when complete.
+    """Write one adapter atomically (`files.atomic_dir`): the whole folder is staged, fsynced
+    and renamed into place, so `directory` holds the old adapter or the new one, never a mix.
+    Other files already in the folder (a README the user wrote, other adapters' subfolders) are
+    carried into the new one; a chat template left from an earlier save is not.
 
     `convert_from`: the adapter saved right after a PiSSA / OLoRA initialisation; the adapter is
     then written as the equivalent plain LoRA for the original base (`inits.converted_to_lora`),
@@ -104,9 +106,8 @@ def save_adapter(
         raise AdapterError(
             f"refusing to save adapter `{adapter_name}`: non-finite values in {bad[0]}"
         )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(directory.parent, f".{directory.name}.tmp-")
-    try:
+    # a template from an earlier save would not belong to this adapter
+    with atomic_dir(directory, keep=lambda name: name != CHAT_TEMPLATE_NAME) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(staging)
         if not (directory / CARD_NAME).exists():  # a card the user wrote is kept
@@ -114,14 +115,6 @@ def save_adapter(
         if chat_template:
             (staging / CHAT_TEMPLATE_NAME).write_text(chat_template)
         apply_umask(staging)
-        _fsync_dir(staging)
-        if directory.exists():
-            _replace_dir(staging, directory)
-        else:
-            os.replace(staging, directory)
-    finally:
-        if staging.exists():
-            _remove_tree(staging)
     return directory
 
 
@@ -140,27 +133,6 @@ def model_card(model: nn.Module, config: LoraConfig) -> str:
         "Written by lorakit in peft's format: load it with `PeftModel.from_pretrained(base, "
         "folder)` from lorakit or from peft.\n"
     )
-
-
-def _replace_dir(staging: Path, directory: Path) -> None:
-    """Swap a complete staging dir in; files of `directory` not written by us are kept."""
-    stale = directory / CHAT_TEMPLATE_NAME
-    if stale.exists() and not (staging / CHAT_TEMPLATE_NAME).exists():
-        stale.unlink()  # a template left from an earlier save would not belong to this adapter
-    for item in staging.iterdir():
-        os.replace(item, directory / item.name)
-
-
-def _fsync_dir(directory: Path) -> None:
-    for item in directory.iterdir():
-        with open(item, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-def _remove_tree(path: Path) -> None:
-    for item in path.iterdir():
-        item.unlink()
-    path.rmdir()
 
 
 # ----------------------------------------------------------------- reading

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
 from lorakit.errors import ConfigError, DataError, LorakitError
+from lorakit.files import write_json
 from lorakit.ops import causal_lm_loss, supervised_targets, unwrap_causal_lm
 from lorakit.train.checkpoint import (
     find_resume,
@@ -47,7 +48,7 @@ from lorakit.train.log import RunLog, read_metrics
 from lorakit.train.optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches, sample_ids
 from lorakit.train.plots import plot_run
-from lorakit.train.rundir import clean_leftovers, storage_error, write_json, write_status
+from lorakit.train.rundir import clean_leftovers, storage_error, write_status
 from lorakit.train.runtime import (
     Dist,
     all_reduce_grads,
