@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -133,7 +134,7 @@ def test_writing_the_working_directory_stays_in_it(tmp_path, monkeypatch):
     write(tmp_path / "out", "old")
     monkeypatch.chdir(tmp_path / "out")
     write(".", "new")
-    assert open("file").read() == "new" and names(tmp_path) == ["out"]
+    assert Path("file").read_text() == "new" and names(tmp_path) == ["out"]
 
 
 def test_write_json_replaces_the_file_whole(tmp_path):
