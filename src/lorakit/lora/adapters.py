@@ -288,8 +288,9 @@ def normalise_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> AdapterCheck:
     """Raise `AdapterError` unless the adapter fits `model` exactly: keys and shapes (values and
-    dtypes were checked by `read_adapter`). Warns about entries of `target_modules` the base
-    does not have."""
+    dtypes were checked by `read_adapter`). The error lists every missing, unexpected or
+    mis-shaped tensor, one line each. Warns about entries of `target_modules` the base does not
+    have."""
     files = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter)
     where = files.directory / WEIGHTS_NAME
     base = model.get_base_model() if hasattr(model, "peft_config") else model
@@ -300,19 +301,22 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
             f"{files.directory}: the adapter does not fit this base: {error}"
         ) from None
     tensors = normalise_keys(files.tensors)
-    check.base_copies = _base_copies(base, check, tensors, where)
+    problems: list[str] = []
+    check.base_copies = _base_copies(base, check, tensors, where, problems)
     for key, shape in check.expected.items():
         if key not in tensors:
-            raise AdapterError(
-                f"{where}: missing key {key} (expected shape {list(shape)}); the file is "
-                "incomplete or was saved for another model"
-            )
-        _check_shape(where, key, tensors[key], shape)
+            problems.append(f"missing key {key} (expected shape {list(shape)})")
+        else:
+            problems += _shape_problem(key, tensors[key], shape)
     unexpected = sorted(set(tensors) - set(check.expected) - set(_base_copy_keys(check)))
-    if unexpected:
+    problems += [f"unexpected key {key}: the base has no such module" for key in unexpected]
+    if problems:
         raise AdapterError(
-            f"{where}: unexpected key {unexpected[0]} ({len(unexpected)} in all): the base has no "
-            "such module for this adapter config (another base model, or a config/weights mismatch)"
+            f"{where}: the adapter does not fit this base ({len(problems)} "
+            f"{'tensor' if len(problems) == 1 else 'tensors'}):\n"
+            + "".join(f"  {line}\n" for line in problems)
+            + "it was saved for another base model or rank, the file is incomplete, or its "
+            "config and weights disagree"
         )
     missing = unmatched_targets(base, files.config)
     if missing:
@@ -324,13 +328,12 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
     return check
 
 
-def _check_shape(where: Path, key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+def _shape_problem(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> list[str]:
+    """The line saying `key` has the wrong shape, or nothing."""
     got = tuple(tensor.shape)
-    if got != shape:
-        raise AdapterError(
-            f"{where}: {key} has shape {list(got)} but this base needs {list(shape)}; "
-            "the adapter was trained for another base model or rank"
-        )
+    if got == shape:
+        return []
+    return [f"{key} has shape {list(got)} but this base needs {list(shape)}"]
 
 
 def _check_values(where: Path, key: str, tensor: torch.Tensor) -> None:
@@ -373,10 +376,15 @@ def _base_copy_keys(check: AdapterCheck) -> list[str]:
 
 
 def _base_copies(
-    model: nn.Module, check: AdapterCheck, tensors: dict[str, torch.Tensor], where: Path
+    model: nn.Module,
+    check: AdapterCheck,
+    tensors: dict[str, torch.Tensor],
+    where: Path,
+    problems: list[str],
 ) -> list[str]:
     """The target base weights the file carries whole (peft saves embeddings it adapts this way:
-    `<path>.base_layer.weight`), checked for shape; returns those that differ from the base's."""
+    `<path>.base_layer.weight`); returns those that differ from the base's, and adds those of
+    the wrong shape to `problems`."""
     differ = []
     modules = dict(model.named_modules())
     for name, key in zip(check.target_names, _base_copy_keys(check), strict=True):
@@ -390,8 +398,9 @@ def _base_copies(
                 f"{where}: {key} is a whole copy of {name}'s weight, but this base stores that "
                 "weight quantized; load the base without quantization"
             )
-        _check_shape(where, key, tensors[key], tuple(weight.shape))
-        if not torch.equal(tensors[key].to(weight.dtype), weight.detach()):
+        wrong_shape = _shape_problem(key, tensors[key], tuple(weight.shape))
+        problems += wrong_shape
+        if not wrong_shape and not torch.equal(tensors[key].to(weight.dtype), weight.detach()):
             differ.append(key)
     return differ
 
