@@ -152,7 +152,7 @@ def encode_chat(
 def fit_to_context(
     model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: SamplingParams
 ) -> SamplingParams:
-    """`sampling` with max_new_tokens cut to the room the prompt leaves in the model's context;
+    """`sampling` with max_tokens cut to the room the prompt leaves in the model's context;
     a prompt that fills the context on its own is refused."""
     from lorakit.models import context_length
 
