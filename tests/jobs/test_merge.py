@@ -154,6 +154,25 @@ def test_an_unwritable_output_is_a_clear_error(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("lorakit.jobs.merge.tempfile.mkdtemp", read_only)
+    monkeypatch.setattr("lorakit.jobs.merge.staging_dir", read_only)
     with pytest.raises(ConfigError, match=r"cannot write OUT .*out: Read-only file system in"):
         merge_and_export("no-such-base", tmp_path / "adapter", tmp_path / "out")
+
+
+def test_overwriting_swaps_the_folders_so_out_never_goes_missing(tmp_path, monkeypatch):
+    from lorakit import files
+    from lorakit.jobs.merge import save_folder
+
+    base = save_tiny(tmp_path / "base", "llama")
+    out = tmp_path / "out"
+    (out / "old").mkdir(parents=True)
+    (out / "old" / "config.json").write_text("{}")
+    seen = []
+    real_rmtree = files.shutil.rmtree
+    monkeypatch.setattr(
+        files.shutil, "rmtree", lambda p, **kw: seen.append(out.is_dir()) or real_rmtree(p, **kw)
+    )
+    save_folder(load_model(str(base)), load_tokenizer(str(base)), None, out)
+    assert seen and all(seen)  # the old folder is removed only once the new one is in place
+    assert (out / "config.json").is_file() and not (out / "old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]

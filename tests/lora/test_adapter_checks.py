@@ -286,3 +286,22 @@ def test_fuzzed_config_values_load_or_give_lorakit_errors(good, tmp_path_factory
     out = logits(model)
     assert torch.isfinite(out).all()
     assert all(math.isfinite(s) for _, layer in model.lora_layers() for s in layer.scaling.values())
+
+
+def test_every_missing_unexpected_or_mis_shaped_tensor_is_listed_in_one_error(adapter):
+    """As mlx-lm's loader does: one error, one line per tensor, not only the first."""
+    edit_config(adapter, r=8)  # the file holds rank 4: every A and B has the wrong shape
+    gone = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    extra = "base_model.model.model.extra.lora_A.weight"
+    edit_tensors(adapter, lambda t: t.update({extra: t.pop(gone)}))
+    with pytest.raises(AdapterError) as error:
+        LoraModel.from_pretrained(make_tiny_llama(), adapter)
+    first, *lines, hint = str(error.value).splitlines()
+    layers = len(make_tiny_llama().model.layers)
+    assert len(lines) == 2 * 2 * layers + 1  # A and B of q_proj and v_proj, and the extra key
+    assert first.endswith(f"does not fit this base ({len(lines)} tensors):")
+    assert f"  missing key {gone} (expected shape [32, 8])" in lines
+    assert f"  unexpected key {extra}: the base has no such module" in lines
+    shapes = [line for line in lines if "has shape [4, 32] but this base needs [8, 32]" in line]
+    assert len(shapes) == 2 * layers  # every lora_A, on every layer
+    assert "another base model or rank" in hint

@@ -111,6 +111,26 @@ def test_chat_template_is_saved_and_loaded(tmp_path):
     assert loaded.chat_template == ours.chat_template
 
 
+def test_saving_again_replaces_the_adapter_whole_and_keeps_the_user_s_files(tmp_path, monkeypatch):
+    ours = get_peft_model(make_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    ours.chat_template = "{{ messages }}"
+    ours.save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    first = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    randomise(ours)
+    ours.chat_template = None
+    monkeypatch.setattr(lorakit.lora.adapters, "apply_umask", lambda d: 1 / 0)  # fails mid-save
+    with pytest.raises(ZeroDivisionError):
+        ours.save_pretrained(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary left
+    monkeypatch.undo()
+    ours.save_pretrained(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() != first
+    assert (tmp_path / "a" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "a" / "chat_template.jinja").exists()  # not this adapter's template
+
+
 # ------------------------------------------------------------------ strict validation
 
 

@@ -32,6 +32,37 @@ def test_chat_template_and_plain_fallback():
     assert prompt_template_of(_NoTemplate()) == models.PLAIN_TEMPLATE
 
 
+def word_tokenizer(chat_template=None):
+    """A whitespace word-level tokenizer that knows the words of PLAIN_TEMPLATE's headings."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as token_models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>", "###", "Instruction:", "Response:", "<|user|>", "<|bot|>", "hi"]
+    core = Tokenizer(token_models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = chat_template
+    return tok
+
+
+CHAT = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}<|bot|>"
+
+
+def test_prompt_ids_use_the_template_given_else_the_tokenizer_s_else_the_plain_format():
+    from lorakit.models.templates import prompt_ids
+
+    messages = [{"role": "user", "content": "hi"}]
+    tok = word_tokenizer(CHAT.replace("bot", "user"))
+    assert tok.decode(prompt_ids(tok, messages, CHAT)) == "<|user|> hi <|bot|>"
+    tokenized = tok.apply_chat_template(messages, chat_template=CHAT, add_generation_prompt=True)
+    assert prompt_ids(tok, messages, CHAT) == tokenized["input_ids"]
+    assert tok.decode(prompt_ids(tok, messages)) == "<|user|> hi <|user|>"  # the tokenizer's
+    plain = word_tokenizer()  # no chat template: the format lorakit trains such a model in
+    assert plain.decode(prompt_ids(plain, messages)) == "### Instruction: hi ### Response:"
+    assert prompt_ids(plain, messages) == prompt_ids(plain, messages, models.PLAIN_TEMPLATE)
+
+
 def test_local_folder_roundtrip(tmp_path):
     model = make_tiny_llama()
     model.save_pretrained(tmp_path)

@@ -320,6 +320,27 @@ def test_chat_uses_the_adapters_own_template(server):
     client.post("/v1/unload_lora_adapter", json={"lora_name": "templated"})
 
 
+def test_chat_with_no_template_anywhere_uses_the_plain_format(server):
+    """A base without a chat template (and an adapter without one) is prompted in lorakit's
+    plain format, the one it trains such a model in, as generate and eval do."""
+    from lorakit.models import PLAIN_TEMPLATE as LORAKIT_PLAIN
+    from lorakit.models.templates import prompt_ids
+
+    client, state = server
+    messages = [{"role": "user", "content": "hi"}]
+    saved = state.host.chat_template
+    state.host.chat_template = state.tokenizer.chat_template = None
+    try:
+        answer = client.post(
+            "/v1/chat/completions", json={"model": "a", "messages": messages, "max_tokens": 2}
+        )
+    finally:
+        state.host.chat_template = state.tokenizer.chat_template = saved
+    assert answer.status_code == 200, answer.text
+    plain = prompt_ids(make_tokenizer(), messages, LORAKIT_PLAIN)
+    assert answer.json()["usage"]["prompt_tokens"] == len(plain) > len("hi")
+
+
 def test_stream_ends_with_done(server):
     client, _ = server
     body = {"model": "a", "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True}

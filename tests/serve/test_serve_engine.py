@@ -56,6 +56,41 @@ def test_sample_token_filters():
     assert len(set(draws)) > 1
 
 
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("max_tokens", 0, ">= 1"),
+        ("temperature", -1.0, ">= 0"),
+        ("temperature", float("nan"), ">= 0"),
+        ("top_p", 0.0, r"in \(0, 1\]"),
+        ("top_p", 1.5, r"in \(0, 1\]"),
+        ("top_k", -1, ">= 0"),
+        ("repetition_penalty", 0.0, "> 0"),
+    ],
+)
+def test_sampling_settings_out_of_range_name_the_field(field, value, says):
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{field}={value}: expected {says}"):
+        SamplingParams(**{"max_tokens": 4, field: value})
+
+
+def test_sampling_settings_as_generate_keywords():
+    greedy = SamplingParams(max_tokens=4, temperature=0, top_k=5, repetition_penalty=1.1)
+    assert greedy.generate_kwargs() == dict(
+        max_new_tokens=4, repetition_penalty=1.1, do_sample=False
+    )
+    sampled = SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20)
+    assert sampled.generate_kwargs() == dict(
+        max_new_tokens=4,
+        repetition_penalty=1.0,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=20,
+    )
+
+
 def test_batch_greedy_tokens_and_finite_rows():
     logits = torch.tensor(
         [

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from lorakit.files import atomic_dir
 from lorakit.train.checkpoint import (
     MARKER,
     latest_checkpoint,
@@ -23,7 +24,6 @@ from lorakit.train.checkpoint import (
     set_rng_state,
 )
 from lorakit.train.optim import lr_factor, warmup_steps
-from lorakit.train.rundir import atomic_dir
 from lorakit.train.runtime import WAIT_POLICY, find_tcmalloc, startup_env, tcmalloc_loaded
 
 

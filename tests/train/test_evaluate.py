@@ -1,4 +1,4 @@
-"""Evaluation: token-weighted loss and perplexity, exact match, greedy samples, plots."""
+"""Evaluation: token-weighted loss and perplexity, greedy samples, plots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lorakit.train.evaluate import eval_loss, exact_match, generate_samples, greedy_answers
+from lorakit.train.evaluate import eval_loss, generate_samples, greedy_answers
 from lorakit.train.plots import plot_run
 
 
@@ -46,14 +46,6 @@ def test_eval_loss_refuses_fully_masked_data(tiny_llama):
     ids = torch.randint(0, 128, (1, 6))
     with pytest.raises(ValueError, match="no supervised tokens"):
         eval_loss(tiny_llama, [{"input_ids": ids, "labels": torch.full_like(ids, -100)}])
-
-
-def test_exact_match():
-    assert exact_match(["4 ", "x"], ["4", "y"]) == 0.5
-    assert exact_match(["Paris.", "The answer"], ["paris", "answer"]) == 0.5  # normalised
-    assert exact_match(["A"], ["a"], scorer=lambda p, r: float(p.lower() == r.lower())) == 1.0
-    with pytest.raises(ValueError):
-        exact_match(["a"], [])
 
 
 def test_generate_samples_greedy_and_deterministic(tiny_llama):

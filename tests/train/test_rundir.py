@@ -1,5 +1,5 @@
-"""The run directory: atomic replacement, leftovers of killed writers, what a fresh run refuses,
-write failures named."""
+"""The run directory: leftovers of killed writers, the run's status, what a fresh run refuses,
+write failures named. (Atomic replacement itself: tests/test_files.py.)"""
 
 from __future__ import annotations
 
@@ -9,58 +9,60 @@ import os
 import pytest
 from safetensors import SafetensorError
 
+from lorakit import files
 from lorakit.errors import ConfigError, DataError
-from lorakit.train import rundir
-from lorakit.train.rundir import atomic_dir, check_fresh_dir, clean_leftovers, storage_error
+from lorakit.files import TEMPORARY_PREFIX, temporary_name
+from lorakit.train.rundir import (
+    check_fresh_dir,
+    clean_leftovers,
+    read_status,
+    storage_error,
+    write_status,
+)
 
 DEAD = 2**30  # above Linux's largest pid: no process has it
 
 
-def write(folder, text):
-    with atomic_dir(folder) as staging:
-        (staging / "file").write_text(text)
-
-
-@pytest.mark.parametrize("exchange", [True, False])
-def test_replacing_a_folder_leaves_only_the_new_one(tmp_path, monkeypatch, exchange):
-    if not exchange:  # a file system without RENAME_EXCHANGE: two renames
-        monkeypatch.setattr(rundir, "_exchange", lambda a, b: False)
-    write(tmp_path / "best", "old")
-    write(tmp_path / "best", "new")
-    assert (tmp_path / "best" / "file").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
-
-
-def test_a_failed_second_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(rundir, "_exchange", lambda a, b: False)
-    write(tmp_path / "best", "old")
-    real_rename, calls = os.rename, []
-
-    def rename(a, b):
-        calls.append(a)
-        if len(calls) == 2:  # staging -> best
-            raise OSError(errno.EIO, "I/O error")
-        real_rename(a, b)
-
-    monkeypatch.setattr(rundir.os, "rename", rename)
-    with pytest.raises(OSError, match="I/O error"):
-        write(tmp_path / "best", "new")
-    assert (tmp_path / "best" / "file").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
-
-
 def test_leftovers_of_dead_writers_are_cleaned_and_a_lost_folder_restored(tmp_path):
+    # names of today's writers, and of older lorakit versions (.tmp-/.old-<name>-<pid>)
+    dead_old = temporary_name("last", old=True).replace(str(os.getpid()), str(DEAD), 1)
+    dead_new = temporary_name("final").replace(str(os.getpid()), str(DEAD), 1)
+    mine = temporary_name("final")
     for name in (f".old-best-{DEAD}", f".tmp-best-{DEAD}", f".tmp-final-{DEAD}", "final",
-                 f".old-final-{DEAD}", f".tmp-final-{os.getpid()}"):  # fmt: skip
+                 f".old-final-{DEAD}", mine, dead_old, dead_new):  # fmt: skip
         (tmp_path / name).mkdir()
         (tmp_path / name / "file").write_text(name)
     done = clean_leftovers(tmp_path)
-    assert len(done) == 4 and done[0].startswith("restored")
-    # the killed writer's old best/ is back; our own staging folder is left alone
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-final-{os.getpid()}", "best",
-                                                           "final"]  # fmt: skip
+    assert len(done) == 6 and sum(line.startswith("restored") for line in done) == 2
+    # the killed writers' old best/ and last/ are back; our own staging folder is left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine, "best", "final", "last"]
     assert (tmp_path / "best" / "file").read_text() == f".old-best-{DEAD}"
+    assert (tmp_path / "last" / "file").read_text() == dead_old
     assert (tmp_path / "final" / "file").read_text() == "final"
+
+
+def test_temporary_files_of_dead_writers_are_removed_too(tmp_path):
+    # what a run stopped by a full disk while writing status.json or a JSON file leaves
+    live = tmp_path / temporary_name("config.json")
+    dead = [f".status.json.{DEAD}", f"{TEMPORARY_PREFIX}{DEAD}-0123abcd-status.json"]
+    for name in (*dead, live.name, "notes.txt", ".hidden"):
+        (tmp_path / name).write_text("{")
+    done = clean_leftovers(tmp_path)
+    assert len(done) == 2 and all(line.startswith("removed") for line in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "notes.txt", ".hidden"])
+
+
+def test_an_interrupted_status_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    write_status(tmp_path, "running", step=0)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", full)
+    with pytest.raises(OSError, match="No space"):
+        write_status(tmp_path, "finished", step=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+    assert read_status(tmp_path)["status"] == "running"
 
 
 @pytest.mark.parametrize("name", ["config.json", "config.yaml", "metrics.jsonl", "final"])

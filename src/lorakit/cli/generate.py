@@ -6,7 +6,9 @@ a token on the built-in model: docs/benchmarks.md)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,6 +20,8 @@ if TYPE_CHECKING:  # torch loads only when a command runs, not for --help or --v
     import torch
     from torch import nn
 
+    from lorakit.serve.decode import SamplingParams
+
 ADAPTER_HELP = "Adapter dir, or name=dir; repeat for several (all applied, or --weights)."
 BaseArg = Annotated[
     str, typer.Argument(metavar="BASE", help="Base model: folder, hub id or built-in alias.")
@@ -28,35 +32,6 @@ MaxNewOpt = Annotated[int, typer.Option(min=1)]
 TemperatureOpt = Annotated[float, typer.Option(help="0: greedy.")]
 TopKOpt = Annotated[int, typer.Option(help="0: off.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling.")]
-
-
-@dataclass
-class Sampling:
-    """Sampling parameters; temperature 0 means greedy decoding."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for transformers' `generate`."""
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ConfigError(
-                f"sampling: temperature={self.temperature} (>= 0), top_p={self.top_p} (0 < p <= 1)"
-                f", top_k={self.top_k} (>= 0): a value is out of range"
-            )
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty={self.repetition_penalty}: expected > 0")
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "repetition_penalty": self.repetition_penalty,
-        }
-        if self.temperature == 0:
-            return {**kwargs, "do_sample": False}
-        return {**kwargs, "do_sample": True, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k}  # fmt: skip
 
 
 def prepare_model(
@@ -137,7 +112,7 @@ class _Streamer:
 
 
 def stream_reply(
-    model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: Sampling, out=None
+    model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: SamplingParams, out=None
 ) -> str:
     """Generate from prompt ids (1, T), streaming the text to `out` (stdout); returns it."""
     import torch
@@ -159,17 +134,15 @@ def stream_reply(
 def encode_chat(
     tokenizer: Any, messages: list[dict[str, str]], template: str | None
 ) -> torch.Tensor:
-    """Prompt ids (1, T) of a conversation ready for the assistant's turn."""
-    if template is None:
-        text = "\n".join(m["content"] for m in messages)
-        return tokenizer(text, return_tensors="pt")["input_ids"]
+    """Prompt ids (1, T) of a conversation ready for the assistant's turn (`prompt_ids`: the
+    template, else the tokenizer's, else the plain format)."""
+    import torch
     from jinja2 import TemplateError
 
+    from lorakit.models.templates import prompt_ids
+
     try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]  # fmt: skip
+        return torch.tensor([prompt_ids(tokenizer, messages, template)])
     except TemplateError as error:
         raise ConfigError(
             f"the chat template failed on this conversation: {error}; fix the template "
@@ -177,8 +150,10 @@ def encode_chat(
         ) from None
 
 
-def fit_to_context(model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: Sampling):
-    """`sampling` with max_new_tokens cut to the room the prompt leaves in the model's context;
+def fit_to_context(
+    model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling: SamplingParams
+) -> SamplingParams:
+    """`sampling` with max_tokens cut to the room the prompt leaves in the model's context;
     a prompt that fills the context on its own is refused."""
     from lorakit.models import context_length
 
@@ -190,73 +165,108 @@ def fit_to_context(model: nn.Module, tokenizer: Any, ids: torch.Tensor, sampling
             f"the prompt is {ids.shape[1]:,} tokens (chat template included); this model's "
             f"context is {limit:,} tokens: shorten the prompt (or the chat template)"
         )
-    return dataclasses.replace(
-        sampling, max_new_tokens=min(sampling.max_new_tokens, limit - ids.shape[1])
+    room = limit - ids.shape[1]
+    return dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, room))
+
+
+@dataclass
+class Session:
+    """What `generate` and `chat` start from: the model with its adapters, its tokenizer and
+    chat template, and the sampling settings."""
+
+    model: nn.Module
+    tokenizer: Any
+    template: str | None
+    sampling: SamplingParams
+
+
+def start_session(
+    base: BaseArg,
+    adapter: AdaptersOpt = None,
+    weights: WeightsOpt = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: float = 1.0,
+    top_k: TopKOpt = 0,
+    repetition_penalty: float = 1.0,
+    seed: SeedOpt = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Session:
+    """The options `generate` and `chat` share, and what they do: the sampling settings checked,
+    the seed set, the model loaded with its adapters (`prepare_model`)."""
+    import torch
+
+    from lorakit.serve.decode import SamplingParams
+
+    sampling = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
     )
+    torch.manual_seed(seed)
+    model, tokenizer, template = prepare_model(base, adapter or [], _floats(weights), dtype, device)
+    return Session(model, tokenizer, template, sampling)
+
+
+def with_session(command: Callable[..., None]) -> Callable[..., None]:
+    """A typer command made of `command(session, **its own parameters)`: it takes BASE and the
+    command's own arguments, --adapter and --weights, the command's own options, then the rest
+    of `start_session`'s options; it starts the session before calling `command`."""
+    shared = list(inspect.signature(start_session, eval_str=True).parameters.values())
+    own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+    arguments = [p for p in own if p.default is inspect.Parameter.empty]
+    own_options = [p for p in own if p.default is not inspect.Parameter.empty]
+    params = [shared[0], *arguments, *shared[1:3], *own_options, *shared[3:]]
+
+    def run(**options: Any) -> None:
+        session = start_session(**{p.name: options.pop(p.name) for p in shared})
+        command(session, **options)
+
+    run.__name__, run.__doc__ = command.__name__, command.__doc__
+    run.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    return run
 
 
 def register_generation(app: typer.Typer) -> None:
     """Add `generate` and `chat` to the app."""
 
     @app.command()
+    @with_session
     def generate(
-        base: BaseArg,
+        session: Session,
         prompt: Annotated[
             str, typer.Argument(metavar="PROMPT", help="The prompt ('-' reads stdin).")
         ],
-        adapter: AdaptersOpt = None,
-        weights: WeightsOpt = None,
         raw: Annotated[bool, typer.Option(help="Plain text prompt, no chat template.")] = False,
-        max_new_tokens: MaxNewOpt = 256,
-        temperature: TemperatureOpt = 0.0,
-        top_p: float = 1.0,
-        top_k: TopKOpt = 0,
-        repetition_penalty: float = 1.0,
-        seed: SeedOpt = 0,
-        dtype: str = "float32",
-        device: str = "cpu",
     ) -> None:
         """Complete one prompt, streaming tokens to the terminal."""
-        import torch
-
-        torch.manual_seed(seed)
-        sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        model, tokenizer, template = prepare_model(
-            base, adapter or [], _floats(weights), dtype, device
-        )
+        model, tokenizer = session.model, session.tokenizer
         text = sys.stdin.read() if prompt == "-" else prompt
-        messages = [{"role": "user", "content": text}]
-        ids = encode_chat(tokenizer, messages, None if raw else template)
-        stream_reply(model, tokenizer, ids, fit_to_context(model, tokenizer, ids, sampling))
+        if raw:  # the text as it is, as /v1/completions takes it
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        else:
+            ids = encode_chat(tokenizer, [{"role": "user", "content": text}], session.template)
+        stream_reply(model, tokenizer, ids, fit_to_context(model, tokenizer, ids, session.sampling))
 
     @app.command()
+    @with_session
     def chat(
-        base: BaseArg,
-        adapter: AdaptersOpt = None,
-        weights: WeightsOpt = None,
+        session: Session,
         system: Annotated[str | None, typer.Option(help="System message.")] = None,
-        max_new_tokens: MaxNewOpt = 256,
-        temperature: TemperatureOpt = 0.0,
-        top_p: float = 1.0,
-        top_k: TopKOpt = 0,
-        repetition_penalty: float = 1.0,
-        seed: SeedOpt = 0,
-        dtype: str = "float32",
-        device: str = "cpu",
     ) -> None:
         """Talk with the model; the conversation is kept (/reset clears it, /exit quits)."""
-        import torch
-
-        torch.manual_seed(seed)
-        sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        model, tokenizer, template = prepare_model(
-            base, adapter or [], _floats(weights), dtype, device
-        )
-        chat_loop(model, tokenizer, template, sampling, system)
+        chat_loop(session.model, session.tokenizer, session.template, session.sampling, system)
 
 
 def chat_loop(
-    model: nn.Module, tokenizer: Any, template: str | None, sampling: Sampling, system: str | None
+    model: nn.Module,
+    tokenizer: Any,
+    template: str | None,
+    sampling: SamplingParams,
+    system: str | None,
 ) -> list[dict[str, str]]:
     """Read user turns from stdin until EOF or /exit; returns the conversation."""
     start = [{"role": "system", "content": system}] if system else []

@@ -20,19 +20,19 @@ from __future__ import annotations
 from typing import Any
 
 from lorakit.data.formats import RowProblem
+from lorakit.models.templates import render_chat
+from lorakit.ops import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PREFIX_LIMIT = 256  # messages rendered prefix by prefix at most (quadratic time)
 
 
 def render(tokenizer: Any, template: str, messages: list[dict[str, str]], prompt: bool) -> str:
-    """Render messages with a Jinja chat template (and the generation prompt when `prompt`)."""
+    """Render messages with a Jinja chat template (and the generation prompt when `prompt`), as
+    `models.templates.prompt_ids` does for generation."""
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
-        )
+        return render_chat(tokenizer, messages, template, prompt)
     except TemplateError as err:  # e.g. a template that allows no system message
         raise RowProblem(f"the chat template refuses this conversation: {err}") from err
 

@@ -10,8 +10,6 @@ is loaded back with transformers and its logits are compared again.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.files import apply_umask, staging_dir
+from lorakit.files import apply_umask, atomic_dir, staging_dir
 from lorakit.lora.model import LoraModel
 from lorakit.models import chat_template_of, load_model, load_tokenizer
 
@@ -108,21 +106,16 @@ def merge_model(lora: LoraModel) -> nn.Module:
 
 
 def save_folder(model: nn.Module, tokenizer: Any, template: str | None, out: Path) -> None:
-    """Write a plain HF folder atomically: staging directory, then rename into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(out.parent, f".{out.name}.tmp-")
-    try:
+    """Write a plain HF folder atomically (`files.atomic_dir`): staged, fsynced, then swapped
+    with an older folder at `out` in one step, so `out` is never missing; the old one is then
+    removed with everything it held."""
+    with atomic_dir(out) as staging:
         model.config.use_cache = True
         model.save_pretrained(staging, safe_serialization=True)
         if template:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(staging)
         apply_umask(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_output(out: Path, sources: list[tuple[str, Path]], overwrite: bool) -> None:
@@ -146,7 +139,7 @@ def check_output(out: Path, sources: list[tuple[str, Path]], overwrite: bool) ->
     if not existing.is_dir():
         raise ConfigError(f"cannot write OUT {out}: {existing} is a file, not a folder")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".lorakit-write-test-", dir=existing))
+        os.rmdir(staging_dir(existing, "write-test"))
     except OSError as error:
         raise ConfigError(f"cannot write OUT {out}: {error.strerror} in {existing}") from None
 

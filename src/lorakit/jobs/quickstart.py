@@ -32,8 +32,8 @@ from lorakit.lora.config import LoraConfig
 from lorakit.lora.model import get_peft_model
 from lorakit.lora.presets import target_preset
 from lorakit.models import BUILTIN_MODEL, chat_template_of, load_model, load_tokenizer
-from lorakit.train.evaluate import eval_loss, generate_samples
 from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import eval_loss, generate_samples
 from lorakit.train.loop import train
 from lorakit.train.plan import eval_batches
 from lorakit.train.runtime import resolve_device, seed_everything

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shutil
 import time
 import traceback
@@ -35,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorakit.errors import ConfigError
+from lorakit.files import write_json
 from lorakit.jobs.run_config import RunConfig, apply_overrides, read_yaml, validate_run_config
 
 PLAN = "sweep.json"  # the resolved plan, written before the first variant runs
@@ -222,10 +222,8 @@ def _prepare_folder(sweep: Sweep, resume: bool) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically (`files.write_json`), keys in the order the sweep gave them."""
+    write_json(path, data, indent=1, sort_keys=False, default=str)
 
 
 # ---------------------------------------------------------------- running

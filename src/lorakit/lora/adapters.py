@@ -10,7 +10,6 @@ touching it, and never unpickles.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.files import apply_umask, staging_dir
+from lorakit.files import apply_umask, atomic_dir
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
@@ -86,7 +85,10 @@ def save_adapter(
     chat_template: str | None = None,
     convert_from: str | Path | None = None,
 ) -> Path:
-    """Write one adapter atomically: a staging directory renamed into place when complete.
+    """Write one adapter atomically (`files.atomic_dir`): the whole folder is staged, fsynced
+    and renamed into place, so `directory` holds the old adapter or the new one, never a mix.
+    Other files already in the folder (a README the user wrote, other adapters' subfolders) are
+    carried into the new one; a chat template left from an earlier save is not.
 
     `convert_from`: the adapter saved right after a PiSSA / OLoRA initialisation; the adapter is
     then written as the equivalent plain LoRA for the original base (`inits.converted_to_lora`),
@@ -104,9 +106,8 @@ def save_adapter(
         raise AdapterError(
             f"refusing to save adapter `{adapter_name}`: non-finite values in {bad[0]}"
         )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(directory.parent, f".{directory.name}.tmp-")
-    try:
+    # a template from an earlier save would not belong to this adapter
+    with atomic_dir(directory, keep=lambda name: name != CHAT_TEMPLATE_NAME) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(staging)
         if not (directory / CARD_NAME).exists():  # a card the user wrote is kept
@@ -114,14 +115,6 @@ def save_adapter(
         if chat_template:
             (staging / CHAT_TEMPLATE_NAME).write_text(chat_template)
         apply_umask(staging)
-        _fsync_dir(staging)
-        if directory.exists():
-            _replace_dir(staging, directory)
-        else:
-            os.replace(staging, directory)
-    finally:
-        if staging.exists():
-            _remove_tree(staging)
     return directory
 
 
@@ -140,27 +133,6 @@ def model_card(model: nn.Module, config: LoraConfig) -> str:
         "Written by lorakit in peft's format: load it with `PeftModel.from_pretrained(base, "
         "folder)` from lorakit or from peft.\n"
     )
-
-
-def _replace_dir(staging: Path, directory: Path) -> None:
-    """Swap a complete staging dir in; files of `directory` not written by us are kept."""
-    stale = directory / CHAT_TEMPLATE_NAME
-    if stale.exists() and not (staging / CHAT_TEMPLATE_NAME).exists():
-        stale.unlink()  # a template left from an earlier save would not belong to this adapter
-    for item in staging.iterdir():
-        os.replace(item, directory / item.name)
-
-
-def _fsync_dir(directory: Path) -> None:
-    for item in directory.iterdir():
-        with open(item, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-def _remove_tree(path: Path) -> None:
-    for item in path.iterdir():
-        item.unlink()
-    path.rmdir()
 
 
 # ----------------------------------------------------------------- reading
@@ -316,8 +288,9 @@ def normalise_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> AdapterCheck:
     """Raise `AdapterError` unless the adapter fits `model` exactly: keys and shapes (values and
-    dtypes were checked by `read_adapter`). Warns about entries of `target_modules` the base
-    does not have."""
+    dtypes were checked by `read_adapter`). The error lists every missing, unexpected or
+    mis-shaped tensor, one line each. Warns about entries of `target_modules` the base does not
+    have."""
     files = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter)
     where = files.directory / WEIGHTS_NAME
     base = model.get_base_model() if hasattr(model, "peft_config") else model
@@ -328,19 +301,22 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
             f"{files.directory}: the adapter does not fit this base: {error}"
         ) from None
     tensors = normalise_keys(files.tensors)
-    check.base_copies = _base_copies(base, check, tensors, where)
+    problems: list[str] = []
+    check.base_copies = _base_copies(base, check, tensors, where, problems)
     for key, shape in check.expected.items():
         if key not in tensors:
-            raise AdapterError(
-                f"{where}: missing key {key} (expected shape {list(shape)}); the file is "
-                "incomplete or was saved for another model"
-            )
-        _check_shape(where, key, tensors[key], shape)
+            problems.append(f"missing key {key} (expected shape {list(shape)})")
+        else:
+            problems += _shape_problem(key, tensors[key], shape)
     unexpected = sorted(set(tensors) - set(check.expected) - set(_base_copy_keys(check)))
-    if unexpected:
+    problems += [f"unexpected key {key}: the base has no such module" for key in unexpected]
+    if problems:
         raise AdapterError(
-            f"{where}: unexpected key {unexpected[0]} ({len(unexpected)} in all): the base has no "
-            "such module for this adapter config (another base model, or a config/weights mismatch)"
+            f"{where}: the adapter does not fit this base ({len(problems)} "
+            f"{'tensor' if len(problems) == 1 else 'tensors'}):\n"
+            + "".join(f"  {line}\n" for line in problems)
+            + "it was saved for another base model or rank, the file is incomplete, or its "
+            "config and weights disagree"
         )
     missing = unmatched_targets(base, files.config)
     if missing:
@@ -352,13 +328,12 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
     return check
 
 
-def _check_shape(where: Path, key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+def _shape_problem(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> list[str]:
+    """The line saying `key` has the wrong shape, or nothing."""
     got = tuple(tensor.shape)
-    if got != shape:
-        raise AdapterError(
-            f"{where}: {key} has shape {list(got)} but this base needs {list(shape)}; "
-            "the adapter was trained for another base model or rank"
-        )
+    if got == shape:
+        return []
+    return [f"{key} has shape {list(got)} but this base needs {list(shape)}"]
 
 
 def _check_values(where: Path, key: str, tensor: torch.Tensor) -> None:
@@ -401,10 +376,15 @@ def _base_copy_keys(check: AdapterCheck) -> list[str]:
 
 
 def _base_copies(
-    model: nn.Module, check: AdapterCheck, tensors: dict[str, torch.Tensor], where: Path
+    model: nn.Module,
+    check: AdapterCheck,
+    tensors: dict[str, torch.Tensor],
+    where: Path,
+    problems: list[str],
 ) -> list[str]:
     """The target base weights the file carries whole (peft saves embeddings it adapts this way:
-    `<path>.base_layer.weight`), checked for shape; returns those that differ from the base's."""
+    `<path>.base_layer.weight`); returns those that differ from the base's, and adds those of
+    the wrong shape to `problems`."""
     differ = []
     modules = dict(model.named_modules())
     for name, key in zip(check.target_names, _base_copy_keys(check), strict=True):
@@ -418,8 +398,9 @@ def _base_copies(
                 f"{where}: {key} is a whole copy of {name}'s weight, but this base stores that "
                 "weight quantized; load the base without quantization"
             )
-        _check_shape(where, key, tensors[key], tuple(weight.shape))
-        if not torch.equal(tensors[key].to(weight.dtype), weight.detach()):
+        wrong_shape = _shape_problem(key, tensors[key], tuple(weight.shape))
+        problems += wrong_shape
+        if not wrong_shape and not torch.equal(tensors[key].to(weight.dtype), weight.detach()):
             differ.append(key)
     return differ
 

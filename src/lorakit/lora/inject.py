@@ -50,13 +50,18 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLinear) else module
 
 
+def _suffix_match(name: str, wanted: str) -> bool:
+    """Whether module path `name` is `wanted` or ends with `.wanted` (whole path components)."""
+    return name == wanted or name.endswith("." + wanted)
+
+
 def _name_matches(spec: list[str] | str | None, name: str, module: nn.Module) -> bool:
     if spec is None:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     cls = type(_unwrap(module)).__name__
-    return any(name == e or name.endswith("." + e) or cls == e for e in spec)
+    return any(_suffix_match(name, e) or cls == e for e in spec)
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -107,7 +112,7 @@ def saved_targets(
 
 
 def _ends_with(name: str, targets: Iterable[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
+    return any(_suffix_match(name, t) for t in targets)
 
 
 def _in_layers(name: str, config: LoraConfig) -> bool:
@@ -169,7 +174,7 @@ def _inside_modules_to_save(name: str, modules_to_save: list[str] | None) -> boo
     """Whether module `name` is, or lies inside, a module `modules_to_save` names."""
     parts = name.split(".")
     prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
-    return any(p == w or p.endswith("." + w) for w in modules_to_save or [] for p in prefixes)
+    return any(_suffix_match(p, w) for w in modules_to_save or [] for p in prefixes)
 
 
 def _layer_names_hint(model: nn.Module) -> str:
@@ -227,8 +232,8 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs named by `config.modules_to_save`."""
     wanted = config.modules_to_save or []
-    found = [(n, m) for n, m in walk(model) if any(n == w or n.endswith("." + w) for w in wanted)]
-    missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n, _ in found)]
+    found = [(n, m) for n, m in walk(model) if any(_suffix_match(n, w) for w in wanted)]
+    missing = [w for w in wanted if not any(_suffix_match(n, w) for n, _ in found)]
     if missing:
         raise ConfigError(f"modules_to_save {missing} match no module\n" + _layer_names_hint(model))
     return found

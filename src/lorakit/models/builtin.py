@@ -69,7 +69,7 @@ def ensure_builtin_model() -> Path:
         flush=True,
     )
     start = time.perf_counter()
-    tmp = staging_dir(target.parent, ".convert-")
+    tmp = staging_dir(target.parent, target.name)
     try:
         _convert_gguf(gguf, tmp)
         apply_umask(tmp)

@@ -25,6 +25,7 @@ except ImportError as missing:  # pragma: no cover - depends on the environment
     ) from missing
 
 from lorakit.errors import LorakitError, closest
+from lorakit.models import templates
 from lorakit.serve.decode import SamplingParams
 from lorakit.serve.engine import FINISH_ERROR, Engine, Event
 from lorakit.serve.middleware import GuardMiddleware
@@ -207,18 +208,13 @@ def _completion_job(state: ServerState, raw: bytes) -> _Job:
 def _chat_job(state: ServerState, raw: bytes) -> _Job:
     body = parse_body(ChatRequest, _parse_json(raw))
     adapter = _pick_adapter(state, body.model)
-    template = state.host.template_for(adapter)
-    if not template:
-        raise ApiError(400, f"`{body.model}` has no chat template; use /v1/completions", "model")
+    template = state.host.template_for(adapter)  # None: prompt_ids' plain format
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        text = state.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
+        ids = templates.prompt_ids(state.tokenizer, messages, template)
     except Exception as error:
         raise ApiError(400, f"messages: the chat template failed: {error}", "messages") from None
-    prompt_ids = list(state.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return _job(state, body, adapter, prompt_ids, body.token_budget(), chat=True)
+    return _job(state, body, adapter, ids, body.token_budget(), chat=True)
 
 
 def _job(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from lorakit.errors import ConfigError
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -12,14 +15,46 @@ FINISH_LENGTH = "length"
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens; temperature 0 means greedy."""
+    """How one request (or one `lorakit generate` / `chat` reply) picks its tokens; temperature
+    0 means greedy, top_k 0 keeps every token. Out-of-range values raise ConfigError naming the
+    field. `repetition_penalty` is for transformers' `generate` (the CLI); the server's engine
+    does not apply one."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_tokens", self.max_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0: greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0 (0: off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1: off)"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected {expected}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for transformers' `generate`."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.temperature == 0:
+            return {**kwargs, "do_sample": False}
+        return {
+            **kwargs,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+        }
 
     def generator(self) -> torch.Generator | None:
         """A private RNG for this request (seeded when `seed` is set); None for greedy."""

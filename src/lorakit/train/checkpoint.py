@@ -10,7 +10,7 @@ A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding
     adapter/                the adapter in the peft format, when the model is a LoraModel
     COMPLETE                written last, before the directory is renamed into place
 
-It is written with `rundir.atomic_dir` (staged, fsynced, renamed); a directory without
+It is written with `files.atomic_dir` (staged, fsynced, renamed); a directory without
 `COMPLETE` (a crash mid-write) is never picked for resume. state.json holds the sha256 of each
 tensor file, so a checkpoint damaged later is found out: resume='auto' then takes the newest one
 that reads back whole. The `final/` and `best/` folders are written the same way, minus
@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.train.rundir import atomic_dir, check_fresh_dir, clean_leftovers, write_json
+from lorakit.files import atomic_dir, write_json
+from lorakit.train.rundir import check_fresh_dir, clean_leftovers
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

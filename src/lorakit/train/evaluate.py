@@ -1,4 +1,4 @@
-"""Evaluation: loss and perplexity over supervised tokens, exact match, greedy samples.
+"""Evaluation: loss and perplexity over supervised tokens, greedy answers and samples.
 
 Eval loss is the mean next-token cross-entropy over every supervised token of the eval set
 (tokens, not batches, are weighted equally); perplexity = exp(eval loss).
@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.models.templates import prompt_ids
 from lorakit.ops import causal_lm_loss
 from lorakit.train.config import TrainConfig
 
@@ -69,43 +70,6 @@ def eval_loss(
     return {"eval_loss": mean, "perplexity": ppl, "eval_tokens": tokens}
 
 
-def exact_match(
-    predictions: Sequence[str],
-    references: Sequence[str],
-    scorer: Callable[[str, str], float] | None = None,
-) -> float:
-    """Mean score of predictions against references; by default lorakit.data.builtin' normalised
-    exact match (case, whitespace, trailing punctuation, first line only)."""
-    if len(predictions) != len(references):
-        raise ValueError(
-            f"exact_match got {len(predictions)} predictions and {len(references)} references"
-        )
-    if not predictions:
-        return float("nan")
-    if scorer is None:
-        from lorakit.data.builtin import exact_match as scorer
-    pairs = zip(predictions, references, strict=True)
-    return sum(float(scorer(p, r)) for p, r in pairs) / len(predictions)
-
-
-def _chat_template(model: nn.Module, tokenizer: Any) -> str | None:
-    """The chat template to prompt with: the adapter's, else the tokenizer's."""
-    return getattr(model, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-
-
-def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]], template: str | None) -> list[int]:
-    """The token ids that prompt for the answer to a conversation (the template's, when given,
-    else the last message's text alone)."""
-    if template:
-        ids = tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True,
-            return_tensors="pt", return_dict=True,
-        )["input_ids"]  # fmt: skip
-    else:
-        ids = tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
-    return ids[0].tolist()
-
-
 @torch.no_grad()
 def greedy_answers(
     model: nn.Module,
@@ -116,13 +80,14 @@ def greedy_answers(
     device: torch.device | str = "cpu",
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers to conversations (each ends with the user's message), in their order.
+    """Greedy answers to conversations (each ends with the user's message), in their order;
+    `template` as `models.templates.prompt_ids` takes it (None: the tokenizer's, else plain).
 
     Prompts of similar length are generated together, left-padded, `batch_size` at a time; the
     attention mask hides the padding, so each answer is the one its prompt gets alone.
     """
     device = torch.device(device)
-    prompts = [_prompt_ids(tokenizer, messages, template) for messages in conversations]
+    prompts = [prompt_ids(tokenizer, messages, template) for messages in conversations]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
@@ -152,9 +117,10 @@ def generate_samples(
     max_new_tokens: int = 64,
     device: torch.device | str = "cpu",
 ) -> list[dict[str, str]]:
-    """Greedy completions of `prompts` (as user turns of the chat template when there is one)."""
+    """Greedy completions of `prompts`, each the user's turn of a conversation rendered with the
+    adapter's chat template, else as `prompt_ids` renders it (the tokenizer's, else plain)."""
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
-    template = _chat_template(model, tokenizer)
+    template = getattr(model, "chat_template", None)
     replies = greedy_answers(model, tokenizer, conversations, template, max_new_tokens, device)
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, replies, strict=True)]
 

@@ -1,12 +1,10 @@
-"""The run directory: folders replaced atomically, leftovers of killed writers, what a fresh run
-refuses to write over, and write failures (disk full, read-only) as clear errors.
+"""The run directory: the run's state, leftovers of killed writers, what a fresh run refuses to
+write over, and write failures (disk full, read-only) as clear errors.
 
-A folder (`checkpoints/step-N`, `final`, `best`) is staged in a sibling `.tmp-<name>-<pid>`,
-every file fsynced, then renamed into place. Replacing an existing folder is one atomic
-exchange of the two paths (Linux renameat2 with RENAME_EXCHANGE), so `best/` is never missing;
-where the file system cannot exchange, the old folder is first renamed to `.old-<name>-<pid>`
-and put back if the second rename fails. A run that starts cleans the leftovers of writers that
-died: it deletes their staging folders and restores an `.old-` folder whose name is gone.
+Folders (`checkpoints/step-N`, `final`, `best`) and JSON files are written with
+`lorakit.files.atomic_dir` / `write_json`: staged under a temporary name, fsynced, renamed into
+place, so `best/` is never missing. A run that starts cleans the leftovers of writers that died:
+it deletes their temporary files and folders and restores an old folder whose name is gone.
 
 `status.json` says what the run is doing: `running` (with the writer's host and pid, so a
 reader can tell a run whose process died), then `finished`, `interrupted` or `failed` (with
@@ -15,8 +13,6 @@ the error).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -24,11 +20,11 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError, StorageError
+from lorakit.files import parse_temporary, write_json
 
 # What a run writes at the top of its output_dir; a fresh run refuses a directory holding any.
 RUN_FILES = (
@@ -37,82 +33,6 @@ RUN_FILES = (
 )  # fmt: skip
 STATUS = "status.json"
 RUN_STATES = ("running", "finished", "interrupted", "failed")
-_LEFTOVER = re.compile(r"^\.(tmp|old)-(.+)-(\d+)$")
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def fsync_path(path: Path) -> None:
-    """fsync one file or directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON and fsync it."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step; False where the system or file system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _replace(staging: Path, final: Path) -> None:
-    """Put `staging` at `final`, replacing what is there; `final` exists at every moment after."""
-    if not final.exists():
-        os.rename(staging, final)
-    elif _exchange(staging, final):
-        shutil.rmtree(staging, ignore_errors=True)  # it now holds the old folder
-    else:
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        try:
-            os.rename(staging, final)
-        except BaseException:
-            os.rename(old, final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path, marker: str | None = None) -> Iterator[Path]:
-    """Yield a staging directory next to `final`; on success fsync it, write the file `marker`
-    (when given) last, and put it at `final` (replacing an older one); on error remove it."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        for path in sorted(staging.rglob("*"), reverse=True):
-            fsync_path(path)
-        if marker:
-            (staging / marker).write_text("ok\n")
-            fsync_path(staging / marker)
-        fsync_path(staging)
-        _replace(staging, final)
-        fsync_path(final.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_status(output_dir: Path, status: str, **fields: Any) -> None:
@@ -121,9 +41,7 @@ def write_status(output_dir: Path, status: str, **fields: Any) -> None:
     record = {"status": status, "time": time.time(), **fields}
     if status == "running":
         record.update(host=socket.gethostname(), pid=os.getpid())
-    tmp = output_dir / f".{STATUS}.{os.getpid()}"
-    tmp.write_text(json.dumps(record, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / STATUS)
+    write_json(Path(output_dir) / STATUS, record, indent=None, default=str)
 
 
 def read_status(output_dir: Path) -> dict[str, Any]:
@@ -164,24 +82,25 @@ def _alive(pid: int) -> bool:
 
 
 def clean_leftovers(directory: Path) -> list[str]:
-    """Delete the staging folders of writers that died, restore an `.old-` folder whose name
-    is gone (a writer killed between two renames); return what was done, one line each."""
+    """Delete the temporary files and folders of writers that died (`files.parse_temporary`
+    names), restore an old folder whose name is gone (a writer killed between two renames);
+    return what was done, one line each."""
     done: list[str] = []
     if not directory.is_dir():
         return done
     for path in sorted(directory.iterdir()):
-        match = _LEFTOVER.match(path.name)
-        if not match or not path.is_dir() or int(match.group(3)) == os.getpid():
+        temporary = parse_temporary(path.name)
+        if temporary is None or temporary.pid == os.getpid() or _alive(temporary.pid):
             continue
-        kind, name, pid = match.group(1), match.group(2), int(match.group(3))
-        if _alive(pid):
+        if temporary.old and path.is_dir() and not (directory / temporary.name).exists():
+            os.rename(path, directory / temporary.name)
+            done.append(f"restored {directory / temporary.name} from {path.name}")
             continue
-        if kind == "old" and not (directory / name).exists():
-            os.rename(path, directory / name)
-            done.append(f"restored {directory / name} from {path.name}")
-        else:
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-            done.append(f"removed {path}, left by a writer that stopped")
+        else:
+            path.unlink(missing_ok=True)
+        done.append(f"removed {path}, left by a writer that stopped")
     return done
 
 

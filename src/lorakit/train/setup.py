@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.files import write_json
 from lorakit.ops import unwrap_causal_lm
 from lorakit.train.checkpoint import (
     find_resume,
@@ -33,7 +34,7 @@ from lorakit.train.fsdp import check_shardable, gathered, shard_model
 from lorakit.train.log import RunLog
 from lorakit.train.optim import build_optimizer, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches
-from lorakit.train.rundir import clean_leftovers, storage_error, write_json
+from lorakit.train.rundir import clean_leftovers, storage_error
 from lorakit.train.runtime import (
     Dist,
     all_reduce_sum,
