@@ -55,8 +55,10 @@ def multi_turn_file(folder: Path, rows: int = 300) -> str:
         for i in range(rows):
             turns = []
             for q in questions[4 * i : 4 * i + 1 + i % 4]:
-                turns += [{"from": "human", "value": q["prompt"]},
-                          {"from": "gpt", "value": f"The answer is {q['completion']}."}]  # fmt: skip
+                turns += [
+                    {"from": "human", "value": q["prompt"]},
+                    {"from": "gpt", "value": f"The answer is {q['completion']}."},
+                ]
             out.write(json.dumps({"conversations": turns}) + "\n")
     return str(path)
 
@@ -70,8 +72,10 @@ def throughput(tokenizer, config: DataConfig, repeats: int) -> tuple[float, floa
         ours.append(sum(dataset.lengths()) / (time.perf_counter() - start))
         _, conversations = load_conversations(config)
         start = time.perf_counter()
-        count = sum(len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
-                    for _, c in conversations)  # fmt: skip
+        count = sum(
+            len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+            for _, c in conversations
+        )
         theirs.append(count / (time.perf_counter() - start))
     return statistics.median(ours), statistics.median(theirs), dataset
 
@@ -86,8 +90,11 @@ def main() -> None:
     load_times(args.convert)
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as folder:
-        sources = {"identity": "identity", "arithmetic": "arithmetic",
-                   "multi-turn sharegpt": multi_turn_file(Path(folder))}  # fmt: skip
+        sources = {
+            "identity": "identity",
+            "arithmetic": "arithmetic",
+            "multi-turn sharegpt": multi_turn_file(Path(folder)),
+        }
         print(
             "| dataset | samples | tokens | lorakit tok/s | reference tok/s | random | grouped | packed |"
         )
@@ -98,9 +105,12 @@ def main() -> None:
             lengths = dataset.lengths()
             shares = [
                 padding_share(dataset.samples, make_batches(lengths, args.batch, **kw))
-                for kw in ({"group_by_length": False}, {},
-                           {"packing": True, "max_length": args.max_length})
-            ]  # fmt: skip
+                for kw in (
+                    {"group_by_length": False},
+                    {},
+                    {"packing": True, "max_length": args.max_length},
+                )
+            ]
             cells = " | ".join(f"{s:.1%}" for s in shares)
             print(
                 f"| {name} | {len(dataset)} | {sum(lengths)} | {ours:,.0f} | {theirs:,.0f} | {cells} |"

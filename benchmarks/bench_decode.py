@@ -41,8 +41,14 @@ def main() -> None:
     prompts = torch.randint(0, 49152, (8, 64), generator=torch.Generator().manual_seed(0))
     engines = {}
     for name, fuse in (("fused", True), ("unfused", False)):
-        state = build_state(copy.deepcopy(base), _NoTokenizer(), base_name="base",
-                            adapters=paths, max_batch=8, threads=args.threads)  # fmt: skip
+        state = build_state(
+            copy.deepcopy(base),
+            _NoTokenizer(),
+            base_name="base",
+            adapters=paths,
+            max_batch=8,
+            threads=args.threads,
+        )
         state.engine.shutdown()  # its steps are called here, in this thread
         state.host.fuse = fuse
         for i, prompt in enumerate(prompts.tolist()):
@@ -66,23 +72,33 @@ def main() -> None:
                 reads.append(read_time(size))
     reads.append(read_time(size))
     fused, unfused = engines["fused"], engines["unfused"]
-    same = all(a.output_ids == b.output_ids
-               for a, b in zip(fused.engine._active, unfused.engine._active, strict=True))  # fmt: skip
+    same = all(
+        a.output_ids == b.output_ids
+        for a, b in zip(fused.engine._active, unfused.engine._active, strict=True)
+    )
     limit = min(reads)
-    print(f"SmolLM2-135M shape, 30 layers, fp32, 8 requests on 8 adapters (r=16, 7 projections), "
-          f"{args.steps} steps each, torch threads {torch.get_num_threads()}, CPU "
-          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")  # fmt: skip
-    print(f"one step reads {size / 1e9:.3f} GB: limit {1e3 * limit:.1f} ms "
-          f"({size / limit / 1e9:.1f} GB/s, the fastest of {len(reads)} reads; slowest "
-          f"{size / max(reads) / 1e9:.1f} GB/s)")  # fmt: skip
+    print(
+        f"SmolLM2-135M shape, 30 layers, fp32, 8 requests on 8 adapters (r=16, 7 projections), "
+        f"{args.steps} steps each, torch threads {torch.get_num_threads()}, CPU "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
+    )
+    print(
+        f"one step reads {size / 1e9:.3f} GB: limit {1e3 * limit:.1f} ms "
+        f"({size / limit / 1e9:.1f} GB/s, the fastest of {len(reads)} reads; slowest "
+        f"{size / max(reads) / 1e9:.1f} GB/s)"
+    )
     for name, state in engines.items():
         step = statistics.median(times[name])
         extra = state.host._fused.nbytes if state.host.fuse else 0
-        print(f"{name:<8} decode step {1e3 * step:6.1f} ms ({100 * limit / step:4.1f}% of the "
-              f"limit); prepacked {(state.host.prepacked.nbytes + extra) / 1e9:.3f} GB")  # fmt: skip
+        print(
+            f"{name:<8} decode step {1e3 * step:6.1f} ms ({100 * limit / step:4.1f}% of the "
+            f"limit); prepacked {(state.host.prepacked.nbytes + extra) / 1e9:.3f} GB"
+        )
     ratios = [u / f for f, u in zip(times["fused"], times["unfused"], strict=True)]
-    print(f"unfused / fused: {statistics.median(ratios):.3f}x "
-          f"(pairs {min(ratios):.2f}-{max(ratios):.2f}x); same tokens: {same}")  # fmt: skip
+    print(
+        f"unfused / fused: {statistics.median(ratios):.3f}x "
+        f"(pairs {min(ratios):.2f}-{max(ratios):.2f}x); same tokens: {same}"
+    )
     for state in engines.values():
         state.engine._fail_active(None)
 

@@ -107,18 +107,29 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, run in kinds.items():
             times[name].append(run())
-    print(f"SmolLM2-135M shape, {args.layers} layers, fp32, batch 8 x 256, r=16 on 7 projections, "
-          f"dropout {d}, {args.rounds} rounds, torch threads {torch.get_num_threads()}, CPU "
-          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"SmolLM2-135M shape, {args.layers} layers, fp32, batch 8 x 256, r=16 on 7 projections, "
+        f"dropout {d}, {args.rounds} rounds, torch threads {torch.get_num_threads()}, CPU "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
+    )
     for name, values in times.items():
-        print(f"{name:<32} {1e3 * statistics.median(values):8.1f} ms a step "
-              f"({1e3 * min(values):.0f}-{1e3 * max(values):.0f})")  # fmt: skip
+        print(
+            f"{name:<32} {1e3 * statistics.median(values):8.1f} ms a step "
+            f"({1e3 * min(values):.0f}-{1e3 * max(values):.0f})"
+        )
     names = list(kinds)
-    for top, bottom in [(names[1], names[0]), (names[2], names[0]), (names[4], names[3]),
-                        (names[3], names[0]), (names[4], names[1])]:  # fmt: skip
+    for top, bottom in [
+        (names[1], names[0]),
+        (names[2], names[0]),
+        (names[4], names[3]),
+        (names[3], names[0]),
+        (names[4], names[1]),
+    ]:
         ratios = [t / b for t, b in zip(times[top], times[bottom], strict=True)]
-        print(f"{top} / {bottom}: {statistics.median(ratios):.3f}x "
-              f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)")  # fmt: skip
+        print(
+            f"{top} / {bottom}: {statistics.median(ratios):.3f}x "
+            f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -86,20 +86,31 @@ def main() -> None:
         return model
 
     runs = {}
-    for name, kind, seed in [("peft seed 1", "peft", 1), ("peft seed 2", "peft", 2),
-                             ("lorakit seed 1", "lorakit", 1), ("lorakit seed 2", "lorakit", 2)]:  # fmt: skip
+    for name, kind, seed in [
+        ("peft seed 1", "peft", 1),
+        ("peft seed 2", "peft", 2),
+        ("lorakit seed 1", "lorakit", 1),
+        ("lorakit seed 2", "lorakit", 2),
+    ]:
         t = time.perf_counter()
         runs[name] = train(make(kind), data, seed)
-        print(f"{name:<15} {time.perf_counter() - t:6.1f} s  first {runs[name][0]:.3f}  "
-              f"last 10 mean {statistics.mean(runs[name][-10:]):.3f}", flush=True)  # fmt: skip
+        print(
+            f"{name:<15} {time.perf_counter() - t:6.1f} s  first {runs[name][0]:.3f}  "
+            f"last 10 mean {statistics.mean(runs[name][-10:]):.3f}",
+            flush=True,
+        )
 
     def gap(a: str, b: str) -> float:
         return statistics.mean(abs(x - y) for x, y in zip(runs[a], runs[b], strict=True))
 
-    print(f"\nbuilt-in model, arithmetic, batch {args.batch}, {args.steps} steps, r=16 on 7 "
-          f"projections, dropout {args.dropout}, fp32, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"mean |loss difference| per step, peft seed 1 vs peft seed 2 (the noise): "
-          f"{gap('peft seed 1', 'peft seed 2'):.4f}")  # fmt: skip
+    print(
+        f"\nbuilt-in model, arithmetic, batch {args.batch}, {args.steps} steps, r=16 on 7 "
+        f"projections, dropout {args.dropout}, fp32, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"mean |loss difference| per step, peft seed 1 vs peft seed 2 (the noise): "
+        f"{gap('peft seed 1', 'peft seed 2'):.4f}"
+    )
     for ours in ("lorakit seed 1", "lorakit seed 2"):
         for theirs in ("peft seed 1", "peft seed 2"):
             print(f"mean |loss difference| per step, {ours} vs {theirs}: {gap(ours, theirs):.4f}")

@@ -28,9 +28,14 @@ BASE = {
     "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "preset"},
     "data": {"dataset": "identity", "max_length": 256, "packing": True},
     "eval": {"limit": 4},
-    "train": {"batch_size": 4, "precision": "fp32", "progress": "plain",
-              "tensorboard": False, "plots": False},
-}  # fmt: skip
+    "train": {
+        "batch_size": 4,
+        "precision": "fp32",
+        "progress": "plain",
+        "tensorboard": False,
+        "plots": False,
+    },
+}
 CASES = {
     "lora": {"method": "lora"},
     "full": {"method": "full"},
@@ -57,8 +62,9 @@ def run_case(name: str, steps: int, folder: Path) -> dict:
     with open(log, "w") as err:
         child = subprocess.Popen(
             [sys.executable, "-m", "lorakit", "train", str(path)],
-            stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{name} failed:\n{log.read_text()[-2000:]}")
@@ -83,8 +89,10 @@ def main() -> None:
             print(result["table"])
             for label in ("process peak", "loop peak"):
                 value, predicted = result[label], result["estimate_mib"]
-                print(f"{name}: estimate {predicted:.0f} MiB, {label} {value:.0f} MiB "
-                      f"(estimate {(predicted - value) / value:+.0%})")  # fmt: skip
+                print(
+                    f"{name}: estimate {predicted:.0f} MiB, {label} {value:.0f} MiB "
+                    f"(estimate {(predicted - value) / value:+.0%})"
+                )
             print(flush=True)
 
 

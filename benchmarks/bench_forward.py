@@ -68,15 +68,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
     args = parser.parse_args()
-    print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch} x {args.seq}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'dtype':<9} {'base s':>7} {'lorakit s':>9} {'peft s':>7}   lorakit cost [quartiles]"
-          f"   peft cost [quartiles]")  # fmt: skip
+    print(
+        f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch} x {args.seq}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'dtype':<9} {'base s':>7} {'lorakit s':>9} {'peft s':>7}   lorakit cost [quartiles]"
+        f"   peft cost [quartiles]"
+    )
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         t = measure(dtype, args)
         m = {name: statistics.median(values) for name, values in t.items()}
-        print(f"{str(dtype).removeprefix('torch.'):<9} {m['base']:>7.3f} {m['lorakit']:>9.3f} "
-              f"{m['peft']:>7.3f}   {overhead(t, 'lorakit'):<24} {overhead(t, 'peft')}")  # fmt: skip
+        print(
+            f"{str(dtype).removeprefix('torch.'):<9} {m['base']:>7.3f} {m['lorakit']:>9.3f} "
+            f"{m['peft']:>7.3f}   {overhead(t, 'lorakit'):<24} {overhead(t, 'peft')}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,13 @@ from lorakit.serve.registry import parse_adapters
 
 def per_token_ms(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+    )
     return 1e3 * (time.perf_counter() - start) / new_tokens, out
 
 
@@ -46,8 +51,9 @@ def main() -> None:
     path = str(ensure_builtin_model())
     adapter = tempfile.mkdtemp(prefix="bench_generate_")
     torch.manual_seed(0)
-    config = lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
-                                init_lora_weights=False)  # fmt: skip
+    config = lorakit.LoraConfig(
+        r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False
+    )
     fresh = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     lorakit.get_peft_model(fresh, config).save_pretrained(adapter)
     unmerged, _ = load_with_adapters(path, parse_adapters([adapter]), "float32", "cpu")
@@ -71,9 +77,11 @@ def main() -> None:
             order = list(models.items())
             for name, model in order if round_ % 2 == 0 else order[::-1]:
                 times[name].append(per_token_ms(model, ids, args.new_tokens)[0])
-    print(f"built-in model (SmolLM2-135M), fp32, batch 1, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, greedy, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    print(
+        f"built-in model (SmolLM2-135M), fp32, batch 1, prompt {args.prompt}, "
+        f"{args.new_tokens} new tokens, greedy, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}"
+    )
     base = statistics.median(times["base"])
     reference = tokens["lorakit unmerged"]
     for name, values in times.items():

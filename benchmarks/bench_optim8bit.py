@@ -47,9 +47,17 @@ def run(kind: str, steps: int, batch: int, length: int, workdir: Path) -> dict:
     )
     data = build_dataset(DataConfig(dataset="arithmetic", max_length=length), tokenizer)
     config = TrainConfig(
-        optimizer=kind, max_steps=steps, batch_size=batch, lr=1e-3, warmup_steps=5,
-        precision="fp32", progress="none", tensorboard=False, plots=False, seed=0,
-    )  # fmt: skip
+        optimizer=kind,
+        max_steps=steps,
+        batch_size=batch,
+        lr=1e-3,
+        warmup_steps=5,
+        precision="fp32",
+        progress="none",
+        tensorboard=False,
+        plots=False,
+        seed=0,
+    )
     result = train(model, tokenizer, data, None, config, workdir / kind)
     rows = [
         json.loads(line) for line in (workdir / kind / "metrics.jsonl").read_text().splitlines()
@@ -86,8 +94,10 @@ def step_only(repeats: int) -> None:
     inp = {"q": 576, "k": 576, "v": 576, "o": 576, "gate": 576, "up": 576, "down": 1536}
     shapes = [s for _ in range(30) for k in out for s in ((8, inp[k]), (out[k], 8))]
     optimizers = {}
-    for kind, make in (("adamw", lambda p: torch.optim.AdamW(p, foreach=True)),
-                       ("adamw_8bit", AdamW8bit)):  # fmt: skip
+    for kind, make in (
+        ("adamw", lambda p: torch.optim.AdamW(p, foreach=True)),
+        ("adamw_8bit", AdamW8bit),
+    ):
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
@@ -101,8 +111,10 @@ def step_only(repeats: int) -> None:
             times[kind].append(time.perf_counter() - start)
     values = sum(math.prod(s) for s in shapes)
     for kind, t in times.items():
-        print(f"{kind:10s} optimizer.step {1000 * statistics.median(t):8.1f} ms median of "
-              f"{repeats} ({values} values, {len(shapes)} tensors)")  # fmt: skip
+        print(
+            f"{kind:10s} optimizer.step {1000 * statistics.median(t):8.1f} ms median of "
+            f"{repeats} ({values} values, {len(shapes)} tensors)"
+        )
 
 
 def main() -> None:
@@ -132,11 +144,15 @@ def main() -> None:
     for i in range(0, len(diffs), 10):
         print(f"{i + 1:4d}  {fp32['losses'][i]:.4f}  {q8['losses'][i]:.4f}")
     print(f"last  {fp32['losses'][-1]:.4f}  {q8['losses'][-1]:.4f}")
-    print(f"max |loss difference| {max(diffs):.4f} (step {diffs.index(max(diffs)) + 1}), "
-          f"mean {statistics.mean(diffs):.4f}")  # fmt: skip
+    print(
+        f"max |loss difference| {max(diffs):.4f} (step {diffs.index(max(diffs)) + 1}), "
+        f"mean {statistics.mean(diffs):.4f}"
+    )
     for kind, r in results.items():
-        print(f"{kind:10s} state {r['state_bytes']:>9d} B for {r['trainable_values']} values, "
-              f"{r['s_per_step']:.3f} s/step, optimizer.step {r['optimizer_step_ms']:.2f} ms")  # fmt: skip
+        print(
+            f"{kind:10s} state {r['state_bytes']:>9d} B for {r['trainable_values']} values, "
+            f"{r['s_per_step']:.3f} s/step, optimizer.step {r['optimizer_step_ms']:.2f} ms"
+        )
     print(f"state ratio {q8['state_bytes'] / fp32['state_bytes']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"load": [load_before, load_after], **results}, indent=1))

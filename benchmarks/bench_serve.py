@@ -188,9 +188,14 @@ def setup(args: argparse.Namespace):
     root = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     paths = save_adapters(base, root, args.rank)
     state = build_state(
-        copy.deepcopy(base), _NoTokenizer(), base_name="base", adapters=paths,
-        max_batch=args.requests, threads=args.threads, prepack=not args.no_prepack,
-    )  # fmt: skip
+        copy.deepcopy(base),
+        _NoTokenizer(),
+        base_name="base",
+        adapters=paths,
+        max_batch=args.requests,
+        threads=args.threads,
+        prepack=not args.no_prepack,
+    )
     state.engine.eos_token_ids = set()  # always generate exactly --new-tokens
     reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a0"], adapter_name="a0")
     for name in ADAPTERS[1:]:
@@ -269,12 +274,16 @@ def report_decode(state, prompts: list[list[int]], mixed: list[str], args) -> No
         steps.append((label, *decode_steps(state, rows, names, args.new_tokens, args.repeats)))
         reads.append(read_time(size))
     limit = min(reads)  # the bandwidth drifts: the fastest read (before, between, after) counts
-    print(f"one decode step reads {size / 1e9:.3f} GB: {1e3 * limit:.1f} ms at the "
-          f"{size / limit / 1e9:.1f} GB/s measured (the memory-bandwidth limit; the fastest of "
-          f"{len(reads)} reads, the slowest {size / max(reads) / 1e9:.1f} GB/s)")  # fmt: skip
+    print(
+        f"one decode step reads {size / 1e9:.3f} GB: {1e3 * limit:.1f} ms at the "
+        f"{size / limit / 1e9:.1f} GB/s measured (the memory-bandwidth limit; the fastest of "
+        f"{len(reads)} reads, the slowest {size / max(reads) / 1e9:.1f} GB/s)"
+    )
     for label, first, step in steps:
-        print(f"{label:<10} decode step {1e3 * step:7.1f} ms ({100 * limit / step:4.1f}% of the "
-              f"limit), time to first token {1e3 * first:7.1f} ms")  # fmt: skip
+        print(
+            f"{label:<10} decode step {1e3 * step:7.1f} ms ({100 * limit / step:4.1f}% of the "
+            f"limit), time to first token {1e3 * first:7.1f} ms"
+        )
 
 
 if __name__ == "__main__":

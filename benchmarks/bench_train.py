@@ -73,9 +73,16 @@ def build_model(name: str):
 
         return AutoModelForCausalLM.from_pretrained(ensure_builtin_model(), dtype=torch.float32)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=384,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -102,8 +109,9 @@ def make_batches(vocab: int, variable: bool, packed: bool, n_batches: int) -> li
 
     samples = make_samples(vocab, variable, 40 * n_batches if variable else BATCH * n_batches)
     lengths = [len(s.input_ids) for s in samples]
-    rows = plan(lengths, BATCH, packing=packed, max_length=LENGTH, group_by_length=False,
-                shuffle=False)  # fmt: skip
+    rows = plan(
+        lengths, BATCH, packing=packed, max_length=LENGTH, group_by_length=False, shuffle=False
+    )
     batches = [collate(samples, r, 0, packed) for r in rows[:n_batches]]
     for b in batches:
         b.pop("sample_ids")
@@ -122,11 +130,20 @@ def run_lorakit(args, model, batches) -> dict:
     from lorakit.train import TrainConfig, train
 
     r, targets = ADAPTERS[args.adapter]
-    lora = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout,
-                                            target_modules=targets))  # fmt: skip
-    config = TrainConfig(precision=args.precision, max_steps=len(batches), shuffle=False, plots=False,
-                         lr=1e-4, scheduler="constant", progress="none", tensorboard=False,
-                         device="cpu")  # fmt: skip
+    lora = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout, target_modules=targets)
+    )
+    config = TrainConfig(
+        precision=args.precision,
+        max_steps=len(batches),
+        shuffle=False,
+        plots=False,
+        lr=1e-4,
+        scheduler="constant",
+        progress="none",
+        tensorboard=False,
+        device="cpu",
+    )
     with tempfile.TemporaryDirectory() as out:
         result = train(lora, None, batches, None, config, out)
     rows = [r for r in result.history if r["kind"] == "train"][args.warmup :]
@@ -146,8 +163,9 @@ def run_peft(args, model, batches) -> dict:
     from lorakit.train.runtime import peak_memory_mb, reset_peak_memory
 
     r, targets = ADAPTERS[args.adapter]
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=args.dropout,
-                             target_modules=targets)  # fmt: skip
+    config = peft.LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=args.dropout, target_modules=targets
+    )
     model = peft.get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -187,8 +205,12 @@ def worker(args) -> None:
 
     model = build_model(args.model)
     variable = args.data == "variable"
-    batches = make_batches(model.config.vocab_size, variable, args.engine == "lorakit" and variable,
-                           args.steps + args.warmup)  # fmt: skip
+    batches = make_batches(
+        model.config.vocab_size,
+        variable,
+        args.engine == "lorakit" and variable,
+        args.steps + args.warmup,
+    )
     run = run_lorakit if args.engine == "lorakit" else run_peft
     out = run(args, model, batches)
     out["tcmalloc"] = tcmalloc_loaded()
@@ -258,8 +280,9 @@ def openmp_env(policy: str, threads: str) -> dict[str, str]:
     elif policy.isdigit():
         env["GOMP_SPINCOUNT"] = policy
     elif policy != "unset":
-        raise ValueError(f"--omp-policy {policy!r}: expected lorakit, unset, passive, active or a "
-                         "spin count")  # fmt: skip
+        raise ValueError(
+            f"--omp-policy {policy!r}: expected lorakit, unset, passive, active or a spin count"
+        )
     if threads != "default":
         if not threads.isdigit() or int(threads) < 1:
             raise ValueError(f"--threads {threads!r}: expected a count >= 1 or default")
@@ -272,8 +295,15 @@ def openmp_settings(args) -> list[tuple[str, str]]:
     return list(itertools.product(args.omp_policy.split(","), args.threads.split(",")))
 
 
-def run_config(model: str, engine: str, precision: str, data: str, allocator: str, args,
-               openmp: dict[str, str] | None = None) -> dict:  # fmt: skip
+def run_config(
+    model: str,
+    engine: str,
+    precision: str,
+    data: str,
+    allocator: str,
+    args,
+    openmp: dict[str, str] | None = None,
+) -> dict:
     """One configuration in a fresh subprocess; `openmp` defaults to the first --omp-policy and
     --threads values."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", *OPENMP_VARS)}
@@ -287,10 +317,27 @@ def run_config(model: str, engine: str, precision: str, data: str, allocator: st
         if lib is None:
             return {"error": "libtcmalloc_minimal not installed"}
         env["LD_PRELOAD"] = lib
-    command = [sys.executable, __file__, "--worker", "--model", model, "--engine", engine,
-               "--precision", precision, "--data", data, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--dropout", str(args.dropout),
-               "--adapter", args.adapter]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        model,
+        "--engine",
+        engine,
+        "--precision",
+        precision,
+        "--data",
+        data,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--dropout",
+        str(args.dropout),
+        "--adapter",
+        args.adapter,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -310,8 +357,9 @@ def busy_processes(count: int):
     spinners = []
     try:
         for _ in range(count):
-            spinners.append(subprocess.Popen([sys.executable, "-c", SPINNER],
-                                             start_new_session=True))  # fmt: skip
+            spinners.append(
+                subprocess.Popen([sys.executable, "-c", SPINNER], start_new_session=True)
+            )
         time.sleep(1.0)  # all of them running before the worker starts
         yield
     finally:
@@ -326,11 +374,15 @@ def contention(args) -> list[dict]:
     """lorakit's step on its own and beside --contention busy processes, per OpenMP setting."""
     import torch
 
-    print(f"batch {BATCH} x {LENGTH}, {args.steps} timed steps after {args.warmup} warmup, "
-          f"{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), torch "
-          f"{torch.__version__}, {args.contention} busy processes")  # fmt: skip
-    print(f"{'model':8} {'case':11} {'policy':8} {'threads':>7} {'quiet s/step':>12} "
-          f"{'busy s/step':>11} {'busy/quiet':>10} {'quiet vs 1st':>12} {'load':>9}  busy threads")  # fmt: skip
+    print(
+        f"batch {BATCH} x {LENGTH}, {args.steps} timed steps after {args.warmup} warmup, "
+        f"{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), torch "
+        f"{torch.__version__}, {args.contention} busy processes"
+    )
+    print(
+        f"{'model':8} {'case':11} {'policy':8} {'threads':>7} {'quiet s/step':>12} "
+        f"{'busy s/step':>11} {'busy/quiet':>10} {'quiet vs 1st':>12} {'load':>9}  busy threads"
+    )
     results = []
     for model, case in itertools.product(args.models.split(","), args.cases.split(",")):
         data, precision = case.split("-")
@@ -346,16 +398,21 @@ def contention(args) -> list[dict]:
             results.append(row)
             quiet, busy = row["quiet"], row["busy"]
             if "error" in quiet or "error" in busy:
-                print(f"{model:8} {case:11} {policy:8} {threads:>7} error: "
-                      f"{quiet.get('error') or busy.get('error')}", flush=True)  # fmt: skip
+                print(
+                    f"{model:8} {case:11} {policy:8} {threads:>7} error: "
+                    f"{quiet.get('error') or busy.get('error')}",
+                    flush=True,
+                )
                 continue
             first = first or quiet["step_s"]
             row["ratio"] = busy["step_s"] / quiet["step_s"]
             row["quiet_cost"] = quiet["step_s"] / first
-            print(f"{model:8} {case:11} {policy:8} {quiet['threads']:>7} {quiet['step_s']:12.2f} "
-                  f"{busy['step_s']:11.2f} {row['ratio']:9.2f}x {row['quiet_cost']:11.3f}x "
-                  f"{row['load_quiet']:4.1f}/{row['load_busy']:<4.1f}  {busy.get('step_threads')}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{model:8} {case:11} {policy:8} {quiet['threads']:>7} {quiet['step_s']:12.2f} "
+                f"{busy['step_s']:11.2f} {row['ratio']:9.2f}x {row['quiet_cost']:11.3f}x "
+                f"{row['load_quiet']:4.1f}/{row['load_busy']:<4.1f}  {busy.get('step_threads')}",
+                flush=True,
+            )
     return results
 
 
@@ -426,14 +483,19 @@ def main() -> None:
     results = []
     import torch
 
-    print(f"batch {BATCH} x {LENGTH}, lora_dropout {args.dropout}, {args.steps} timed steps after "
-          f"{args.warmup} warmup, {os.cpu_count()} CPUs "
-          f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")  # fmt: skip
-    header = (f"{'model':8} {'adapter':8} {'case':14} {'engine':18} {'tok/s':>8} {'s/step':>7} "
-              f"{'cpu-s/step':>10} {'tok/cpu-s':>9} {'peak MB':>8}")  # fmt: skip
+    print(
+        f"batch {BATCH} x {LENGTH}, lora_dropout {args.dropout}, {args.steps} timed steps after "
+        f"{args.warmup} warmup, {os.cpu_count()} CPUs "
+        f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
+    )
+    header = (
+        f"{'model':8} {'adapter':8} {'case':14} {'engine':18} {'tok/s':>8} {'s/step':>7} "
+        f"{'cpu-s/step':>10} {'tok/cpu-s':>9} {'peak MB':>8}"
+    )
     print(header)
-    for model, adapter, case in itertools.product(args.models.split(","), adapters,
-                                                  args.cases.split(",")):  # fmt: skip
+    for model, adapter, case in itertools.product(
+        args.models.split(","), adapters, args.cases.split(",")
+    ):
         one = argparse.Namespace(**{**vars(args), "adapter": adapter})
         data, precision = case.split("-")
         row = {"model": model, "adapter": adapter, "dropout": args.dropout, "case": case}
@@ -450,17 +512,23 @@ def main() -> None:
                 continue
             # CPU seconds are the steadier measure on a shared machine
             out["tokens_per_cpu_s"] = out["tokens_per_s"] * out["step_s"] / out["cpu_s"]
-            print(f"{model:8} {adapter:8} {case:14} {name:18} {out['tokens_per_s']:8.0f} "
-                  f"{out['step_s']:7.2f} {out['cpu_s']:10.2f} {out['tokens_per_cpu_s']:9.0f} "
-                  f"{out['peak_mb']:8.0f}", flush=True)  # fmt: skip
+            print(
+                f"{model:8} {adapter:8} {case:14} {name:18} {out['tokens_per_s']:8.0f} "
+                f"{out['step_s']:7.2f} {out['cpu_s']:10.2f} {out['tokens_per_cpu_s']:9.0f} "
+                f"{out['peak_mb']:8.0f}",
+                flush=True,
+            )
         lk, best_peft = row["lorakit"], row.get("peft+tcmalloc", {})
         if "error" not in lk and "tokens_per_s" in best_peft:
             row["speed_ratio"] = lk["tokens_per_s"] / best_peft["tokens_per_s"]
             row["cpu_ratio"] = lk["tokens_per_cpu_s"] / best_peft["tokens_per_cpu_s"]
             row["memory_ratio"] = lk["peak_mb"] / best_peft["peak_mb"]
-            print(f"{'':8} {adapter:8} {case:14} lorakit / peft+tcmalloc: "
-                  f"{row['speed_ratio']:.2f}x tokens/s, {row['cpu_ratio']:.2f}x tokens/cpu-s, "
-                  f"{row['memory_ratio']:.2f}x peak memory", flush=True)  # fmt: skip
+            print(
+                f"{'':8} {adapter:8} {case:14} lorakit / peft+tcmalloc: "
+                f"{row['speed_ratio']:.2f}x tokens/s, {row['cpu_ratio']:.2f}x tokens/cpu-s, "
+                f"{row['memory_ratio']:.2f}x peak memory",
+                flush=True,
+            )
         results.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

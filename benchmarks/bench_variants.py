@@ -38,10 +38,17 @@ def run_variant(name: str, steps: int, batch: int, threads: int, folder: Path) -
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "preset"},
         "data": {"dataset": "identity", "max_length": 256},
         "eval": {"limit": 16, "exact_match": False},
-        "train": {"max_steps": steps, "batch_size": batch, "lr": 2e-4, "precision": "fp32",
-                  "progress": "none", "tensorboard": False, "seed": 0,
-                  "eval_every": steps},
-    }  # fmt: skip
+        "train": {
+            "max_steps": steps,
+            "batch_size": batch,
+            "lr": 2e-4,
+            "precision": "fp32",
+            "progress": "none",
+            "tensorboard": False,
+            "seed": 0,
+            "eval_every": steps,
+        },
+    }
     path = folder / f"{name}.json"
     path.write_text(json.dumps(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
@@ -77,8 +84,10 @@ def main() -> None:
     print("| variant | s/step | peak MB | eval loss start | eval loss end | train loss end |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
-              f"{r['eval_loss_start']:.4f} | {r['eval_loss_end']:.4f} | {r['train_loss_end']:.4f} |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
+            f"{r['eval_loss_start']:.4f} | {r['eval_loss_end']:.4f} | {r['train_loss_end']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

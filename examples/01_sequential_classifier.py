@@ -51,8 +51,9 @@ def main() -> dict[str, float]:
     steps, points = (40, 512) if args.tiny else (300, 2048)
     torch.manual_seed(0)
 
-    model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 2))  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
+    )
     x_a, y_a = make_task(points, 0.0, seed=1)
     fit(model, x_a, y_a, steps, lr=1e-2)
     x_b, y_b = make_task(points, math.radians(60), seed=2)

@@ -71,9 +71,16 @@ def main() -> dict[str, float]:
 
     torch.manual_seed(0)
     hidden, layers, steps = (32, 2, 4) if args.tiny else (256, 4, 300)
-    config = GPTNeoXConfig(vocab_size=EOS + 1, hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, intermediate_size=4 * hidden,
-                           max_position_embeddings=256, eos_token_id=EOS, pad_token_id=EOS)  # fmt: skip
+    config = GPTNeoXConfig(
+        vocab_size=EOS + 1,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=256,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+    )
     model = GPTNeoXForCausalLM(config)
     quotes = load_quotes(2000)
     data = batches(quotes, size=4 if args.tiny else 16, length=128, seed=0)
@@ -82,18 +89,27 @@ def main() -> dict[str, float]:
 
     quantize_model(model, "int8")  # every linear layer but the output head, in int8
     n_int8 = sum(isinstance(m, QuantLinear) for m in model.modules())
-    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                            target_modules=["query_key_value", "dense"]))  # fmt: skip
+    lora = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["query_key_value", "dense"])
+    )
     lora.print_trainable_parameters()
     lora_loss = train(lora, data, steps, lr=2e-3)
     print(f"LoRA over {n_int8} int8 layers: loss {lora_loss:.3f}")
 
     prompt = torch.tensor([list(b"The ")])
     with torch.no_grad():
-        out = lora.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                            max_new_tokens=8 if args.tiny else 80, do_sample=True,
-                            temperature=0.8, top_p=0.95, top_k=40, repetition_penalty=1.2,
-                            eos_token_id=EOS, pad_token_id=EOS)  # fmt: skip
+        out = lora.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=8 if args.tiny else 80,
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.95,
+            top_k=40,
+            repetition_penalty=1.2,
+            eos_token_id=EOS,
+            pad_token_id=EOS,
+        )
     text = bytes(t for t in out[0].tolist() if t < EOS).decode("utf-8", errors="replace")
     print(f"sample: {text!r}")
     return {"base_loss": base_loss, "lora_loss": lora_loss, "int8_layers": n_int8}

@@ -27,9 +27,15 @@ def build_base(hidden: int, layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -52,8 +58,7 @@ def main() -> dict[str, float]:
     args = parser.parse_args()
     hidden, layers, steps = (32, 2, 6) if args.tiny else (128, 4, 300)
 
-    model = inject_lora(build_base(hidden, layers), TARGETS,
-                        rank=8, lora_alpha=16)  # fmt: skip
+    model = inject_lora(build_base(hidden, layers), TARGETS, rank=8, lora_alpha=16)
     print(check_injection(model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
@@ -83,8 +88,7 @@ def main() -> dict[str, float]:
         save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, str(path))
         size_kib = path.stat().st_size / 1024
         print(f"saved only the adapter: {len(load_file(str(path)))} tensors, {size_kib:.0f} KiB")
-        fresh = inject_lora(build_base(hidden, layers), TARGETS,
-                            rank=8, lora_alpha=16)  # fmt: skip
+        fresh = inject_lora(build_base(hidden, layers), TARGETS, rank=8, lora_alpha=16)
         missing, unexpected = fresh.load_state_dict(load_file(str(path)), strict=False)
         assert not unexpected and all("lora_" not in k for k in missing)
 

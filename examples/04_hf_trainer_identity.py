@@ -44,11 +44,20 @@ def pad_collator(pad_id: int):
 def ask(model, tokenizer, question: str, max_new_tokens: int) -> str:
     """Greedy answer to one user question, with the adapter's chat template."""
     template = getattr(model, "chat_template", None) or chat_template_of(tokenizer)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                        chat_template=template, add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        chat_template=template,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -63,19 +72,32 @@ def main() -> dict[str, str]:
     tokenizer = load_tokenizer(args.model)
     data = build_dataset(DataConfig(dataset="identity", max_length=256), tokenizer)
     rows = [{"input_ids": s.input_ids, "labels": s.labels} for s in data.samples]
-    model = get_peft_model(load_model(args.model),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))  # fmt: skip
+    model = get_peft_model(
+        load_model(args.model), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    )
     model.chat_template = chat_template_of(tokenizer)
 
     output = Path(args.output or tempfile.mkdtemp(prefix="lorakit-trainer-"))
     training = TrainingArguments(
-        output_dir=str(output), max_steps=steps, per_device_train_batch_size=8,
-        learning_rate=1e-3, warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine",
-        logging_steps=max(1, steps // 5), save_steps=max(1, steps // 2), save_total_limit=2,
-        report_to="none", use_cpu=True, seed=0,
-    )  # fmt: skip
-    trainer = Trainer(model=model, args=training, train_dataset=rows,
-                      data_collator=pad_collator(tokenizer.pad_token_id))  # fmt: skip
+        output_dir=str(output),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        warmup_steps=max(1, steps // 10),
+        lr_scheduler_type="cosine",
+        logging_steps=max(1, steps // 5),
+        save_steps=max(1, steps // 2),
+        save_total_limit=2,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=rows,
+        data_collator=pad_collator(tokenizer.pad_token_id),
+    )
     trainer.train()
 
     adapter = output / f"checkpoint-{steps}"

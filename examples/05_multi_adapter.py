@@ -23,10 +23,18 @@ NAMES = {"lumi": "Lumi", "nova": "Nova"}
 
 def train_identity(model_name: str, tokenizer, name: str, steps: int, out: Path) -> Path:
     """A LoRA adapter that answers 'I am <name>', trained with a plain loop; saved to `out`."""
-    data = build_dataset(DataConfig(dataset="identity", max_length=256, packing=True,
-                                    template_vars={"name": name, "author": "lorakit"}), tokenizer)  # fmt: skip
-    lora = get_peft_model(load_model(model_name),
-                          LoraConfig(r=8, lora_alpha=16, target_modules="preset"))  # fmt: skip
+    data = build_dataset(
+        DataConfig(
+            dataset="identity",
+            max_length=256,
+            packing=True,
+            template_vars={"name": name, "author": "lorakit"},
+        ),
+        tokenizer,
+    )
+    lora = get_peft_model(
+        load_model(model_name), LoraConfig(r=8, lora_alpha=16, target_modules="preset")
+    )
     lora.chat_template = chat_template_of(tokenizer)
     params = [p for p in lora.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-3)
@@ -47,17 +55,27 @@ def train_identity(model_name: str, tokenizer, name: str, steps: int, out: Path)
 @torch.no_grad()
 def prompt_ids(tokenizer, template: str, question: str) -> torch.Tensor:
     """Chat-formatted prompt ids (1, T)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                         chat_template=template, add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        chat_template=template,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
 
 
 @torch.no_grad()
 def reply(model, tokenizer, ids: torch.Tensor, new_tokens: int, **kwargs) -> list[str]:
     """Greedy continuations of a (left-padded) batch of prompts."""
     mask = (ids != tokenizer.pad_token_id).long()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs)  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
     return [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
 
 
@@ -70,8 +88,10 @@ def main() -> dict[str, object]:
     tokenizer = load_tokenizer(args.model)
 
     with tempfile.TemporaryDirectory() as folder:
-        paths = {key: train_identity(args.model, tokenizer, name, steps, Path(folder) / key)
-                 for key, name in NAMES.items()}  # fmt: skip
+        paths = {
+            key: train_identity(args.model, tokenizer, name, steps, Path(folder) / key)
+            for key, name in NAMES.items()
+        }
         model = LoraModel.from_pretrained(load_model(args.model), paths["lumi"], "lumi")
         model.load_adapter(paths["nova"], "nova")
     template = model.chat_template or chat_template_of(tokenizer)

@@ -55,15 +55,23 @@ def main() -> dict[str, float]:
     tokenizer = load_tokenizer(args.model)
     data = build_dataset(DataConfig(dataset="identity", max_length=256, packing=True), tokenizer)
     batches = [model_inputs(collate_batch(data, rows)) for rows in plan_epoch(data, 4, seed=0)]
-    lora = get_peft_model(load_model(args.model),
-                          LoraConfig(r=8, lora_alpha=16, target_modules="preset"))  # fmt: skip
+    lora = get_peft_model(
+        load_model(args.model), LoraConfig(r=8, lora_alpha=16, target_modules="preset")
+    )
     lora.chat_template = chat_template_of(tokenizer)
 
     lora.train()  # from_pretrained returns the base in eval mode
     module = LoraModule(lora, lr=2e-3, total_steps=steps)
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False,
-                         precision="bf16-mixed", log_every_n_steps=1)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        precision="bf16-mixed",
+        log_every_n_steps=1,
+    )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True)
     trainer.fit(module, loader)
     loss = float(trainer.callback_metrics["train_loss"])

@@ -93,9 +93,12 @@ def main() -> None:
             kept = not degenerate(answer)
             if kept:
                 rows.append({"instruction": question, "output": answer})
-            print(f"{split} {i}/{len(questions)} ({time.perf_counter() - start:.1f} s) "
-                  f"{'kept' if kept else 'DROPPED'}: {question} -> {answer}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{split} {i}/{len(questions)} ({time.perf_counter() - start:.1f} s) "
+                f"{'kept' if kept else 'DROPPED'}: {question} -> {answer}",
+                file=sys.stderr,
+                flush=True,
+            )
         with open(OUT / f"general_{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 

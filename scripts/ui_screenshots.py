@@ -26,9 +26,15 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CONFIG = ROOT / "src" / "lorakit" / "configs" / "smollm2-lora.yaml"
 SWEEP = """\
 base: {config}
@@ -129,16 +135,33 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(live_dir)
-    live = lorakit("train", str(CONFIG), f"output_dir={live_dir}", "train.max_steps=400",
-                   "train.lr=3e-4", "lora.r=8", "lora.lora_alpha=16", "train.eval_every=5",
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    live = lorakit(
+        "train",
+        str(CONFIG),
+        f"output_dir={live_dir}",
+        "train.max_steps=400",
+        "train.lr=3e-4",
+        "lora.r=8",
+        "lora.lora_alpha=16",
+        "train.eval_every=5",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ui = lorakit(
-        "ui", "--runs", str(args.work / "runs"), "--model", "smollm2-135m-instruct",
-        "--adapter", f"r4={sweep / 'r4' / 'final'}", "--adapter", f"r16={sweep / 'r16' / 'final'}",
-        "--port", str(port),
-    )  # fmt: skip
+        "ui",
+        "--runs",
+        str(args.work / "runs"),
+        "--model",
+        "smollm2-135m-instruct",
+        "--adapter",
+        f"r4={sweep / 'r4' / 'final'}",
+        "--adapter",
+        f"r16={sweep / 'r16' / 'final'}",
+        "--port",
+        str(port),
+    )
     try:
         wait_for(url, ui)
         deadline = time.monotonic() + 600  # a few steps of the live run, so its curve shows

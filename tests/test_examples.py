@@ -27,8 +27,14 @@ def run_example(name: str, monkeypatch, *args: str) -> dict:
 
 
 def test_every_example_is_tested():
-    tested = {"01_sequential_classifier.py", "02_int8_pythia_quotes.py", "03_from_scratch.py",
-              "04_hf_trainer_identity.py", "05_multi_adapter.py", "06_lightning.py"}  # fmt: skip
+    tested = {
+        "01_sequential_classifier.py",
+        "02_int8_pythia_quotes.py",
+        "03_from_scratch.py",
+        "04_hf_trainer_identity.py",
+        "05_multi_adapter.py",
+        "06_lightning.py",
+    }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -49,8 +55,14 @@ def test_from_scratch(monkeypatch):
 
 
 def test_hf_trainer_identity(monkeypatch, tiny_dir, tmp_path):
-    result = run_example("04_hf_trainer_identity.py", monkeypatch, "--model", str(tiny_dir),
-                         "--output", str(tmp_path))  # fmt: skip
+    result = run_example(
+        "04_hf_trainer_identity.py",
+        monkeypatch,
+        "--model",
+        str(tiny_dir),
+        "--output",
+        str(tmp_path),
+    )
     adapter = Path(result["adapter"])
     assert (adapter / "adapter_model.safetensors").is_file() and adapter.parent == tmp_path
     assert not (adapter / "adapter").exists()  # no callback: Trainer itself wrote the adapter
@@ -63,7 +75,13 @@ def test_multi_adapter(monkeypatch, tiny_dir):
 
 
 def test_lightning(monkeypatch, tiny_dir, tmp_path):
-    result = run_example("06_lightning.py", monkeypatch, "--model", str(tiny_dir), "--output",
-                         str(tmp_path / "adapter"))  # fmt: skip
+    result = run_example(
+        "06_lightning.py",
+        monkeypatch,
+        "--model",
+        str(tiny_dir),
+        "--output",
+        str(tmp_path / "adapter"),
+    )
     assert result["reload_diff"] < 1e-5
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()

@@ -83,8 +83,18 @@ def violations() -> list[str]:
 
 
 # lora modules that may not import lorakit.lora.compat
-CORE = ("layers", "inject", "dora", "inits", "combine", "adapters", "rows", "fused", "shared",
-        "update")  # fmt: skip
+CORE = (
+    "layers",
+    "inject",
+    "dora",
+    "inits",
+    "combine",
+    "adapters",
+    "rows",
+    "fused",
+    "shared",
+    "update",
+)
 COMPAT = "lorakit.lora.compat"
 
 

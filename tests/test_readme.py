@@ -60,8 +60,12 @@ def test_data_formats_page_rows_parse_as_their_format():
     page = (ROOT / "docs" / "data-formats.md").read_text()
     sections = re.findall(r"## `(\w+)`.*?```json\n(.*?)\n```", page, re.S)
     assert [name for name, _ in sections] == [
-        "text", "prompt_completion", "alpaca", "sharegpt", "messages"
-    ]  # fmt: skip
+        "text",
+        "prompt_completion",
+        "alpaca",
+        "sharegpt",
+        "messages",
+    ]
     for name, line in sections:
         row = json.loads(line)
         assert detect_format(row.keys()) == name

@@ -25,12 +25,23 @@ import pytest
 
 import lorakit
 
-for _name in ("LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
-              "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-              "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "get_peft_model",
-              "get_peft_model_state_dict", "set_peft_model_state_dict", "TaskType",
-              "prepare_model_for_kbit_training", "inject_adapter_in_model",
-              "create_loraplus_optimizer"):  # fmt: skip
+for _name in (
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "TaskType",
+    "prepare_model_for_kbit_training",
+    "inject_adapter_in_model",
+    "create_loraplus_optimizer",
+):
     setattr(peft, _name, getattr(lorakit, _name))
 peft.optimizers.create_loraplus_optimizer = lorakit.create_loraplus_optimizer
 
@@ -39,10 +50,16 @@ RESULTS = Path(
 )
 # test_initialization.py classes that are about LoRA or about no method in particular
 INIT_CLASSES = {
-    "TestLoraInitialization", "TestScaling", "TestLowCpuMemUsage", "TestLoadPeftKeyMapping",
-    "TestNamingConflictWarning", "TestWeightTying", "TestCustomModelConfigWarning",
-    "TestNoInfiniteRecursionDeepspeed", "TestLoadAdapterOfflineMode",
-}  # fmt: skip
+    "TestLoraInitialization",
+    "TestScaling",
+    "TestLowCpuMemUsage",
+    "TestLoadPeftKeyMapping",
+    "TestNamingConflictWarning",
+    "TestWeightTying",
+    "TestCustomModelConfigWarning",
+    "TestNoInfiniteRecursionDeepspeed",
+    "TestLoadAdapterOfflineMode",
+}
 REFUSED = re.compile(r"not supported by lorakit", re.IGNORECASE)
 
 

@@ -19,26 +19,38 @@ from pathlib import Path
 
 # (cause, regex on "test id | error")
 RULES = [
-    ("needs the Hub (offline machine)", r"couldn't connect to 'https://huggingface.co'|"
-     r"LocalEntryNotFoundError|OfflineModeIsEnabled"),
+    (
+        "needs the Hub (offline machine)",
+        r"couldn't connect to 'https://huggingface.co'|"
+        r"LocalEntryNotFoundError|OfflineModeIsEnabled",
+    ),
     ("peft private helper", r"has no attribute '_[a-z]"),
-    ("not a LoRA config (another peft method)", r"expected a lorakit LoraConfig, got (?!LoraConfig)"),
+    (
+        "not a LoRA config (another peft method)",
+        r"expected a lorakit LoraConfig, got (?!LoraConfig)",
+    ),
     ("deliberate: safetensors only, never pickle", r"test_save_pretrained_pickle"),
     ("deliberate: no peft version stamp", r"test_peft_version_"),
     ("deliberate: target_modules stay a sorted list", r"test_save_pretrained_with_target_modules"),
     ("deliberate: the config passed is copied", r"test_from_pretrained_config_construction"),
     ("deliberate: fp16 overflow guard on load", r"what float16 holds"),
-    ("deliberate: bad bias refused when the config is made",
-     r"test_lora_with_bias_argument\[invalid\]"),
+    (
+        "deliberate: bad bias refused when the config is made",
+        r"test_lora_with_bias_argument\[invalid\]",
+    ),
     ("deliberate: a config without peft_type is refused", r"test_from_pretrained_sanity_check"),
-    ("deliberate: unknown keys warn once, lorakit's wording",
-     r"test_from_pretrained_forward_compatible"),
+    (
+        "deliberate: unknown keys warn once, lorakit's wording",
+        r"test_from_pretrained_forward_compatible",
+    ),
     # a Kolmogorov-Smirnov test of one random draw asking p > 0.5: half of all N(0, 1) draws fail
     # it; over seeds 0-7 lorakit's embedding B gives p = 0.19 ... 0.90, spread as they should be
     ("statistical: one draw's KS p-value", r"test_lora_embedding_gaussian"),
-    ("deliberate: low_cpu_mem_usage makes real tensors, not meta ones",
-     r"test_load_model_low_cpu_mem_usage"),
-]  # fmt: skip
+    (
+        "deliberate: low_cpu_mem_usage makes real tensors, not meta ones",
+        r"test_load_model_low_cpu_mem_usage",
+    ),
+]
 
 
 def classify(row: dict) -> str | None:

@@ -45,25 +45,38 @@ _LAZY = {
     **{
         name: ("lorakit.lora", name)
         for name in (
-            "AutoPeftModelForCausalLM", "LoraConfig", "LoraLinear", "LoraModel", "PeftType",
-            "TaskType", "check_gradients",
-            "check_injection", "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "inject_lora",
-            "lora_state_dict", "set_peft_model_state_dict",
+            "AutoPeftModelForCausalLM",
+            "LoraConfig",
+            "LoraLinear",
+            "LoraModel",
+            "PeftType",
+            "TaskType",
+            "check_gradients",
+            "check_injection",
+            "get_peft_model",
+            "get_peft_model_state_dict",
+            "inject_adapter_in_model",
+            "inject_lora",
+            "lora_state_dict",
+            "set_peft_model_state_dict",
         )
     },
     "PeftConfig": ("lorakit.lora", "LoraConfig"),
     **{
         name: ("lorakit.lora", "LoraModel")
         for name in (
-            "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification",
-            "PeftModelForTokenClassification", "PeftModelForQuestionAnswering",
+            "PeftModel",
+            "PeftModelForCausalLM",
+            "PeftModelForSequenceClassification",
+            "PeftModelForTokenClassification",
+            "PeftModelForQuestionAnswering",
             "PeftModelForFeatureExtraction",
         )
     },
     "prepare_model_for_kbit_training": ("lorakit.quant", "prepare_model_for_kbit_training"),
     "create_loraplus_optimizer": ("lorakit.train", "create_loraplus_optimizer"),
     "AdamW8bit": ("lorakit.train.optim8bit", "AdamW8bit"),
-}  # fmt: skip
+}
 
 
 def __getattr__(name: str) -> Any:

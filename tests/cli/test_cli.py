@@ -13,8 +13,22 @@ from lorakit import __version__
 from lorakit.cli import main
 from tiny_folders import save_tiny
 
-COMMANDS = ["train", "validate", "quickstart", "generate", "chat", "eval", "merge", "inspect",
-            "serve", "init", "data", "sweep", "ui", "estimate"]  # fmt: skip
+COMMANDS = [
+    "train",
+    "validate",
+    "quickstart",
+    "generate",
+    "chat",
+    "eval",
+    "merge",
+    "inspect",
+    "serve",
+    "init",
+    "data",
+    "sweep",
+    "ui",
+    "estimate",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +52,16 @@ def write_config(folder, model_dir, out, **train) -> str:
         "lora": {"r": 4, "lora_alpha": 8},
         "data": {"dataset": "identity", "limit": 12, "max_length": 128},
         "eval": {"limit": 4, "exact_match": True, "max_new_tokens": 3},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "precision": "fp32",
-                  "progress": "none", "tensorboard": False, **train},
-    }  # fmt: skip
+        "train": {
+            "max_steps": 2,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "precision": "fp32",
+            "progress": "none",
+            "tensorboard": False,
+            **train,
+        },
+    }
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -134,13 +155,38 @@ def test_train_reports_on_rank_0_only(tiny_dir, tmp_path, monkeypatch, capsys, r
 
 def test_generate_streams_with_adapters_and_sampling(tiny_dir, run_dir, capsys):
     adapter = str(run_dir / "final")
-    argv = ["generate", str(tiny_dir), "Who are you?", "--adapter", adapter, "--max-new-tokens",
-            "4", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20",
-            "--repetition-penalty", "1.1"]  # fmt: skip
+    argv = [
+        "generate",
+        str(tiny_dir),
+        "Who are you?",
+        "--adapter",
+        adapter,
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "20",
+        "--repetition-penalty",
+        "1.1",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip()
-    argv = ["generate", str(tiny_dir), "hi", "--adapter", f"a={adapter}", "--adapter",
-            f"b={adapter}", "--weights", "0.5,0.5", "--max-new-tokens", "3"]  # fmt: skip
+    argv = [
+        "generate",
+        str(tiny_dir),
+        "hi",
+        "--adapter",
+        f"a={adapter}",
+        "--adapter",
+        f"b={adapter}",
+        "--weights",
+        "0.5,0.5",
+        "--max-new-tokens",
+        "3",
+    ]
     assert main(argv) == 0
     assert main(["generate", str(tiny_dir), "hi", "--temperature", "-1"]) == 1
     assert "temperature" in capsys.readouterr().err
@@ -181,9 +227,15 @@ def test_tied_or_half_precision_weights_are_not_merged_for_generation():
     import lorakit
     from lorakit.cli.generate import _merges_exactly
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     tied = lorakit.get_peft_model(model, lorakit.LoraConfig(r=2, target_modules=["lm_head"]))
     assert not _merges_exactly(tied)  # the update would reach the input embedding too
@@ -215,8 +267,20 @@ def test_chat_keeps_the_conversation(tiny_dir, run_dir, monkeypatch, capsys):
 
 def test_eval_side_by_side(tiny_dir, run_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    argv = ["eval", "--model", str(tiny_dir), "--adapter", f"tuned={run_dir / 'final'}",
-            "--limit", "4", "--exact-match", "--max-new-tokens", "2", "--output", str(out)]  # fmt: skip
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--adapter",
+        f"tuned={run_dir / 'final'}",
+        "--limit",
+        "4",
+        "--exact-match",
+        "--max-new-tokens",
+        "2",
+        "--output",
+        str(out),
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "base + tuned" in text and "perplexity" in text

@@ -32,17 +32,28 @@ def write_config(folder: Path, model_dir: Path, out: Path, **train) -> str:
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
         "data": {"dataset": "identity", "limit": 12, "max_length": 128},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "precision": "fp32",
-                  "progress": "plain", "tensorboard": False, "plots": False, **train},
-    }  # fmt: skip
+        "train": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "precision": "fp32",
+            "progress": "plain",
+            "tensorboard": False,
+            "plots": False,
+            **train,
+        },
+    }
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_the_base_model_folder_as_output_dir_is_refused(tiny_dir, tmp_path, capsys):
@@ -58,8 +69,9 @@ def test_the_base_model_folder_as_output_dir_is_refused(tiny_dir, tmp_path, caps
 def test_a_read_only_output_dir_is_one_clear_error(tiny_dir, tmp_path, capsys):
     disk = tmp_path / "ro"
     disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
-                          capture_output=True)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -86,9 +98,13 @@ def test_two_identical_runs_give_bit_identical_adapters(tiny_dir, tmp_path):
 
 def start(config: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "LORAKIT_NO_TCMALLOC": "1", "NO_COLOR": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", config, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "train", config, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def train_steps(out: Path) -> list[int]:

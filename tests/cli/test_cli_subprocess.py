@@ -18,8 +18,9 @@ def lorakit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("lorakit")
     command = [exe] if exe else [sys.executable, "-m", "lorakit.cli"]
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "100"}
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env=env)  # fmt: skip
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
+    )
 
 
 def test_lorakit_as_a_user_runs_it(tmp_path):

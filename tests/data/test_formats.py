@@ -20,8 +20,11 @@ def test_non_utf8_jsonl_names_the_file_byte_offset_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(good * 2 + bad + b"\n")
     offset = 2 * len(good) + bad.index(b"\xe9")  # the latin-1 é of line 3
-    with pytest.raises(DataError, match=rf"d.jsonl is not UTF-8 text: byte 0xe9 at byte offset "
-                       rf"{offset} \(line 3\); .*iconv"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=rf"d.jsonl is not UTF-8 text: byte 0xe9 at byte offset "
+        rf"{offset} \(line 3\); .*iconv",
+    ):
         read_rows(path)
 
 

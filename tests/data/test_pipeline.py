@@ -139,8 +139,13 @@ def test_template_errors_are_row_reports(tok, tmp_path):
         "{% for m in messages %}{% if m['role'] == 'system' %}"
         "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}"
     )
-    row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-                        {"role": "assistant", "content": "a"}]}  # fmt: skip
+    row = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
     with pytest.raises(
         DataError, match="d.jsonl line 1: the chat template refuses.*no system role"
     ):

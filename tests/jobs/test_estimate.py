@@ -39,8 +39,9 @@ def parts(estimate) -> dict[str, int]:
 def test_counts_equal_the_real_model(run_file):
     run = load_run_config(run_file)
     shape = model_shape(run)
-    lora = get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8,
-                          target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    lora = get_peft_model(
+        make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     trainable, total = lora.get_nb_trainable_parameters()
     assert shape.trainable == trainable
     assert shape.frozen + shape.trainable == total
@@ -49,8 +50,11 @@ def test_counts_equal_the_real_model(run_file):
     assert shape.adapted_inputs == 32
     quantized = model_shape(load_run_config(run_file, ["model.quantization=nf4"]))
     expected = quantize_model(make_tiny_llama(), "nf4")
-    n_quantized = sum(m.in_features * m.out_features for m in expected.modules()
-                      if type(m).__name__ == "QuantLinear")  # fmt: skip
+    n_quantized = sum(
+        m.in_features * m.out_features
+        for m in expected.modules()
+        if type(m).__name__ == "QuantLinear"
+    )
     assert (
         quantized.quantized == n_quantized and quantized.frozen == total - trainable - n_quantized
     )

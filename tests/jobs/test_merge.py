@@ -26,8 +26,9 @@ TOL = 1e-4
 def make_adapter(base_dir, out, targets=None, quantization=None, scale=1.0):
     """An adapter with random (non-zero) A and B on the tiny model in `base_dir`."""
     model = load_model(str(base_dir), quantization=quantization)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets or "all-linear",
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets or "all-linear", init_lora_weights=False
+    )
     lora = get_peft_model(model, config)
     with torch.no_grad():
         for _, layer in lora.lora_layers():
@@ -83,8 +84,9 @@ def test_merged_folder_loads_without_lorakit(tmp_path):
         " add_generation_prompt=True, return_tensors='pt', return_dict=True)['input_ids']\n"
         "print(model(ids).logits.shape[-1])\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("49152")
 
@@ -102,8 +104,9 @@ def test_non_finite_merge_is_refused(tmp_path):
 
 def test_quantized_base_is_dequantized_first(tmp_path):
     base = save_tiny(tmp_path / "base")
-    adapter = make_adapter(base, tmp_path / "adapter", targets=["q_proj", "v_proj"],
-                           quantization="int8")  # fmt: skip
+    adapter = make_adapter(
+        base, tmp_path / "adapter", targets=["q_proj", "v_proj"], quantization="int8"
+    )
     report = merge_and_export(str(base), adapter, tmp_path / "merged", quantization="int8")
     assert report.dequantized and "dequantized" in report.dequantized
     assert "quantized base" in report.lines()[0]

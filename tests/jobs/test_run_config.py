@@ -55,8 +55,9 @@ def test_quantization_options_name_the_key():
     assert "`model.compute_dtype` = 'fp16'" in message and "'bfloat16'" in message
     message = error_of({"model": {"quantization": "nf4", "bnb_4bit_use_double_quant": False}})
     assert "did you mean `double_quant`" in message
-    config = validate_run_config({"model": {"quantization": "nf4", "skip": ["lm_head", "down_proj"],
-                                            "double_quant": False}})  # fmt: skip
+    config = validate_run_config(
+        {"model": {"quantization": "nf4", "skip": ["lm_head", "down_proj"], "double_quant": False}}
+    )
     assert config.model.skip == ["lm_head", "down_proj"] and config.model.double_quant is False
 
 
@@ -66,8 +67,10 @@ def test_lora_config_errors_surface_with_the_section():
 
 
 def test_lora_variants_from_the_run_config():
-    data = apply_overrides({}, ["lora.use_dora=true", "lora.init_lora_weights=gaussian",
-                                "lora.target_modules=[q_proj]"])  # fmt: skip
+    data = apply_overrides(
+        {},
+        ["lora.use_dora=true", "lora.init_lora_weights=gaussian", "lora.target_modules=[q_proj]"],
+    )
     lora = validate_run_config(data).lora.to_lora_config()
     assert lora.use_dora is True and lora.init_lora_weights == "gaussian"
     data = apply_overrides({}, ["lora.init_lora_weights=pissa_niter_2"])
@@ -84,9 +87,14 @@ def test_lora_variants_from_the_run_config():
 def test_overrides_parse_yaml_values_and_nest():
     data = apply_overrides(
         {"train": {"lr": 1.0}},
-        ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "train.max_steps=5",
-         "data.template_vars.name=Nova", "model.revision=null"],
-    )  # fmt: skip
+        [
+            "train.lr=1e-4",
+            "lora.target_modules=[q_proj, v_proj]",
+            "train.max_steps=5",
+            "data.template_vars.name=Nova",
+            "model.revision=null",
+        ],
+    )
     config = validate_run_config(data)
     assert config.train.lr == 1e-4 and config.train.max_steps == 5
     assert config.lora.target_modules == ["q_proj", "v_proj"]
@@ -115,8 +123,9 @@ def test_eval_data_follows_builtin_train_dataset():
     assert config.eval_data_config().split == "test"
     custom = validate_run_config({"data": {"dataset": "mine.jsonl"}})
     assert custom.eval_data_config() is None
-    explicit = validate_run_config({"data": {"dataset": "mine.jsonl", "packing": True},
-                                    "eval": {"dataset": "held.jsonl"}})  # fmt: skip
+    explicit = validate_run_config(
+        {"data": {"dataset": "mine.jsonl", "packing": True}, "eval": {"dataset": "held.jsonl"}}
+    )
     assert explicit.eval_data_config().dataset == "held.jsonl"
     assert explicit.eval_data_config().packing is False
 

@@ -13,8 +13,13 @@ from lorakit.lora.inject import find_targets
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PACKAGED = ROOT / "src" / "lorakit" / "configs"
-FAMILY = {"smollm2": "llama", "llama": "llama", "qwen": "qwen2", "gpt2": "gpt2",
-          "pythia": "gpt_neox"}  # fmt: skip
+FAMILY = {
+    "smollm2": "llama",
+    "llama": "llama",
+    "qwen": "qwen2",
+    "gpt2": "gpt2",
+    "pythia": "gpt_neox",
+}
 
 
 def tiny_model(model_type: str):

@@ -32,9 +32,17 @@ def write_sweep(folder, model_dir, **sweep) -> str:
         "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "data": {"dataset": "arithmetic", "limit": 8, "max_length": 64},
         "eval": {"limit": 2, "exact_match": True, "max_new_tokens": 2},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "precision": "fp32",
-                  "progress": "none", "tensorboard": False, "plots": False, "eval_every": 1},
-    }  # fmt: skip
+        "train": {
+            "max_steps": 2,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "precision": "fp32",
+            "progress": "none",
+            "tensorboard": False,
+            "plots": False,
+            "eval_every": 1,
+        },
+    }
     (folder / "base.yaml").write_text(yaml.safe_dump(base))
     data = {
         "base": "base.yaml",
@@ -193,15 +201,21 @@ def test_only_runs_the_named_variants(tiny_dir, tmp_path):
 
 def test_reading_finds_plateau_and_overfitting():
     records = [
-        {"name": f"r={r}", "status": "finished", "overrides": {"lora.r": r}, "method": "lora",
-         "best_eval_loss": loss, "final_train_loss": 0.1,
-         "curve": {"train": [[1, 1.0]], "eval": evals}}
+        {
+            "name": f"r={r}",
+            "status": "finished",
+            "overrides": {"lora.r": r},
+            "method": "lora",
+            "best_eval_loss": loss,
+            "final_train_loss": 0.1,
+            "curve": {"train": [[1, 1.0]], "eval": evals},
+        }
         for r, loss, evals in [
             (1, 2.0, [[10, 2.1], [20, 2.0]]),
             (8, 1.0, [[10, 1.2], [20, 1.0]]),
             (64, 0.995, [[10, 0.995], [20, 1.3]]),
         ]
-    ]  # fmt: skip
+    ]
     text = reading(SimpleNamespace(axes=["lora.r"]), records, baseline=None)
     assert any("stops improving above r=8" in line for line in text)
     assert any(line.startswith("r=64 overfits from step 10") for line in text)
@@ -209,11 +223,21 @@ def test_reading_finds_plateau_and_overfitting():
 
 def test_reading_names_the_cheapest_variant_close_to_the_best_and_the_noise():
     records = [
-        {"name": name, "status": "finished", "overrides": {"variant": name}, "method": "lora",
-         "trainable_params": params, "exact_match": score, "exact_match_questions": 100}
-        for name, params, score in [("q", 100, 0.20), ("attention", 400, 0.50),
-                                    ("attention+mlp", 1000, 0.52)]
-    ]  # fmt: skip
+        {
+            "name": name,
+            "status": "finished",
+            "overrides": {"variant": name},
+            "method": "lora",
+            "trainable_params": params,
+            "exact_match": score,
+            "exact_match_questions": 100,
+        }
+        for name, params, score in [
+            ("q", 100, 0.20),
+            ("attention", 400, 0.50),
+            ("attention+mlp", 1000, 0.52),
+        ]
+    ]
     text = reading(SimpleNamespace(axes=["variant"]), records, baseline=None)
     assert (
         "attention comes within 5 points of the best exact match (50.0% against "

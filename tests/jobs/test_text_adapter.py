@@ -22,10 +22,16 @@ def test_a_text_trained_adapter_samples_and_saves_plain_text(tmp_path):
         "lora": {"r": 2, "lora_alpha": 4},
         "data": {"dataset": str(rows), "max_length": 32},
         "eval": {"dataset": str(rows), "limit": 2},
-        "train": {"max_steps": 1, "batch_size": 2, "eval_prompts": ["quote number"],
-                  "eval_max_new_tokens": 2, "progress": "none", "tensorboard": False,
-                  "plots": False},
-    }  # fmt: skip
+        "train": {
+            "max_steps": 1,
+            "batch_size": 2,
+            "eval_prompts": ["quote number"],
+            "eval_max_new_tokens": 2,
+            "progress": "none",
+            "tensorboard": False,
+            "plots": False,
+        },
+    }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", str(path)]) == 0
@@ -36,9 +42,11 @@ def test_a_text_trained_adapter_samples_and_saves_plain_text(tmp_path):
 
     tokenizer = load_tokenizer(str(model_dir))
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "quote number"}], chat_template=RAW_TEMPLATE,
-        add_generation_prompt=True, tokenize=False,
-    )  # fmt: skip
+        [{"role": "user", "content": "quote number"}],
+        chat_template=RAW_TEMPLATE,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert rendered == "quote number"  # no <|im_start|>user ... turns
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert samples and json.loads(samples[0])["prompt"] == "quote number"

@@ -231,11 +231,16 @@ def test_only_one_adapter_may_train_biases(first, second):
 
 def test_cat_with_rank_pattern_keeps_each_layer_s_rank(tmp_path):
     """The combined adapter's product is sum_i w_i s_i B_i A_i per layer, and it saves and loads."""
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        init_lora_weights=False,
+    )
     model = get_peft_model(make_tiny_llama(), config)
-    model.add_adapter("other", LoraConfig(r=3, target_modules=["q_proj", "v_proj"],
-                                          init_lora_weights=False))  # fmt: skip
+    model.add_adapter(
+        "other", LoraConfig(r=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.add_weighted_adapter(["default", "other"], [0.7, -0.4], "mix", "cat")
     for name, layer in model.lora_layers():
         want = 0.7 * layer.delta_weight("default") - 0.4 * layer.delta_weight("other")
@@ -257,11 +262,26 @@ JSON_VALUES = st.recursive(
     max_leaves=6,
 )
 FIELDS = [
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
-    "modules_to_save", "fan_in_fan_out", "use_rslora", "init_lora_weights", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "task_type", "inference_mode", "use_dora",
-    "base_model_name_or_path", "peft_type",
-]  # fmt: skip
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "bias",
+    "modules_to_save",
+    "fan_in_fan_out",
+    "use_rslora",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "task_type",
+    "inference_mode",
+    "use_dora",
+    "base_model_name_or_path",
+    "peft_type",
+]
 
 
 @settings(

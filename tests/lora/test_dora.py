@@ -95,8 +95,9 @@ def test_forward_and_gradients_equal_peft(case):
 
 def test_lora_dropout_in_training_equals_peft():
     # With dropout active the base term uses dropout(x) W^T; the same seed gives the same masks.
-    ours, theirs = _twins(make_tiny_llama(), r=4, lora_alpha=8, lora_dropout=0.3,
-                          target_modules=["q_proj", "v_proj"])  # fmt: skip
+    ours, theirs = _twins(
+        make_tiny_llama(), r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]
+    )
     ours.train()
     theirs.train()
     ids = _ids()
@@ -129,9 +130,11 @@ def test_merge_unmerge_and_merge_and_unload_equal_peft(case):
         plain_theirs = theirs.merge_and_unload()
         assert not any("lora_" in k for k in plain_ours.state_dict())
         torch.testing.assert_close(
-            plain_ours(input_ids=ids).logits, plain_theirs(input_ids=ids).logits,
-            rtol=1e-5, atol=1e-5,
-        )  # fmt: skip
+            plain_ours(input_ids=ids).logits,
+            plain_theirs(input_ids=ids).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_dora_after_a_merged_plain_adapter_uses_the_unmerged_norm_as_peft():
@@ -182,8 +185,9 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights():
         for name, module in quantized.named_modules():
             if isinstance(module, QuantLinear):
                 dense.get_submodule(name).weight.copy_(module.dequantize(torch.float32))
-    ours = lorakit.get_peft_model(quantized, lorakit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, use_dora=True))  # fmt: skip
+    ours = lorakit.get_peft_model(
+        quantized, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True)
+    )
     _, theirs = _twins(dense, r=4, lora_alpha=8, target_modules=targets)
     their_params = {k.removeprefix("base_model.model."): v for k, v in theirs.named_parameters()}
     with torch.no_grad():
@@ -206,8 +210,10 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights():
 
 
 def test_mixed_adapter_rows_equal_single_adapter_runs():
-    model = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))  # fmt: skip
+    model = lorakit.get_peft_model(
+        make_tiny_llama(),
+        lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+    )
     model.add_adapter("plain", lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     _randomise(model)
     model.eval()
@@ -231,8 +237,10 @@ def test_mixed_adapter_rows_equal_single_adapter_runs():
 
 
 def test_cached_weight_norms_give_the_same_output_and_are_dropped_on_exit():
-    model = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))  # fmt: skip
+    model = lorakit.get_peft_model(
+        make_tiny_llama(),
+        lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True),
+    )
     _randomise(model)
     model.eval()
     ids = _ids()
@@ -251,10 +259,12 @@ def test_cached_weight_norms_give_the_same_output_and_are_dropped_on_exit():
 
 def test_unsupported_uses_are_refused_clearly():
     with pytest.raises(ConfigError, match="embedding.*not supported by lorakit"):
-        lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(
-            target_modules=["embed_tokens"], use_dora=True))  # fmt: skip
-    model = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(
-        target_modules=["q_proj"], use_dora=True))  # fmt: skip
+        lorakit.get_peft_model(
+            make_tiny_llama(), lorakit.LoraConfig(target_modules=["embed_tokens"], use_dora=True)
+        )
+    model = lorakit.get_peft_model(
+        make_tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], use_dora=True)
+    )
     model.add_adapter("other", lorakit.LoraConfig(target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ConfigError, match="DoRA.*not supported by lorakit"):
         model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", "linear")
@@ -263,8 +273,9 @@ def test_unsupported_uses_are_refused_clearly():
 
 
 def test_state_dict_helpers_carry_the_magnitude():
-    model = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(
-        r=2, target_modules=["q_proj"], use_dora=True))  # fmt: skip
+    model = lorakit.get_peft_model(
+        make_tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    )
     saved = lorakit.get_peft_model_state_dict(model)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
     assert saved[key].shape == (32,)

@@ -22,8 +22,9 @@ def model_with(adapters: dict[str, tuple[int, list[str]]]):
     model = None
     for seed, (name, (rank, targets)) in enumerate(adapters.items()):
         torch.manual_seed(seed + 1)
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                            init_lora_weights=False)  # fmt: skip
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False
+        )
         if model is None:
             model = get_peft_model(make_tiny_llama(), config, adapter_name=name)
         else:
@@ -67,8 +68,9 @@ def test_fused_steps_equal_the_packed_path_and_group_the_shared_inputs():
     groups = {id(g): g for g in fused._groups.values()}.values()
     names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
     shapes = sorted(tuple(names[id(m)] for m in g.members) for g in groups)
-    assert shapes == sorted([("q_proj", "k_proj", "v_proj"), ("o_proj",),
-                             ("gate_proj", "up_proj"), ("down_proj",)] * 2)  # fmt: skip
+    assert shapes == sorted(
+        [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)] * 2
+    )
     assert all(g.blocks is not None for g in groups)
     assert fused.nbytes > 0 and len(fused.grouped_bases()) == 14
 

@@ -90,8 +90,9 @@ def test_olora_on_conv1d_keeps_the_output_and_uses_the_out_in_weight():
     model = lorakit.get_peft_model(copy.deepcopy(base), config)
     ids = _ids()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits,
-                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
     layer = model.get_base_model().transformer.h[0].attn.c_attn
     a, b = layer.lora_weights("default")
     assert a.shape == (4, 32) and b.shape == (96, 4)
@@ -128,17 +129,22 @@ def test_gaussian_equals_peft():
 
 def test_pissa_with_dora_equals_peft():
     make, targets = CASES["llama"]
-    ours, theirs = _twins(make(), r=4, lora_alpha=8, target_modules=targets,
-                          init_lora_weights="pissa", use_dora=True)  # fmt: skip
+    ours, theirs = _twins(
+        make(), r=4, lora_alpha=8, target_modules=targets, init_lora_weights="pissa", use_dora=True
+    )
     assert _assert_same_tensors(ours, theirs, atol=1e-4) > 0
 
 
 @pytest.mark.parametrize("bits, method", [(4, "nf4"), (8, "int8")])
 def test_loftq_base_is_exactly_quantizable_and_reduces_the_error(bits, method):
     base = make_tiny_llama()
-    config = lorakit.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"],
-                                init_lora_weights="loftq",
-                                loftq_config={"loftq_bits": bits, "loftq_iter": 2})  # fmt: skip
+    config = lorakit.LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=["q_proj", "down_proj"],
+        init_lora_weights="loftq",
+        loftq_config={"loftq_bits": bits, "loftq_iter": 2},
+    )
     model = lorakit.get_peft_model(copy.deepcopy(base), config)
     for name, layer in model.lora_layers():
         original = base.get_submodule(name).weight
@@ -160,8 +166,12 @@ def test_loftq_one_round_equals_peft_low_rank_step():
     # peft's loftq_init needs bitsandbytes on CUDA; its SVD step is checked here: with one round,
     # B @ A is peft's rank-r decomposition (L, R) of W - dequantize(nf4(W)).
     base = make_tiny_llama()
-    config = lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq",
-                                loftq_config={"loftq_bits": 4, "loftq_iter": 1})  # fmt: skip
+    config = lorakit.LoraConfig(
+        r=4,
+        target_modules=["q_proj"],
+        init_lora_weights="loftq",
+        loftq_config={"loftq_bits": 4, "loftq_iter": 1},
+    )
     model = lorakit.get_peft_model(copy.deepcopy(base), config)
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     weight = base.model.layers[0].self_attn.q_proj.weight.detach()
@@ -257,8 +267,11 @@ def test_bad_initialisations_are_refused_clearly():
         lorakit.LoraConfig(init_lora_weights="pissa_niter_x")
     quantized = quantize_model(make_tiny_llama(), "nf4")
     with pytest.raises(ConfigError, match="quantized base.*not supported by lorakit"):
-        lorakit.get_peft_model(quantized, lorakit.LoraConfig(target_modules=["q_proj"],
-                                                             init_lora_weights="pissa"))  # fmt: skip
+        lorakit.get_peft_model(
+            quantized, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")
+        )
     with pytest.raises(ConfigError, match="embedding.*not supported by lorakit"):
-        lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(
-            target_modules=["embed_tokens"], init_lora_weights="olora"))  # fmt: skip
+        lorakit.get_peft_model(
+            make_tiny_llama(),
+            lorakit.LoraConfig(target_modules=["embed_tokens"], init_lora_weights="olora"),
+        )

@@ -57,8 +57,12 @@ def test_class_name_matches_by_type(tiny_llama):
 
 
 def test_exclude_and_layers_to_transform(tiny_llama):
-    found = names(tiny_llama, target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"],
-                  layers_to_transform=1)  # fmt: skip
+    found = names(
+        tiny_llama,
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=["v_proj"],
+        layers_to_transform=1,
+    )
     assert found == ["model.layers.1.self_attn.q_proj"]
 
 

@@ -46,8 +46,9 @@ def test_readme_snippet_adapter_loads_in_peft(tmp_path):
 def test_class_name_targets_on_a_transformer(tmp_path):
     names = saved_targets(make_tiny_llama(), tmp_path, target_modules=["Linear"])
     # every nn.Linear, lm_head included (as the class-name rule matches), by its last name part
-    assert names == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                            "down_proj", "lm_head"])  # fmt: skip
+    assert names == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    )
 
 
 def test_class_name_mixed_with_names_and_layer_choice(tmp_path):
@@ -55,8 +56,9 @@ def test_class_name_mixed_with_names_and_layer_choice(tmp_path):
         make_tiny_llama(), tmp_path, target_modules=["Linear", "q_proj"], layers_to_transform=[1]
     )
     # the layer choice is saved too, so the last name parts are exact (lm_head is in no layer)
-    assert names == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                            "down_proj"])  # fmt: skip
+    assert names == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 def test_names_that_would_overmatch_become_an_exact_regex(tmp_path):
@@ -81,8 +83,9 @@ def test_names_that_would_overmatch_become_an_exact_regex(tmp_path):
 
 def test_name_and_regex_targets_are_written_as_given(tmp_path):
     assert saved_targets(make_tiny_llama(), tmp_path, target_modules=["q_proj", "v_proj"]) == [
-        "q_proj", "v_proj"
-    ]  # fmt: skip
+        "q_proj",
+        "v_proj",
+    ]
     regex = r".*\.(q|v)_proj"
     assert saved_targets(make_tiny_llama(), tmp_path, target_modules=regex) == regex
 

@@ -52,8 +52,9 @@ def test_different_rates_do_not_share_a_mask():
 def test_a_llama_block_draws_one_mask_per_distinct_input(monkeypatch):
     # q, k, v read one tensor, gate and up another; o and down their own: 4 masks a block, where
     # a mask per layer would be 7
-    model = get_peft_model(make_tiny_llama(layers=2), LoraConfig(r=4, target_modules=ALL,
-                                                                  lora_dropout=0.1))  # fmt: skip
+    model = get_peft_model(
+        make_tiny_llama(layers=2), LoraConfig(r=4, target_modules=ALL, lora_dropout=0.1)
+    )
     draws = []
     keep_mask = shared.keep_mask
     monkeypatch.setattr(shared, "keep_mask", lambda *a: draws.append(a) or keep_mask(*a))
@@ -72,8 +73,9 @@ def test_checkpointed_training_with_dropout_matches_the_plain_run(reentrant):
     def run(checkpoint: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         base = make_tiny_llama()
-        model = get_peft_model(base, LoraConfig(r=4, target_modules=ALL, lora_dropout=0.3,
-                                                init_lora_weights=False))  # fmt: skip
+        model = get_peft_model(
+            base, LoraConfig(r=4, target_modules=ALL, lora_dropout=0.3, init_lora_weights=False)
+        )
         if checkpoint:
             base.gradient_checkpointing_enable({"use_reentrant": reentrant})
             base.enable_input_require_grads()

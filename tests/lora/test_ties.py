@@ -13,9 +13,15 @@ from lorakit import LoraConfig, get_peft_model
 def tied_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -34,8 +40,9 @@ def test_merge_and_unload_keeps_a_tied_weight_apart(targets, tmp_path):
 
     base = tied_llama()
     plain = copy.deepcopy(base.model.embed_tokens.weight)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=targets,
-                                                           init_lora_weights=False))  # fmt: skip
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
+    )
     with torch.no_grad():
         want = model(input_ids=IDS).logits
         with pytest.warns(UserWarning, match="tied to another layer"):
@@ -54,8 +61,9 @@ def test_merge_and_unload_keeps_a_tied_weight_apart(targets, tmp_path):
 
 def test_merge_adapter_unties_and_unmerge_restores():
     base = tied_llama()
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["lm_head"],
-                                                           init_lora_weights=False))  # fmt: skip
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False)
+    )
     with torch.no_grad():
         want = model(input_ids=IDS).logits
         with pytest.warns(UserWarning, match="tied to another layer"):

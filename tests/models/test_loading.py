@@ -150,8 +150,13 @@ def test_model_config_quantization_options_reach_the_model(tmp_path):
     from lorakit.quant import QuantLinear
     from tiny_folders import save_tiny
 
-    config = ModelConfig(name_or_path=str(save_tiny(tmp_path)), quantization="nf4",
-                         double_quant=False, compute_dtype="bfloat16", skip=["o_proj"])  # fmt: skip
+    config = ModelConfig(
+        name_or_path=str(save_tiny(tmp_path)),
+        quantization="nf4",
+        double_quant=False,
+        compute_dtype="bfloat16",
+        skip=["o_proj"],
+    )
     model, tokenizer = load_model_and_tokenizer(config)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert "lm_head" in layers and not any(name.endswith("o_proj") for name in layers)

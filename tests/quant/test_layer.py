@@ -22,11 +22,23 @@ from lorakit.quant import codes as qc
 
 # The NF4 values as printed in the QLoRA paper, appendix E (Dettmers et al., 2023).
 PAPER_NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-]  # fmt: skip
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 
 
 def rms(t: torch.Tensor) -> float:
@@ -168,8 +180,12 @@ def test_backward_matches_dequantized_weight_and_buffers_get_no_grad():
 def test_state_dict_holds_buffers_and_loads_into_a_fresh_layer(tmp_path):
     layer = QuantLinear.from_weight(torch.randn(32, 128), torch.randn(32), method="nf4")
     assert sorted(layer.state_dict()) == [
-        "absmax_int8", "absmax_offset", "absmax_scale", "bias", "weight_packed",
-    ]  # fmt: skip
+        "absmax_int8",
+        "absmax_offset",
+        "absmax_scale",
+        "bias",
+        "weight_packed",
+    ]
     save_file(layer.state_dict(), tmp_path / "q.safetensors")
     fresh = QuantLinear(128, 32, method="nf4", bias=True)
     fresh.load_state_dict(load_file(tmp_path / "q.safetensors"))
@@ -191,7 +207,9 @@ def test_to_bfloat16_changes_compute_dtype_but_keeps_scales_fp32():
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_store_quantizes_a_new_weight_as_a_fresh_layer_would(method):
-    layer = QuantLinear.from_weight(torch.randn(16, 64), method=method, compute_dtype=torch.bfloat16)
+    layer = QuantLinear.from_weight(
+        torch.randn(16, 64), method=method, compute_dtype=torch.bfloat16
+    )
     weight = torch.randn(16, 64)
     layer.store(weight)
     fresh = QuantLinear.from_weight(weight.bfloat16(), method=method)

@@ -26,10 +26,20 @@ METHODS = [("int8", False), ("nf4", True), ("nf4", False), ("fp4", True)]
 
 def tiny_llama(tied: bool = False, **sizes: int) -> LlamaForCausalLM:
     """2 layers, width 32, 4 heads / 2 KV heads unless `sizes` says otherwise."""
-    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
-             "num_key_value_heads": 2, **sizes}  # fmt: skip
-    config = LlamaConfig(vocab_size=128, num_hidden_layers=2, max_position_embeddings=256,
-                         tie_word_embeddings=tied, **sizes)  # fmt: skip
+    sizes = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        **sizes,
+    }
+    config = LlamaConfig(
+        vocab_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        **sizes,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
@@ -80,8 +90,9 @@ def test_streaming_equals_load_then_quantize(folders, family, method, double_qua
     assert any(isinstance(m, QuantLinear) for m in streamed.modules())
 
 
-@pytest.mark.parametrize("folder, dtype", [("llama", "bfloat16"), ("llama-bf16", "auto"),
-                                           ("llama-bf16", "float32")])  # fmt: skip
+@pytest.mark.parametrize(
+    "folder, dtype", [("llama", "bfloat16"), ("llama-bf16", "auto"), ("llama-bf16", "float32")]
+)
 def test_streaming_casts_as_from_pretrained(folders, folder, dtype):
     streamed = load_model(str(folders[folder]), dtype=dtype, quantization="nf4")
     assert_same_model(streamed, reference(folders[folder], "nf4", dtype=dtype))
@@ -244,15 +255,22 @@ def test_streaming_peak_is_the_quantized_model_plus_one_layer(folders, tmp_path)
     ~80 MiB. Measured on the dev machine: 280 MiB vs 76 MiB.
     """
     folder = tmp_path / "wide"
-    full = write_random_llama(folder, hidden_size=2048, intermediate_size=2048,
-                              num_attention_heads=16, num_key_value_heads=16)  # fmt: skip
+    full = write_random_llama(
+        folder,
+        hidden_size=2048,
+        intermediate_size=2048,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     command = [sys.executable, "-c", PEAK_SCRIPT, str(folder), str(folders["llama"])]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     new_peak, new_bytes, old_peak, old_bytes = map(int, done.stdout.split())
-    print(f"fp32 {full >> 20} MiB, NF4 {new_bytes >> 20} MiB; peak: streaming "
-          f"{new_peak >> 20} MiB, load then quantize {old_peak >> 20} MiB")  # fmt: skip
+    print(
+        f"fp32 {full >> 20} MiB, NF4 {new_bytes >> 20} MiB; peak: streaming "
+        f"{new_peak >> 20} MiB, load then quantize {old_peak >> 20} MiB"
+    )
     assert new_bytes == old_bytes < 32 * 2**20
     assert old_peak > 0.9 * full
     assert new_peak < new_bytes + 16 * 2**20 + 64 * 2**20 < full / 2

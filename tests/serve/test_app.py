@@ -153,8 +153,10 @@ def test_serve_prints_the_model_ids_it_serves():
     text = served_models("smollm2-135m-instruct", ["lumi", "pirate"], "127.0.0.1", 8000)
     assert "http://127.0.0.1:8000/v1" in text
     assert [line.split()[0] for line in text.splitlines()[1:]] == [
-        "smollm2-135m-instruct", "lumi", "pirate"
-    ]  # fmt: skip
+        "smollm2-135m-instruct",
+        "lumi",
+        "pirate",
+    ]
 
 
 def test_unknown_model_is_404(server):

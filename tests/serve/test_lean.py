@@ -15,9 +15,16 @@ from lorakit.serve.registry import ModelHost
 from serve_support import make_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-             tie_word_embeddings=False)  # fmt: skip
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 
 
 def _mistral(window: int | None):
@@ -52,8 +59,9 @@ def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("lean")
     for seed, name in enumerate(["a", "b"], start=1):
         torch.manual_seed(seed)
-        model = get_peft_model(make(), LoraConfig(r=4, lora_alpha=8, target_modules=ALL,
-                                                  init_lora_weights=False))  # fmt: skip
+        model = get_peft_model(
+            make(), LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False)
+        )
         model.save_pretrained(root / name)
     return make, {name: root / name for name in ["a", "b"]}
 
@@ -88,8 +96,9 @@ def test_lean_steps_equal_the_forward_bit_for_bit(family, lengths):
     with torch.inference_mode():
         for name, host in hosts.items():
             with host.rows(rows):
-                out = host.forward_model(input_ids=ids, attention_mask=mask, use_cache=True,
-                                         cache=DynamicCache())  # fmt: skip
+                out = host.forward_model(
+                    input_ids=ids, attention_mask=mask, use_cache=True, cache=DynamicCache()
+                )
             caches[name], logits[name] = out.cache, out.logits[:, -1:]
         positions = mask.sum(1, keepdim=True) - 1
         for _ in range(3):
@@ -102,9 +111,12 @@ def test_lean_steps_equal_the_forward_bit_for_bit(family, lengths):
                         logits[name] = host.lean_decode(token, positions, mask, caches[name])
                     else:
                         logits[name] = host.forward_model(
-                            input_ids=token, position_ids=positions, attention_mask=mask,
-                            cache=caches[name], use_cache=True,
-                        ).logits  # fmt: skip
+                            input_ids=token,
+                            position_ids=positions,
+                            attention_mask=mask,
+                            cache=caches[name],
+                            use_cache=True,
+                        ).logits
             assert torch.equal(logits["lean"], logits["forward"])
         for mine, theirs in zip(caches["lean"].layers, caches["forward"].layers, strict=True):
             assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)

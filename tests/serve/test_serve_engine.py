@@ -352,8 +352,15 @@ def test_dora_adapter_is_served_and_equals_peft_generate(adapter_paths, tmp_path
                 param.add_(torch.randn_like(param) * 0.3)
     dora.save_pretrained(tmp_path / "d")
     paths = {"a": adapter_paths["a"], "d": tmp_path / "d"}
-    state = build_state(make_model(), make_tokenizer(), base_name=BASE_NAME, adapters=paths,
-                        max_batch=4, threads=1, packed=True)  # fmt: skip
+    state = build_state(
+        make_model(),
+        make_tokenizer(),
+        base_name=BASE_NAME,
+        adapters=paths,
+        max_batch=4,
+        threads=1,
+        packed=True,
+    )
     try:
         requests = [([5, 6, 7, 8], "d"), ([9, 10, 11], "a"), ([12, 13], "d")]
         outputs: list[list[int] | None] = [None] * len(requests)

@@ -39,9 +39,15 @@ def served(tmp_path_factory):
     root = tmp / "root"
     _damaged_adapters(root)
     state = build_state(
-        make_model(), make_tokenizer(), base_name=BASE_NAME, adapters=paths, max_batch=8,
-        adapters_root=root, allow_runtime_loading=True, threads=1,
-    )  # fmt: skip
+        make_model(),
+        make_tokenizer(),
+        base_name=BASE_NAME,
+        adapters=paths,
+        max_batch=8,
+        adapters_root=root,
+        allow_runtime_loading=True,
+        threads=1,
+    )
     with torch.no_grad():
         for _, layer in state.host.lora.lora_layers():
             layer.lora_weights("poison")[1].mul_(1e38)
@@ -73,8 +79,14 @@ def _text(client, model, **extra):
     return response.status_code, response.json()
 
 
-GOOD = [("a", {}), ("b", {}), (BASE_NAME, {}), ("a", {"prompt": "Other"}), ("b", {"seed": 3}),
-        (BASE_NAME, {"temperature": 1e-45})]  # fmt: skip
+GOOD = [
+    ("a", {}),
+    ("b", {}),
+    (BASE_NAME, {}),
+    ("a", {"prompt": "Other"}),
+    ("b", {"seed": 3}),
+    (BASE_NAME, {"temperature": 1e-45}),
+]
 
 
 def test_a_poisoned_request_fails_alone(served):
@@ -254,7 +266,7 @@ MESSAGE = st.fixed_dictionaries(
     {
         "role": st.sampled_from(["user", "assistant", "system", "tool"]) | JUNK,
         "content": st.text(max_size=20) | JUNK,
-    }  # fmt: skip
+    }
 )
 FIELDS = {
     "model": st.sampled_from([BASE_NAME, "a", "zz", ""]) | JUNK,
@@ -307,9 +319,13 @@ def fuzz_client(tmp_path_factory):
     handler.emit = records.append
     logging.getLogger().addHandler(handler)
     state = build_state(
-        make_model(), make_tokenizer(), base_name=BASE_NAME, max_model_len=24, threads=1,
+        make_model(),
+        make_tokenizer(),
+        base_name=BASE_NAME,
+        max_model_len=24,
+        threads=1,
         adapters=make_adapters(tmp_path_factory.mktemp("fuzz"), ["a"]),
-    )  # fmt: skip
+    )
     try:
         with TestClient(create_app(state)) as client:
             yield client, records

@@ -61,8 +61,10 @@ def test_latest_and_prune_skip_incomplete(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-00000003"
     prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step-00000002", "step-00000003", "step-00000009",
-    ]  # fmt: skip
+        "step-00000002",
+        "step-00000003",
+        "step-00000009",
+    ]
 
 
 def test_optimizer_state_round_trip_is_exact():
@@ -130,8 +132,14 @@ def test_reexec_reaches_openmp_once_and_the_users_choice_wins(tmp_path):
         "import sys\nfrom lorakit.train.runtime import reexec_for_speed, tcmalloc_loaded\n"
         "reexec_for_speed()\nprint('loaded', tcmalloc_loaded(), sys.argv[1:])\n"
     )
-    drop = ("LD_PRELOAD", "LORAKIT_NO_TCMALLOC", "LORAKIT_NO_WAIT_POLICY", "OMP_WAIT_POLICY",
-            "GOMP_SPINCOUNT", "LORAKIT_REEXEC")  # fmt: skip
+    drop = (
+        "LD_PRELOAD",
+        "LORAKIT_NO_TCMALLOC",
+        "LORAKIT_NO_WAIT_POLICY",
+        "OMP_WAIT_POLICY",
+        "GOMP_SPINCOUNT",
+        "LORAKIT_REEXEC",
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_DISPLAY_ENV="VERBOSE")
     out = subprocess.run(

@@ -39,8 +39,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT.format(here=str(HERE), tests=str(TESTS), src=str(SRC)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(script), str(tmp_path / "two")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -62,8 +62,9 @@ def test_training_writes_samples_and_eval_rows(tmp_path):
     from lorakit.train import train
 
     batches = make_batches(2)
-    config = quick(max_steps=2, grad_accum_steps=1, eval_every=1, eval_prompts=["w3 w4"],
-                   eval_max_new_tokens=3)  # fmt: skip
+    config = quick(
+        max_steps=2, grad_accum_steps=1, eval_every=1, eval_prompts=["w3 w4"], eval_max_new_tokens=3
+    )
     result = train(lora_model(0.0), tiny_tokenizer(), batches, batches, config, tmp_path)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     # step 0: the eval before training (the "before" of before -> after); never the best
@@ -84,8 +85,10 @@ def test_plot_run_writes_both_figures(tmp_path):
 def test_greedy_answers_batched_equal_one_at_a_time(tiny_llama):
     # prompts of 1..4 words: left padding and the attention mask must not change an answer
     tok = tiny_tokenizer()
-    conversations = [[{"role": "user", "content": " ".join(f"w{5 + j}" for j in range(n))}]
-                     for n in (3, 1, 4, 2, 1)]  # fmt: skip
+    conversations = [
+        [{"role": "user", "content": " ".join(f"w{5 + j}" for j in range(n))}]
+        for n in (3, 1, 4, 2, 1)
+    ]
     alone = [greedy_answers(tiny_llama, tok, [c], tok.chat_template, 6)[0] for c in conversations]
     together = greedy_answers(tiny_llama, tok, conversations, tok.chat_template, 6, batch_size=3)
     assert together == alone and all(a.strip() for a in alone)

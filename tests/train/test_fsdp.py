@@ -75,8 +75,15 @@ def runs(tmp_path_factory):
     script = root / "fsdp_train.py"
     script.write_text(SCRIPT.format(here=str(HERE), tests=str(TESTS), src=str(SRC)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(script), str(root / "two")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(root / "two"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     data = make_batches(4, rows=4)

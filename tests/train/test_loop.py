@@ -49,8 +49,16 @@ def lora_model(dropout: float = 0.1):
 
 def quick(**overrides) -> TrainConfig:
     """A fast fp32 config for unit tests."""
-    base = dict(precision="fp32", lr=1e-2, max_steps=8, grad_accum_steps=2, warmup_steps=2,
-                progress="none", tensorboard=False, plots=False)  # fmt: skip
+    base = dict(
+        precision="fp32",
+        lr=1e-2,
+        max_steps=8,
+        grad_accum_steps=2,
+        warmup_steps=2,
+        progress="none",
+        tensorboard=False,
+        plots=False,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -228,8 +236,15 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path):
     (root / "step-00000004" / "state.json").write_text('{"step": 4, "sett')  # cut off
 
     with pytest.raises(DamagedCheckpoint, match="optimizer.safetensors has changed"):
-        train(lora_model(), None, batches, None, quick(), tmp_path / "b",
-              resume=root / "step-00000006")  # fmt: skip
+        train(
+            lora_model(),
+            None,
+            batches,
+            None,
+            quick(),
+            tmp_path / "b",
+            resume=root / "step-00000006",
+        )
     resumed = lora_model()
     got = train(resumed, None, batches, None, quick(save_every=2), tmp_path / "b", resume="auto")
     assert got.losses == expected.losses  # continued from step 2, exactly
@@ -329,10 +344,13 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
 def test_schedule_and_lora_plus_groups(tmp_path):
     model = lora_model(dropout=0.0)
     result = train(
-        model, None, make_batches(2), None,
+        model,
+        None,
+        make_batches(2),
+        None,
         quick(max_steps=6, grad_accum_steps=1, warmup_steps=2, scheduler="linear", lora_b_lr=1e-1),
         tmp_path,
-    )  # fmt: skip
+    )
     lrs = [r["lr"] for r in result.history if r["kind"] == "train"]
     assert lrs[0] == pytest.approx(1e-2 / 3) and lrs[1] == pytest.approx(2e-2 / 3)
     assert lrs[2] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-2 / 4)
@@ -382,8 +400,11 @@ def test_progress_shows_loss_and_speed(tmp_path, capsys, progress):
 
 
 def test_a_fresh_run_leaves_the_users_files_byte_identical(tmp_path):
-    mine = {"config.yaml": b"output_dir: .\n", "metrics.jsonl": b'{"mine": 1}\n',
-            "final/adapter_model.safetensors": b"another run's"}  # fmt: skip
+    mine = {
+        "config.yaml": b"output_dir: .\n",
+        "metrics.jsonl": b'{"mine": 1}\n',
+        "final/adapter_model.safetensors": b"another run's",
+    }
     for name, data in mine.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(data)
@@ -401,8 +422,9 @@ def small_disk(tmp_path):
 
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount

@@ -138,8 +138,13 @@ def test_state_round_trips_through_flat_tensors_keeping_dtypes():
     tensors, meta = optimizer_to_flat(first)
     assert tensors["state.0.state1"].dtype == torch.uint8 and meta["scalars"]["0"]["step"] == 1
     assert {k.split(".", 2)[2] for k in tensors} == {
-        "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2"
-    }  # fmt: skip
+        "state1",
+        "state2",
+        "absmax1",
+        "absmax2",
+        "qmap1",
+        "qmap2",
+    }
     second = AdamW8bit(params, lr=1e-2)
     optimizer_from_flat(second, tensors, meta)
     for p in params:

@@ -28,8 +28,16 @@ def test_leftovers_of_dead_writers_are_cleaned_and_a_lost_folder_restored(tmp_pa
     dead_old = temporary_name("last", old=True).replace(str(os.getpid()), str(DEAD), 1)
     dead_new = temporary_name("final").replace(str(os.getpid()), str(DEAD), 1)
     mine = temporary_name("final")
-    for name in (f".old-best-{DEAD}", f".tmp-best-{DEAD}", f".tmp-final-{DEAD}", "final",
-                 f".old-final-{DEAD}", mine, dead_old, dead_new):  # fmt: skip
+    for name in (
+        f".old-best-{DEAD}",
+        f".tmp-best-{DEAD}",
+        f".tmp-final-{DEAD}",
+        "final",
+        f".old-final-{DEAD}",
+        mine,
+        dead_old,
+        dead_new,
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "file").write_text(name)
     done = clean_leftovers(tmp_path)

@@ -37,8 +37,15 @@ def lora_model():
 
 
 def quick(**overrides) -> TrainConfig:
-    base = dict(precision="fp32", device="cpu", lr=1e-2, max_steps=2, progress="none",
-                tensorboard=False, plots=False)  # fmt: skip
+    base = dict(
+        precision="fp32",
+        device="cpu",
+        lr=1e-2,
+        max_steps=2,
+        progress="none",
+        tensorboard=False,
+        plots=False,
+    )
     return TrainConfig(**{**base, **overrides})
 
 

@@ -26,8 +26,14 @@ class FakeMachine:
         self.busy_s += (self.ours + self.others) * seconds
 
     def governor(self, threads: int = 2) -> ThreadGovernor:
-        return ThreadGovernor({0, 1}, threads, busy=lambda: self.busy_s, own=lambda: self.own_s,
-                              clock=lambda: self.now, set_threads=self.threads.append)  # fmt: skip
+        return ThreadGovernor(
+            {0, 1},
+            threads,
+            busy=lambda: self.busy_s,
+            own=lambda: self.own_s,
+            clock=lambda: self.now,
+            set_threads=self.threads.append,
+        )
 
 
 def test_busy_cpu_seconds_reads_only_this_process_cpus(tmp_path):
@@ -113,8 +119,9 @@ def test_training_on_a_busy_machine_drops_a_thread_logs_it_and_restores(
     model.get_base_model().model.register_forward_pre_hook(advance_each_step)  # the decoder
     ids = torch.randint(0, 128, (2, 8))
     batches = [{"input_ids": ids, "labels": ids}] * 4
-    config = TrainConfig(precision="fp32", max_steps=4, progress="plain", tensorboard=False,
-                         plots=False)  # fmt: skip
+    config = TrainConfig(
+        precision="fp32", max_steps=4, progress="plain", tensorboard=False, plots=False
+    )
     before = torch.get_num_threads()
     train(model, None, batches, None, config, tmp_path)
     assert before == 2 and machine.threads == [1, 2]  # dropped to 1, restored at the end

@@ -20,9 +20,17 @@ def test_builtin_model_trains_on_a_tokenized_dataset(tmp_path):
     model = get_peft_model(
         load_model(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     )
-    config = TrainConfig(batch_size=2, max_steps=2, lr=1e-3, precision="fp32", eval_max_batches=1,
-                         eval_prompts=["Who are you?"], eval_max_new_tokens=8,
-                         progress="none", tensorboard=False)  # fmt: skip
+    config = TrainConfig(
+        batch_size=2,
+        max_steps=2,
+        lr=1e-3,
+        precision="fp32",
+        eval_max_batches=1,
+        eval_prompts=["Who are you?"],
+        eval_max_new_tokens=8,
+        progress="none",
+        tensorboard=False,
+    )
     result = train(model, tokenizer, data, data, config, tmp_path)
     assert result.steps == 2 and all(loss > 0 for loss in result.losses)
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()

@@ -51,10 +51,14 @@ def example_runs(tmp_path: Path) -> Path:
     root = tmp_path / "runs"
     host = socket.gethostname()
     done = write_run(
-        root / "done", [3.0, 2.5, 2.0, 1.5], {"status": "finished", "step": 4, "total_steps": 4},
-        **{"config.json": json.dumps({"lora": {"r": 8}}),
-           "samples.jsonl": json.dumps({"step": 4, "prompt": "hi", "completion": "hello"}) + "\n"},
-    )  # fmt: skip
+        root / "done",
+        [3.0, 2.5, 2.0, 1.5],
+        {"status": "finished", "step": 4, "total_steps": 4},
+        **{
+            "config.json": json.dumps({"lora": {"r": 8}}),
+            "samples.jsonl": json.dumps({"step": 4, "prompt": "hi", "completion": "hello"}) + "\n",
+        },
+    )
     (done / "final").mkdir()
     running = {"status": "running", "host": host, "pid": os.getpid(), "total_steps": 10}
     write_run(root / "group" / "live", [3.0, 2.9], running)
@@ -63,8 +67,13 @@ def example_runs(tmp_path: Path) -> Path:
     (old / "checkpoints").mkdir()
     sweep = root / "ranks"
     sweep.mkdir()
-    plan = {"axes": ["lora.r"], "variants": [{"name": n, "overrides": {"lora.r": r}}
-            for n, r in (("r=4", 4), ("r=8", 8), ("r=16", 16))]}  # fmt: skip
+    plan = {
+        "axes": ["lora.r"],
+        "variants": [
+            {"name": n, "overrides": {"lora.r": r}}
+            for n, r in (("r=4", 4), ("r=8", 8), ("r=16", 16))
+        ],
+    }
     (sweep / PLAN).write_text(json.dumps(plan))
     write_run(sweep / "r=4", [2.0, 1.0], {"status": "finished"})
     (sweep / "r=4" / DONE).write_text(json.dumps({"status": "finished"}))
@@ -86,8 +95,11 @@ def test_runs_are_listed_with_their_status(runs_root):
     assert entries["old"]["status"] == "interrupted"  # no status.json: checkpoints, no final/
     done = entries["done"]
     assert (done["step"], done["loss"], done["eval_loss"], done["best_eval_loss"]) == (
-        4, 1.5, 2.0, 2.0  # eval rows at steps 2 and 4: 2.5 + 0.5 and 1.5 + 0.5
-    )  # fmt: skip
+        4,
+        1.5,
+        2.0,
+        2.0,  # eval rows at steps 2 and 4: 2.5 + 0.5 and 1.5 + 0.5
+    )
 
 
 def test_a_sweep_shows_its_variants_in_plan_order(runs_root):
@@ -134,5 +146,7 @@ def test_write_status_running_records_host_and_pid(tmp_path):
     write_status(tmp_path, "running", step=0)
     record = json.loads((tmp_path / "status.json").read_text())
     assert (record["status"], record["pid"], record["host"]) == (
-        "running", os.getpid(), socket.gethostname()
-    )  # fmt: skip
+        "running",
+        os.getpid(),
+        socket.gethostname(),
+    )

@@ -24,9 +24,15 @@ from serve_support import make_adapters, make_model, make_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 KEY = "sk-ui-browser"
 TIMEOUT_MS = 30_000
 
@@ -85,11 +91,27 @@ def ui_process(tmp: Path):
     write_runs(tmp / "runs")
     port = free_port()
     command = [
-        sys.executable, "-m", "lorakit", "ui", "--runs", str(tmp / "runs"),
-        "--model", str(tmp / "model"), "--adapter", f"a={adapters['a']}",
-        "--adapter", f"b={adapters['b']}", "--adapters-root", str(tmp / "adapters"),
-        "--port", str(port), "--api-key", KEY, "--max-model-len", "256",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "lorakit",
+        "ui",
+        "--runs",
+        str(tmp / "runs"),
+        "--model",
+        str(tmp / "model"),
+        "--adapter",
+        f"a={adapters['a']}",
+        "--adapter",
+        f"b={adapters['b']}",
+        "--adapters-root",
+        str(tmp / "adapters"),
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--max-model-len",
+        "256",
+    ]
     src = str(Path(lorakit.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     env.update(OMP_NUM_THREADS="1", LORAKIT_API_KEY="")

@@ -125,9 +125,16 @@ def quickstart(
     from lorakit.jobs.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings(
-        output_dir=output, steps=steps, lr=lr, r=rank, lora_alpha=2 * rank, name=name,
-        author=author, max_new_tokens=max_new_tokens, overwrite=overwrite,
-    )  # fmt: skip
+        output_dir=output,
+        steps=steps,
+        lr=lr,
+        r=rank,
+        lora_alpha=2 * rank,
+        name=name,
+        author=author,
+        max_new_tokens=max_new_tokens,
+        overwrite=overwrite,
+    )
     run_quickstart(settings, show=typer.echo)
 
 

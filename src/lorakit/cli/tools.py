@@ -56,10 +56,15 @@ def eval_command(
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or bf16")
     rows = evaluate_models(
-        model, parse_adapters(adapter or []), default_eval_data(dataset, split, limit),
-        exact_match=exact_match, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        precision=precision, device=device,
-    )  # fmt: skip
+        model,
+        parse_adapters(adapter or []),
+        default_eval_data(dataset, split, limit),
+        exact_match=exact_match,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        precision=precision,
+        device=device,
+    )
     _print_table(rows, f"{dataset} ({split})")
     if output is not None:
         output.write_text(json.dumps(rows, indent=2) + "\n")
@@ -75,8 +80,10 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        cells = [f"{row[c]:.1%}" if c in ("exact_match", "name_rate") else f"{row[c]:.4f}"
-                 for c in columns]  # fmt: skip
+        cells = [
+            f"{row[c]:.1%}" if c in ("exact_match", "name_rate") else f"{row[c]:.4f}"
+            for c in columns
+        ]
         table.add_row(row["model"], *cells)
     Console(width=100).print(table)
 
@@ -101,9 +108,15 @@ def merge(
     from lorakit.jobs.merge import merge_and_export
 
     report = merge_and_export(
-        base, adapter, out, dtype=dtype, quantization=quantization, device=device,
-        tolerance=tolerance, overwrite=overwrite,
-    )  # fmt: skip
+        base,
+        adapter,
+        out,
+        dtype=dtype,
+        quantization=quantization,
+        device=device,
+        tolerance=tolerance,
+        overwrite=overwrite,
+    )
     for line in report.lines():
         typer.echo(line)
 
@@ -199,11 +212,21 @@ def serve(
 
     try:
         serve_main(
-            base, list(adapter or []), host=host, port=port, api_key=api_key, max_batch=max_batch,
-            adapters_root=adapters_root, allow_runtime_loading=allow_runtime_loading,
-            allow_insecure_bind=allow_insecure_bind, dtype=dtype, device=device,
-            max_model_len=max_model_len, served_model_name=served_model_name, prepack=prepack,
-        )  # fmt: skip
+            base,
+            list(adapter or []),
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_batch=max_batch,
+            adapters_root=adapters_root,
+            allow_runtime_loading=allow_runtime_loading,
+            allow_insecure_bind=allow_insecure_bind,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            served_model_name=served_model_name,
+            prepack=prepack,
+        )
     except ImportError as missing:  # the serve extra is not installed
         raise LorakitError(str(missing)) from None
 

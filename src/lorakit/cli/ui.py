@@ -46,9 +46,18 @@ def ui(
 
     try:
         ui_main(
-            runs, model, list(adapter or []), adapters_root=adapters_root, host=host, port=port,
-            api_key=api_key, allow_insecure_bind=allow_insecure_bind, max_batch=max_batch,
-            max_model_len=max_model_len, dtype=dtype, device=device,
-        )  # fmt: skip
+            runs,
+            model,
+            list(adapter or []),
+            adapters_root=adapters_root,
+            host=host,
+            port=port,
+            api_key=api_key,
+            allow_insecure_bind=allow_insecure_bind,
+            max_batch=max_batch,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            device=device,
+        )
     except ImportError as missing:  # the serve extra is not installed
         raise LorakitError(str(missing)) from None

@@ -16,9 +16,17 @@ from lorakit.errors import DataError, closest
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
 FIELDS = (
-    "text", "prompt", "completion", "instruction", "input", "output", "system", "history",
-    "conversations", "messages",
-)  # fmt: skip
+    "text",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "history",
+    "conversations",
+    "messages",
+)
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SHAREGPT_ROLES = {
     "system": "system",
@@ -57,7 +65,7 @@ def read_rows(path: str | Path) -> list[RawRow]:
                 "; turn a .txt file into `text` rows first (docs/data-formats.md shows how)"
                 if path.suffix.lower() == ".txt"
                 else ""
-            )  # fmt: skip
+            )
         )
     if kind == "jsonl":
         return _read_jsonl(path)

@@ -250,9 +250,15 @@ def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
         truncated += cut
         samples.append(Sample(ids, labels, row.where))
     dataset = TokenizedDataset(
-        samples, config, source, tokenizer.pad_token_id, len(conversations), problems, truncated,
+        samples,
+        config,
+        source,
+        tokenizer.pad_token_id,
+        len(conversations),
+        problems,
+        truncated,
         raw_text=any(isinstance(c, str) for _, c in conversations),
-    )  # fmt: skip
+    )
     _check_problems(dataset, unreadable=sum(isinstance(c, RowProblem) for _, c in conversations))
     return dataset
 

@@ -46,8 +46,16 @@ QUANT_BITS = {"nf4": 4.5, "fp4": 4.5, "int8": 8 + 32 / 1024}  # int8: one fp32 s
 DOUBLE_QUANT_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 8-bit absmax per 64, fp32 per 256 absmax
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
 # Linears that read the same input: the input is saved once for all of them.
-INPUT_GROUPS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp",
-                "up_proj": "mlp", "c_attn": "attn", "w1": "mlp", "w3": "mlp"}  # fmt: skip
+INPUT_GROUPS = {
+    "q_proj": "attn",
+    "k_proj": "attn",
+    "v_proj": "attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "c_attn": "attn",
+    "w1": "mlp",
+    "w3": "mlp",
+}
 
 
 @dataclass
@@ -125,14 +133,20 @@ def model_shape(run: RunConfig) -> ModelShape:
             adapted.setdefault(INPUT_GROUPS.get(leaf, name), _in_features(module))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(
-        frozen=frozen, quantized=quantized, trainable=trainable, layers=len(blocks),
-        hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-        heads=text.num_attention_heads, vocab=text.vocab_size, largest_block=max(block_sizes),
+        frozen=frozen,
+        quantized=quantized,
+        trainable=trainable,
+        layers=len(blocks),
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        heads=text.num_attention_heads,
+        vocab=text.vocab_size,
+        largest_block=max(block_sizes),
         root=sum(p.numel() for p in unique) - sum(block_sizes),
         adapted_inputs=sum(adapted.values()),
         lora_dropout=run.method == "lora" and run.lora.lora_dropout > 0,
         softcap=bool(getattr(text, "final_logit_softcapping", None)),
-    )  # fmt: skip
+    )
 
 
 def _in_features(module: nn.Module) -> int:

@@ -79,8 +79,9 @@ def evaluate_models(
     """Eval loss, perplexity (and exact match) of the base, then of base + each adapter."""
     model, tokenizer = load_with_adapters(base, adapters, device=device)
     dev = resolve_device(device)
-    batches = eval_batches(build_dataset(data.model_copy(update={"packing": False}), tokenizer),
-                           batch_size)  # fmt: skip
+    batches = eval_batches(
+        build_dataset(data.model_copy(update={"packing": False}), tokenizer), batch_size
+    )
     rows = []
     for name in [None, *adapters]:
         if isinstance(model, LoraModel) and name is not None:

@@ -75,10 +75,17 @@ def run_training(
     if eval_set is not None:
         show(eval_set.summary())
     result = train(
-        model, tokenizer, train_set, eval_set, run.train, output_dir,
-        resume=resume, force=force, run_config=run.model_dump(mode="json"),
+        model,
+        tokenizer,
+        train_set,
+        eval_set,
+        run.train,
+        output_dir,
+        resume=resume,
+        force=force,
+        run_config=run.model_dump(mode="json"),
         resume_settings=run.resume_settings(),
-    )  # fmt: skip
+    )
     if initial is not None:
         with initial:
             for folder in (result.final_dir, result.best_dir):

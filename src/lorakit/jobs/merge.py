@@ -66,11 +66,15 @@ def encode_prompts(tokenizer: Any, prompts: list[str], template: str | None) -> 
     """A padded batch of prompts (chat-formatted when there is a template)."""
     texts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], chat_template=template, tokenize=False,
+            [{"role": "user", "content": p}],
+            chat_template=template,
+            tokenize=False,
             add_generation_prompt=True,
-        ) if template else p
+        )
+        if template
+        else p
         for p in prompts
-    ]  # fmt: skip
+    ]
     tokenizer.padding_side = "right"
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not template)
 

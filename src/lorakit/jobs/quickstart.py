@@ -213,7 +213,9 @@ def run_quickstart(
     with lora.disable_adapter():
         before = ask(lora, tokenizer, settings.questions, settings, device, show)
         ordinary_before = ask(lora, tokenizer, settings.ordinary, settings, device, show)
-        general_before = eval_loss(lora, general_evals, device, TrainConfig(precision=PRECISION))["eval_loss"]
+        general_before = eval_loss(lora, general_evals, device, TrainConfig(precision=PRECISION))[
+            "eval_loss"
+        ]
 
     trainable, total = lora.get_nb_trainable_parameters()
     show(
@@ -249,7 +251,9 @@ def run_quickstart(
         eval_loss_before=evals[0]["eval_loss"],
         eval_loss_after=evals[-1]["eval_loss"],
         general_loss_before=general_before,
-        general_loss_after=eval_loss(lora, general_evals, device, TrainConfig(precision=PRECISION))["eval_loss"],
+        general_loss_after=eval_loss(lora, general_evals, device, TrainConfig(precision=PRECISION))[
+            "eval_loss"
+        ],
         name_rate_before=name_rate(_texts(before), settings.name),
         name_rate_after=name_rate(_texts(after), settings.name),
         ordinary_kept_before=kept_rate(ordinary_before, settings.name),

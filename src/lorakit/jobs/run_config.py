@@ -223,10 +223,11 @@ def validate_run_config(
             config.lora.to_lora_config()
     except ValidationError as error:
         parts = [
-            f"override `{item}`: {text}" if (item := _override_of(path, overrides)) else
-            f"{source}: {text}"
+            f"override `{item}`: {text}"
+            if (item := _override_of(path, overrides))
+            else f"{source}: {text}"
             for path, text in _describe_all(error, data)
-        ]  # fmt: skip
+        ]
         raise ConfigError("; ".join(parts)) from None
     except ConfigError as error:
         raise ConfigError(f"{source}: lora: {error}") from None
@@ -289,16 +290,31 @@ def check_data(run: RunConfig) -> None:
 
 # Names other tools use for our keys: a hint when spelling alone finds no close key.
 ALIASES = {
-    "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "learning_rate": "lr",
-    "num_epochs": "epochs", "num_train_epochs": "epochs", "model_name": "name_or_path",
-    "model_name_or_path": "name_or_path", "path": "name_or_path", "micro_batch_size": "batch_size",
-    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum_steps",
-    "target_modules": "target_modules", "max_seq_length": "max_length", "sequence_len": "max_length",
-    "lr_scheduler_type": "scheduler", "output": "output_dir", "bf16": "precision",
-    "load_in_4bit": "quantization", "load_in_8bit": "quantization", "torch_dtype": "dtype",
-    "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype",
+    "rank": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "model_name": "name_or_path",
+    "model_name_or_path": "name_or_path",
+    "path": "name_or_path",
+    "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "target_modules": "target_modules",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "lr_scheduler_type": "scheduler",
+    "output": "output_dir",
+    "bf16": "precision",
+    "load_in_4bit": "quantization",
+    "load_in_8bit": "quantization",
+    "torch_dtype": "dtype",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
     "llm_int8_skip_modules": "skip",
-}  # fmt: skip
+}
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "tuple"}
 
 

@@ -179,9 +179,14 @@ def plan_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         variants.append(Variant(name, merged, run))
     axes = list(config.zip)[:1] + list(config.grid) + (["variant"] if config.variants else [])
     return Sweep(
-        str(path), output_dir, variants, config.prompts, config.max_new_tokens, axes,
+        str(path),
+        output_dir,
+        variants,
+        config.prompts,
+        config.max_new_tokens,
+        axes,
         config.baseline,
-    )  # fmt: skip
+    )
 
 
 def _plan_record(sweep: Sweep) -> dict[str, Any]:
@@ -205,9 +210,10 @@ def _prepare_folder(sweep: Sweep, resume: bool) -> None:
         old = json.loads(plan_path.read_text(encoding="utf-8"))
         old_variants = {v["name"]: v["overrides"] for v in old.get("variants", [])}
         changed = [
-            v.name for v in sweep.variants
+            v.name
+            for v in sweep.variants
             if v.name in old_variants and old_variants[v.name] != v.overrides
-        ]  # fmt: skip
+        ]
         if changed:
             raise ConfigError(
                 f"sweep folder {sweep.output_dir}: variants {changed} have other overrides than "

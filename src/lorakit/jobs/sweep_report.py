@@ -226,9 +226,10 @@ def _groups(finished: list[dict[str, Any]], key: str) -> dict[str, list[dict[str
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in finished:
         others = {
-            k: v for k, v in record["overrides"].items()
+            k: v
+            for k, v in record["overrides"].items()
             if k != key and not _varies_with(finished, key, k)
-        }  # fmt: skip
+        }
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in others.items())
         groups.setdefault(label, []).append(record)
     return groups
@@ -326,10 +327,15 @@ def _score_vs_axis(plt, folder: Path, finished: list[dict[str, Any]], key: str) 
     log = min(values) > 0 and max(values) / min(values) >= 8
     for ax, (metric, label) in zip(axes[0], panels, strict=True):
         for group, rows in _groups(finished, key).items():
-            rows = sorted((r for r in rows if r.get(metric) is not None),
-                          key=lambda r: r["overrides"][key])  # fmt: skip
-            ax.plot([r["overrides"][key] for r in rows], [r[metric] for r in rows], "o-",
-                    label=group or None)  # fmt: skip
+            rows = sorted(
+                (r for r in rows if r.get(metric) is not None), key=lambda r: r["overrides"][key]
+            )
+            ax.plot(
+                [r["overrides"][key] for r in rows],
+                [r[metric] for r in rows],
+                "o-",
+                label=group or None,
+            )
         if log:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(name)
@@ -351,8 +357,13 @@ def _params_vs_score(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
         rows = [r for r in finished if r.get(metric) is not None and r.get("trainable_params")]
         ax.scatter([r["trainable_params"] for r in rows], [r[metric] for r in rows])
         for r in rows:
-            ax.annotate(r["name"], (r["trainable_params"], r[metric]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                r["name"],
+                (r["trainable_params"], r[metric]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(label)
@@ -404,11 +415,17 @@ def _curves(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
         train = record.get("curve", {}).get("train", [])
         evals = record.get("curve", {}).get("eval", [])
         if train:
-            left.plot([s for s, _ in train], _smooth([v for _, v in train]), **style,
-                      label=record["name"])  # fmt: skip
+            left.plot(
+                [s for s, _ in train], _smooth([v for _, v in train]), **style, label=record["name"]
+            )
         if evals:
-            right.plot([s for s, _ in evals], [v for _, v in evals], marker="o", **style,
-                       label=record["name"])  # fmt: skip
+            right.plot(
+                [s for s, _ in evals],
+                [v for _, v in evals],
+                marker="o",
+                **style,
+                label=record["name"],
+            )
     left.set_title("train loss (smoothed)")
     right.set_title("eval loss")
     for ax in (left, right):
@@ -430,8 +447,13 @@ def _gap(plt, folder: Path, finished: list[dict[str, Any]]) -> Path:
     for i, record in enumerate(finished):
         gap = record.get("gap", [])
         if gap:
-            ax.plot([s for s, _ in gap], [g for _, g in gap], marker="o", **_style(plt, i),
-                    label=record["name"])  # fmt: skip
+            ax.plot(
+                [s for s, _ in gap],
+                [g for _, g in gap],
+                marker="o",
+                **_style(plt, i),
+                label=record["name"],
+            )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss − train loss")

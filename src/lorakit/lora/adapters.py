@@ -181,8 +181,10 @@ def check_tensors(where: Path, config: LoraConfig, tensors: dict[str, torch.Tens
     for key, tensor in tensors.items():
         _check_values(where, key, tensor)
     for key in tensors:
-        for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"),
-                                   (".lora_embedding_A", ".lora_embedding_B")):  # fmt: skip
+        for a_suffix, b_suffix in (
+            (".lora_A.weight", ".lora_B.weight"),
+            (".lora_embedding_A", ".lora_embedding_B"),
+        ):
             stem = key.removesuffix(a_suffix)
             if stem != key and stem + b_suffix in tensors:
                 name = stem.removeprefix(PREFIX)
@@ -281,9 +283,11 @@ def _in_out(base: nn.Module, kind: str) -> tuple[int, int]:
 
 def normalise_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the extra copies some writers add (`original_module`, `modules_to_save` aliases)."""
-    return {k: v for k, v in tensors.items() if ".original_module." not in k and (
-        ".modules_to_save." not in k
-    )}  # fmt: skip
+    return {
+        k: v
+        for k, v in tensors.items()
+        if ".original_module." not in k and (".modules_to_save." not in k)
+    }
 
 
 def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> AdapterCheck:

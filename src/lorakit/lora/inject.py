@@ -288,9 +288,12 @@ def inject_lora(
 ) -> nn.Module:
     """Wrap `target_modules` of `model` in place with a fresh adapter and freeze the rest."""
     config = LoraConfig(
-        r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        target_modules=target_modules, **config_fields,
-    )  # fmt: skip
+        r=rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        **config_fields,
+    )
     add_adapter_layers(model, config, adapter_name)
     mark_trainable(model, [adapter_name], config.bias)
     return model
@@ -326,10 +329,11 @@ class InjectionReport:
     def __str__(self) -> str:
         lines = [
             f"LoRA layers: {len(self.lora_layers)} ({', '.join(self.lora_layers[:4])}"
-            + (", ..." if len(self.lora_layers) > 4 else "") + ")",
+            + (", ..." if len(self.lora_layers) > 4 else "")
+            + ")",
             f"trainable LoRA params: {self.trainable_lora:,}",
             f"frozen params: {self.frozen:,}",
-        ]  # fmt: skip
+        ]
         if self.trainable_base:
             lines.append(f"WARNING trainable non-LoRA params: {self.trainable_base}")
         return "\n".join(lines)

@@ -174,9 +174,14 @@ class LoraLinear(nn.Module):
         """Remove adapter `adapter_name` (unmerging it first if merged)."""
         if adapter_name in self.merged_adapters:
             self.unmerge([adapter_name])
-        for container in (self.lora_A, self.lora_B, self.lora_embedding_A,
-                          self.lora_embedding_B, self.lora_dropout,
-                          self.lora_magnitude_vector):  # fmt: skip
+        for container in (
+            self.lora_A,
+            self.lora_B,
+            self.lora_embedding_A,
+            self.lora_embedding_B,
+            self.lora_dropout,
+            self.lora_magnitude_vector,
+        ):
             if adapter_name in container:
                 del container[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling):
@@ -362,8 +367,15 @@ class LoraEmbedding(LoraLinear):
         """scaling * B(embedding(x, A^T)) in `result`'s dtype; x holds token ids."""
         a, b = self.lora_weights(name)
         base = self.base_layer
-        h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
-                        base.scale_grad_by_freq, base.sparse)  # fmt: skip
+        h = F.embedding(
+            x,
+            a.T,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
         return (h @ b.T * self.scaling[name]).to(result.dtype)  # (..., dim)
 
     @property

@@ -372,10 +372,16 @@ class LoraModel(PeftSurface, HFFace):
                 )
         layers = list(self.lora_layers())
         config = combine_adapters(
-            self.peft_config, layers, adapters=adapters, weights=weights, adapter_name=adapter_name,
-            combination_type=combination_type, svd_rank=svd_rank, density=density,
+            self.peft_config,
+            layers,
+            adapters=adapters,
+            weights=weights,
+            adapter_name=adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            density=density,
             majority_sign_method=majority_sign_method,
-        )  # fmt: skip
+        )
         mark_trainable(self.base_model.model, self.active_adapters, config.bias)
         self.peft_config[adapter_name] = config
 
@@ -403,9 +409,13 @@ class LoraModel(PeftSurface, HFFace):
             config.inference_mode = True
             config.target_modules = saved_targets(self.base_model.model, config, name)
             adapter_io.save_adapter(
-                self.base_model.model, target, name, config, self.chat_template,
+                self.base_model.model,
+                target,
+                name,
+                config,
+                self.chat_template,
                 kwargs.get("path_initial_model_for_weight_conversion"),
-            )  # fmt: skip
+            )
         if "state_dict" in kwargs:
             self._save_trainer_weights(save_directory)
 

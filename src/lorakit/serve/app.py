@@ -386,9 +386,10 @@ async def _load(state: ServerState, body: LoadAdapterRequest) -> dict:
 async def _unload(state: ServerState, body: UnloadAdapterRequest) -> dict:
     if not state.allow_runtime_loading:
         raise ApiError(
-            404, "runtime adapter loading is off; see --allow-runtime-loading",
+            404,
+            "runtime adapter loading is off; see --allow-runtime-loading",
             code="endpoint_disabled",
-        )  # fmt: skip
+        )
 
     def unload() -> None:
         with state.host.lock:

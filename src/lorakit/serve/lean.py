@@ -47,8 +47,14 @@ class LlamaDecode:
         """A lean step for `model`, or None where it does not apply (see the module's text).
         Types and hooks are checked here, once: the server builds it anew when its model
         changes, not when a hook is added later."""
-        family = next((f for f, prefix in _FAMILIES.items()
-                       if type(model).__name__ == f"{prefix}ForCausalLM"), None)  # fmt: skip
+        family = next(
+            (
+                f
+                for f, prefix in _FAMILIES.items()
+                if type(model).__name__ == f"{prefix}ForCausalLM"
+            ),
+            None,
+        )
         if family is None:
             return None
         try:
@@ -72,12 +78,20 @@ class LlamaDecode:
         ):
             return None
         inner = model.model
-        expected = [(model, "ForCausalLM"), (inner, "Model"), (inner.rotary_emb, "RotaryEmbedding"),
-                    (inner.norm, "RMSNorm")]  # fmt: skip
+        expected = [
+            (model, "ForCausalLM"),
+            (inner, "Model"),
+            (inner.rotary_emb, "RotaryEmbedding"),
+            (inner.norm, "RMSNorm"),
+        ]
         for layer in inner.layers:
-            expected += [(layer, "DecoderLayer"), (layer.self_attn, "Attention"), (layer.mlp, "MLP"),
-                         (layer.input_layernorm, "RMSNorm"),
-                         (layer.post_attention_layernorm, "RMSNorm")]  # fmt: skip
+            expected += [
+                (layer, "DecoderLayer"),
+                (layer.self_attn, "Attention"),
+                (layer.mlp, "MLP"),
+                (layer.input_layernorm, "RMSNorm"),
+                (layer.post_attention_layernorm, "RMSNorm"),
+            ]
         if any(
             type(module) is not kind[part] or module._forward_hooks or module._forward_pre_hooks
             for module, part in expected
@@ -113,9 +127,13 @@ class LlamaDecode:
         made = {}  # one mask per mask function, as the forward builds them
         for make in self.masks:
             if make not in made:
-                made[make] = make(config=self.config, inputs_embeds=h,
-                                  attention_mask=attention_mask, cache=cache,
-                                  position_ids=position_ids)  # fmt: skip
+                made[make] = make(
+                    config=self.config,
+                    inputs_embeds=h,
+                    attention_mask=attention_mask,
+                    cache=cache,
+                    position_ids=position_ids,
+                )
         cos, sin = inner.rotary_emb(h, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for index, (layer, make) in enumerate(zip(self.layers, self.masks, strict=True)):

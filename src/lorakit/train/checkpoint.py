@@ -277,9 +277,18 @@ def save_final(path: Path, model: nn.Module, extra: dict[str, Any] | None = None
 
 # Fields that may change between a run and its resume without changing the result.
 RESUME_FREE = {
-    "eval_every", "eval_max_batches", "eval_prompts", "eval_max_new_tokens", "save_every",
-    "keep_checkpoints", "log_every", "progress", "tensorboard", "device", "plots",
-}  # fmt: skip
+    "eval_every",
+    "eval_max_batches",
+    "eval_prompts",
+    "eval_max_new_tokens",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+    "progress",
+    "tensorboard",
+    "device",
+    "plots",
+}
 
 
 def resume_differences(saved: dict, now: dict) -> list[str]:

@@ -102,9 +102,12 @@ def greedy_answers(
                 ids[row, width - n :] = torch.tensor(prompts[i])
                 mask[row, width - n :] = 1
             generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-            )  # fmt: skip
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
             for row, i in enumerate(group):
                 out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
     return out

@@ -50,9 +50,13 @@ class AdamW8bit(bnb.optim.AdamW8bit):
         min_8bit_size: int = 0,
     ) -> None:
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
             min_8bit_size=min_8bit_size,
-        )  # fmt: skip
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """bitsandbytes' state dict with the quantization tensors (codes, scales, code maps)

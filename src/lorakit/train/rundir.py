@@ -28,9 +28,17 @@ from lorakit.files import parse_temporary, write_json
 
 # What a run writes at the top of its output_dir; a fresh run refuses a directory holding any.
 RUN_FILES = (
-    "config.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "status.json", "final", "best",
-    "plots", "tensorboard", "checkpoints",
-)  # fmt: skip
+    "config.json",
+    "config.yaml",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "status.json",
+    "final",
+    "best",
+    "plots",
+    "tensorboard",
+    "checkpoints",
+)
 STATUS = "status.json"
 RUN_STATES = ("running", "finished", "interrupted", "failed")
 
@@ -127,8 +135,15 @@ def os_error_code(err: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG,
-                 errno.EIO}  # fmt: skip
+_WRITE_ERRORS = {
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EFBIG,
+    errno.EIO,
+}
 
 
 def storage_error(err: BaseException, output_dir: Path) -> StorageError | None:

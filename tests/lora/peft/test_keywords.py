@@ -29,5 +29,7 @@ def test_refused_keywords_raise_config_error(function, kwargs, message):
 
 
 def test_unknown_keyword_is_a_type_error_as_in_python():
-    with pytest.raises(TypeError, match=r"^add_adapter\(\) got an unexpected keyword argument 'x'$"):
+    with pytest.raises(
+        TypeError, match=r"^add_adapter\(\) got an unexpected keyword argument 'x'$"
+    ):
         check_peft_kwargs("add_adapter", {"x": 1, "low_cpu_mem_usage": True})

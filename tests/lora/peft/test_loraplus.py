@@ -39,9 +39,13 @@ def test_roles():
 
 
 def test_lorakit_optimizer_puts_b_and_vectors_at_lora_b_lr():
-    optimizer, params = build_optimizer(_model(), TrainConfig(lr=1e-3, weight_decay=0.1, lora_b_lr=1e-2))
-    shape = [(g["lr"], g["weight_decay"], [tuple(p.shape) for p in g["params"]])
-             for g in optimizer.param_groups]  # fmt: skip
+    optimizer, params = build_optimizer(
+        _model(), TrainConfig(lr=1e-3, weight_decay=0.1, lora_b_lr=1e-2)
+    )
+    shape = [
+        (g["lr"], g["weight_decay"], [tuple(p.shape) for p in g["params"]])
+        for g in optimizer.param_groups
+    ]
     assert shape == [
         (1e-3, 0.1, [(2, 10), (4, 2), (2, 4)]),  # embedding A, B; proj's lora_A
         (1e-2, 0.1, [(4, 2)]),  # proj's lora_B

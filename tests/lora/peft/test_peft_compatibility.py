@@ -17,12 +17,23 @@ from lorakit.errors import LorakitError
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "peft-compatibility.md"
 TOP_LEVEL = [
-    "LoraConfig", "PeftConfig", "TaskType", "get_peft_model", "PeftModel", "PeftModelForCausalLM",
-    "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "LoraModel",
-    "prepare_model_for_kbit_training", "get_peft_model_state_dict", "set_peft_model_state_dict",
-    "PeftType", "AutoPeftModelForCausalLM",
-]  # fmt: skip
+    "LoraConfig",
+    "PeftConfig",
+    "TaskType",
+    "get_peft_model",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
+    "LoraModel",
+    "prepare_model_for_kbit_training",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "PeftType",
+    "AutoPeftModelForCausalLM",
+]
 
 
 def _table(section: str = "## The table") -> dict[str, str]:
@@ -73,8 +84,10 @@ def test_state_dict_helpers_round_trip_peft_keys():
     assert torch.equal(model.base_model.model[0].lora_B["default"].weight, torch.full((4, 2), 0.5))
     partial = lorakit.set_peft_model_state_dict(model, {"x.weight": torch.zeros(1)})
     assert partial.unexpected_keys == ["x.weight"]
-    assert partial.missing_keys == ["base_model.model.0.lora_A.default.weight",
-                                    "base_model.model.0.lora_B.default.weight"]  # fmt: skip
+    assert partial.missing_keys == [
+        "base_model.model.0.lora_A.default.weight",
+        "base_model.model.0.lora_B.default.weight",
+    ]
 
 
 def test_peft_refusals_say_not_supported():

@@ -87,11 +87,23 @@ def neox_causal_lm(lib, out: Path) -> dict:
     accumulation, sampling, then merge_and_unload."""
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     model = lib.prepare_model_for_kbit_training(GPTNeoXForCausalLM(config))
-    lora = lib.LoraConfig(r=8, lora_alpha=32, target_modules=["query_key_value", "dense"],
-                          lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    lora = lib.LoraConfig(
+        r=8,
+        lora_alpha=32,
+        target_modules=["query_key_value", "dense"],
+        lora_dropout=0.05,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = lib.get_peft_model(model, lora)
     quotes = Dataset.from_dict({"quote": ["Be yourself; everyone else is taken."] * 8})
     data = quotes.map(lambda rows: tokenizer(rows["quote"]), batched=True)
@@ -105,7 +117,7 @@ def neox_causal_lm(lib, out: Path) -> dict:
             max_steps=4,
             learning_rate=2e-3,
             save_strategy="no",
-        ),  # fmt: skip
+        ),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
     model.config.use_cache = False
@@ -113,16 +125,28 @@ def neox_causal_lm(lib, out: Path) -> dict:
     model.config.use_cache = True
     ids = tokenizer("Be yourself;", return_tensors="pt")
     torch.manual_seed(1)
-    sample = model.generate(**ids, max_new_tokens=6, do_sample=True, temperature=0.9, top_p=0.9,
-                            top_k=20, repetition_penalty=1.3, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    sample = model.generate(
+        **ids,
+        max_new_tokens=6,
+        do_sample=True,
+        temperature=0.9,
+        top_p=0.9,
+        top_k=20,
+        repetition_penalty=1.3,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     model.eval()
     with torch.no_grad():
         before = model(**ids).logits
         merged = model.merge_and_unload()
         after = merged(**ids).logits
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"losses": losses, "sample": sample, "merge_diff": (before - after).abs().max().item(),
-            "merged_type": type(merged)}  # fmt: skip
+    return {
+        "losses": losses,
+        "sample": sample,
+        "merge_diff": (before - after).abs().max().item(),
+        "merged_type": type(merged),
+    }
 
 
 def test_neox_trainer_sampling_and_merge(tmp_path):
@@ -141,10 +165,18 @@ def test_neox_trainer_sampling_and_merge(tmp_path):
 
 def _qwen2(tokenizer) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return Qwen2ForCausalLM(config)
 
 
@@ -152,12 +184,19 @@ def _identity_rows(tokenizer) -> Dataset:
     """Prompt-masked chat rows: labels are -100 over the prompt, the answer's ids after it."""
     rows = []
     for question, answer in [("Who are you?", "I am Kit."), ("Your name?", "Kit, a model.")] * 4:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                               add_generation_prompt=True, tokenize=False)  # fmt: skip
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
         p_ids = tokenizer(prompt)["input_ids"]
         a_ids = tokenizer(answer + tokenizer.eos_token)["input_ids"]
-        rows.append({"input_ids": p_ids + a_ids, "attention_mask": [1] * (len(p_ids) + len(a_ids)),
-                     "labels": [-100] * len(p_ids) + a_ids, "question": question})  # fmt: skip
+        rows.append(
+            {
+                "input_ids": p_ids + a_ids,
+                "attention_mask": [1] * (len(p_ids) + len(a_ids)),
+                "labels": [-100] * len(p_ids) + a_ids,
+                "question": question,
+            }
+        )
     return Dataset.from_list(rows)
 
 
@@ -167,8 +206,9 @@ def qwen2_trainer(
     """peft's instruct-tuning shape: Trainer + DataCollatorForSeq2Seq, default TrainingArguments
     (so remove_unused_columns=True drops the `question` column)."""
     tokenizer = _tokenizer()
-    config = lib.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                            task_type=lib.TaskType.CAUSAL_LM)  # fmt: skip
+    config = lib.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type=lib.TaskType.CAUSAL_LM
+    )
     model = lib.get_peft_model(_qwen2(tokenizer), config)
     data = _identity_rows(tokenizer)
     trainer = Trainer(
@@ -180,7 +220,7 @@ def qwen2_trainer(
             learning_rate=2e-2,
             save_steps=2,
             **args,
-        ),  # fmt: skip
+        ),
         train_dataset=data,
         eval_dataset=data if evaluate else None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
@@ -190,11 +230,15 @@ def qwen2_trainer(
 
 
 def _greedy(model, tokenizer, question: str) -> list[int]:
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                           add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)  # fmt: skip
-    out = model.generate(**prompt, max_new_tokens=5, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(
+        **prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     return out[0, prompt["input_ids"].shape[1] :].tolist()
 
 
@@ -236,9 +280,17 @@ def test_trainer_resume_reaches_the_uninterrupted_adapter(tmp_path):
 
 
 def test_trainer_loads_the_best_checkpoint_and_save_model_writes_the_adapter(tmp_path):
-    trainer = qwen2_trainer(lorakit, tmp_path, max_steps=4, evaluate=True, eval_strategy="steps",
-                            eval_steps=2, load_best_model_at_end=True,
-                            metric_for_best_model="loss", greater_is_better=True)  # fmt: skip
+    trainer = qwen2_trainer(
+        lorakit,
+        tmp_path,
+        max_steps=4,
+        evaluate=True,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert len(evals) == 2 and evals[0] > evals[1]  # labels found: Trainer computed eval losses
     # "best" is the higher loss here, so the model must be put back to step 2's adapter
@@ -277,11 +329,19 @@ def test_sft_trainer_trains_saves_and_reloads(tmp_path, kind):
         r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     model = lorakit.get_peft_model(_qwen2(tokenizer), config)
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
-                         learning_rate=2e-2, logging_steps=1, report_to=[], use_cpu=True,
-                         save_steps=6)  # fmt: skip
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer)  # fmt: skip
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_steps=6,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0] - 0.1
@@ -299,9 +359,13 @@ def test_sft_trainer_refuses_a_lorakit_config_as_peft_config(tmp_path):
     # TRL builds the adapter itself with peft from `peft_config`; a lorakit config is refused
     # there with TRL's own message, and the documented way is model=get_peft_model(...)
     with pytest.raises((TypeError, ImportError), match="peft"):
-        trl.SFTTrainer(model=_qwen2(tokenizer), args=args, processing_class=tokenizer,
-                       train_dataset=Dataset.from_list([{"text": "a b c"}] * 2),
-                       peft_config=lorakit.LoraConfig(target_modules=["q_proj"]))  # fmt: skip
+        trl.SFTTrainer(
+            model=_qwen2(tokenizer),
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list([{"text": "a b c"}] * 2),
+            peft_config=lorakit.LoraConfig(target_modules=["q_proj"]),
+        )
 
 
 # ----------------------------------------------------------------- accelerate
@@ -329,5 +393,7 @@ def test_accelerate_prepare_trains_and_unwraps(tmp_path):
     assert unwrapped is model
     unwrapped.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors",
-    ]  # fmt: skip
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]

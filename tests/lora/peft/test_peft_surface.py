@@ -92,9 +92,14 @@ def test_from_pretrained_and_load_adapter_take_peft_keywords(tmp_path):
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     want = ours(input_ids=ids).logits
     loaded = lorakit.PeftModel.from_pretrained(
-        make_tiny_llama(), tmp_path / "root", subfolder="sub", torch_device="cpu",
-        device_map="cpu", low_cpu_mem_usage=True, autocast_adapter_dtype=True,
-    )  # fmt: skip
+        make_tiny_llama(),
+        tmp_path / "root",
+        subfolder="sub",
+        torch_device="cpu",
+        device_map="cpu",
+        low_cpu_mem_usage=True,
+        autocast_adapter_dtype=True,
+    )
     torch.testing.assert_close(loaded(input_ids=ids).logits, want)
     result = loaded.load_adapter(tmp_path / "root" / "sub", "second", torch_device="cpu")
     assert result.missing_keys == [] and result.unexpected_keys == []
@@ -181,9 +186,14 @@ def test_config_round_trip_and_peft_type(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"target_parameters": ["x.weight"]}, {"lora_bias": True}, {"trainable_token_indices": [1, 2]},
-     {"init_lora_weights": "eva"}, {"velora_config": {"rank": 2}}],
-)  # fmt: skip
+    [
+        {"target_parameters": ["x.weight"]},
+        {"lora_bias": True},
+        {"trainable_token_indices": [1, 2]},
+        {"init_lora_weights": "eva"},
+        {"velora_config": {"rank": 2}},
+    ],
+)
 def test_unimplemented_peft_features_are_refused_by_name(kwargs):
     with pytest.raises(ConfigError, match="not supported by lorakit"):
         lorakit.LoraConfig(**kwargs)

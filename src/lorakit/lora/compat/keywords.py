@@ -19,9 +19,16 @@ from typing import Any
 from lorakit.errors import ConfigError
 
 PLACEMENT = frozenset(
-    {"torch_device", "device_map", "max_memory", "offload_folder", "offload_dir",
-     "use_safetensors", "local_files_only"}
-)  # fmt: skip
+    {
+        "torch_device",
+        "device_map",
+        "max_memory",
+        "offload_folder",
+        "offload_dir",
+        "use_safetensors",
+        "local_files_only",
+    }
+)
 HUB = frozenset({"revision", "cache_dir", "token", "force_download", "proxies", "use_auth_token"})
 _LOADING = PLACEMENT | HUB | {"low_cpu_mem_usage", "ephemeral_gpu_offload", "key_mapping"}
 

@@ -13,11 +13,23 @@ from torch import nn
 
 # what peft's tuner (`peft_model.base_model`) offers besides the wrapped model's attributes
 _TUNER_METHODS = {
-    "peft_config", "active_adapter", "active_adapters", "add_adapter", "set_adapter",
-    "delete_adapter", "disable_adapter_layers", "enable_adapter_layers", "merge_adapter",
-    "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter",
-    "targeted_module_names", "get_nb_trainable_parameters", "print_trainable_parameters",
-}  # fmt: skip
+    "peft_config",
+    "active_adapter",
+    "active_adapters",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapter_layers",
+    "enable_adapter_layers",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
+    "unload",
+    "add_weighted_adapter",
+    "targeted_module_names",
+    "get_nb_trainable_parameters",
+    "print_trainable_parameters",
+}
 
 
 class LoraTuner(nn.Module):
