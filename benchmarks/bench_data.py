@@ -34,7 +34,8 @@ def load_times(convert: bool) -> None:
             start = time.perf_counter()
             ensure_builtin_model()
             print(
-                f"first use (GGUF -> cached safetensors folder): {time.perf_counter() - start:.1f} s"
+                "first use (GGUF -> cached safetensors folder): "
+                f"{time.perf_counter() - start:.1f} s"
             )
             del os.environ["LORAKIT_HOME"]
     ensure_builtin_model()
@@ -96,7 +97,8 @@ def main() -> None:
             "multi-turn sharegpt": multi_turn_file(Path(folder)),
         }
         print(
-            "| dataset | samples | tokens | lorakit tok/s | reference tok/s | random | grouped | packed |"
+            "| dataset | samples | tokens | lorakit tok/s | reference tok/s "
+            "| random | grouped | packed |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for name, source in sources.items():
@@ -113,7 +115,8 @@ def main() -> None:
             ]
             cells = " | ".join(f"{s:.1%}" for s in shares)
             print(
-                f"| {name} | {len(dataset)} | {sum(lengths)} | {ours:,.0f} | {theirs:,.0f} | {cells} |"
+                f"| {name} | {len(dataset)} | {sum(lengths)} "
+                f"| {ours:,.0f} | {theirs:,.0f} | {cells} |"
             )
 
 

@@ -6,7 +6,8 @@ hits them alike) and prints the median time of each and the overhead over the ba
 of the per-round ratios, with their lower and upper quartiles (a round's three runs are
 seconds apart, so the machine's slower drifts cancel in them). Usage:
 
-    python benchmarks/bench_forward.py [--layers 30] [--batch 8] [--seq 128] [--repeats 7] [--dtypes float32,bfloat16]
+    python benchmarks/bench_forward.py [--layers 30] [--batch 8] [--seq 128] [--repeats 7] \\
+        [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations

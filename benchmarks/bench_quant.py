@@ -52,10 +52,12 @@ def best_ms(fn, *args, repeats: int) -> float:
 def layer_timings(dtype: torch.dtype, repeats: int) -> None:
     """Forward time of nn.Linear vs QuantLinear (nf4 + double quant, int8) per shape and batch."""
     print(
-        f"\n### Layer forward, compute dtype {str(dtype).removeprefix('torch.')} (ms, best of {repeats})\n"
+        f"\n### Layer forward, compute dtype {str(dtype).removeprefix('torch.')} "
+        f"(ms, best of {repeats})\n"
     )
     print(
-        "| in -> out | tokens | nn.Linear | nf4 | nf4 / Linear | int8 | int8 / Linear | nf4 dequantize |"
+        "| in -> out | tokens | nn.Linear | nf4 | nf4 / Linear "
+        "| int8 | int8 / Linear | nf4 dequantize |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for inp, out in SHAPES:

@@ -79,7 +79,8 @@ def main() -> dict[str, float]:
         optimizer.zero_grad()
         if step % max(1, steps // 5) == 0 or step == steps - 1:
             print(
-                f"step {step + 1}/{steps}: loss {loss.item():.3f} lr {schedule.get_last_lr()[0]:.2e}"
+                f"step {step + 1}/{steps}: loss {loss.item():.3f} "
+                f"lr {schedule.get_last_lr()[0]:.2e}"
             )
     model.eval()
 

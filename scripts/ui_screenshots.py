@@ -175,9 +175,8 @@ def main() -> None:
                 process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 process.kill()
-    print(
-        f"wrote {', '.join(str(args.out / n) for n in ('ui-runs.png', 'ui-chat.png', 'ui-compare.png'))}"
-    )
+    names = ("ui-runs.png", "ui-chat.png", "ui-compare.png")
+    print(f"wrote {', '.join(str(args.out / n) for n in names)}")
 
 
 def _lines(path: Path) -> list[str]:

@@ -11,7 +11,11 @@ face: LoRA's layers and injection read without peft's names.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import lorakit
 
@@ -200,10 +204,18 @@ UNMIRRORED = {
     "quant/codes.py": "code tables and packing in tests/quant/test_layer.py",
     "serve/decode.py": "sampling and stop strings in tests/serve/test_serve_engine.py",
     "serve/kvcache.py": "the batch KV cache in tests/serve/test_serve_engine.py",
-    "serve/main.py": "serve_main in tests/serve/test_app.py (a subprocess) and test_serve_openai.py",
-    "serve/middleware.py": "limits and bad bodies in tests/serve/test_app.py, test_serve_faults.py",
-    "serve/protocol.py": "request and answer shapes in tests/serve/test_app.py, test_serve_openai.py",
-    "train/optim.py": "schedules in tests/train/test_checkpoint.py, LoRA+ in tests/train/test_loop.py",
+    "serve/main.py": (
+        "serve_main in tests/serve/test_app.py (a subprocess) and test_serve_openai.py"
+    ),
+    "serve/middleware.py": (
+        "limits and bad bodies in tests/serve/test_app.py, test_serve_faults.py"
+    ),
+    "serve/protocol.py": (
+        "request and answer shapes in tests/serve/test_app.py, test_serve_openai.py"
+    ),
+    "train/optim.py": (
+        "schedules in tests/train/test_checkpoint.py, LoRA+ in tests/train/test_loop.py"
+    ),
     "train/plan.py": "rows per rank and step in tests/train/test_loop.py and test_ddp.py",
     "train/plots.py": "the figures in tests/train/test_evaluate.py",
     "train/runtime.py": "the re-exec in tests/train/test_checkpoint.py; the rest in test_loop.py",
@@ -272,3 +284,20 @@ def test_the_mirror_check_sees_a_missing_test_and_a_stale_exemption(tmp_path, mo
     (package / "train" / "plan.py").write_text("")
     missing = "train/plan.py: no test file of its name (or a line in UNMIRRORED)"
     assert missing in unmirrored(package, tests)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+LINTED = ["src", "tests", "benchmarks", "scripts", "examples"]
+
+
+def test_the_tree_is_ruff_clean():
+    """`ruff format --check` and `ruff check` pass on the tree, as pyproject.toml sets them."""
+    pytest.importorskip("ruff")
+    for command in (["format", "--check"], ["check"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, *LINTED],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, f"ruff {' '.join(command)} failed:\n{done.stdout}{done.stderr}"

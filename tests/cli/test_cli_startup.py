@@ -1,7 +1,7 @@
 """The command line starts without the heavy libraries: `lorakit --version` and `--help` import
 neither torch nor transformers, datasets or rich (which is what keeps them well under a
-second; typer itself brings pydantic), `import lorakit` stays light while every public name still imports, and `--help` prints
-option names whole."""
+second; typer itself brings pydantic), `import lorakit` stays light while every public name
+still imports, and `--help` prints option names whole."""
 
 from __future__ import annotations
 

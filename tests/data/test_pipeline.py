@@ -25,7 +25,10 @@ from lorakit.data.pipeline import (
 )
 from lorakit.errors import DataError
 
-SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+SYSTEM = (
+    "<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +238,8 @@ def test_skip_respects_the_cap(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     data = build_dataset(DataConfig(dataset=path, bad_rows="skip", max_skipped_share=0.1), tok)
     assert len(data) == 9 and data.skipped == [
-        "d.jsonl line 10: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
+        "d.jsonl line 10: invalid JSON "
+        "(Expecting property name enclosed in double quotes at column 2)"
     ]
     assert data.summary().startswith("d.jsonl: 9 of 10 rows used, 1 skipped")
     assert f"{data.supervised_tokens()} supervised" in data.summary()

@@ -147,7 +147,8 @@ def test_reference_lists_every_key_and_is_up_to_date():
             assert f"| `{key}` |" in text, (section, key)
     assert DOCS.read_text(encoding="utf-8") == text, (
         "docs/configuration.md is out of date; regenerate it with: python -c 'import "
-        'lorakit.jobs.run_config as s; print(s.config_reference(), end="")\' > docs/configuration.md'
+        'lorakit.jobs.run_config as s; print(s.config_reference(), end="")\' '
+        "> docs/configuration.md"
     )
 
 

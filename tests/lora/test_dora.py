@@ -1,4 +1,5 @@
-"""DoRA (`use_dora=True`) against peft 0.21.2: forward, gradients, merging, files, quantized bases."""
+"""DoRA (`use_dora=True`) against peft 0.21.2: forward, gradients, merging, files,
+quantized bases."""
 
 from __future__ import annotations
 

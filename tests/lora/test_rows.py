@@ -1,4 +1,5 @@
-"""Per-row adapters (`lorakit.lora.rows`) and prepacked linear layers (`lorakit.ops.PrepackedLinears`).
+"""Per-row adapters (`lorakit.lora.rows`) and prepacked linear layers
+(`lorakit.ops.PrepackedLinears`).
 
 The packed and block paths are checked against the grouped path and against each row run alone
 with `set_adapter`, the definition of what a mixed batch must compute.

@@ -61,7 +61,8 @@ def reference(folder: Path, method: str, dtype: str = "float32", **options) -> t
 
 
 def assert_same_model(streamed: torch.nn.Module, loaded: torch.nn.Module) -> None:
-    """Same modules, same tensors (values, dtypes, devices), same configs, same logits, bit for bit."""
+    """Same modules, same tensors (values, dtypes, devices), same configs, same logits,
+    bit for bit."""
     assert str(streamed) == str(loaded)
     ours, theirs = streamed.state_dict(), loaded.state_dict()
     assert list(ours) == list(theirs)

@@ -1,10 +1,11 @@
 """Verified merge and export: base + adapter -> one plain Hugging Face model folder.
 
 Before anything is written, the merged model's logits are compared with the unmerged model's
-(base + adapter) on a few inputs, in fp32 (a 16-bit output is cast after the check); a merge with non-finite weights, or whose logits differ by
-more than the tolerance, is refused. The folder holds safetensors weights, the tokenizer and the
-chat template, and loads with plain transformers (no lorakit needed). After writing, the folder
-is loaded back with transformers and its logits are compared again.
+(base + adapter) on a few inputs, in fp32 (a 16-bit output is cast after the check); a merge
+with non-finite weights, or whose logits differ by more than the tolerance, is refused. The
+folder holds safetensors weights, the tokenizer and the chat template, and loads with plain
+transformers (no lorakit needed). After writing, the folder is loaded back with transformers
+and its logits are compared again.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A sweep file (YAML) holds
 
-    base: configs/smollm2-lora.yaml      # a run config file (relative to the sweep file) or a mapping
+    base: configs/smollm2-lora.yaml  # a run config file (relative to the sweep file) or a mapping
     output_dir: runs/sweeps/ranks
     zip:  {lora.r: [4, 8], lora.lora_alpha: [8, 16]}   # lists paired element by element: 1 axis
     grid: {lora.use_rslora: [false, true]}             # each key its own axis

@@ -169,7 +169,8 @@ def reading(sweep: Any, finished: list[dict[str, Any]], baseline: dict | None) -
             where = f" ({group})" if group else ""
             if enough is rows[-1]:
                 out.append(
-                    f"eval loss still improves at the largest {name}={enough['overrides'][key]}{where}"
+                    "eval loss still improves at the largest "
+                    f"{name}={enough['overrides'][key]}{where}"
                 )
             else:
                 out.append(
@@ -217,7 +218,8 @@ def score_noise(finished: list[dict[str, Any]]) -> list[str]:
     error = 0.5 / math.sqrt(n)  # the largest standard error of a share of n answers (at 50%)
     return [
         f"exact match is scored on {n} questions: its standard error is up to "
-        f"{error * 100:.0f} points, so differences under ~{2 * error * 100:.0f} points may be chance"
+        f"{error * 100:.0f} points, so differences under ~{2 * error * 100:.0f} points "
+        "may be chance"
     ]
 
 

@@ -17,11 +17,12 @@ the result never depends on the call order, only the cost does.
 
 Which layers read one input is learned, not assumed: the first decode step runs the ordinary
 path and records which layers were called on the same tensor one after another; the groups are
-built at its end (`learn()`), or when a recorded layer is called again, whichever comes first. Layers whose adapters differ (one adapter targets q but not k), DoRA or
-merged adapters, quantized or non-fp32 bases, hooks, or more packed adapter columns than half
-the group's outputs (then the A's would cost more to read than they save) are left to the
-ordinary path; with too many adapter columns the base weights are still stacked, and each
-layer adds its adapters as packed rows do.
+built at its end (`learn()`), or when a recorded layer is called again, whichever comes first.
+Layers whose adapters differ (one adapter targets q but not k), DoRA or merged adapters,
+quantized or non-fp32 bases, hooks, or more packed adapter columns than half the group's
+outputs (then the A's would cost more to read than they save) are left to the ordinary path;
+with too many adapter columns the base weights are still stacked, and each layer adds its
+adapters as packed rows do.
 
 The weights are a snapshot, like `PackedAdapters`: build a new `FusedDecode` after loading,
 deleting, merging or training adapters (the server does on every load and unload).

@@ -155,7 +155,8 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
-        """True: A kaiming-uniform, B zero. 'gaussian': A ~ N(0, 1/r), B zero. False: both random."""
+        """True: A kaiming-uniform, B zero. 'gaussian': A ~ N(0, 1/r), B zero.
+        False: both random."""
         a, b = self.lora_weights(adapter_name)
         if init_lora_weights == "gaussian":
             nn.init.normal_(a, std=1 / self.r[adapter_name])

@@ -311,7 +311,8 @@ def quantize_layer(
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[nn.Module, str]:
-    """Replace every QuantLinear by an nn.Linear in `dtype` (default: its compute dtype), in place."""
+    """Replace every QuantLinear by an nn.Linear in `dtype` (default: its compute dtype),
+    in place."""
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")

@@ -93,7 +93,8 @@ def load_quantized(
 
 
 def checkpoint_index(folder: Path) -> Index:
-    """Every tensor of the folder's safetensors checkpoint (one file or shards): file, shape, dtype."""
+    """Every tensor of the folder's safetensors checkpoint (one file or shards): file, shape,
+    dtype."""
     listing = folder / "model.safetensors.index.json"
     if listing.is_file():
         shards = sorted(set(json.loads(listing.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -132,7 +133,8 @@ def resolve_dtype(dtype: str, config: Any, index: Index) -> torch.dtype:
 def _empty_model(
     config: Any, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str | None
 ) -> nn.Module:
-    """The model with every parameter on the meta device (buffers real), tied as transformers ties."""
+    """The model with every parameter on the meta device (buffers real), tied as transformers
+    ties."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 

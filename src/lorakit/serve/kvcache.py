@@ -18,7 +18,8 @@ class GrowingLayer(DynamicLayer):
     """
 
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
-        """Stack `parts` (each (rows, heads, length, dim) keys and values) right-aligned to width."""
+        """Stack `parts` (each (rows, heads, length, dim) keys and values) right-aligned to
+        width."""
         super().__init__()
         first = parts[0][0]
         self.dtype, self.device = first.dtype, first.device

@@ -83,7 +83,8 @@ class TrainConfig(BaseModel):
     # -- distributed (torchrun) --
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
-        description="Under torchrun: ddp (model replicated, gradients summed) or fsdp (base sharded).",
+        description="Under torchrun: ddp (model replicated, gradients summed) "
+        "or fsdp (base sharded).",
     )
     fsdp_cpu_offload: bool = Field(
         False, description="fsdp only: keep sharded parameters in CPU memory between uses."

@@ -12,7 +12,8 @@ import lorakit
 
 
 def twin_models(base: nn.Module, **config) -> tuple[lorakit.LoraModel, nn.Module]:
-    """(lorakit model, peft model) on copies of `base`, with lorakit's LoRA weights set to peft's."""
+    """(lorakit model, peft model) on copies of `base`, with lorakit's LoRA weights set to
+    peft's."""
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
     ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**config))
     copy_adapter(theirs, ours, "default")

@@ -1,4 +1,5 @@
-"""`compat.check_peft_kwargs`: peft's inert keywords pass, refused ones raise, others are unknown."""
+"""`compat.check_peft_kwargs`: peft's inert keywords pass, refused ones raise, others are
+unknown."""
 
 from __future__ import annotations
 

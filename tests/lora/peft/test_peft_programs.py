@@ -1,4 +1,5 @@
-"""peft's tutorial programs, each run with `from peft import ...` and with `from lorakit import ...`.
+"""peft's tutorial programs, each run with `from peft import ...` and with
+`from lorakit import ...`.
 
 Every flow is one function taking the library (`peft` or `lorakit`) as its only input, so both
 run the same lines; the tests compare what the two produce (trainable parameter counts, losses,
