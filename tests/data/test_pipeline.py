@@ -1,4 +1,7 @@
-"""Data formats on the real SmolLM2 tokenizer: golden masks, truncation, bad rows, built-ins."""
+"""Data formats on the real SmolLM2 tokenizer: golden masks, truncation, bad rows, inspect.
+
+The built-in datasets and exact match: test_data_builtin.py.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +11,8 @@ import json
 import pytest
 
 from builtin_model import builtin_tokenizer
-from lorakit.data.builtin import (
-    arithmetic_splits,
-    builtin_dataset_path,
-    exact_match,
-    exact_match_score,
-    name_rate,
-    normalize_answer,
-)
-from lorakit.data.pipeline import (
-    IGNORE_INDEX,
-    DataConfig,
-    build_dataset,
-    eval_examples,
-    inspect_dataset,
-)
+from lorakit.data.builtin import builtin_dataset_path
+from lorakit.data.pipeline import IGNORE_INDEX, DataConfig, build_dataset, inspect_dataset
 from lorakit.errors import DataError
 
 SYSTEM = (
@@ -261,47 +251,6 @@ def test_missing_file_and_unknown_builtin():
         build_dataset(DataConfig(dataset="nope.jsonl"), None)
     with pytest.raises(DataError, match="did you mean `identity`"):
         builtin_dataset_path("identiy")
-
-
-# Built-in datasets.
-def test_identity_dataset(tok):
-    data = build_dataset(DataConfig(), tok)
-    assert len(data) >= 80 and not data.skipped
-    text = [tok.decode(s.input_ids) for s in data.samples]
-    assert all("Lumi" in t and "lorakit" in t and "{name}" not in t for t in text)
-    assert sum(any("\u4e00" <= c <= "\u9fff" for c in t) for t in text) >= 30  # Chinese rows
-    custom = build_dataset(DataConfig(template_vars={"name": "Aster", "author": "ACME"}), tok)
-    assert all("Aster" in tok.decode(s.input_ids) for s in custom.samples)
-    test = eval_examples(DataConfig(split="test"))
-    lines = builtin_dataset_path("identity").read_text(encoding="utf-8").splitlines()
-    train_questions = {json.loads(line)["instruction"] for line in lines}
-    assert len(test) >= 12
-    assert not {e["messages"][-1]["content"] for e in test} & train_questions
-    assert all("Lumi" in e["reference"] for e in test)
-
-
-def test_arithmetic_dataset_matches_its_generator():
-    splits = arithmetic_splits()
-    for split, rows in splits.items():
-        lines = builtin_dataset_path("arithmetic", split).read_text().splitlines()
-        shipped = [json.loads(line) for line in lines]
-        assert shipped == rows
-    assert (len(splits["train"]), len(splits["test"])) == (500, 100)
-    assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
-    for row in splits["train"] + splits["test"]:
-        a, op, b = row["prompt"].split()[2:5]
-        value = {"plus": int.__add__, "minus": int.__sub__, "times": int.__mul__}[op](
-            int(a), int(b[:-1])
-        )
-        assert row["completion"] == str(value)
-
-
-def test_exact_match_normalisation():
-    assert normalize_answer("  The ANSWER  is\t42.  \nmore") == "the answer is 42"
-    assert exact_match("42", "42") and exact_match(" `42`!", "42") and exact_match("４２", "42")
-    assert not exact_match("42.5", "42") and not exact_match("The answer is 42", "42")
-    assert exact_match_score(["42", "7", "x"], ["42", "7", "8"]) == pytest.approx(2 / 3)
-    assert name_rate(["I am lumi.", "I am SmolLM."]) == 0.5
 
 
 def test_inspect_marks_supervised_tokens(tok):

@@ -1,4 +1,6 @@
-"""The serving engine: sampling, stop strings, the batch KV cache, continuous batching."""
+"""The serving engine: continuous batching, cancellation, packed and grouped LoRA rows, padded
+prefill, long mixed batches against peft. Sampling and stop strings: test_decode.py; the batch
+KV cache: test_kvcache.py."""
 
 from __future__ import annotations
 
@@ -7,19 +9,11 @@ import time
 
 import pytest
 import torch
+from test_decode import GREEDY
 
 from lorakit.serve import build_state
-from lorakit.serve.decode import (
-    SamplingParams,
-    TextStream,
-    greedy_tokens,
-    rows_finite,
-    sample_token,
-)
-from lorakit.serve.kvcache import BatchCache
+from lorakit.serve.decode import SamplingParams, TextStream
 from serve_support import BASE_NAME, make_adapters, make_model, make_tokenizer
-
-GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -40,121 +34,6 @@ def state(adapter_paths, request):
     )
     yield state
     state.engine.shutdown()
-
-
-def test_sample_token_filters():
-    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
-    assert sample_token(logits, GREEDY, None) == 1
-    top1 = SamplingParams(max_tokens=1, temperature=1.0, top_k=1, seed=0)
-    assert {sample_token(logits, top1, top1.generator()) for _ in range(20)} == {1}
-    nucleus = SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-6, seed=0)
-    assert sample_token(logits, nucleus, nucleus.generator()) == 1
-    seeded = SamplingParams(max_tokens=1, temperature=1.5, seed=7)
-    first, second = seeded.generator(), seeded.generator()
-    draws = [sample_token(logits, seeded, first) for _ in range(30)]
-    assert draws == [sample_token(logits, seeded, second) for _ in range(30)]
-    assert len(set(draws)) > 1
-
-
-@pytest.mark.parametrize(
-    "field, value, says",
-    [
-        ("max_tokens", 0, ">= 1"),
-        ("temperature", -1.0, ">= 0"),
-        ("temperature", float("nan"), ">= 0"),
-        ("top_p", 0.0, r"in \(0, 1\]"),
-        ("top_p", 1.5, r"in \(0, 1\]"),
-        ("top_k", -1, ">= 0"),
-        ("repetition_penalty", 0.0, "> 0"),
-    ],
-)
-def test_sampling_settings_out_of_range_name_the_field(field, value, says):
-    from lorakit.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=f"^{field}={value}: expected {says}"):
-        SamplingParams(**{"max_tokens": 4, field: value})
-
-
-def test_sampling_settings_as_generate_keywords():
-    greedy = SamplingParams(max_tokens=4, temperature=0, top_k=5, repetition_penalty=1.1)
-    assert greedy.generate_kwargs() == dict(
-        max_new_tokens=4, repetition_penalty=1.1, do_sample=False
-    )
-    sampled = SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20)
-    assert sampled.generate_kwargs() == dict(
-        max_new_tokens=4,
-        repetition_penalty=1.0,
-        do_sample=True,
-        temperature=0.7,
-        top_p=0.9,
-        top_k=20,
-    )
-
-
-def test_batch_greedy_tokens_and_finite_rows():
-    logits = torch.tensor(
-        [
-            [0.5, 2.0, 2.0, -1.0],  # a tie: the first maximum, as argmax
-            [3e38, 3e38, -1.0, 0.0],  # finite, though its sum overflows to inf
-            [0.0, float("nan"), 1.0, 2.0],
-            [float("inf"), float("-inf"), 0.0, 0.0],  # its sum is NaN
-        ]
-    )
-    assert greedy_tokens(logits[:2]) == [int(row.argmax()) for row in logits[:2]] == [1, 0]
-    assert rows_finite(logits) == [True, True, False, False]
-    assert rows_finite(logits[:2]) == [True, True]
-
-
-def test_text_stream_holds_back_possible_stop():
-    tokenizer = make_tokenizer()
-    stream = TextStream(tokenizer, stop=("STOP",))
-    sent = []
-    for token in tokenizer("say ST then STOP now")["input_ids"]:
-        delta, stopped = stream.push(token)
-        sent.append(delta)
-        if stopped:
-            break
-    assert stopped and "".join(sent) == "say ST then "
-    assert "".join(sent[:4]) == "say "  # "S" and "T" waited until "T " ruled out "STOP"
-
-
-def test_text_stream_waits_for_whole_utf8_character():
-    tokenizer = make_tokenizer()
-    stream = TextStream(tokenizer)
-    first, second = tokenizer("é")["input_ids"]  # two bytes, two tokens
-    assert stream.push(first) == ("", False)
-    assert stream.push(second) == ("é", False)
-
-
-def test_batch_cache_pads_left_and_trims():
-    from transformers import DynamicCache
-
-    def solo(length, fill):
-        keys = torch.full((1, 2, length, 4), float(fill))
-        return DynamicCache(ddp_cache_data=[(keys, keys.clone())]), torch.ones(1, length).long()
-
-    batch = BatchCache()
-    batch.add(*solo(3, 1))
-    batch.add(*solo(5, 2))
-    assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert batch.cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]
-    batch.keep([0])  # the long row leaves: its padding goes too
-    assert batch.mask.tolist() == [[1, 1, 1]]
-    assert batch.cache.layers[0].keys.shape == (1, 2, 3, 4)
-    # a decode step writes into the spare room in place; past the room the buffers grow
-    layer = batch.cache.layers[0]
-    for step in range(100):
-        assert batch.step_mask().shape == (1, 4 + step)
-        new = torch.full((1, 2, 1, 4), float(10 + step))
-        keys, values = layer.update(new, new.clone())
-    assert keys.shape == (1, 2, 103, 4) and values.shape == (1, 2, 103, 4)
-    assert keys[0, 0, :, 0].tolist() == [1.0] * 3 + [float(10 + s) for s in range(100)]
-    # rows of a padded prefill batch join, chosen by index
-    two = torch.arange(2 * 2 * 4 * 4, dtype=torch.float).view(2, 2, 4, 4)
-    prefill = DynamicCache(ddp_cache_data=[(two, two.clone())])
-    batch.add(prefill, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), [1])
-    assert batch.mask.shape == (2, 103) and batch.mask[1].tolist() == [0] * 99 + [1] * 4
-    assert torch.equal(batch.cache.layers[0].keys[1, :, -4:], two[1])
 
 
 def _prompts(tokenizer, count):

@@ -1,11 +1,12 @@
 """One request never hurts another: a poisoned request fails alone while the batch decodes on;
-bad bodies get 4xx; slow or vanishing uploads, huge prompts and bad adapters are contained."""
+huge prompts and bad adapters are contained; fuzzed bodies never get a 5xx.
+
+Bad bodies' 400s: test_protocol.py; slow or vanishing uploads: test_middleware.py."""
 
 from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 
@@ -18,7 +19,6 @@ from safetensors.torch import load_file, save_file
 
 from lorakit.serve import build_state
 from lorakit.serve.app import create_app
-from lorakit.serve.main import is_loopback
 from serve_support import (
     BASE_NAME,
     VOCAB,
@@ -138,76 +138,6 @@ def test_runtime_loading_checks_values_and_dtypes(served, name, says):
     assert models == {BASE_NAME, "a", "b", "poison"}
 
 
-DEEP = "[" * 100_000 + "]" * 100_000
-
-
-@pytest.mark.parametrize(
-    "content, param",
-    [
-        ({"stream": "yes"}, "stream"),
-        ({"seed": 2**70}, "seed"),
-        ({"seed": -(2**63) - 1}, "seed"),
-        ({"temperature": "0.5"}, "temperature"),
-        ({"temperature": True}, "temperature"),
-        ({"max_tokens": 4.0}, "max_tokens"),
-        ({"top_k": "5"}, "top_k"),
-        ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
-        ({"user": 5}, "user"),
-        ('{"model": "a", "prompt": "x", "temperature": NaN}', "temperature"),
-        ('{"model": "a", "prompt": "x", "top_p": Infinity}', "top_p"),
-        ('{"model": "a", "prompt": "x", "seed": ' + "9" * 5000 + "}", None),
-        ('{"model": "a", "prompt": ' + DEEP + "}", None),
-        (DEEP, None),
-    ],
-    ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None,
-)
-def test_bad_bodies_are_answered_4xx(served, content, param):
-    client, _ = served
-    if isinstance(content, dict):
-        response = client.post(
-            "/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2, **content}
-        )
-    else:
-        headers = {"content-type": "application/json"}
-        response = client.post("/v1/completions", content=content, headers=headers)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == param
-
-
-def _raw(url, head: bytes, body: bytes, close: bool = False) -> bytes:
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head + b"\r\n\r\n" + body)
-        if close:
-            return b""
-        answer = sock.recv(4096)
-        while b"\r\n\r\n{" not in answer or not answer.endswith(b"}"):
-            answer += sock.recv(4096)  # the JSON body may come in its own packet
-        return answer
-
-
-def test_a_body_that_stops_arriving_gets_408(served):
-    client, _ = served
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length:  100 "
-    start = time.monotonic()
-    answer = _raw(str(client.base_url), head, b'{"model": "a"')
-    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 5
-    assert b"did not arrive within 1 s (13 of 100 bytes came)" in answer
-
-
-def test_a_client_leaving_mid_upload_is_one_log_line(served, caplog):
-    client, _ = served
-    caplog.set_level(logging.INFO)
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
-    _raw(str(client.base_url), head, b'{"model": "a"', close=True)
-    deadline = time.monotonic() + 5
-    while "left before sending" not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert "POST /v1/completions: the client left before sending its whole body" in caplog.text
-    assert not [r for r in caplog.records if r.exc_info], caplog.text
-    assert client.get("/health").status_code == 200
-
-
 def test_huge_prompts_do_not_block_health(served):
     """Four 1 MB prompts tokenize in worker threads: /health, asked while they are in flight,
     answers before the last of them (on the event loop they held it up for 1.2-1.5 s, on the
@@ -230,27 +160,6 @@ def test_huge_prompts_do_not_block_health(served):
     for thread in threads:
         thread.join(60)
     assert len(done) == 4 and answered < max(done)
-
-
-def test_any_positive_temperature_samples_finite_probabilities():
-    """(logits - max) / T: the best token scores 0, so T = 1e-45 is greedy, not NaN."""
-    from lorakit.serve.decode import SamplingParams, sample_token
-
-    logits = torch.tensor([3.0e4, -2.0, 2.9e4, 1.0])
-    for temperature in (1e-45, 1e-30, 1e-8):
-        params = SamplingParams(max_tokens=1, temperature=temperature, seed=0)
-        assert sample_token(logits, params, params.generator()) == 0
-    tied = SamplingParams(max_tokens=1, temperature=1e-45, seed=0)
-    generator = tied.generator()
-    draws = {sample_token(torch.tensor([5.0, 5.0, 1.0]), tied, generator) for _ in range(40)}
-    assert draws == {0, 1}  # greedy among the tied best tokens
-
-
-def test_loopback_in_every_spelling():
-    for host in ("127.1", "::ffff:127.0.0.1", "0x7f.0.0.1", "2130706433", "[::1]", "127.0.0.2"):
-        assert is_loopback(host), host
-    for host in ("0.0.0.0", "::", "::ffff:10.0.0.1", "10.1", "example.com", "127.0.0.1 x"):
-        assert not is_loopback(host), host
 
 
 # ------------------------------------------------------------------ fuzzing the request bodies
