@@ -333,20 +333,6 @@ def test_serve_refuses_open_bind_without_key(capsys):
     assert "API key" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["ui"], "needs --runs DIR, --model BASE or both"),
-        (["ui", "--runs", "no-such-folder"], "not a directory"),
-        (["ui", "--runs", ".", "--host", "0.0.0.0"], "without an API key"),
-        (["ui", "--runs", ".", "--adapter", "a=x"], "need a base model: pass --model"),
-    ],
-)
-def test_ui_refuses_before_serving(capsys, argv, message):
-    assert main(argv) == 1
-    assert message in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("overrides", [["model.quantization=nf4"], ["method=full"]])
 def test_train_qlora_and_full(tiny_dir, tmp_path, overrides):
     config = write_config(tmp_path, tiny_dir, tmp_path / "out")

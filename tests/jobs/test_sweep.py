@@ -1,11 +1,11 @@
 """`lorakit sweep` (lorakit.jobs.sweep): variants of a base config on a tiny model, the report,
-resuming, failures recorded, bad variants refused before anything runs."""
+resuming, failures recorded, bad variants refused before anything runs (the report's reading of
+the numbers: test_sweep_report.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -14,7 +14,6 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.cli import main
 from lorakit.errors import ConfigError
 from lorakit.jobs.sweep import plan_sweep, run_sweep
-from lorakit.jobs.sweep_report import reading
 from lorakit.models import load_model
 from tiny_folders import save_tiny
 
@@ -197,54 +196,3 @@ def test_only_runs_the_named_variants(tiny_dir, tmp_path):
     assert [r["status"] for r in result.records] == ["not run", "finished", "not run"]
     with pytest.raises(ConfigError, match="no variant named"):
         run_sweep(plan_sweep(path), resume=True, only=["r=3"], show=lambda _: None)
-
-
-def test_reading_finds_plateau_and_overfitting():
-    records = [
-        {
-            "name": f"r={r}",
-            "status": "finished",
-            "overrides": {"lora.r": r},
-            "method": "lora",
-            "best_eval_loss": loss,
-            "final_train_loss": 0.1,
-            "curve": {"train": [[1, 1.0]], "eval": evals},
-        }
-        for r, loss, evals in [
-            (1, 2.0, [[10, 2.1], [20, 2.0]]),
-            (8, 1.0, [[10, 1.2], [20, 1.0]]),
-            (64, 0.995, [[10, 0.995], [20, 1.3]]),
-        ]
-    ]
-    text = reading(SimpleNamespace(axes=["lora.r"]), records, baseline=None)
-    assert any("stops improving above r=8" in line for line in text)
-    assert any(line.startswith("r=64 overfits from step 10") for line in text)
-
-
-def test_reading_names_the_cheapest_variant_close_to_the_best_and_the_noise():
-    records = [
-        {
-            "name": name,
-            "status": "finished",
-            "overrides": {"variant": name},
-            "method": "lora",
-            "trainable_params": params,
-            "exact_match": score,
-            "exact_match_questions": 100,
-        }
-        for name, params, score in [
-            ("q", 100, 0.20),
-            ("attention", 400, 0.50),
-            ("attention+mlp", 1000, 0.52),
-        ]
-    ]
-    text = reading(SimpleNamespace(axes=["variant"]), records, baseline=None)
-    assert (
-        "attention comes within 5 points of the best exact match (50.0% against "
-        "attention+mlp's 52.0%) with 40% of its trainable parameters" in text
-    )
-    # 100 answers: standard error sqrt(0.5 * 0.5 / 100) = 5 points
-    assert any("standard error is up to 5 points" in line and "~10 points" in line for line in text)
-    records[1]["exact_match"] = 0.40
-    text = reading(SimpleNamespace(axes=["variant"]), records, baseline=None)
-    assert any(line.startswith("attention+mlp has the best exact match (52.0%)") for line in text)

@@ -1,13 +1,9 @@
-"""Checkpoint pieces: atomic directories, optimizer/RNG round trips, schedules; the CLI's re-exec
-with tcmalloc and a short OpenMP spin."""
+"""Checkpoint pieces: atomic directories, optimizer/RNG round trips, finding the run to resume."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,8 +19,6 @@ from lorakit.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from lorakit.train.optim import lr_factor, warmup_steps
-from lorakit.train.runtime import WAIT_POLICY, find_tcmalloc, startup_env, tcmalloc_loaded
 
 
 def test_atomic_dir_leaves_nothing_on_error(tmp_path):
@@ -91,68 +85,6 @@ def test_rng_state_round_trip():
     set_rng_state(tensors, scalars)
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
-
-
-def test_schedules():
-    total, warm = 10, warmup_steps(10, 0, 0.2)
-    assert warm == 2
-    assert [lr_factor(s, total, warm, "constant") for s in range(4)] == [1 / 3, 2 / 3, 1, 1]
-    assert lr_factor(2, total, warm, "cosine") == 1.0
-    assert lr_factor(10, total, warm, "cosine") == pytest.approx(0.0)
-    assert lr_factor(6, total, warm, "cosine") == pytest.approx(0.5)
-    assert lr_factor(6, total, warm, "linear", min_lr_ratio=0.1) == pytest.approx(0.55)
-
-
-def test_startup_env_sets_a_short_openmp_spin_unless_the_user_chose_one():
-    no_tcmalloc = {"LORAKIT_NO_TCMALLOC": "1"}
-    assert startup_env(no_tcmalloc) == WAIT_POLICY
-    assert startup_env({**no_tcmalloc, "OMP_NUM_THREADS": "3"}) == WAIT_POLICY  # threads: theirs
-    for user in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}):
-        assert startup_env({**no_tcmalloc, **user}) == {}  # the user's setting wins
-    assert startup_env({**no_tcmalloc, "LORAKIT_NO_WAIT_POLICY": "1"}) == {}
-
-
-@pytest.mark.skipif(
-    find_tcmalloc() is None or tcmalloc_loaded(), reason="tcmalloc not installed, or loaded"
-)
-def test_startup_env_prepends_tcmalloc_to_the_users_preload():
-    lib = find_tcmalloc()
-    assert startup_env({"LD_PRELOAD": "/x.so"})["LD_PRELOAD"] == f"{lib}:/x.so"
-    assert "LD_PRELOAD" not in startup_env({"LORAKIT_NO_TCMALLOC": "1"})
-
-
-def openmp_spin_count(stderr: str) -> str:
-    """The spin count libgomp used, from the last OMP_DISPLAY_ENV=VERBOSE block (the re-exec's)."""
-    return [line.split("'")[1] for line in stderr.splitlines() if "GOMP_SPINCOUNT =" in line][-1]
-
-
-def test_reexec_reaches_openmp_once_and_the_users_choice_wins(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import sys\nfrom lorakit.train.runtime import reexec_for_speed, tcmalloc_loaded\n"
-        "reexec_for_speed()\nprint('loaded', tcmalloc_loaded(), sys.argv[1:])\n"
-    )
-    drop = (
-        "LD_PRELOAD",
-        "LORAKIT_NO_TCMALLOC",
-        "LORAKIT_NO_WAIT_POLICY",
-        "OMP_WAIT_POLICY",
-        "GOMP_SPINCOUNT",
-        "LORAKIT_REEXEC",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_DISPLAY_ENV="VERBOSE")
-    out = subprocess.run(
-        [sys.executable, str(script), "x"], env=env, capture_output=True, text=True
-    )
-    assert out.stdout.strip() == f"loaded {find_tcmalloc() is not None} ['x']", out.stderr
-    assert openmp_spin_count(out.stderr) == WAIT_POLICY["GOMP_SPINCOUNT"]
-    env.update(LORAKIT_NO_TCMALLOC="1", OMP_WAIT_POLICY="ACTIVE")
-    out = subprocess.run(
-        [sys.executable, str(script), "x"], env=env, capture_output=True, text=True
-    )
-    assert out.stdout.strip() == "loaded False ['x']", out.stderr
-    assert openmp_spin_count(out.stderr) == "30000000000"  # libgomp's ACTIVE, not ours
 
 
 def test_an_earlier_run_is_continued_with_the_cli_flag(tmp_path):

@@ -1,4 +1,4 @@
-"""Evaluation: token-weighted loss and perplexity, greedy samples, plots."""
+"""Evaluation: token-weighted loss and perplexity, greedy samples (the figures: test_plots.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from lorakit.train.evaluate import eval_loss, generate_samples, greedy_answers
-from lorakit.train.plots import plot_run
 
 
 def tiny_tokenizer():
@@ -72,14 +71,6 @@ def test_training_writes_samples_and_eval_rows(tmp_path):
     evals = [r for r in result.history if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 1, 2]
     assert result.best_eval_loss == min(r["eval_loss"] for r in evals[1:])
-
-
-def test_plot_run_writes_both_figures(tmp_path):
-    rows = [{"kind": "train", "step": s, "loss": 3 - s / 10, "lr": 1e-3} for s in range(1, 30)]
-    rows += [{"kind": "eval", "step": 10, "eval_loss": 2.5, "perplexity": 12.2}]
-    written = plot_run(rows, tmp_path)
-    assert [p.name for p in written] == ["loss.png", "lr.png"]
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
 
 
 def test_greedy_answers_batched_equal_one_at_a_time(tiny_llama):

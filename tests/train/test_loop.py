@@ -341,21 +341,6 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
         assert torch.equal(value, before[name])
 
 
-def test_schedule_and_lora_plus_groups(tmp_path):
-    model = lora_model(dropout=0.0)
-    result = train(
-        model,
-        None,
-        make_batches(2),
-        None,
-        quick(max_steps=6, grad_accum_steps=1, warmup_steps=2, scheduler="linear", lora_b_lr=1e-1),
-        tmp_path,
-    )
-    lrs = [r["lr"] for r in result.history if r["kind"] == "train"]
-    assert lrs[0] == pytest.approx(1e-2 / 3) and lrs[1] == pytest.approx(2e-2 / 3)
-    assert lrs[2] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-2 / 4)
-
-
 def test_bf16_base_dtype_keeps_adapter_fp32(tmp_path):
     model = lora_model(dropout=0.0)
     batches = make_batches(2)
@@ -381,14 +366,6 @@ def test_gradient_checkpointing_with_frozen_base_gives_the_same_training(tmp_pat
     checkpointed = train(checkpointed_model, None, batches, None, config, tmp_path / "b")
     assert checkpointed_model.base_model.is_gradient_checkpointing
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
-
-
-def test_precision_auto_resolves_per_device():
-    from lorakit.train.runtime import cpu_has_native_bf16, resolve_precision
-
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert resolve_precision("fp32", cpu) == "fp32"
 
 
 @pytest.mark.parametrize("progress", ["rich", "plain"])

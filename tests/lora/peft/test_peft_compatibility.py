@@ -8,7 +8,6 @@ from pathlib import Path
 
 import peft
 import pytest
-import torch
 from torch import nn
 
 import lorakit
@@ -42,11 +41,6 @@ def _table(section: str = "## The table") -> dict[str, str]:
     return dict(rows)
 
 
-def _model() -> lorakit.LoraModel:
-    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    return lorakit.get_peft_model(base, lorakit.LoraConfig(target_modules=["0"], r=2))
-
-
 def test_every_public_peft_name_is_in_the_table():
     methods = [
         n for n in dir(peft.PeftModel) if not n.startswith("_") and not hasattr(nn.Module, n)
@@ -72,22 +66,6 @@ def test_each_method_status_holds():
         else:
             with pytest.raises(LorakitError, match="not supported by lorakit"):
                 getattr(model, name)("some/repo")
-
-
-def test_state_dict_helpers_round_trip_peft_keys():
-    model = _model()
-    saved = lorakit.get_peft_model_state_dict(model)
-    assert sorted(saved) == ["base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight"]
-    changed = {k: torch.full_like(v, 0.5) for k, v in saved.items()}
-    result = lorakit.set_peft_model_state_dict(model, changed)
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    assert torch.equal(model.base_model.model[0].lora_B["default"].weight, torch.full((4, 2), 0.5))
-    partial = lorakit.set_peft_model_state_dict(model, {"x.weight": torch.zeros(1)})
-    assert partial.unexpected_keys == ["x.weight"]
-    assert partial.missing_keys == [
-        "base_model.model.0.lora_A.default.weight",
-        "base_model.model.0.lora_B.default.weight",
-    ]
 
 
 def test_peft_refusals_say_not_supported():

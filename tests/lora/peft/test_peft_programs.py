@@ -304,16 +304,6 @@ def test_trainer_loads_the_best_checkpoint_and_save_model_writes_the_adapter(tmp
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_trainer_keeps_the_columns_the_base_model_takes(tmp_path):
-    tokenizer = _tokenizer()
-    model = lorakit.get_peft_model(_qwen2(tokenizer), lorakit.LoraConfig(target_modules=["q_proj"]))
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_identity_rows(tokenizer))
-    trainer._set_signature_columns_if_needed()
-    assert {"input_ids", "attention_mask", "labels"} <= set(trainer._signature_columns)
-    assert "question" not in trainer._signature_columns
-    assert trainer.label_names == ["labels"]
-
-
 # ----------------------------------------------------------------- TRL
 
 

@@ -1,4 +1,6 @@
-"""peft's public LoRA surface beyond the basics, each against peft itself on the same model."""
+"""peft's public LoRA surface beyond the basics, each against peft itself on the same model.
+Its compat modules' own tests: test_tuner.py, test_reading.py, test_peft_names.py, test_auto.py,
+test_hf_face.py, test_surface.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import re
 import peft
 import pytest
 import torch
-import transformers
 import yaml
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
 from peft_oracle import twin_models
@@ -16,22 +17,7 @@ from torch import nn
 
 import lorakit
 from conftest import make_tiny_llama
-from lorakit.errors import AdapterError, ConfigError
-
-
-def test_parameter_names_and_paths_nest_as_peft_does():
-    ours, theirs = twin_models(
-        make_tiny_llama(), target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
-    assert ours.base_model.model is ours.get_base_model()
-    q = ours.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(q, lorakit.LoraLinear)
-    ids = torch.tensor([[1, 2, 3, 4]])
-    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
-    # the tuner level forwards to the wrapped model and to the adapter methods
-    assert ours.base_model.config is ours.get_base_model().config
-    assert ours.base_model.peft_config is ours.peft_config
+from lorakit.errors import ConfigError
 
 
 def test_disable_and_enable_adapter_layers():
@@ -84,41 +70,6 @@ def test_saved_adapter_has_peft_model_card(tmp_path):
     assert (tmp_path / "a" / "README.md").read_text() == "my own notes"
 
 
-def test_from_pretrained_and_load_adapter_take_peft_keywords(tmp_path):
-    ours, theirs = twin_models(
-        make_tiny_llama(), target_modules=["q_proj"], init_lora_weights=False
-    )
-    ours.save_pretrained(tmp_path / "root" / "sub")
-    ids = torch.tensor([[3, 1, 4, 1, 5]])
-    want = ours(input_ids=ids).logits
-    loaded = lorakit.PeftModel.from_pretrained(
-        make_tiny_llama(),
-        tmp_path / "root",
-        subfolder="sub",
-        torch_device="cpu",
-        device_map="cpu",
-        low_cpu_mem_usage=True,
-        autocast_adapter_dtype=True,
-    )
-    torch.testing.assert_close(loaded(input_ids=ids).logits, want)
-    result = loaded.load_adapter(tmp_path / "root" / "sub", "second", torch_device="cpu")
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    # config= replaces the folder's config, as in peft
-    bigger = lorakit.LoraConfig(target_modules=["q_proj"], lora_alpha=16)
-    scaled = lorakit.PeftModel.from_pretrained(
-        make_tiny_llama(), tmp_path / "root/sub", config=bigger
-    )
-    assert scaled.peft_config["default"].lora_alpha == 16
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        lorakit.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "root/sub", colour="red")
-    with pytest.raises(ConfigError, match="not supported by lorakit"):
-        lorakit.PeftModel.from_pretrained(
-            make_tiny_llama(), tmp_path / "root/sub", ephemeral_gpu_offload=True
-        )
-    with pytest.raises(AdapterError, match="downloading adapters is not supported by lorakit"):
-        lorakit.PeftModel.from_pretrained(make_tiny_llama(), "org/adapter", revision="main")
-
-
 @pytest.mark.parametrize("autocast", [True, False])
 def test_autocast_adapter_dtype_as_peft(autocast):
     base = make_tiny_llama().to(torch.bfloat16)
@@ -155,25 +106,6 @@ def test_loraplus_optimizer_groups_match_peft():
     assert our_opt.param_groups[2]["lr"] == pytest.approx(1.6e-2)  # B matrices: lr x ratio
 
 
-def test_auto_peft_model_loads_base_and_adapter(tmp_path):
-    from tiny_folders import save_tiny
-
-    folder = save_tiny(tmp_path / "base")
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    ours = lorakit.get_peft_model(
-        model, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights=False)
-    )
-    assert ours.peft_config["default"].base_model_name_or_path == str(folder)
-    ours.save_pretrained(tmp_path / "adapter")
-    loaded = lorakit.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
-    ids = torch.tensor([[10, 20, 30]])
-    torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits)
-    (tmp_path / "lonely").mkdir()
-    lorakit.LoraConfig(target_modules=["q_proj"]).save_pretrained(tmp_path / "lonely")
-    with pytest.raises(AdapterError, match="names no base_model_name_or_path"):
-        lorakit.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "lonely")
-
-
 def test_config_round_trip_and_peft_type(tmp_path):
     config = lorakit.LoraConfig(r=4, target_modules=["q_proj"], peft_type="LORA")
     assert config.peft_type == peft.PeftType.LORA and config.peft_type.value == "LORA"
@@ -203,28 +135,6 @@ def test_unsupported_layer_kind_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(3, 3, 1))
     with pytest.raises(ConfigError, match="LoRA on a Conv2d is not supported by lorakit"):
         lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["0"]))
-
-
-def test_set_state_dict_loads_base_biases_as_peft_does():
-    """A state dict saved with bias='all' restores the biases into a model made with
-    bias='none', as peft's whole-model load does."""
-    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    source = lorakit.get_peft_model(
-        copy.deepcopy(base), lorakit.LoraConfig(target_modules=["0"], bias="all")
-    )
-    with torch.no_grad():
-        for name, p in source.named_parameters():
-            if name.endswith("bias"):
-                p.fill_(1.23)
-    state = lorakit.get_peft_model_state_dict(source)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["0"]))
-    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["0"]))
-    peft.set_peft_model_state_dict(theirs, state)
-    result = lorakit.set_peft_model_state_dict(ours, state)
-    assert result.unexpected_keys == []
-    x = torch.randn(3, 4)
-    torch.testing.assert_close(ours(x), theirs(x))
-    torch.testing.assert_close(ours(x), source(x))
 
 
 @pytest.mark.parametrize("container", [nn.ModuleList, nn.ModuleDict, nn.ParameterList])

@@ -1,0 +1,23 @@
+"""The figures of a run (lorakit.train.plots): loss.png and lr.png from the metrics rows."""
+
+from __future__ import annotations
+
+from lorakit.train.plots import plot_run
+
+
+def test_plot_run_writes_both_figures(tmp_path):
+    rows = [{"kind": "train", "step": s, "loss": 3 - s / 10, "lr": 1e-3} for s in range(1, 30)]
+    rows += [{"kind": "eval", "step": 10, "eval_loss": 2.5, "perplexity": 12.2}]
+    written = plot_run(rows, tmp_path)
+    assert [p.name for p in written] == ["loss.png", "lr.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_plot_run_draws_empty_figures_for_no_rows(tmp_path):
+    # a run stopped before its first step: both figures still exist, in a folder it creates
+    written = plot_run([], tmp_path / "plots")
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        "plots/loss.png",
+        "plots/lr.png",
+    ]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
