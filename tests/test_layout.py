@@ -180,8 +180,8 @@ def test_every_part_has_a_public_face():
 # ---------------------------------------------------------------- tests mirror the modules
 
 TESTS = Path(__file__).parent
+# the commands share test_cli.py's run folder, trained once for the whole file
 _COMMAND = "a command's thin shell, run through main(argv) in tests/cli/test_cli.py"
-_PEFT_FACE = "peft's face; tested against peft in tests/lora/peft/test_peft_surface.py"
 # module -> where it is tested instead (one line); kept true by test_tests_mirror_the_modules
 UNMIRRORED = {
     "cli/estimate.py": _COMMAND,
@@ -189,36 +189,6 @@ UNMIRRORED = {
     "cli/main.py": _COMMAND,
     "cli/sweep.py": _COMMAND,
     "cli/tools.py": _COMMAND,
-    "cli/ui.py": _COMMAND,
-    "data/builtin.py": "built-in datasets and exact match in tests/data/test_pipeline.py",
-    "jobs/finetune.py": "`lorakit train` in tests/cli/test_cli.py and tests/cli/test_cli_runs.py",
-    "jobs/sweep_report.py": "the sweep's report in tests/jobs/test_sweep.py",
-    "lora/compat/auto.py": _PEFT_FACE,
-    "lora/compat/hf_face.py": _PEFT_FACE,
-    "lora/compat/peft_names.py": _PEFT_FACE,
-    "lora/compat/reading.py": _PEFT_FACE,
-    "lora/compat/surface.py": _PEFT_FACE,
-    "lora/compat/tuner.py": _PEFT_FACE,
-    "models/builtin.py": "the built-in model and its cache in tests/models/test_loading.py",
-    "models/templates.py": "chat templates in tests/models/test_loading.py",
-    "quant/codes.py": "code tables and packing in tests/quant/test_layer.py",
-    "serve/decode.py": "sampling and stop strings in tests/serve/test_serve_engine.py",
-    "serve/kvcache.py": "the batch KV cache in tests/serve/test_serve_engine.py",
-    "serve/main.py": (
-        "serve_main in tests/serve/test_app.py (a subprocess) and test_serve_openai.py"
-    ),
-    "serve/middleware.py": (
-        "limits and bad bodies in tests/serve/test_app.py, test_serve_faults.py"
-    ),
-    "serve/protocol.py": (
-        "request and answer shapes in tests/serve/test_app.py, test_serve_openai.py"
-    ),
-    "train/optim.py": (
-        "schedules in tests/train/test_checkpoint.py, LoRA+ in tests/train/test_loop.py"
-    ),
-    "train/plan.py": "rows per rank and step in tests/train/test_loop.py and test_ddp.py",
-    "train/plots.py": "the figures in tests/train/test_evaluate.py",
-    "train/runtime.py": "the re-exec in tests/train/test_checkpoint.py; the rest in test_loop.py",
 }
 
 
