@@ -57,6 +57,8 @@ class LoraLinear(nn.Module):
 
     `LoraLinear(embedding)` gives a `LoraEmbedding`."""
 
+    no_dora: str | None = None  # why this kind of layer refuses DoRA, or None
+
     def __new__(cls, base_layer: nn.Module | None = None, *args, **kwargs):
         if cls is LoraLinear and isinstance(base_layer, nn.Embedding):
             cls = LoraEmbedding
@@ -130,6 +132,8 @@ class LoraLinear(nn.Module):
         loftq_config: dict | None = None,
     ) -> None:
         """Add (or replace) adapter `adapter_name` of rank r."""
+        if use_dora and self.no_dora is not None:
+            raise ConfigError(self.no_dora)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = scaling(lora_alpha, r, use_rslora)
@@ -322,25 +326,10 @@ class LoraEmbedding(LoraLinear):
     `lora_embedding_A` and `lora_embedding_B`. DoRA and the inits that read the base weight
     are not supported here."""
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        init_lora_weights: bool | str = True,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        loftq_config: dict | None = None,
-    ) -> None:
-        """As `LoraLinear.update_layer`; DoRA is refused."""
-        if use_dora:
-            raise ConfigError(
-                "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
-                "the embedding from target_modules"
-            )
-        args = (adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
-        super().update_layer(*args, loftq_config=loftq_config)
+    no_dora = (
+        "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
+        "the embedding from target_modules"
+    )
 
     def _create_weights(self, name: str, r: int, device, dtype: torch.dtype) -> None:
         self.lora_embedding_A[name] = nn.Parameter(
