@@ -98,3 +98,17 @@ def live_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextlib.contextmanager
+def live_client(
+    state, *, headers: dict | None = None, timeout: float = 30, **app_options
+) -> Iterator:
+    """An httpx client of `create_app(state, **app_options)` served on loopback."""
+    import httpx
+
+    from lorakit.serve.app import create_app
+
+    app = create_app(state, **app_options)
+    with live_server(app) as url, httpx.Client(base_url=url, headers=headers, timeout=timeout) as c:
+        yield c

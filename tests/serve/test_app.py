@@ -22,6 +22,7 @@ from lorakit.serve.app import create_app
 from serve_support import (
     BASE_NAME,
     VOCAB,
+    live_client,
     live_server,
     make_adapters,
     make_model,
@@ -81,11 +82,7 @@ def server(tmp_path_factory):
         threads=1,
     )
     try:
-        app = create_app(state, api_key=KEY, max_body_bytes=MAX_BODY)
-        with (
-            live_server(app) as url,
-            httpx.Client(base_url=url, headers=AUTH, timeout=30) as client,
-        ):
+        with live_client(state, headers=AUTH, api_key=KEY, max_body_bytes=MAX_BODY) as client:
             yield client, state
     finally:
         state.engine.shutdown()
@@ -112,8 +109,7 @@ def test_unknown_route_and_disabled_endpoint_are_not_model_not_found(server):
     error = _assert_error(client.post("/v1/no/such/route", json={}), 404)
     assert error["code"] == "unknown_url" and "POST /v1/no/such/route" in error["message"]
     off = dataclasses.replace(state, allow_runtime_loading=False)
-    app = create_app(off, api_key=KEY, max_body_bytes=MAX_BODY)
-    with live_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as other:
+    with live_client(off, headers=AUTH, api_key=KEY, max_body_bytes=MAX_BODY) as other:
         body = {"lora_name": "x", "lora_path": "good"}
         for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
             error = _assert_error(other.post(route, json=body), 404)

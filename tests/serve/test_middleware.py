@@ -14,9 +14,8 @@ import pytest
 from test_app import AUTH, KEY, MAX_BODY, _assert_error
 
 from lorakit.serve import build_state
-from lorakit.serve.app import create_app
 from lorakit.serve.middleware import GuardMiddleware
-from serve_support import BASE_NAME, live_server, make_model, make_tokenizer
+from serve_support import BASE_NAME, live_client, make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +28,14 @@ def state():
 @pytest.fixture(scope="module")
 def server(state):
     """Behind the API key, bodies up to MAX_BODY (64 KiB)."""
-    app = create_app(state, api_key=KEY, max_body_bytes=MAX_BODY)
-    with live_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
+    with live_client(state, headers=AUTH, api_key=KEY, max_body_bytes=MAX_BODY) as client:
         yield client, state
 
 
 @pytest.fixture(scope="module")
 def served(state):
     """No API key; a body must arrive within 1 s."""
-    app = create_app(state, max_body_bytes=2 << 20, body_timeout_s=1.0)
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with live_client(state, timeout=60, max_body_bytes=2 << 20, body_timeout_s=1.0) as client:
         yield client, state
 
 

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from test_app import AUTH, KEY, _assert_error, _complete
 
 from lorakit.serve import build_state
-from lorakit.serve.app import create_app
 from lorakit.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_body
 from serve_support import (
     BASE_NAME,
     VOCAB,
-    live_server,
+    live_client,
     make_adapters,
     make_model,
     make_tokenizer,
@@ -28,11 +26,7 @@ def server(tmp_path_factory):
         make_model(), make_tokenizer(), base_name=BASE_NAME, adapters=adapters, threads=1
     )
     try:
-        app = create_app(state, api_key=KEY, max_body_bytes=2 << 20)
-        with (
-            live_server(app) as url,
-            httpx.Client(base_url=url, headers=AUTH, timeout=30) as client,
-        ):
+        with live_client(state, headers=AUTH, api_key=KEY, max_body_bytes=2 << 20) as client:
             yield client, state
     finally:
         state.engine.shutdown()

@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 
-import httpx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +21,7 @@ from lorakit.serve.app import create_app
 from serve_support import (
     BASE_NAME,
     VOCAB,
-    live_server,
+    live_client,
     make_adapters,
     make_model,
     make_tokenizer,
@@ -53,9 +52,8 @@ def served(tmp_path_factory):
             layer.lora_weights("poison")[1].mul_(1e38)
             assert torch.isfinite(layer.lora_weights("poison")[1]).all()
     state.engine.eos_token_ids = set()  # every request runs to max_tokens
-    app = create_app(state, max_body_bytes=2 << 20, body_timeout_s=1.0)
     try:
-        with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with live_client(state, timeout=60, max_body_bytes=2 << 20, body_timeout_s=1.0) as client:
             yield client, state
     finally:
         state.engine.shutdown()
