@@ -418,3 +418,35 @@ def unmatched_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         cls = type(module.base_layer if isinstance(module, LoraLinear) else module).__name__
         found.update(e for e in config.target_modules if e in (name, cls) or name.endswith("." + e))
     return [e for e in config.target_modules if e not in found and e != "preset"]
+
+
+@torch.no_grad()
+def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy tensors under peft's file key names into adapter `adapter_name` of `model` (the
+    wrapped model, its LoRA layers injected); the keys were checked (`check_adapter`)."""
+    tensors = normalise_keys(tensors)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    for key, tensor in tensors.items():
+        path = key.removeprefix(PREFIX)
+        owner, _, leaf = path.rpartition(".")
+        if leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+            target = getattr(modules[owner], leaf)[adapter_name]
+        elif owner.endswith((".lora_A", ".lora_B")):
+            layer, _, which = owner.rpartition(".")
+            target = getattr(modules[layer], which)[adapter_name].weight
+        else:
+            target = _module_to_save_param(modules, path, adapter_name)
+            target = params[path] if target is None else target
+        target.copy_(tensor.to(target.dtype))
+
+
+def _module_to_save_param(modules: dict, path: str, adapter_name: str) -> torch.Tensor | None:
+    """The parameter at `path` inside a ModulesToSave's copy for `adapter_name`, or None."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = modules.get(".".join(parts[:cut]))
+        if isinstance(module, ModulesToSave):
+            copy_ = module.modules_to_save[adapter_name]
+            return copy_.get_parameter(".".join(parts[cut:])) if parts[cut:] else None
+    return None

@@ -64,6 +64,12 @@ def combine_adapters(
     if adapter_name in peft_config:
         raise ConfigError(f"an adapter named `{adapter_name}` exists; pick another name")
     configs = [peft_config[a] for a in adapters]
+    for name, config in zip(adapters, configs, strict=True):
+        if config.use_dora:
+            raise ConfigError(
+                f"add_weighted_adapter of DoRA adapter `{name}` is not supported by lorakit "
+                "(a magnitude vector has no weighted sum); combine plain LoRA adapters"
+            )
     if len(adapters) == 1:
         combination_type = "linear"
     method, svd = combination_type.removesuffix("_svd"), combination_type.endswith("svd")

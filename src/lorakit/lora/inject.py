@@ -201,7 +201,7 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
     for name, module in find_targets(model, config):
         if not isinstance(module, LoraLinear):
             module = (LoraEmbedding if layer_kind(module) == EMBEDDING else LoraLinear)(module)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         if module.kind == CONV1D:
             config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)
         module.update_layer(
@@ -224,7 +224,7 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
             )
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         module.add_copy(adapter_name)
     return names
 
@@ -239,7 +239,8 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str
     return found
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the submodule called `name`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

@@ -16,6 +16,7 @@ that read the same input (q, k, v; gate, up) share one dropout mask on it (`shar
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -28,6 +29,7 @@ from lorakit.lora.config import scaling
 from lorakit.lora.rows import RowPlan
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
+logger = logging.getLogger("lorakit")
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -314,6 +316,28 @@ class LoraLinear(nn.Module):
         names = chosen[::-1]
         self.set_dense_weight(update.unmerged_weight(self, names, self.dense_weight().float()))
         self.merged_adapters = [n for n in self.merged_adapters if n not in names]
+
+    def unwrap(self, names: list[str], *, merge: bool, safe_merge: bool = False) -> nn.Module:
+        """The base layer, with adapters `names` merged in when `merge` (a quantized base is
+        dequantized, merged and quantized again, `quant.merge_into_quantized`)."""
+        base = self.base_layer
+        if not merge:
+            self.unmerge()
+            return base
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            self.merge(names, safe_merge=safe_merge)
+            return base
+        from lorakit.quant.layer import merge_into_quantized
+
+        delta = self.merged_delta(names)
+        if delta is None:
+            return base
+        if safe_merge and not torch.isfinite(delta).all():
+            raise ValueError("merging produced non-finite weights; not merged")
+        merged, message = merge_into_quantized(base, delta)
+        logger.info(message)
+        return merged
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,18 +23,22 @@ from lorakit.lora import shared
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.compat.hf_face import HFFace
 from lorakit.lora.compat.keywords import check_peft_kwargs
-from lorakit.lora.compat.reading import module_to_save_param, read_for_loading
+from lorakit.lora.compat.reading import read_for_loading
 from lorakit.lora.compat.surface import PeftSurface, peft_model_config
 from lorakit.lora.compat.tuner import LoraTuner
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.fused import FusedDecode
 from lorakit.lora.inits import loading_config
-from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets, saved_targets
+from lorakit.lora.inject import (
+    add_adapter_layers,
+    mark_trainable,
+    replace_module,
+    resolve_targets,
+    saved_targets,
+)
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
-from lorakit.lora.rows import BASE, PackedAdapters, RowPlan
+from lorakit.lora.rows import BASE, PackedAdapters, RowPlan, reading_rows
 from lorakit.lora.ties import untie_for_merge
-
-logger = logging.getLogger("lorakit")
 
 
 class LoraModel(PeftSurface, HFFace):
@@ -228,15 +231,8 @@ class LoraModel(PeftSurface, HFFace):
             if name is not None and name != BASE:
                 self._require(name)
         device = next(self.base_model.model.parameters()).device
-        plan = RowPlan(list(adapter_names), device, packed, fused)
-        wrappers = self._wrappers()
-        for module in wrappers:
-            module.set_rows(plan)
-        try:
+        with reading_rows(self._wrappers(), RowPlan(list(adapter_names), device, packed, fused)):
             yield
-        finally:
-            for module in wrappers:
-                module.set_rows(None)
 
     def pack_adapters(self, adapter_names: list[str] | None = None) -> PackedAdapters:
         """Every LoRA layer's adapters side by side, for `mixed_adapters(..., packed=...)`.
@@ -291,14 +287,6 @@ class LoraModel(PeftSurface, HFFace):
                 all_params += module.in_features * module.out_features
         return trainable, all_params
 
-    def print_trainable_parameters(self) -> None:
-        """Print `trainable params: X || all params: Y || trainable%: Z`."""
-        trainable, all_params = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {all_params:,d} || "
-            f"trainable%: {100 * trainable / all_params:.4f}"
-        )
-
     # ---------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False):
         """Merge adapters into the base weights in place (undo with `unmerge_adapter`)."""
@@ -333,20 +321,16 @@ class LoraModel(PeftSurface, HFFace):
         replacements = []
         for name, module in self.base_model.model.named_modules():
             if isinstance(module, LoraLinear):
-                replacements.append((name, _merged_base(module, names, safe_merge, merge)))
+                replacements.append(
+                    (name, module.unwrap(names, merge=merge, safe_merge=safe_merge))
+                )
             elif isinstance(module, ModulesToSave):
                 chosen = [a for a in names if a in module.modules_to_save]
                 keep = module.modules_to_save[chosen[0]] if merge and chosen else None
                 replacements.append((name, keep or module.original_module))
         self._wrapper_cache = None
         for name, new in replacements:
-            parent_name, _, child = name.rpartition(".")
-            parent = (
-                self.base_model.model.get_submodule(parent_name)
-                if parent_name
-                else self.base_model.model
-            )
-            setattr(parent, child, new)
+            replace_module(self.base_model.model, name, new)
         return self.base_model.model
 
     # ---------------------------------------------------------------- combining
@@ -365,11 +349,6 @@ class LoraModel(PeftSurface, HFFace):
         described in `lorakit.lora.combine`."""
         for name in adapters:
             self._require(name)
-            if self.peft_config[name].use_dora:
-                raise ConfigError(
-                    f"add_weighted_adapter of DoRA adapter `{name}` is not supported by lorakit "
-                    "(a magnitude vector has no weighted sum); combine plain LoRA adapters"
-                )
         layers = list(self.lora_layers())
         config = combine_adapters(
             self.peft_config,
@@ -444,7 +423,7 @@ class LoraModel(PeftSurface, HFFace):
         config.inference_mode = not is_trainable
         lora_model = cls(model, loading_config(config), adapter_name, autocast_adapter_dtype)
         lora_model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights  # kept
-        lora_model._copy_weights(adapter, adapter_name)
+        adapter_io.copy_into(model, adapter.tensors, adapter_name)
         lora_model.chat_template = adapter.chat_template
         lora_model.set_adapter(adapter_name)
         if not is_trainable:
@@ -483,56 +462,12 @@ class LoraModel(PeftSurface, HFFace):
             autocast_adapter_dtype=autocast_adapter_dtype,
         )  # a loaded adapter never re-initialises (and so never changes) the base
         self.peft_config[adapter_name].init_lora_weights = adapter.config.init_lora_weights
-        self._copy_weights(adapter, adapter_name)
+        adapter_io.copy_into(self.base_model.model, adapter.tensors, adapter_name)
         if self.chat_template is None:
             self.chat_template = adapter.chat_template
         if not is_trainable:
             self.eval()
         return adapter_io.LoadResult([], [])
-
-    def _copy_weights(self, adapter: adapter_io.AdapterFiles, adapter_name: str) -> None:
-        self._copy_tensors(adapter.tensors, adapter_name)
-
-    @torch.no_grad()
-    def _copy_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
-        """Copy tensors under peft's file key names into adapter `adapter_name` (keys checked)."""
-        tensors = adapter_io.normalise_keys(tensors)
-        params = dict(self.base_model.model.named_parameters())
-        modules = dict(self.base_model.model.named_modules())
-        for key, tensor in tensors.items():
-            path = key.removeprefix(adapter_io.PREFIX)
-            owner, _, leaf = path.rpartition(".")
-            if leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
-                target = getattr(modules[owner], leaf)[adapter_name]
-            elif owner.endswith((".lora_A", ".lora_B")):
-                target = getattr(modules[owner.rsplit(".", 1)[0]], owner.rsplit(".", 1)[1])
-                target = target[adapter_name].weight
-            else:
-                target = module_to_save_param(modules, path, adapter_name)
-                target = params[path] if target is None else target
-            target.copy_(tensor.to(target.dtype))
-
-
-def _merged_base(layer: LoraLinear, names: list[str], safe_merge: bool, merge: bool) -> nn.Module:
-    """The base layer of `layer` with `names` merged in (dequantized first if quantized)."""
-    base = layer.base_layer
-    if not merge:
-        layer.unmerge()
-        return base
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        layer.merge(names, safe_merge=safe_merge)
-        return base
-    from lorakit.quant.layer import merge_into_quantized
-
-    delta = layer.merged_delta(names)
-    if delta is None:
-        return base
-    if safe_merge and not torch.isfinite(delta).all():
-        raise ValueError("merging produced non-finite weights; not merged")
-    merged, message = merge_into_quantized(base, delta)
-    logger.info(message)
-    return merged
 
 
 def _name_or_path(model: nn.Module) -> str | None:

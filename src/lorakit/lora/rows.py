@@ -22,6 +22,8 @@ otherwise the layer adds its LoRA to the base output in one of three ways:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -239,3 +241,15 @@ def add_packed(
     if in_place:
         return flat.add_(delta).view(result.shape)
     return result + delta.to(result.dtype).view(result.shape)
+
+
+@contextlib.contextmanager
+def reading_rows(wrappers: list[nn.Module], plan: RowPlan) -> Iterator[None]:
+    """Inside the context every wrapper (`LoraLinear`, `ModulesToSave`) reads `plan`."""
+    for module in wrappers:
+        module.set_rows(plan)
+    try:
+        yield
+    finally:
+        for module in wrappers:
+            module.set_rows(None)

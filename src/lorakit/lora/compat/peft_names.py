@@ -60,7 +60,8 @@ def set_peft_model_state_dict(
                 f"set_peft_model_state_dict: {key} has shape {list(given[key].shape)} but adapter "
                 f"`{adapter_name}` needs {list(expected[key].shape)}"
             )
-    model._copy_tensors({k: v for k, v in given.items() if k in expected}, adapter_name)
+    kept = {k: v for k, v in given.items() if k in expected}
+    adapter_io.copy_into(model.base_model.model, kept, adapter_name)
     unexpected = _load_base_tensors(model, given, unexpected)
     missing = [_in_memory_key(k, adapter_name) for k in sorted(set(expected) - set(given))]
     return LoadResult(missing, unexpected)

@@ -7,13 +7,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import lorakit.lora.adapters as adapter_io
 from lorakit.errors import AdapterError
 from lorakit.lora.compat.keywords import HUB, check_peft_kwargs
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.layers import ModulesToSave
 
 
 def read_for_loading(
@@ -39,13 +36,3 @@ def read_for_loading(
             raise TypeError(f"config: expected a lorakit LoraConfig, got {type(config).__name__}")
         adapter.config = copy.deepcopy(config)
     return adapter
-
-
-def module_to_save_param(modules: dict, path: str, adapter_name: str) -> torch.Tensor | None:
-    parts = path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module = modules.get(".".join(parts[:cut]))
-        if isinstance(module, ModulesToSave):
-            copy_ = module.modules_to_save[adapter_name]
-            return copy_.get_parameter(".".join(parts[cut:])) if parts[cut:] else None
-    return None

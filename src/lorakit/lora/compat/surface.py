@@ -44,6 +44,14 @@ class PeftSurface:
             "upload_folder"
         )
 
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line `trainable params: X || all params: Y || trainable%: Z`."""
+        trainable, all_params = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {all_params:,d} || "
+            f"trainable%: {100 * trainable / all_params:.4f}"
+        )
+
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
