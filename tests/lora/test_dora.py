@@ -1,4 +1,4 @@
-"""DoRA (`use_dora=True`) against peft 0.21.2: forward, gradients, merging, files,
+"""DoRA (`use_dora=True`) against peft 0.22.0: forward, gradients, merging, files,
 quantized bases."""
 
 from __future__ import annotations

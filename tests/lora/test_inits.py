@@ -1,4 +1,4 @@
-"""PiSSA / OLoRA / LoftQ / gaussian initialisations against peft 0.21.2, and PiSSA's conversion."""
+"""PiSSA / OLoRA / LoftQ / gaussian initialisations against peft 0.22.0, and PiSSA's conversion."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_olora_changes_base_and_adapter_as_peft():
 
 
 def test_olora_on_conv1d_keeps_the_output_and_uses_the_out_in_weight():
-    # peft 0.21.2 takes the QR of Conv1D's stored (in, out) weight, which gives A and B the wrong
+    # peft 0.22.0 takes the QR of Conv1D's stored (in, out) weight, which gives A and B the wrong
     # shapes; lorakit factors the (out, in) weight as for nn.Linear (B: orthonormal columns).
     base = make_tiny_gpt2()
     config = lorakit.LoraConfig(
