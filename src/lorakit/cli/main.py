@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from lorakit.cli.estimate import register_estimate
+from lorakit.cli.export import register_export
 from lorakit.cli.generate import register_generation
 from lorakit.cli.sweep import register_sweep
 from lorakit.cli.tools import register_tools
@@ -141,6 +142,7 @@ def quickstart(
 register_generation(app)
 register_estimate(app)
 register_tools(app)
+register_export(app)
 register_ui(app)
 register_sweep(app)
 

@@ -126,8 +126,17 @@ def inspect(
     base: Annotated[
         str | None, typer.Option(help="Check that the adapter fits this base model.")
     ] = None,
+    for_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--for",
+            help="What a consumer will refuse or compute differently: vllm, llama.cpp, peft, "
+            "or all; repeat for several.",
+        ),
+    ] = None,
 ) -> None:
-    """Show an adapter's config, rank, targets, parameters and size; with --base, check the fit."""
+    """Show an adapter's config, rank, targets, parameters and size; with --base, check the fit;
+    with --for, what vLLM / llama.cpp / older peft will do with it."""
     from lorakit.lora.adapters import WEIGHTS_NAME, check_adapter, read_adapter
 
     files = read_adapter(adapter)
@@ -154,6 +163,8 @@ def inspect(
     ]
     for line in lines:
         typer.echo(line)
+    if for_:
+        _consumer_report(adapter, files, for_)
     if base is None:
         return
     from lorakit.models import load_model
@@ -165,6 +176,25 @@ def inspect(
         f"fits {base}: {len(check.expected)} keys with matching shapes on "
         f"{len(check.target_names)} target modules; base vocab {vocab}"
     )
+
+
+def _consumer_report(adapter: Path, files: Any, consumers: list[str]) -> None:
+    """Print what each consumer will do with the adapter (lora.consumers' rules)."""
+    from lorakit.lora.consumers import CONSUMERS, Facts, findings
+
+    chosen = list(CONSUMERS) if "all" in consumers else consumers
+    for name in chosen:
+        if name not in CONSUMERS:
+            raise ConfigError(f"--for {name!r}: expected one of {', '.join(CONSUMERS)} or all")
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    facts = Facts(files.config, sorted(files.tensors), raw)
+    for name in chosen:
+        found = findings(facts, name)
+        typer.echo(f"for {name}: " + ("nothing refused" if not found else f"{len(found)} issue(s)"))
+        for item in found:
+            typer.echo(f"  {item.level}: {item.what}")
+            typer.echo(f"    fix: {item.fix}")
+            typer.echo(f"    source: {item.source}")
 
 
 def _module_of(key: str) -> str:
