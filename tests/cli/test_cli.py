@@ -28,6 +28,7 @@ COMMANDS = [
     "sweep",
     "ui",
     "estimate",
+    "export",
 ]
 
 

@@ -80,6 +80,7 @@ def lora_tensors(lora: LoraModel, adapter: str = "default") -> list[tuple[str, t
     return out
 
 
+@torch.no_grad()
 def folded_error(lora: LoraModel, adapter: str = "default") -> float:
     """Largest |scale B A - lorakit's delta weight| over the adapter's layers (before the row
     reordering): what folding the scale into B changed, in fp32."""
