@@ -162,12 +162,13 @@ def export_gguf(
             f"--adapter-only writes one adapter's LoRA file; got {len(adapters)} --adapter "
             "options (give exactly one)"
         )
+    staging = OllamaFolder(ollama, overwrite)
     tokenizer = load_tokenizer(base)
     model = load_model(base, dtype="float32", device=device)
     arch = arch_of(model.config)
     vocab_fields(tokenizer, int(model.config.vocab_size))  # refuse an unsupported tokenizer now
     name = Path(str(base)).name
-    with _ollama_folder(ollama, overwrite) as folder:
+    with staging as folder:
         if adapter_only:
             model, report = _export_adapter(model, adapters[0], out, dtype, arch.gguf_name, base)
             template = report.pop("template") or chat_template_of(tokenizer)
@@ -185,19 +186,17 @@ def export_gguf(
 
 
 def _export_merged(model, adapters, out, tokenizer, dtype, name, tolerance, prompts, progress):
-    template, merges, tol = None, [], tolerance
+    template, merges = None, []
+    bound = TOLERANCE if tolerance is None else tolerance
     for adapter in adapters:
         model, adapter_template, diff = _merge_verified(
-            model, adapter, tokenizer, prompts or PROMPTS, TOLERANCE if tolerance is None else tol
+            model, adapter, tokenizer, prompts or PROMPTS, bound
         )
         template = adapter_template or template
         merges.append((str(adapter), diff))
     template = template or chat_template_of(tokenizer)
     size, count = write_model(model, out, tokenizer, template, dtype, name, progress)
-    report = {"size": size, "tensors": count, "merges": merges}
-    if tolerance is not None:
-        report["tolerance"] = tolerance
-    return model, report, template
+    return model, {"size": size, "tensors": count, "merges": merges, "tolerance": bound}, template
 
 
 def _export_adapter(model, adapter, out, dtype, arch_name, base) -> tuple[nn.Module, dict]:
@@ -218,7 +217,7 @@ def _export_adapter(model, adapter, out, dtype, arch_name, base) -> tuple[nn.Mod
     return lora.unload(), report  # the base alone, written next for an Ollama folder
 
 
-class _ollama_folder:
+class OllamaFolder:
     """A staging folder swapped into place at the end (`files.atomic_dir`), or None."""
 
     def __init__(self, folder: str | Path | None, overwrite: bool) -> None:
