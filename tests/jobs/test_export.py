@@ -126,7 +126,8 @@ def _close(ours: np.ndarray, theirs: np.ndarray, bound: float) -> float:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_computes_lorakits_logits(family, tmp_path):
     llama_cpp()
-    folder = save_family(tmp_path / family, family)
+    # (not named after the family: llama.cpp looks for Phi-3's own tokens in a model named phi3)
+    folder = save_family(tmp_path / "model", family)
     model = load_model(str(folder))
     out = tmp_path / f"{family}.gguf"
     export_gguf(str(folder), out, progress=False)
@@ -159,6 +160,7 @@ def test_llama_cpp_applies_the_lora_file_with_lorakits_scales(tiny_dir, tmp_path
 
 # ---------------------------------------------------------------- the built-in model, slow
 
+LLAMA_ARGS = {"n_ctx": 256, "logits_all": True, "verbose": False, "n_threads": 2}
 CHAT_PROMPTS = ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"]
 
 
@@ -206,10 +208,8 @@ def test_builtin_model_greedy_tokens_in_llama_cpp(tmp_path):
     tokenizer = load_tokenizer(BUILTIN_MODEL)
     lora = LoraModel.from_pretrained(load_model(BUILTIN_MODEL), adapter).eval()
     runs = {
-        "merged": module.Llama(str(merged), n_ctx=256, verbose=False, n_threads=2),
-        "adapter-only": module.Llama(
-            str(base_file), lora_path=str(lora_file), n_ctx=256, verbose=False, n_threads=2
-        ),
+        "merged": module.Llama(str(merged), **LLAMA_ARGS),
+        "adapter-only": module.Llama(str(base_file), lora_path=str(lora_file), **LLAMA_ARGS),
     }
     changed = 0
     for prompt in CHAT_PROMPTS:
@@ -243,18 +243,43 @@ HELD_OUT = (
 )
 
 
+def _weights_from_file(model, path):
+    """The model with every weight replaced by the (dequantized) one stored in a GGUF file."""
+    from lorakit.models.gguf_arch import gguf_tensor_name, layout
+
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    config = model.config
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("lm_head.") and config.tie_word_embeddings:
+                continue
+            tensor = stored[gguf_tensor_name(config, name)]
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            values = torch.from_numpy(values.reshape(param.shape).copy())
+            rows = torch.arange(param.shape[0], dtype=torch.float64).reshape(-1, 1)
+            order = layout(config, name, rows.expand(-1, 2))[:, 0].long()
+            if param.dim() == 2:
+                param[order] = values  # stored row i holds the original row order[i]
+            else:
+                param.copy_(values)
+    return model
+
+
 @pytest.mark.slow
-def test_q8_0_against_f32_in_llama_cpp(tmp_path):
-    llama_cpp()
+def test_q8_0_against_f32(tmp_path):
+    """The q8_0 file's weights (read back from the file) against f32 on a held-out paragraph.
+    (llama.cpp itself is not used here: the llama-cpp-python build this was written with
+    crashes on every quantized file, its own package's Q4_1 file included.)"""
     from lorakit.models import BUILTIN_MODEL, load_tokenizer
 
     ids = load_tokenizer(BUILTIN_MODEL)(HELD_OUT)["input_ids"]
     f32, q8 = tmp_path / "f32.gguf", tmp_path / "q8.gguf"
     size32 = export_gguf(BUILTIN_MODEL, f32, progress=False).size
     size8 = export_gguf(BUILTIN_MODEL, q8, dtype="q8_0", progress=False).size
-    a, b = llama_cpp_logits(f32, ids), llama_cpp_logits(q8, ids)
-    ours = torch_logits(load_model(BUILTIN_MODEL), ids)
-    _close(ours, a, 1e-3)
+    a = torch_logits(load_model(BUILTIN_MODEL), ids)
+    roundtrip = torch_logits(_weights_from_file(load_model(BUILTIN_MODEL), f32), ids)
+    np.testing.assert_array_equal(roundtrip, a)  # the f32 file holds exactly the weights
+    b = torch_logits(_weights_from_file(load_model(BUILTIN_MODEL), q8), ids)
 
     def perplexity(logits):
         logp = torch.log_softmax(torch.tensor(logits[:-1]), -1)
