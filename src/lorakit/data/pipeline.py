@@ -84,7 +84,9 @@ class DataConfig(BaseModel):
     )
     packing: bool = Field(False, description="Pack several samples into each row.")
     group_by_length: bool = Field(
-        True, description="Unpacked: batch samples of similar length to reduce padding."
+        False,
+        description="Unpacked: batch samples of similar length to reduce padding (sorted "
+        "batches learn less: off by default, as in transformers.Trainer).",
     )
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="On an unusable row: stop with its report, or skip it."
