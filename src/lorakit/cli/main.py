@@ -117,6 +117,9 @@ def quickstart(
     name: Annotated[str, typer.Option(help="The new name to teach.")] = "Lumi",
     author: Annotated[str, typer.Option(help="The new maker to teach.")] = "lorakit",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 32,
+    precision: Annotated[
+        str, typer.Option(help="fp32 (the fastest on most CPUs) or bf16 autocast.")
+    ] = "fp32",
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier quickstart in the output directory.")
     ] = False,
@@ -133,6 +136,7 @@ def quickstart(
         name=name,
         author=author,
         max_new_tokens=max_new_tokens,
+        precision=precision,
         overwrite=overwrite,
     )
     run_quickstart(settings, show=typer.echo)
