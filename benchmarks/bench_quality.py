@@ -160,7 +160,7 @@ def run_one(name: str, args) -> dict:
     """Train one run from a fresh model and score it."""
     grouped = name.endswith("-grouped")
     model, tokenizer, train_set, test = load(args.task, grouped)
-    lora = "lora" in name
+    lora = name.split("-")[1] == "lora"  # trainer-full, peft-lora, lorakit-lora-grouped
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as out:
         if name.startswith("lorakit"):
