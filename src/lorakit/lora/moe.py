@@ -58,7 +58,7 @@ def all_linear_parameters(model: nn.Module) -> list[str]:
 
 def coverage(model: nn.Module) -> tuple[int, int]:
     """(weights adapted, weights in all) of the decoder: every parameter of 2 or more
-    dimensions outside the embeddings and the output head, biases not counted (gpt-oss keeps
+    dimensions outside the embeddings, the output head and convolutions, biases not counted (gpt-oss keeps
     its experts' biases as 2-D tensors), counted by elements; a weight is
     adapted when a LoRA layer wraps it (`LoraLinear`) or a `LoraParams` adapts it."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -72,6 +72,9 @@ def coverage(model: nn.Module) -> tuple[int, int]:
             adapted.update(id(module.base_param(p)) for p in module.param_names())
         elif isinstance(module, LoraLinear) and module.r:
             adapted.update(id(p) for p in module.base_layer.parameters(recurse=False))
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            skip.update(id(p) for p in module.parameters())  # kernels, not weight matrices
     seen = set()
     done = 0
     for name, param in model.named_parameters():

@@ -49,6 +49,7 @@ UNSUPPORTED_FEATURES: dict[str, Any] = {
     "use_bdlora": None,
     "eva_config": None,
     "corda_config": None,
+    "astra_config": None,
     "lora_ga_config": None,
     "velora_config": None,
     "monteclora_config": None,

@@ -76,3 +76,36 @@ def tiny_model(family: str, configs: dict = MOE_CONFIGS, seed: int = 0) -> torch
             if param.dim() >= 2 and param.abs().sum() == 0:
                 param.normal_(0, 0.1)  # routers start at zero in some families
     return model.eval()
+
+
+_DENSE = {**_SMALL, "intermediate_size": 24, "pad_token_id": 0}
+_NO_HEAD_DIM = {k: v for k, v in _DENSE.items() if k != "head_dim"}
+DENSE_CONFIGS = {
+    **{
+        name: (cls, _DENSE)
+        for name, cls in {
+            "llama": "LlamaConfig",
+            "mistral": "MistralConfig",
+            "qwen2": "Qwen2Config",
+            "qwen3": "Qwen3Config",
+            "gemma": "GemmaConfig",
+            "gemma2": "Gemma2Config",
+            "gemma3": "Gemma3TextConfig",
+            "phi3": "Phi3Config",
+            "olmo2": "Olmo2Config",
+            "starcoder2": "Starcoder2Config",
+            "granite": "GraniteConfig",
+            "smollm3": "SmolLM3Config",
+            "glm4": "Glm4Config",
+            "cohere2": "Cohere2Config",
+            "exaone4": "Exaone4Config",
+            "ernie4_5": "Ernie4_5Config",
+            "seed_oss": "SeedOssConfig",
+        }.items()
+    },
+    "phi": ("PhiConfig", _NO_HEAD_DIM),
+    "gpt2": ("GPT2Config", {"vocab_size": 64, "n_embd": 16, "n_layer": 2, "n_head": 2}),
+    "gpt_neox": ("GPTNeoXConfig", {**_DENSE, "num_key_value_heads": 2}),
+    "falcon": ("FalconConfig", {**_NO_HEAD_DIM, "num_kv_heads": 1}),
+    "lfm2": ("Lfm2Config", {**_DENSE, "layer_types": ["conv", "full_attention"]}),
+}
