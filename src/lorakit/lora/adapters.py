@@ -25,16 +25,16 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, atomic_dir
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.inits import converted_to_lora
-from lorakit.lora.inject import (
-    find_modules_to_save,
-    find_param_targets,
-    find_targets,
-    is_shared_bias,
-    walk,
-)
+from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
-from lorakit.lora.layouts import ParamSpec, key_stems, to_current
-from lorakit.lora.params import LoraParams, expert_count, in_out
+from lorakit.lora.layouts import (
+    ParamSpec,
+    expected_parameters,
+    key_stems,
+    param_stems,
+    to_current,
+)
+from lorakit.lora.params import LoraParams
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
@@ -273,7 +273,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             check.expected[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
         check.target_names.append(name)
-    _expected_parameters(model, config, check)
+    params, check.param_specs = expected_parameters(model, config)
+    check.expected.update(params)
     for name, module in find_modules_to_save(model, config):
         source = module.original_module if isinstance(module, ModulesToSave) else module
         for key, tensor in source.state_dict().items():
@@ -289,27 +290,6 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
             check.expected[key] = tuple(param.shape)
     check.expected = {PREFIX + k: v for k, v in check.expected.items()}
     return check
-
-
-def _expected_parameters(model: nn.Module, config: LoraConfig, check: AdapterCheck) -> None:
-    """Add the keys and shapes of the adapted parameters (`target_parameters`) to `check`."""
-    by_module: dict[str, list[str]] = {}
-    for name, param in find_param_targets(model, config):
-        by_module.setdefault(name, []).append(param)
-    for name, params in by_module.items():
-        module = model.get_submodule(name)
-        owner = module.base_layer if isinstance(module, LoraParams) else module
-        transposed = bool(getattr(owner, "is_transposed", False))
-        for param, stem in key_stems(name, params).items():
-            weight = owner.get_parameter(param)
-            experts, r = expert_count(weight), config.rank_for(f"{name}.{param}")
-            n_in, n_out = in_out(weight, transposed)
-            a_shape, b_shape = (experts * r, n_in), (n_out, r * experts)
-            check.expected[f"{stem}.lora_A.weight"] = a_shape
-            check.expected[f"{stem}.lora_B.weight"] = b_shape
-            check.param_specs.append(
-                ParamSpec(PREFIX + stem, experts, a_shape, b_shape, transposed, weight.dim() == 3)
-            )
 
 
 def _in_out(base: nn.Module, kind: str) -> tuple[int, int]:
@@ -468,7 +448,7 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: 
     tensors = normalise_keys(tensors)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    stems = _param_stems(model, adapter_name)
+    stems = param_stems(model, adapter_name)
     for key, tensor in tensors.items():
         path = key.removeprefix(PREFIX)
         owner, _, leaf = path.rpartition(".")
@@ -485,16 +465,6 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: 
             target = _module_to_save_param(modules, path, adapter_name)
             target = params[path] if target is None else target
         target.copy_(tensor.to(target.dtype))
-
-
-def _param_stems(model: nn.Module, adapter_name: str) -> dict[str, tuple[LoraParams, str]]:
-    """{key stem without the prefix: (wrapper, parameter)} of the adapter's parameters."""
-    stems = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoraParams) and adapter_name in module.r:
-            for param, stem in key_stems(path, module.param_names(adapter_name)).items():
-                stems[stem] = (module, param)
-    return stems
 
 
 def _module_to_save_param(modules: dict, path: str, adapter_name: str) -> torch.Tensor | None:

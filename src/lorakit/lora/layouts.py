@@ -26,6 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.inject import find_param_targets
+from lorakit.lora.params import LoraParams, expert_count, in_out
+
+PREFIX = "base_model.model."
 
 CURRENT = "current (peft >= 0.19.1)"
 SWAPPED = "pre-0.19.1 (peft 0.17 - 0.19.0, in/out swapped on expert stacks)"
@@ -103,3 +110,38 @@ def to_current(
         if fits_current or fits_swapped:
             layout = SWAPPED if swap else (layout or CURRENT)
     return out, layout
+
+
+def expected_parameters(
+    model: nn.Module, config: LoraConfig
+) -> tuple[dict[str, tuple[int, ...]], list[ParamSpec]]:
+    """The file keys (without `base_model.model.`) and current shapes of the adapted
+    parameters `config.target_parameters` names in `model`, and their specs."""
+    by_module: dict[str, list[str]] = {}
+    for name, param in find_param_targets(model, config):
+        by_module.setdefault(name, []).append(param)
+    expected, specs = {}, []
+    for name, params in by_module.items():
+        module = model.get_submodule(name)
+        owner = module.base_layer if isinstance(module, LoraParams) else module
+        transposed = bool(getattr(owner, "is_transposed", False))
+        for param, stem in key_stems(name, params).items():
+            weight = owner.get_parameter(param)
+            experts, r = expert_count(weight), config.rank_for(f"{name}.{param}")
+            n_in, n_out = in_out(weight, transposed)
+            a_shape, b_shape = (experts * r, n_in), (n_out, r * experts)
+            expected[f"{stem}.lora_A.weight"] = a_shape
+            expected[f"{stem}.lora_B.weight"] = b_shape
+            stack = weight.dim() == 3
+            specs.append(ParamSpec(PREFIX + stem, experts, a_shape, b_shape, transposed, stack))
+    return expected, specs
+
+
+def param_stems(model: nn.Module, adapter_name: str) -> dict[str, tuple[LoraParams, str]]:
+    """{key stem without the prefix: (wrapper, parameter)} of one adapter's parameters."""
+    stems = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraParams) and adapter_name in module.r:
+            for param, stem in key_stems(path, module.param_names(adapter_name)).items():
+                stems[stem] = (module, param)
+    return stems

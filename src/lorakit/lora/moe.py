@@ -57,10 +57,10 @@ def all_linear_parameters(model: nn.Module) -> list[str]:
 
 
 def coverage(model: nn.Module) -> tuple[int, int]:
-    """(weights adapted, weights in all) of the decoder: every parameter of 2 or more
-    dimensions outside the embeddings, the output head and convolutions, biases not counted (gpt-oss keeps
-    its experts' biases as 2-D tensors), counted by elements; a weight is
-    adapted when a LoRA layer wraps it (`LoraLinear`) or a `LoraParams` adapts it."""
+    """(weights adapted, weights in all) of the decoder, in elements: every parameter of 2 or
+    more dimensions outside the embeddings, the output head and convolutions (biases not
+    counted: gpt-oss keeps its experts' biases as 2-D tensors). A weight is adapted when a
+    `LoraLinear` wraps its layer or a `LoraParams` adapts it."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {id(p) for p in (head.parameters() if head is not None else [])}
     for module in model.modules():
