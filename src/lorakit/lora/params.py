@@ -11,7 +11,9 @@ stored as peft stores it: A (E·r, in) with expert e in rows e·r .. e·r + r - 
 slowest), B (out, r·E) with expert e in columns k·E + e (expert fastest). The module that owns
 W is wrapped in `LoraParams`; its forward runs the owner's own forward with W replaced by
 W + dW (one fused batched matmul-add per parameter, `effective`), so any MoE implementation
-works unchanged, and only the low-rank factors train. The owner's other parameters are
+works unchanged, and only the low-rank factors train. A transformers experts module takes the
+leaner route of `lora/experts.py` instead: each expert's tokens through its base slice and its
+own factors, no W + dW formed. The owner's other parameters are
 untouched. Dropout, DoRA and the initialisations that read the base weight are refused, as in
 peft (dropout cannot be written as a change of W).
 """
@@ -25,7 +27,9 @@ from torch import nn
 from torch.func import functional_call
 
 from lorakit.errors import ConfigError
+from lorakit.lora import experts
 from lorakit.lora.config import scaling
+from lorakit.lora.experts import expert_factors
 
 
 def expert_count(param: torch.Tensor) -> int:
@@ -43,15 +47,6 @@ def in_out(param: torch.Tensor, transposed: bool) -> tuple[int, int]:
             "2-D weights and 3-D expert stacks"
         )
     return (param.shape[1], param.shape[2]) if transposed else (param.shape[2], param.shape[1])
-
-
-def expert_factors(
-    a: torch.Tensor, b: torch.Tensor, experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_e stacked (E, r, in), B_e stacked (E, out, r)) as views of peft's A and B."""
-    a3 = a.view(experts, -1, a.shape[-1])
-    b3 = b.view(b.shape[0], -1, experts).permute(2, 0, 1)
-    return a3, b3
 
 
 def delta(
@@ -104,6 +99,7 @@ class LoraParams(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._rows = None
+        self.lean = True  # experts: the per-expert forward of `lora.experts`, when it applies
 
     def __getattr__(self, name: str):
         if "_modules" not in self.__dict__:
@@ -213,15 +209,22 @@ class LoraParams(nn.Module):
         running = self._running()
         if not running:
             return self.base_layer(*args, **kwargs)
-        replaced = {}
+        updates = {}
         for param in self.param_names():
-            updates = [
+            found = [
                 (*self.lora_weights(a, param), self.scaling[a][param])
                 for a in running
                 if param in self.r[a]
             ]
-            if updates:
-                replaced[param] = effective(self.base_param(param), updates, self.transposed)
+            if found:
+                updates[param] = found
+        if self.lean and experts.can_run(self.base_layer, list(updates)):
+            result = experts.forward(self.base_layer, updates, args, kwargs)
+            if result is not None:
+                return result
+        replaced = {
+            p: effective(self.base_param(p), found, self.transposed) for p, found in updates.items()
+        }
         return functional_call(self.base_layer, replaced, args, kwargs, strict=False)
 
     # ---------------------------------------------------------------- merging
