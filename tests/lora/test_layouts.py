@@ -70,3 +70,21 @@ def test_two_d_weights_have_one_layout():
     spec = ParamSpec("base_model.model.x", 1, (R, 5), (4, R), False, False)
     tensors = _file(torch.randn(R, 5), torch.randn(4, R))
     assert to_current(tensors, [spec], None) == (tensors, None)
+
+
+def test_a_saved_expert_adapter_names_its_layout_and_reads_back_on_square_stacks(tmp_path):
+    import json
+
+    import lorakit
+    from lorakit.lora.adapters import check_adapter, read_adapter
+    from moe_models import tiny_model
+
+    model = tiny_model("qwen3_moe")  # gate_up_proj (4, 24, 16), down_proj (4, 16, 12)
+    config = lorakit.LoraConfig(r=2, target_parameters=["gate_up_proj"], init_lora_weights=False)
+    lora = lorakit.get_peft_model(model, config)
+    lora.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_version"] >= "0.19.1"
+    files = read_adapter(tmp_path)
+    check_adapter(lora.get_base_model(), files)
+    assert files.layout == CURRENT

@@ -9,6 +9,7 @@ touching it, and never unpickles.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
 from lorakit.lora.layouts import (
+    WRITES_LAYOUT_OF,
     ParamSpec,
     expected_parameters,
     key_stems,
@@ -108,6 +110,9 @@ def save_adapter(
     """
     directory = Path(directory)
     tensors = adapter_state_dict(model, adapter_name, config.bias)
+    if config.target_parameters:  # readers tell the expert layout by it (`layouts`)
+        config = copy.copy(config)
+        config.extra = {**config.extra, "peft_version": WRITES_LAYOUT_OF}
     if convert_from is not None:
         initial = read_adapter(convert_from)
         tensors, config = converted_to_lora(tensors, config, initial.tensors)
