@@ -76,3 +76,27 @@ def test_modules_it_does_not_know_take_the_weight_route():
     assert experts.can_run(module, ["gate_up_proj"])
     module._is_expert_parallel = True
     assert not experts.can_run(module, ["gate_up_proj"])
+
+
+def test_an_expert_store_of_its_own_is_read_one_slice_at_a_time():
+    lora = _model("qwen3_moe")
+    with torch.no_grad():
+        reference = lora(IDS).logits
+    calls = []
+    for module in lora.modules():
+        if isinstance(module, LoraParams):
+            base = module.base_layer
+            stored = {n: base.get_parameter(n).detach().clone() for n in module.param_names()}
+            with torch.no_grad():
+                for n in stored:
+                    base.get_parameter(n).zero_()  # only the store holds the weights now
+
+            def read(name, e, stored=stored):
+                calls.append((name, e))
+                return stored[name][e]
+
+            base.expert_weight = read
+    with torch.no_grad():
+        logits = lora(IDS).logits
+    torch.testing.assert_close(logits, reference)
+    assert {name for name, _ in calls} == {"gate_up_proj", "down_proj"}

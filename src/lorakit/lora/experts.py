@@ -11,7 +11,8 @@ say `has_gate`, `has_bias`, `is_transposed`), with tokens x routed to expert e:
 which is transformers' own per-expert computation (the one every experts implementation of
 the decorated classes agrees with) plus LoRA. Memory: the activations and the factors, not a
 second copy of the expert stack that the W + dW route keeps for the backward pass. Modules it
-does not know (or expert-parallel ones) take `params.effective`'s route instead.
+does not know (or expert-parallel ones) take `params.effective`'s route instead. A quantized
+expert store is read one expert at a time through its `expert_weight(name, e)`.
 """
 
 from __future__ import annotations
@@ -59,9 +60,17 @@ def _routing(args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
     return tuple(values)
 
 
+def expert_weight(module: nn.Module, name: str, e: int) -> torch.Tensor:
+    """Expert e's slice of stack `name`, as stored ((out, in), or (in, out) when transposed).
+    A module that stores its experts otherwise (quantized, per expert) offers
+    `expert_weight(name, e)` returning that slice in float, and is read through it."""
+    own = getattr(module, "expert_weight", None)
+    return own(name, e) if callable(own) else getattr(module, name)[e]
+
+
 def _project(module, name: str, x: torch.Tensor, e: int, updates: dict) -> torch.Tensor:
     """x through expert e's `name` projection, its bias and the adapters' factors."""
-    weight = getattr(module, name)[e]
+    weight = expert_weight(module, name, e)
     out = x @ weight if module.is_transposed else F.linear(x, weight)
     if module.has_bias:
         out = out + getattr(module, f"{name}_bias")[e]
