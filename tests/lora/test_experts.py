@@ -100,3 +100,25 @@ def test_an_expert_store_of_its_own_is_read_one_slice_at_a_time():
         logits = lora(IDS).logits
     torch.testing.assert_close(logits, reference)
     assert {name for name, _ in calls} == {"gate_up_proj", "down_proj"}
+
+
+def test_a_batch_mixing_adapters_on_an_moe_model_gives_each_row_its_own():
+    config = lorakit.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+    lora = lorakit.get_peft_model(tiny_model("qwen3_moe"), config)
+    lora.add_adapter("b", lorakit.LoraConfig(r=3, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if (name.endswith(".b") or ".b." in name) and "lora_B" in name:
+                param.normal_(0, 0.5)  # adapter b does something
+        ids = IDS[:1].repeat(3, 1)
+        mixed = lora(ids, adapter_names=["default", "b", "__base__"]).logits
+        alone = {}
+        for name in ("default", "b"):
+            lora.set_adapter(name)
+            alone[name] = lora(ids).logits
+        with lora.disable_adapter():
+            base = lora(ids).logits
+    torch.testing.assert_close(mixed[0], alone["default"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], alone["b"][1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[2], base[2], atol=1e-5, rtol=0)
+    assert (alone["default"][0] - alone["b"][1]).abs().max() > 1e-3

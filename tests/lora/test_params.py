@@ -99,6 +99,8 @@ def test_gradients_reach_only_the_factors():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+    report = lorakit.check_injection(model.get_base_model())
+    assert report.lora_layers == ["experts"] and not report.trainable_base
 
 
 def test_a_router_weight_and_rank_pattern():
@@ -144,18 +146,23 @@ def test_several_adapters_switch_disable_and_delete():
     assert model.get_base_model().experts.r == {"default": {"up_proj": 2, "down_proj": 2}}
 
 
-def test_one_adapter_per_batch_and_mixed_batches_refused():
+def test_a_batch_mixing_adapters_gives_each_row_its_own():
     model = lora_block()
     model.add_adapter(
         "other",
         lorakit.LoraConfig(r=1, target_parameters=["up_proj"], init_lora_weights=False),
     )
-    x = torch.randn(4, HIDDEN)
-    with model.mixed_adapters(["other"] * 4):
-        same = model.get_base_model()(x)
-    model.set_adapter("other")
-    torch.testing.assert_close(same, model(x))
-    with pytest.raises(ConfigError, match="group requests by adapter"):
+    x = torch.randn(4, HIDDEN)  # one token per row here
+    mixed = model(x, adapter_names=["default", "other", "default", "__base__"])
+    alone = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        alone[name] = model(x)
+    torch.testing.assert_close(mixed[[0, 2]], alone["default"][[0, 2]])
+    torch.testing.assert_close(mixed[1], alone["other"][1])
+    torch.testing.assert_close(mixed[3], plain(model, x)[3])
+    model.merge_adapter()
+    with pytest.raises(ConfigError, match="unmerge"):
         model(x, adapter_names=["default", "other", "default", "__base__"])
 
 

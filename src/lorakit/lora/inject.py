@@ -457,7 +457,9 @@ class InjectionReport:
 def check_injection(model: nn.Module) -> InjectionReport:
     """List LoRA layers, count frozen and trainable params, flag trainable base params."""
     report = InjectionReport()
-    report.lora_layers = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    report.lora_layers = [
+        n for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraParams))
+    ]
     for name, param in model.named_parameters():
         if not param.requires_grad:
             report.frozen += param.numel()

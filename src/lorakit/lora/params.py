@@ -176,37 +176,41 @@ class LoraParams(nn.Module):
         self.active_adapters = [adapter_names] if isinstance(adapter_names, str) else adapter_names
 
     def set_rows(self, plan) -> None:
-        """Per-row adapters: inside fused experts every token goes through one weight, so a
-        batch may mix adapters here only when all its rows use the same one (`_row_adapter`)."""
+        """Per-row adapters (a `rows.RowPlan`) for the next forwards, None to stop. Inside the
+        module one weight serves every token, so a batch that mixes adapters is grouped by
+        adapter: the module runs once per adapter present and each row keeps its own result."""
         self.__dict__["_rows"] = plan
 
     # ---------------------------------------------------------------- forward
     def _running(self) -> list[str]:
         if self.disable_adapters:
             return []
-        if self._rows is not None:
-            return self._row_adapter()
         return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
-
-    def _row_adapter(self) -> list[str]:
-        plan = self._rows
-        names = set(plan.names)
-        if len(names) > 1:
-            shown = sorted(str(n) for n in names)
-            raise ConfigError(
-                f"one batch mixes adapters {shown}, but LoRA on fused expert parameters "
-                f"({', '.join(self.param_names())}) applies one weight to every token of the "
-                "batch; run one adapter per batch on this model (group requests by adapter)"
-            )
-        if self.merged_adapters:
-            raise ConfigError("per-row adapters need the adapters unmerged; unmerge them first")
-        (name,) = names
-        return [name] if name is not None and name in self.r else []
 
     def forward(self, *args, **kwargs):
         if self.disable_adapters and self.merged_adapters:
             self.unmerge()
-        running = self._running()
+        if self._rows is None or self.disable_adapters:
+            return self._forward(self._running(), args, kwargs)
+        if self.merged_adapters:
+            raise ConfigError("per-row adapters need the adapters unmerged; unmerge them first")
+        names = list(dict.fromkeys(n if n in self.r else None for n in self._rows.names))
+        if len(names) == 1:
+            return self._forward([n for n in names if n is not None], args, kwargs)
+        return self._grouped(names, args, kwargs)
+
+    def _grouped(self, names: list[str | None], args, kwargs):
+        """One forward per adapter in the batch; every output tensor whose first dimension
+        counts the batch's rows (or its tokens, rows × positions) takes each row's own."""
+        rows = [n if n in self.r else None for n in self._rows.names]
+        result = None
+        for name in names:
+            out = self._forward([name] if name is not None else [], args, kwargs)
+            keep = [i for i, n in enumerate(rows) if n == name]
+            result = out if result is None else _take_rows(result, out, keep, len(rows))
+        return result
+
+    def _forward(self, running: list[str], args, kwargs):
         if not running:
             return self.base_layer(*args, **kwargs)
         updates = {}
@@ -271,6 +275,25 @@ class LoraParams(nn.Module):
 
     def extra_repr(self) -> str:
         return f"parameters={self.param_names()}, adapters={list(self.r)}"
+
+
+def _take_rows(result, out, keep: list[int], rows: int):
+    """`result` with rows `keep` taken from `out` (tensors or tuples of them), where a tensor's
+    first dimension is the batch's rows or its tokens (rows × positions, flattened row-major)."""
+    if isinstance(result, tuple):
+        return tuple(_take_rows(r, o, keep, rows) for r, o in zip(result, out, strict=True))
+    if not isinstance(result, torch.Tensor) or result.dim() == 0 or torch.equal(result, out):
+        return result
+    n = result.shape[0]
+    if n % rows:
+        raise ConfigError(
+            f"per-row adapters: an output of {n} tokens does not split into the batch's {rows} "
+            "rows; run one adapter per batch on this model"
+        )
+    mask = torch.zeros(rows, dtype=torch.bool, device=result.device)
+    mask[keep] = True
+    mask = mask.repeat_interleave(n // rows).view(n, *([1] * (result.dim() - 1)))
+    return torch.where(mask, out, result)
 
 
 def check_param_config(config, key: str) -> None:
