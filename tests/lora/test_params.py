@@ -188,3 +188,20 @@ def test_a_name_matching_nothing_is_a_clear_error():
 def test_a_parameter_of_a_wrapped_layer_is_refused():
     with pytest.raises(ConfigError, match="adapt it one way only"):
         lora_block(target_modules=["router"], target_parameters=["router.weight"])
+
+
+def test_an_expert_update_beyond_float16_is_refused_by_expert(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.errors import AdapterError
+    from lorakit.lora.adapters import check_adapter, read_adapter
+
+    model = lora_block()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.experts.lora_B.weight"  # down_proj's (the later parameter)
+    tensors[key][:, 1::E] = 1e5  # expert 1's columns only
+    save_file(tensors, path)
+    with pytest.raises(AdapterError, match=r"experts \(expert 1\)"):
+        check_adapter(Block(), read_adapter(tmp_path))
