@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from conftest import make_tiny_llama
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import ConfigError
 from lorakit.train import TrainConfig, train
 from lorakit.train.evaluate import eval_loss
 from lorakit.train.router import RouterLoss, balance_loss, micro_batch_loss
-from conftest import make_tiny_llama
 from moe_support import make_tiny_moe
 
 
