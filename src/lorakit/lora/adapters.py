@@ -27,6 +27,14 @@ from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
+from lorakit.lora.layouts import (
+    ParamSpec,
+    expected_parameters,
+    key_stems,
+    param_stems,
+    to_current,
+)
+from lorakit.lora.params import LoraParams
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
@@ -70,6 +78,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{path}.{key}"] = tensor
+        elif isinstance(module, LoraParams) and adapter_name in module.r:
+            for param, stem in key_stems(path, module.param_names(adapter_name)).items():
+                a, b = module.lora_weights(adapter_name, param)
+                out[f"{stem}.lora_A.weight"], out[f"{stem}.lora_B.weight"] = a, b
     if bias == "all":
         for name, param in model.named_parameters():
             if is_shared_bias(name):
@@ -146,6 +158,7 @@ class AdapterFiles:
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
     chat_template: str | None = None
+    layout: str | None = None  # of expert tensors (`layouts`), known once checked against a base
 
 
 def read_adapter(directory: str | Path) -> AdapterFiles:
@@ -164,6 +177,8 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
             )
         raise AdapterError(f"{weights}: not found (an adapter needs {WEIGHTS_NAME})")
     config = LoraConfig.load(directory)
+    if config.target_modules == "all-linear" and config.target_parameters is None:
+        config.target_parameters = []  # written before lorakit adapted experts: layers only
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -235,6 +250,7 @@ class AdapterCheck:
     target_names: list[str] = field(default_factory=list)
     to_save_names: list[str] = field(default_factory=list)
     base_copies: list[str] = field(default_factory=list)  # whole base weights that differ
+    param_specs: list[ParamSpec] = field(default_factory=list)  # adapted parameters
 
 
 def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
@@ -257,6 +273,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             check.expected[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
         check.target_names.append(name)
+    params, check.param_specs = expected_parameters(model, config)
+    check.expected.update(params)
     for name, module in find_modules_to_save(model, config):
         source = module.original_module if isinstance(module, ModulesToSave) else module
         for key, tensor in source.state_dict().items():
@@ -304,6 +322,9 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
         raise AdapterError(
             f"{files.directory}: the adapter does not fit this base: {error}"
         ) from None
+    files.tensors, files.layout = to_current(
+        files.tensors, check.param_specs, files.config.peft_version
+    )
     tensors = normalise_keys(files.tensors)
     problems: list[str] = []
     check.base_copies = _base_copies(base, check, tensors, where, problems)
@@ -427,10 +448,15 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: 
     tensors = normalise_keys(tensors)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
+    stems = param_stems(model, adapter_name)
     for key, tensor in tensors.items():
         path = key.removeprefix(PREFIX)
         owner, _, leaf = path.rpartition(".")
-        if leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+        layer, _, which = owner.rpartition(".")
+        if layer in stems and which in ("lora_A", "lora_B"):
+            module, param = stems[layer]
+            target = getattr(module, which)[param][adapter_name]
+        elif leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
             target = getattr(modules[owner], leaf)[adapter_name]
         elif owner.endswith((".lora_A", ".lora_B")):
             layer, _, which = owner.rpartition(".")
