@@ -48,3 +48,18 @@ def make_tiny_moe(family: str = "qwen3_moe", vocab_size: int = 128, **overrides)
 def expert_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The fused 3-D expert parameters (name -> parameter) of a transformers MoE model."""
     return {name: p for name, p in model.named_parameters() if p.dim() == 3}
+
+
+def save_tiny_moe(path, family: str = "qwen3_moe"):
+    """A tiny random MoE of `family` with the built-in model's tokenizer (vocab 49152, ChatML)
+    saved to `path` as a Hugging Face folder; returns `path`."""
+    from builtin_model import builtin_tokenizer
+
+    tokenizer = builtin_tokenizer()
+    model = make_tiny_moe(family, vocab_size=len(tokenizer), hidden=32)
+    eos = tokenizer.eos_token_id
+    model.config.eos_token_id = model.config.pad_token_id = eos
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

@@ -139,3 +139,31 @@ def test_loading_quantized_equals_quantizing_the_loaded_model(tmp_path, method, 
     assert all(torch.equal(ours[n].dequantize(), theirs[n].dequantize()) for n in ours)
     ids = torch.randint(0, 128, (1, 8))
     assert torch.equal(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_nf4_experts_with_lora_on_them_learn_and_only_the_adapter_changes():
+    from lorakit import LoraConfig, get_peft_model
+
+    model = prepare_model_for_kbit_training(quantize_model(make_tiny_moe(), "nf4"))
+    codes = {n: p.dequantize() for n, p in expert_parameters(model).items()}
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], target_parameters=["gate_up_proj", "down_proj"]
+    )
+    lora = get_peft_model(model, config).train()
+    expert_lora = [n for n, p in lora.named_parameters() if p.requires_grad and "experts" in n]
+    assert len(expert_lora) == 2 * 2 * 2  # A and B of 2 tensors in 2 layers
+    params = [p for p in lora.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(0, 128, (4, 16))
+    losses = []
+    for _ in range(5):
+        loss = lora(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is not None for n, p in lora.named_parameters() if n in expert_lora)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.1
+    after = {n.replace(".base_layer", ""): p for n, p in expert_parameters(lora).items()}
+    after = {n.removeprefix("base_model.model."): p for n, p in after.items()}
+    assert all(torch.equal(after[n].dequantize(), codes[n]) for n in codes)
