@@ -203,7 +203,7 @@ def test_a_moe_adapter_on_nf4_experts_merges_into_a_dequantized_copy(tmp_path):
     batch, expected = reference_logits(base, tmp_path / "adapter", quantization="nf4")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (logits_of(merged, batch) - expected).abs().max() < 1e-3
-    plain, _ = reference_logits(base, tmp_path / "adapter")  # the float base differs from NF4's
+    # the adapter changes something
     assert (
         logits_of(load_model(str(base), quantization="nf4"), batch) - expected
     ).abs().max() > 1e-3
