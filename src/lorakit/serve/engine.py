@@ -7,9 +7,9 @@ then runs every active request together: one forward per step over a batch whose
 different adapters (packed adapters or grouped rows, see `lorakit.lora.rows`; on a mixture of
 experts whose adapters reach the fused experts, one adapter per batch: `Engine._take`), with a
 left-padded KV cache, per-row position ids and a mask that hides the padding. New requests join
-between steps; finished or cancelled ones leave and free their slot. Batched and solo runs differ only in
-floating-point rounding (about 1e-6 of the logits in float32, the default), and the tests check
-greedy tokens match exactly.
+between steps; finished or cancelled ones leave and free their slot. Batched and solo runs differ
+only in floating-point rounding (about 1e-6 of the logits in float32, the default), and the tests
+check greedy tokens match exactly.
 """
 
 from __future__ import annotations
