@@ -171,9 +171,11 @@ def _mlp_width(text) -> int:
 
 def _expert_trainable(model: nn.Module) -> int:
     """Trainable weights of the LoRA on parameters (`target_parameters`: experts, routers)."""
+    from lorakit.lora.params import LoraParams
+
     total = 0
     for module in model.modules():
-        if type(module).__name__ == "LoraParams":
+        if isinstance(module, LoraParams):
             total += sum(p.numel() for p in module.parameters() if p.requires_grad)
     return total
 
