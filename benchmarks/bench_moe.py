@@ -10,9 +10,14 @@ AdamW. Batch `--rows` x `--length` random tokens.
 Each side runs in its own subprocess, one after the other, `--repeats` times alternating (so a
 change of machine load hits both). In each: one warm-up step, then `--steps` timed steps (the
 median is reported); peak memory is Linux's VmHWM from the first timed step on (reset through
-/proc/self/clear_refs after the warm-up) minus the RSS before it, i.e. what training adds on top
-of the loaded model, and the whole process's peak beside it. With `--device cuda`: CUDA
-max_memory_allocated above the memory allocated before the first timed step.
+/proc/self/clear_refs after the warm-up, once glibc's `malloc_trim` has returned what the
+warm-up freed) minus the RSS before it, i.e. what training adds on top
+of the loaded model, and the whole process's peak beside it (peft's import is heavier). RSS
+deltas depend on what the allocator kept from the warm-up step, so a third, exact measure is
+printed too: the bytes autograd saves for backward in one forward (each storage once, the
+parameters left out; `torch.autograd.graph.saved_tensors_hooks`), where materialising W + dW
+for every expert would show. With `--device cuda`: CUDA max_memory_allocated above the memory
+allocated before the first timed step.
 
     python benchmarks/bench_moe.py                      # CPU, 4 layers, 8 experts
     python benchmarks/bench_moe.py --steps 3 --repeats 1 --json out.json
@@ -80,6 +85,9 @@ def _reset_peak(device: str) -> float:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the system: a fair baseline
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _status("VmRSS:")
@@ -101,14 +109,20 @@ def worker(args) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 2048, (args.rows, args.length), generator=g).to(args.device)
 
-    def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+    def step(saved: dict | None = None) -> float:
+        if saved is None:
+            loss = model(input_ids=ids, labels=ids).loss
+        else:  # what autograd keeps for backward: each storage once, parameters left out
+            with torch.autograd.graph.saved_tensors_hooks(_recorder(saved), lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    first = step()  # warm-up (and the optimizer's states allocated)
+    saved: dict[int, int] = {}
+    first = step(saved)  # warm-up (and the optimizer's states allocated)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     before = _reset_peak(args.device)
     times = []
     for _ in range(args.steps):
@@ -125,7 +139,17 @@ def worker(args) -> dict:
         "step_s": statistics.median(times),
         "peak_above_model_mib": peak - before,
         "peak_mib": peak,
+        "saved_mib": sum(n for k, n in saved.items() if k not in weights) / 2**20,
     }
+
+
+def _recorder(saved: dict[int, int]):
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    return pack
 
 
 def run_side(side: str, args) -> dict:
@@ -170,6 +194,7 @@ def main() -> None:
             "step_s": statistics.median(r["step_s"] for r in runs),
             "peak_above_model_mib": statistics.median(r["peak_above_model_mib"] for r in runs),
             "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+            "saved_mib": statistics.median(r["saved_mib"] for r in runs),
         }
     ours, theirs = summary["lorakit"], summary["peft"]
     print(
@@ -177,15 +202,20 @@ def main() -> None:
         f"{args.hidden}, batch {args.rows}x{args.length}, {args.device}, {args.steps} steps x "
         f"{args.repeats} runs"
     )
-    print(f"{'side':<8} {'trainable':>10} {'step s':>8} {'peak+ MiB':>10} {'peak MiB':>9}")
+    print(
+        f"{'side':<8} {'trainable':>10} {'step s':>8} {'peak+ MiB':>10} {'peak MiB':>9} "
+        f"{'saved MiB':>10}"
+    )
     for side, s in summary.items():
         print(
             f"{side:<8} {s['trainable']:>10,} {s['step_s']:>8.3f} "
-            f"{s['peak_above_model_mib']:>10.1f} {s['peak_mib']:>9.1f}"
+            f"{s['peak_above_model_mib']:>10.1f} {s['peak_mib']:>9.1f} {s['saved_mib']:>10.1f}"
         )
     print(
-        f"lorakit / peft: time {ours['step_s'] / theirs['step_s']:.2f}x, memory above the model "
-        f"{ours['peak_above_model_mib'] / theirs['peak_above_model_mib']:.2f}x"
+        f"lorakit / peft: time {ours['step_s'] / theirs['step_s']:.2f}x, peak memory above the "
+        f"model {ours['peak_above_model_mib'] / theirs['peak_above_model_mib']:.2f}x, whole "
+        f"process {ours['peak_mib'] / theirs['peak_mib']:.2f}x, saved for backward "
+        f"{ours['saved_mib'] / theirs['saved_mib']:.2f}x"
     )
     if args.json:
         with open(args.json, "w") as f:
