@@ -406,3 +406,24 @@ def test_train_with_pissa_writes_a_lora_for_the_original_base(tiny_dir, tmp_path
     with torch.no_grad():
         want = residual.eval()(input_ids=ids).logits
         torch.testing.assert_close(converted(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_inspect_reports_coverage_and_expert_layout_on_moe(tmp_path, capsys):
+    import lorakit
+    from moe_models import tiny_model
+
+    base = tiny_model("qwen3_moe")
+    base.save_pretrained(tmp_path / "base")
+    full = lorakit.get_peft_model(base, lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    full.save_pretrained(tmp_path / "full")
+    attention = lorakit.get_peft_model(
+        tiny_model("qwen3_moe"), lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
+    attention.save_pretrained(tmp_path / "attention")
+    assert main(["inspect", str(tmp_path / "full"), "--base", str(tmp_path / "base")]) == 0
+    text = capsys.readouterr().out
+    assert "(100%)" in text and "current (peft >= 0.19.1) layout" in text
+    assert "gate_up_proj" in text and "WARNING" not in text
+    assert main(["inspect", str(tmp_path / "attention"), "--base", str(tmp_path / "base")]) == 0
+    text = capsys.readouterr().out
+    assert "leaves its experts out" in text and "(100%)" not in text

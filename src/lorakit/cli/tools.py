@@ -143,6 +143,8 @@ def inspect(
         f"{config.lora_alpha / config.r:g}{', rsLoRA' if config.use_rslora else ''}"
         + (f", rank_pattern={config.rank_pattern}" if config.rank_pattern else ""),
         f"targets:      {config.target_modules} ({len(modules)} modules)",
+        f"parameters adapted: {config.target_parameters or 'none'}"
+        + (f"; file layout: {_layout_guess(config)}" if config.target_parameters else ""),
         f"parameters:   {n_params:,} in {len(files.tensors)} tensors ({', '.join(dtypes)})",
         f"size:         {size / 2**20:.2f} MiB ({WEIGHTS_NAME} and config)",
         f"dropout, bias: {config.lora_dropout}, {config.bias}",
@@ -165,6 +167,34 @@ def inspect(
         f"fits {base}: {len(check.expected)} keys with matching shapes on "
         f"{len(check.target_names)} target modules; base vocab {vocab}"
     )
+    if files.layout:
+        typer.echo(f"expert tensors: {files.layout} layout")
+    typer.echo(_coverage_line(model, files))
+
+
+def _layout_guess(config) -> str:
+    """The expert layout `peft_version` implies (the shapes decide once a base is given)."""
+    from lorakit.lora.layouts import CURRENT, SWAPPED, writer_swapped
+
+    return SWAPPED if writer_swapped(config.peft_version, False) else CURRENT
+
+
+def _coverage_line(model, files) -> str:
+    """The share of the decoder's weights the adapter adapts, with a warning when it leaves
+    the experts of a mixture-of-experts model out."""
+    from lorakit.lora import LoraModel
+    from lorakit.lora.moe import coverage, expert_parameters
+
+    moe = bool(expert_parameters(model))
+    lora = LoraModel.from_pretrained(model, files.directory)
+    done, total = coverage(lora.get_base_model())
+    line = f"coverage:     {done:,} of {total:,} decoder weights adapted ({done / total:.0%})"
+    if moe and not files.config.target_parameters:
+        line += (
+            "\nWARNING: this base is a mixture of experts and the adapter leaves its experts "
+            "out; train with target_modules='all-linear' or set target_parameters"
+        )
+    return line
 
 
 def _module_of(key: str) -> str:

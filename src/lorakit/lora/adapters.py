@@ -9,6 +9,7 @@ touching it, and never unpickles.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -24,10 +25,12 @@ from torch import nn
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, atomic_dir
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
+from lorakit.lora.experts import expert_factors
 from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
 from lorakit.lora.layouts import (
+    WRITES_LAYOUT_OF,
     ParamSpec,
     expected_parameters,
     key_stems,
@@ -108,6 +111,9 @@ def save_adapter(
     """
     directory = Path(directory)
     tensors = adapter_state_dict(model, adapter_name, config.bias)
+    if config.target_parameters:  # readers tell the expert layout by it (`layouts`)
+        config = copy.copy(config)
+        config.extra = {**config.extra, "peft_version": WRITES_LAYOUT_OF}
     if convert_from is not None:
         initial = read_adapter(convert_from)
         tensors, config = converted_to_lora(tensors, config, initial.tensors)
@@ -204,6 +210,8 @@ def check_tensors(where: Path, config: LoraConfig, tensors: dict[str, torch.Tens
             if stem != key and stem + b_suffix in tensors:
                 name = stem.removeprefix(PREFIX)
                 a, b = tensors[key], tensors[stem + b_suffix]
+                if a.dim() == 2 and a.shape[0] != config.rank_for(name):
+                    continue  # a stack of experts: checked per expert by `check_adapter`
                 _check_update(where, name, a, b, config.scaling_for(name))
 
 
@@ -325,6 +333,7 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
     files.tensors, files.layout = to_current(
         files.tensors, check.param_specs, files.config.peft_version
     )
+    _check_expert_updates(where, files, check.param_specs)
     tensors = normalise_keys(files.tensors)
     problems: list[str] = []
     check.base_copies = _base_copies(base, check, tensors, where, problems)
@@ -351,6 +360,18 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
             stacklevel=2,
         )
     return check
+
+
+def _check_expert_updates(where: Path, files: AdapterFiles, specs: list[ParamSpec]) -> None:
+    """The float16 bound of `_check_update` for every expert of every adapted stack."""
+    for spec in (s for s in specs if s.stack):
+        a, b = (files.tensors.get(f"{spec.stem}.lora_{x}.weight") for x in "AB")
+        if a is not None and b is not None and (a.shape, b.shape) == (spec.a_shape, spec.b_shape):
+            name = spec.stem.removeprefix(PREFIX)
+            a3, b3 = expert_factors(a, b, spec.experts)
+            for e in range(spec.experts):
+                scale = files.config.scaling_for(name)
+                _check_update(where, f"{name} (expert {e})", a3[e], b3[e], scale)
 
 
 def _shape_problem(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> list[str]:

@@ -29,7 +29,7 @@ from lorakit.lora.layers import (
 )
 from lorakit.lora.moe import all_linear_parameters
 from lorakit.lora.params import LoraParams, check_param_config
-from lorakit.lora.presets import target_preset
+from lorakit.lora.presets import parameter_preset, target_preset
 
 _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -99,20 +99,22 @@ def expand_targets(model: nn.Module, config: LoraConfig) -> None:
     those pick exactly these layers) plus, on a mixture-of-experts model, the expert and router
     parameters (`moe.all_linear_parameters`), unless `target_parameters` is [] (an adapter file
     that said 'all-linear' before lorakit adapted experts: it holds linear layers only)."""
+    preset = config.target_modules in ("preset", ["preset"])
     config.target_modules = resolve_targets(model, config)
-    if config.target_modules != "all-linear":
-        return
-    found = [name for name, _ in find_targets(model, config)]
-    leaves = sorted({name.rpartition(".")[2] for name in found})
-    probe = copy.copy(config)
-    probe.target_modules = leaves
-    same = [name for name, _ in find_targets(model, probe)] == found
-    config.target_modules = leaves if same else sorted(found)
     experts = all_linear_parameters(model)
-    if experts and same:
-        config.target_modules = _unambiguous(leaves, found)
-    if config.target_parameters is None:
-        config.target_parameters = experts or None
+    if preset and config.target_parameters is None:
+        config.target_parameters = parameter_preset(model)
+    if config.target_modules == "all-linear":
+        found = [name for name, _ in find_targets(model, config)]
+        leaves = sorted({name.rpartition(".")[2] for name in found})
+        probe = copy.copy(config)
+        probe.target_modules = leaves
+        same = [name for name, _ in find_targets(model, probe)] == found
+        config.target_modules = leaves if same else sorted(found)
+        if config.target_parameters is None:
+            config.target_parameters = experts or None
+    if experts and isinstance(config.target_modules, list):
+        config.target_modules = _unambiguous(model, config)
 
 
 # names that peft (>= 0.19) reads, on a model with fused experts, as the per-expert layers of
@@ -121,11 +123,16 @@ def expand_targets(model: nn.Module, config: LoraConfig) -> None:
 _PEFT_REMAPPED = frozenset({"gate", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"})
 
 
-def _unambiguous(leaves: list[str], found: list[str]) -> list[str]:
-    """`leaves` with each name peft would remap replaced by the full names of its layers."""
-    kept = [leaf for leaf in leaves if leaf not in _PEFT_REMAPPED]
-    full = [name for name in found if name.rpartition(".")[2] in _PEFT_REMAPPED]
-    return sorted(kept) + sorted(full)
+def _unambiguous(model: nn.Module, config: LoraConfig) -> list[str]:
+    """`config.target_modules` with each name peft would remap replaced by the full names of
+    the layers it matches here."""
+    targets = config.target_modules
+    risky = [t for t in targets if t.rpartition(".")[2] in _PEFT_REMAPPED and "." not in t]
+    if not risky:
+        return targets
+    found = [name for name, _ in find_targets(model, config)]
+    full = [name for name in found if any(_suffix_match(name, t) for t in risky)]
+    return sorted(t for t in targets if t not in risky) + sorted(full)
 
 
 def find_param_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
@@ -450,7 +457,9 @@ class InjectionReport:
 def check_injection(model: nn.Module) -> InjectionReport:
     """List LoRA layers, count frozen and trainable params, flag trainable base params."""
     report = InjectionReport()
-    report.lora_layers = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    report.lora_layers = [
+        n for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraParams))
+    ]
     for name, param in model.named_parameters():
         if not param.requires_grad:
             report.frozen += param.numel()

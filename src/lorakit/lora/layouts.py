@@ -34,6 +34,9 @@ from lorakit.lora.params import LoraParams, expert_count, in_out
 
 PREFIX = "base_model.model."
 
+# what a file lorakit writes with adapted parameters says in `peft_version`: the peft release
+# whose layout its expert tensors follow (lorakit writes no version where the layout is moot)
+WRITES_LAYOUT_OF = "0.22.0"
 CURRENT = "current (peft >= 0.19.1)"
 SWAPPED = "pre-0.19.1 (peft 0.17 - 0.19.0, in/out swapped on expert stacks)"
 

@@ -216,8 +216,9 @@ class LoraModel(PeftSurface, HFFace):
 
     @property
     def targeted_module_names(self) -> list[str]:
-        """Names (in the wrapped model) of the modules that carry LoRA adapters."""
-        return [name for name, _ in self.lora_layers()]
+        """Names (in the wrapped model) of the modules that carry LoRA adapters (layers and the
+        modules whose parameters are adapted)."""
+        return [name for name, _ in self.lora_layers()] + [n for n, _ in self.param_layers()]
 
     @contextlib.contextmanager
     def mixed_adapters(

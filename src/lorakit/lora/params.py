@@ -11,7 +11,9 @@ stored as peft stores it: A (E·r, in) with expert e in rows e·r .. e·r + r - 
 slowest), B (out, r·E) with expert e in columns k·E + e (expert fastest). The module that owns
 W is wrapped in `LoraParams`; its forward runs the owner's own forward with W replaced by
 W + dW (one fused batched matmul-add per parameter, `effective`), so any MoE implementation
-works unchanged, and only the low-rank factors train. The owner's other parameters are
+works unchanged, and only the low-rank factors train. A transformers experts module takes the
+leaner route of `lora/experts.py` instead: each expert's tokens through its base slice and its
+own factors, no W + dW formed. The owner's other parameters are
 untouched. Dropout, DoRA and the initialisations that read the base weight are refused, as in
 peft (dropout cannot be written as a change of W).
 """
@@ -25,7 +27,9 @@ from torch import nn
 from torch.func import functional_call
 
 from lorakit.errors import ConfigError
+from lorakit.lora import experts
 from lorakit.lora.config import scaling
+from lorakit.lora.experts import expert_factors
 
 
 def expert_count(param: torch.Tensor) -> int:
@@ -43,15 +47,6 @@ def in_out(param: torch.Tensor, transposed: bool) -> tuple[int, int]:
             "2-D weights and 3-D expert stacks"
         )
     return (param.shape[1], param.shape[2]) if transposed else (param.shape[2], param.shape[1])
-
-
-def expert_factors(
-    a: torch.Tensor, b: torch.Tensor, experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_e stacked (E, r, in), B_e stacked (E, out, r)) as views of peft's A and B."""
-    a3 = a.view(experts, -1, a.shape[-1])
-    b3 = b.view(b.shape[0], -1, experts).permute(2, 0, 1)
-    return a3, b3
 
 
 def delta(
@@ -104,6 +99,7 @@ class LoraParams(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._rows = None
+        self.lean = True  # experts: the per-expert forward of `lora.experts`, when it applies
 
     def __getattr__(self, name: str):
         if "_modules" not in self.__dict__:
@@ -180,48 +176,59 @@ class LoraParams(nn.Module):
         self.active_adapters = [adapter_names] if isinstance(adapter_names, str) else adapter_names
 
     def set_rows(self, plan) -> None:
-        """Per-row adapters: inside fused experts every token goes through one weight, so a
-        batch may mix adapters here only when all its rows use the same one (`_row_adapter`)."""
+        """Per-row adapters (a `rows.RowPlan`) for the next forwards, None to stop. Inside the
+        module one weight serves every token, so a batch that mixes adapters is grouped by
+        adapter: the module runs once per adapter present and each row keeps its own result."""
         self.__dict__["_rows"] = plan
 
     # ---------------------------------------------------------------- forward
     def _running(self) -> list[str]:
         if self.disable_adapters:
             return []
-        if self._rows is not None:
-            return self._row_adapter()
         return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
-
-    def _row_adapter(self) -> list[str]:
-        plan = self._rows
-        names = set(plan.names)
-        if len(names) > 1:
-            shown = sorted(str(n) for n in names)
-            raise ConfigError(
-                f"one batch mixes adapters {shown}, but LoRA on fused expert parameters "
-                f"({', '.join(self.param_names())}) applies one weight to every token of the "
-                "batch; run one adapter per batch on this model (group requests by adapter)"
-            )
-        if self.merged_adapters:
-            raise ConfigError("per-row adapters need the adapters unmerged; unmerge them first")
-        (name,) = names
-        return [name] if name is not None and name in self.r else []
 
     def forward(self, *args, **kwargs):
         if self.disable_adapters and self.merged_adapters:
             self.unmerge()
-        running = self._running()
+        if self._rows is None or self.disable_adapters:
+            return self._forward(self._running(), args, kwargs)
+        if self.merged_adapters:
+            raise ConfigError("per-row adapters need the adapters unmerged; unmerge them first")
+        names = list(dict.fromkeys(n if n in self.r else None for n in self._rows.names))
+        if len(names) == 1:
+            return self._forward([n for n in names if n is not None], args, kwargs)
+        return self._grouped(names, args, kwargs)
+
+    def _grouped(self, names: list[str | None], args, kwargs):
+        """One forward per adapter in the batch; every output tensor whose first dimension
+        counts the batch's rows (or its tokens, rows × positions) takes each row's own."""
+        rows = [n if n in self.r else None for n in self._rows.names]
+        result = None
+        for name in names:
+            out = self._forward([name] if name is not None else [], args, kwargs)
+            keep = [i for i, n in enumerate(rows) if n == name]
+            result = out if result is None else _take_rows(result, out, keep, len(rows))
+        return result
+
+    def _forward(self, running: list[str], args, kwargs):
         if not running:
             return self.base_layer(*args, **kwargs)
-        replaced = {}
+        updates = {}
         for param in self.param_names():
-            updates = [
+            found = [
                 (*self.lora_weights(a, param), self.scaling[a][param])
                 for a in running
                 if param in self.r[a]
             ]
-            if updates:
-                replaced[param] = effective(self.base_param(param), updates, self.transposed)
+            if found:
+                updates[param] = found
+        if self.lean and experts.can_run(self.base_layer, list(updates)):
+            result = experts.forward(self.base_layer, updates, args, kwargs)
+            if result is not None:
+                return result
+        replaced = {
+            p: effective(self.base_param(p), found, self.transposed) for p, found in updates.items()
+        }
         return functional_call(self.base_layer, replaced, args, kwargs, strict=False)
 
     # ---------------------------------------------------------------- merging
@@ -268,6 +275,25 @@ class LoraParams(nn.Module):
 
     def extra_repr(self) -> str:
         return f"parameters={self.param_names()}, adapters={list(self.r)}"
+
+
+def _take_rows(result, out, keep: list[int], rows: int):
+    """`result` with rows `keep` taken from `out` (tensors or tuples of them), where a tensor's
+    first dimension is the batch's rows or its tokens (rows × positions, flattened row-major)."""
+    if isinstance(result, tuple):
+        return tuple(_take_rows(r, o, keep, rows) for r, o in zip(result, out, strict=True))
+    if not isinstance(result, torch.Tensor) or result.dim() == 0 or torch.equal(result, out):
+        return result
+    n = result.shape[0]
+    if n % rows:
+        raise ConfigError(
+            f"per-row adapters: an output of {n} tokens does not split into the batch's {rows} "
+            "rows; run one adapter per batch on this model"
+        )
+    mask = torch.zeros(rows, dtype=torch.bool, device=result.device)
+    mask[keep] = True
+    mask = mask.repeat_interleave(n // rows).view(n, *([1] * (result.dim() - 1)))
+    return torch.where(mask, out, result)
 
 
 def check_param_config(config, key: str) -> None:

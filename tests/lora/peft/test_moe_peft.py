@@ -205,3 +205,17 @@ def test_dense_families_full_coverage_peft_equal_exact_merge(family, tmp_path):
     expected = logits(ours)
     torch.testing.assert_close(logits(theirs), expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(logits(ours.merge_and_unload()), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
+def test_preset_adapts_attention_and_experts_not_the_router_and_loads_in_peft(family, tmp_path):
+    config = lorakit.LoraConfig(r=2, target_modules="preset", init_lora_weights=False)
+    ours = lorakit.get_peft_model(fresh(family), config)
+    adapted = our_adapted(ours)
+    assert sorted(ours.peft_config["default"].target_parameters) == ["down_proj", "gate_up_proj"]
+    assert any(n.endswith("experts.gate_up_proj") for n in adapted)
+    assert any("attn" in n or "attention" in n for n in adapted)
+    assert not any(n.endswith(("gate.weight", "router.weight")) for n in adapted)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(fresh(family), tmp_path)
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=ATOL, rtol=0)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.errors import AdapterError
+from lorakit.lora.compat import health
 from lorakit.lora.compat.keywords import check_peft_kwargs
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import inject_lora, resolve_targets
@@ -35,6 +36,14 @@ _TASK_HEADS = {
 
 class PeftSurface:
     """`Trainer`'s checkpoint hooks and peft's refusals, mixed into `LoraModel`."""
+
+    def healthcheck(self, min_trainable_params: int = 1, max_trainable_params_percent=50):
+        """The adapter state before training, with peft's report keys and finding codes."""
+        return health.healthcheck(self, min_trainable_params, max_trainable_params_percent)
+
+    def print_healthcheck(self, sink=print, **kwargs: Any) -> None:
+        """`healthcheck()` as text, printed through `sink`."""
+        health.print_healthcheck(self, sink, **kwargs)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Refused: the wrapped model's `push_to_hub` would upload the whole model."""
