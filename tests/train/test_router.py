@@ -39,7 +39,7 @@ def test_the_objective_is_transformers_loss_with_its_aux_loss(family, pad):
     torch.testing.assert_close(aux, reference.aux_loss.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(objective, reference.loss, rtol=1e-5, atol=1e-6)
     assert float(aux.detach()) > 1.0  # not 0: the term really is in the objective
-    assert abs(float(objective - loss_sum / n) - 0.1 * float(aux)) < 1e-5
+    assert abs(float((objective - loss_sum / n).detach()) - 0.1 * float(aux.detach())) < 1e-5
 
 
 def test_the_objective_gradient_is_transformers_gradient():
