@@ -39,6 +39,11 @@ class LoraSection(BaseModel):
         description="Layers to adapt: names or suffixes, a regex, 'all-linear', or 'preset' "
         "(the architecture's usual projections).",
     )
+    target_parameters: list[str] | None = Field(
+        None,
+        description="Parameters to adapt (peft's names): a mixture of experts' fused expert "
+        "tensors ('gate_up_proj', 'down_proj') or a router's weight ('gate.weight').",
+    )
     exclude_modules: list[str] | str | None = Field(
         None, description="Layers never to adapt (same matching rules)."
     )

@@ -4,11 +4,12 @@ Requests that wait together are prefilled together: sorted by prompt length, cut
 whose left padding stays under a quarter of the group's tokens (and whose padded size stays under
 `max_prefill_tokens`), each group one forward whose rows may use different adapters. Decoding
 then runs every active request together: one forward per step over a batch whose rows may use
-different adapters (packed adapters or grouped rows, see `lorakit.lora.rows`), with a left-padded KV
-cache, per-row position ids and a mask that hides the padding. New requests join between steps;
-finished or cancelled ones leave and free their slot. Batched and solo runs differ only in
-floating-point rounding (about 1e-6 of the logits in float32, the default), and the tests check
-greedy tokens match exactly.
+different adapters (packed adapters or grouped rows, see `lorakit.lora.rows`; on a mixture of
+experts whose adapters reach the fused experts, one adapter per batch: `Engine._take`), with a
+left-padded KV cache, per-row position ids and a mask that hides the padding. New requests join
+between steps; finished or cancelled ones leave and free their slot. Batched and solo runs differ
+only in floating-point rounding (about 1e-6 of the logits in float32, the default), and the tests
+check greedy tokens match exactly.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class Engine:
         """Prefill waiting requests, in length-sorted groups, while there are free slots."""
         with self._wake:
             free = self.max_batch - len(self._active)
-            taken = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            taken = self._take(free)
         live = []
         for seq in taken:
             if seq.cancelled:
@@ -227,6 +228,21 @@ class Engine:
                 self._batch.add(cache, mask, keep)
                 with self._wake:
                     self._active.extend(group[i] for i in keep)
+
+    def _take(self, free: int) -> list[Sequence]:
+        """Up to `free` waiting requests, first come first served (under `_wake`). Where a batch
+        can use one adapter only (`ModelHost.one_adapter_per_batch`: LoRA inside fused experts),
+        only the requests at the head of the queue for the running batch's adapter join it; a
+        request for another adapter waits until the batch has drained, then starts the next."""
+        if not self.host.one_adapter_per_batch:
+            return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        if not self._waiting:
+            return []
+        current = self._active[0].adapter if self._active else self._waiting[0].adapter
+        taken = []
+        while self._waiting and len(taken) < free and self._waiting[0].adapter == current:
+            taken.append(self._waiting.popleft())
+        return taken
 
     def _adapter_still_loaded(self, seq: Sequence) -> bool:
         if seq.adapter is None or seq.adapter in self.host.adapters:

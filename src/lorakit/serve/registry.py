@@ -60,6 +60,7 @@ class ModelHost:
         self._fused = None  # lorakit.lora.fused.FusedDecode over the packed adapters
         self._version = 0  # bumped by every load and unload
         self._packed_version = -1
+        self._uniform = (-1, False)  # (version, one_adapter_per_batch) as last computed
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +108,20 @@ class ModelHost:
         if not self.packed:
             return self.lora.mixed_adapters(rows)
         return self.lora.mixed_adapters(rows, self._packed, self._fused if fuse else None)
+
+    @property
+    def one_adapter_per_batch(self) -> bool:
+        """True when a loaded adapter adapts parameters (a mixture of experts' fused experts,
+        `lora.params`): every token there goes through one weight, so a batch's rows must all
+        use one adapter (the engine groups requests by adapter)."""
+        if self.lora is None:
+            return False
+        if self._uniform[0] != self._version:
+            from lorakit.lora.params import LoraParams
+
+            found = any(isinstance(m, LoraParams) for m in self.lora.modules())
+            self._uniform = (self._version, found)
+        return self._uniform[1]
 
     def template_for(self, adapter: str | None) -> str | None:
         """The adapter's own chat template if it ships one, else the base model's."""

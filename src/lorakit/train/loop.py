@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
 from lorakit.errors import DataError, LorakitError
-from lorakit.ops import causal_lm_loss, supervised_targets
+from lorakit.ops import supervised_targets
 from lorakit.train.checkpoint import prune_checkpoints, save_checkpoint, save_final
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import append_samples, eval_loss, generate_samples, move_batch
@@ -42,6 +42,7 @@ from lorakit.train.log import RunLog, read_metrics
 from lorakit.train.optim import lr_factor, set_lr
 from lorakit.train.plan import sample_ids
 from lorakit.train.plots import plot_run
+from lorakit.train.router import micro_batch_loss
 from lorakit.train.rundir import storage_error, write_status
 from lorakit.train.runtime import (
     all_reduce_grads,
@@ -78,6 +79,7 @@ class StepStats:
     cpu: float  # this process's CPU seconds
     threads: int  # torch threads the step ran on
     stopping: bool  # a stop signal reached some rank
+    aux_loss: float | None = None  # MoE router balance term, token-weighted mean; None: not used
 
 
 def _all_finite(model: nn.Module) -> bool:
@@ -198,7 +200,7 @@ def _optimizer_step(run: Run, step: int) -> StepStats:
     batches = [move_batch(b, run.device) for b in batches]
     if run.sharded:  # every rank must run as many forward passes (each one gathers)
         check_micro_batches(len(batches), ctx, step)
-    loss, tokens, stopping = _forward_backward(run, batches, step, ids)
+    loss, aux, tokens, stopping = _forward_backward(run, batches, step, ids)
 
     if not run.sharded:  # fsdp has reduce-scattered (summed) them in backward
         all_reduce_grads(run.params, ctx)  # sum over ranks, once per step
@@ -230,14 +232,16 @@ def _optimizer_step(run: Run, step: int) -> StepStats:
         cpu=cpu,
         threads=threads,
         stopping=stopping,
+        aux_loss=aux,
     )
 
 
 def _forward_backward(
     run: Run, batches: list[dict[str, Any]], step: int, ids: list[Any]
-) -> tuple[float, float, bool]:
-    """Backward of each micro-batch's summed loss / the supervised tokens of the global batch;
-    returns (mean loss, input tokens, stopping) over all ranks. Every rank raises when the
+) -> tuple[float, float | None, float, bool]:
+    """Backward of each micro-batch's summed loss / the supervised tokens of the global batch
+    (plus its share of the MoE router balance term, `train.router`); returns (mean loss, mean
+    balance term or None, input tokens, stopping) over all ranks. Every rank raises when the
     batch has no supervised token (DataError) or some rank's loss is not finite."""
     # The loss is normalised by the supervised tokens of the whole global batch.
     local = sum(supervised_targets(b["labels"], b.get("position_ids"))[1].numel() for b in batches)
@@ -247,19 +251,22 @@ def _forward_backward(
             f"step {step + 1}: no supervised token in the batch (every label is -100); "
             f"samples {run.plan.describe(ids)}. Drop fully masked rows"
         )
-    loss_total, real_tokens, bad = 0.0, 0, 0
+    loss_total, aux_total, real_tokens, bad = 0.0, 0.0, 0, 0
     for batch in batches:
         with autocast(run.config.precision, run.device):
-            loss_sum, _ = causal_lm_loss(run.model, batch, run.config.loss_chunk_size)
-        bad |= not bool(torch.isfinite(loss_sum))  # all ranks hear of it before raising
-        run.scaler.scale(loss_sum / n_global).backward()
+            objective, loss_sum, aux, n = micro_batch_loss(
+                run.model, batch, run.config.loss_chunk_size, n_global, run.router
+            )
+        bad |= not bool(torch.isfinite(objective))  # all ranks hear of it before raising
+        run.scaler.scale(objective).backward()
         loss_total += float(loss_sum.detach())
+        aux_total += 0.0 if aux is None else float(aux.detach()) * n / n_global
         mask = batch.get("attention_mask")
         real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     stats = torch.tensor(
-        [loss_total, real_tokens, bad, bool(run.stop["signal"])], dtype=torch.float64
+        [loss_total, aux_total, real_tokens, bad, bool(run.stop["signal"])], dtype=torch.float64
     )
-    loss_total, tokens, bad, stopping = all_reduce_sum(stats, run.ctx).tolist()
+    loss_total, aux_total, tokens, bad, stopping = all_reduce_sum(stats, run.ctx).tolist()
     loss = loss_total / n_global
     if bad or not math.isfinite(loss):
         raise NonFiniteError(
@@ -267,7 +274,7 @@ def _forward_backward(
             f"{run.plan.describe(ids)}. Nothing was saved for this step; lower lr, check "
             "these rows, or use precision='fp32'"
         )
-    return loss, tokens, bool(stopping)
+    return loss, (aux_total if run.router is not None else None), tokens, bool(stopping)
 
 
 # ---------------------------------------------------------------- after the step
@@ -320,6 +327,7 @@ def _train_row(run: Run, stats: StepStats) -> dict[str, Any]:
         "cpu_s": stats.cpu,
         "threads": stats.threads,
         "memory_mb": peak_memory_mb(run.device),
+        **({} if stats.aux_loss is None else {"aux_loss": stats.aux_loss}),
     }
 
 

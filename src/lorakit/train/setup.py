@@ -34,6 +34,7 @@ from lorakit.train.fsdp import check_shardable, gathered, shard_model
 from lorakit.train.log import RunLog
 from lorakit.train.optim import build_optimizer, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches
+from lorakit.train.router import RouterLoss
 from lorakit.train.rundir import clean_leftovers, storage_error
 from lorakit.train.runtime import (
     Dist,
@@ -97,6 +98,7 @@ class Run:
     resumed_from: Path | None = None
     start_step: int = 0
     governor: ThreadGovernor | None = None
+    router: RouterLoss | None = None  # an MoE model's load-balancing loss, when its config asks
     stop: dict[str, int] = field(default_factory=lambda: {"signal": 0})  # set by a signal
     old_handlers: dict = field(default_factory=dict)
     # while it runs
@@ -167,6 +169,9 @@ def setup_run(
     }
     checkpoint_path = _preflight(run, resume)
     seed_everything(config.seed)
+    run.router = RouterLoss.of(run.model)
+    if run.router is not None:
+        run.notes.append(run.router.describe())
     _prepare_model(run.model, config, run.device)
     if run.sharded:  # after the adapter is attached and cast; the optimizer then holds the shards
         shard_model(run.model, ctx, run.device, config.precision, config.fsdp_cpu_offload)
