@@ -1,0 +1,320 @@
+"""The token store on disk and the cache of stores between runs.
+
+A store is one folder of flat arrays, memory-mapped when read, so that a dataset of a million
+conversations costs its index in memory, not its tokens:
+
+    ids.bin       int32   every sample's token ids, back to back
+    trained.bin   uint8   1 where the label is the token (trained on), 0 where it is -100
+    offsets.bin   int64   n + 1 positions: sample i is ids[offsets[i]:offsets[i + 1]]
+    where.bin     utf-8   the file row of every sample ("train.jsonl line 7"), back to back
+    where_at.bin  int64   n + 1 positions into where.bin
+    meta.json     what the pipeline did (rows read, skipped, truncated) and the key's parts
+    complete      written last: a folder without it is never read
+
+A store in the cache lives at `<cache>/<key>`, the key a sha256 over everything that changes the
+tokens: the file's bytes and name, the row format and column mapping, the template variables,
+the rendered chat template, the tokenizer (its serialized vocabulary, merges, normalizer and
+special tokens), the token settings of DataConfig, and the versions of lorakit, transformers and
+tokenizers. The folder is written under a temporary name and renamed into place whole
+(`lorakit.files.atomic_dir`), so a killed writer leaves no folder a later run could read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorakit.data.tokenize import IGNORE_INDEX
+from lorakit.files import atomic_dir, is_temporary
+from lorakit.version import __version__
+
+STORE_VERSION = 1
+MARKER = "complete"
+# DataConfig fields that change how samples are batched or which rows are refused, not tokens
+NOT_IN_KEY = frozenset(
+    {"packing", "group_by_length", "bad_rows", "max_skipped_share", "num_proc", "cache"}
+)
+_ARRAYS = {
+    "ids": np.int32,
+    "trained": np.uint8,
+    "offsets": np.int64,
+    "where": np.uint8,
+    "where_at": np.int64,
+}
+
+
+def cache_root() -> Path:
+    """Where cached stores live: $LORAKIT_DATA_CACHE, else <lorakit home>/data."""
+    if os.environ.get("LORAKIT_DATA_CACHE"):
+        return Path(os.environ["LORAKIT_DATA_CACHE"]).expanduser()
+    from lorakit.models.builtin import lorakit_home
+
+    return lorakit_home() / "data"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def tokenizer_digest(tokenizer: Any) -> str | None:
+    """sha256 of what decides a tokenizer's ids; None for a tokenizer without a serialized
+    form (a Python tokenizer), whose stores are then not cached."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    digest = hashlib.sha256(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
+    digest.update(backend.to_str().encode())
+    special = sorted((k, str(v)) for k, v in getattr(tokenizer, "special_tokens_map", {}).items())
+    flags = [getattr(tokenizer, n, None) for n in ("add_bos_token", "add_eos_token")]
+    digest.update(json.dumps([special, tokenizer.eos_token_id, flags], default=str).encode())
+    return digest.hexdigest()
+
+
+def key_parts(
+    config: Any, tokenizer_id: str, template: str, path: Path, variables: dict[str, str]
+) -> dict[str, Any]:
+    """Everything the tokens depend on, as one JSON-able dict (its sha256 is the key)."""
+    import tokenizers
+    import transformers
+
+    fields = config.model_dump(mode="json")
+    settings = {k: v for k, v in fields.items() if k not in NOT_IN_KEY | {"dataset", "split"}}
+    settings["template_vars"] = dict(sorted(variables.items()))
+    return {
+        "store_version": STORE_VERSION,
+        "versions": [__version__, transformers.__version__, tokenizers.__version__],
+        "file": {"name": path.name, "sha256": file_digest(path)},
+        "settings": settings,
+        "tokenizer": tokenizer_id,
+        "template": hashlib.sha256(template.encode()).hexdigest(),
+    }
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """The folder name of a store in the cache."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Chunk:
+    """Tokenized rows, in file order: the good samples as flat arrays, and the bad rows."""
+
+    ids: np.ndarray  # int32, every kept sample's ids back to back
+    trained: np.ndarray  # uint8
+    lengths: np.ndarray  # int64, one per kept sample
+    where: list[str]  # one per kept sample
+    problems: list[str]  # "file line N: why", one per skipped row
+    rows: int = 0  # rows read
+    truncated: int = 0
+    unreadable: int = 0  # rows the format could not read at all
+    raw_text: bool = False
+
+
+class StoreWriter:
+    """Appends chunks to the arrays of a store being written in `folder`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = {name: open(folder / f"{name}.bin", "wb") for name in _ARRAYS}  # noqa: SIM115
+        self.tokens = self.samples = self.where_bytes = 0
+        self.files["offsets"].write(np.zeros(1, np.int64).tobytes())
+        self.files["where_at"].write(np.zeros(1, np.int64).tobytes())
+        self.meta: dict[str, Any] = {"rows_total": 0, "skipped": [], "truncated": 0}
+        self.meta.update(unreadable=0, raw_text=False, supervised=0)
+
+    def add(self, chunk: Chunk) -> None:
+        """Append one chunk's samples and bad rows."""
+        self.files["ids"].write(chunk.ids.astype(np.int32, copy=False).tobytes())
+        self.files["trained"].write(chunk.trained.astype(np.uint8, copy=False).tobytes())
+        ends = self.tokens + np.cumsum(chunk.lengths, dtype=np.int64)
+        self.files["offsets"].write(ends.tobytes())
+        self.tokens += int(chunk.lengths.sum())
+        encoded = [w.encode() for w in chunk.where]
+        self.files["where"].write(b"".join(encoded))
+        at = self.where_bytes + np.cumsum([len(w) for w in encoded], dtype=np.int64)
+        self.files["where_at"].write(at.tobytes())
+        self.where_bytes += sum(len(w) for w in encoded)
+        self.samples += len(chunk.where)
+        meta = self.meta
+        meta["rows_total"] += chunk.rows
+        meta["skipped"] += chunk.problems
+        meta["truncated"] += chunk.truncated
+        meta["unreadable"] += chunk.unreadable
+        meta["raw_text"] = meta["raw_text"] or chunk.raw_text
+        meta["supervised"] += int(chunk.trained.sum())
+
+    def close(self, extra: dict[str, Any]) -> None:
+        """Flush the arrays and write meta.json (the caller's atomic_dir adds the marker)."""
+        for f in self.files.values():
+            f.close()
+        meta = {**self.meta, **extra, "samples": self.samples, "tokens": self.tokens}
+        meta["created"] = time.time()
+        (self.folder / "meta.json").write_text(json.dumps(meta) + "\n")
+
+
+def _map(folder: Path, name: str) -> np.ndarray:
+    """One array of a store, memory-mapped (an empty file is an empty array)."""
+    path = folder / f"{name}.bin"
+    if path.stat().st_size == 0:
+        return np.empty(0, _ARRAYS[name])
+    return np.memmap(path, dtype=_ARRAYS[name], mode="r")
+
+
+class StoreSamples(Sequence):
+    """The samples of a store, read on demand: `samples[i]` is a `Sample` with lists, as the
+    in-memory pipeline gives; `lengths()` and `supervised_tokens()` read only the index."""
+
+    def __init__(self, folder: Path, keep_alive: Any = None):
+        self.folder = folder
+        self.arrays = {name: _map(folder, name) for name in _ARRAYS}
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self._keep_alive = keep_alive  # a temporary folder removed with this object
+
+    def __len__(self) -> int:
+        return len(self.arrays["offsets"]) - 1
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        return self.sample(index)
+
+    def arrays_of(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids as int64, labels as int64) of one sample."""
+        a, b = self.arrays["offsets"][index : index + 2]
+        ids = np.asarray(self.arrays["ids"][a:b], dtype=np.int64)
+        labels = np.where(self.arrays["trained"][a:b] != 0, ids, IGNORE_INDEX)
+        return ids, labels
+
+    def sample(self, index: int) -> Any:
+        """One sample as the pipeline's `Sample`."""
+        from lorakit.data.pipeline import Sample
+
+        ids, labels = self.arrays_of(index)
+        a, b = self.arrays["where_at"][index : index + 2]
+        where = bytes(self.arrays["where"][a:b]).decode()
+        return Sample(ids.tolist(), labels.tolist(), where)
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self)):
+            yield self.sample(i)
+
+    def __add__(self, other: Any) -> list[Any]:
+        return list(self) + list(other)
+
+    def __radd__(self, other: Any) -> list[Any]:
+        return list(other) + list(self)
+
+    def lengths(self) -> list[int]:
+        """Token count of every sample, from the index only."""
+        return np.diff(self.arrays["offsets"]).tolist()
+
+    def supervised_tokens(self) -> int:
+        """Tokens trained on, over the whole store."""
+        return int(self.meta["supervised"])
+
+
+def cached_store(key: str | None, write: Any) -> tuple[StoreSamples, bool]:
+    """(samples, hit): the cached store of `key`, or one written by `write(writer)` (and
+    cached under `key`; into a temporary folder when `key` is None)."""
+    if key is not None:
+        folder = cache_root() / key
+        if (folder / MARKER).is_file():
+            os.utime(folder / MARKER)  # last use, shown by `lorakit data cache`
+            return StoreSamples(folder), True
+        with atomic_dir(folder, marker=MARKER) as staging:
+            _write(staging, write, key)
+        return StoreSamples(folder), False
+    scratch = tempfile.TemporaryDirectory(prefix="lorakit-store-")
+    folder = Path(scratch.name)
+    _write(folder, write, None)
+    return StoreSamples(folder, keep_alive=scratch), False
+
+
+def _write(folder: Path, write: Any, key: str | None) -> None:
+    """Fill `folder` with a store (the arrays and meta.json)."""
+    writer = StoreWriter(folder)
+    try:
+        extra = write(writer) or {}
+    finally:
+        for f in writer.files.values():
+            f.close()
+    writer.close({**extra, "key": key})
+
+
+@dataclass
+class CacheEntry:
+    """One cached store as `lorakit data cache` lists it."""
+
+    key: str
+    source: str
+    samples: int
+    tokens: int
+    bytes: int
+    created: float
+    used: float
+    complete: bool
+
+
+def list_caches(root: Path | None = None) -> list[CacheEntry]:
+    """The stores in the cache (incomplete ones too, marked so), most recently used first."""
+    root = root or cache_root()
+    entries = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        marker = folder / MARKER
+        complete = marker.is_file() and not is_temporary(folder.name)
+        used = marker.stat().st_mtime if complete else folder.stat().st_mtime
+        entries.append(
+            CacheEntry(
+                folder.name,
+                str(meta.get("source", "?")),
+                int(meta.get("samples", 0)),
+                int(meta.get("tokens", 0)),
+                size,
+                float(meta.get("created", folder.stat().st_mtime)),
+                used,
+                complete,
+            )
+        )
+    return sorted(entries, key=lambda e: -e.used)
+
+
+def clear_caches(keys: list[str] | None = None, root: Path | None = None) -> list[str]:
+    """Remove the named stores (every store when `keys` is None); returns the removed keys."""
+    root = root or cache_root()
+    known = {e.key for e in list_caches(root)}
+    if keys is not None:
+        unknown = [k for k in keys if k not in known]
+        if unknown:
+            from lorakit.errors import DataError
+
+            raise DataError(
+                f"no cached store {', '.join(unknown)} in {root}; `lorakit data cache` lists them"
+            )
+    removed = sorted(known if keys is None else set(keys))
+    for key in removed:
+        shutil.rmtree(root / key, ignore_errors=True)
+    return removed
