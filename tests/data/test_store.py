@@ -324,3 +324,34 @@ def test_progress_lines_say_rows_rate_and_time_left(tok, cache, tmp_path, monkey
     assert lines[0].startswith("tokenizing d.jsonl: 256 of ~600 rows (")
     assert " left)" in lines[0]
     assert lines[-1].startswith("tokenized d.jsonl: 600 rows in ")
+
+
+def test_a_resumed_run_an_eval_and_a_sweep_variant_tokenize_nothing(tmp_path, cache, counted):
+    from lorakit.jobs.finetune import run_training
+    from lorakit.jobs.run_config import validate_run_config
+    from tiny_folders import save_tiny
+
+    model = save_tiny(tmp_path / "model")
+
+    def run(out, lr=1e-2, steps=2, **data):
+        return validate_run_config(
+            {
+                "output_dir": str(tmp_path / out),
+                "model": {"name_or_path": str(model)},
+                "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
+                "data": {"dataset": "identity", "limit": 6, "max_length": 96, **data},
+                "eval": {"limit": 2},
+                "train": {"max_steps": steps, "batch_size": 2, "lr": lr, "save_every": 1}
+                | {"precision": "fp32", "progress": "none", "tensorboard": False, "plots": False},
+            }
+        )
+
+    quiet = {"show": lambda _: None}
+    run_training(run("a"), **quiet)
+    assert len(counted) == 6 + 2  # the train rows and the eval rows, once
+    step1 = tmp_path / "a" / "checkpoints" / "step-00000001"
+    run_training(run("a", num_proc=2), resume=str(step1), **quiet)  # resumed, other num_proc
+    run_training(run("b", lr=5e-3), **quiet)  # another variant of a sweep: other train settings
+    assert len(counted) == 8
+    run_training(run("c", max_length=64), **quiet)  # a changed max length tokenizes again
+    assert len(counted) == 16

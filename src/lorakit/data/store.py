@@ -202,6 +202,11 @@ class StoreSamples(Sequence):
         labels = np.where(self.arrays["trained"][a:b] != 0, ids, IGNORE_INDEX)
         return ids, labels
 
+    def iter_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(input_ids, labels) of every sample in order, as int64 arrays."""
+        for i in range(len(self)):
+            yield self.arrays_of(i)
+
     def sample(self, index: int) -> Any:
         """One sample as the pipeline's `Sample`."""
         from lorakit.data.pipeline import Sample
@@ -318,3 +323,21 @@ def clear_caches(keys: list[str] | None = None, root: Path | None = None) -> lis
     for key in removed:
         shutil.rmtree(root / key, ignore_errors=True)
     return removed
+
+
+def cache_table(keys: list[str] | None = None) -> str:
+    """The cache as `lorakit data cache` prints it: one line per store, then the total."""
+    entries = [e for e in list_caches() if keys is None or e.key in keys]
+    if not entries:
+        return f"no cached stores in {cache_root()}"
+    lines = [f"{'key':32}  {'source':24} {'samples':>9} {'tokens':>12} {'size':>9}  last used"]
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
+        state = "" if e.complete else "  (incomplete: never read)"
+        lines.append(
+            f"{e.key:32}  {e.source[:24]:24} {e.samples:>9,} {e.tokens:>12,} "
+            f"{e.bytes / 2**20:>7.1f}MB  {used}{state}"
+        )
+    total = sum(e.bytes for e in entries) / 2**20
+    lines.append(f"{len(entries)} store(s), {total:.1f} MB in {cache_root()}")
+    return "\n".join(lines)
