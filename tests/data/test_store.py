@@ -355,3 +355,17 @@ def test_a_resumed_run_an_eval_and_a_sweep_variant_tokenize_nothing(tmp_path, ca
     assert len(counted) == 8
     run_training(run("c", max_length=64), **quiet)  # a changed max length tokenizes again
     assert len(counted) == 16
+
+
+def test_two_stores_add_up_to_one_list_of_samples(tok, cache, tmp_path):
+    a = build_dataset(DataConfig(dataset=write_jsonl(tmp_path / "a.jsonl", good_rows(2))), tok)
+    b = build_dataset(DataConfig(dataset=write_jsonl(tmp_path / "b.jsonl", good_rows(3))), tok)
+    both = a.samples + b.samples  # as the quickstart mixes its two datasets
+    assert [s.where for s in both] == ["a.jsonl line 1", "a.jsonl line 2"] + [
+        f"b.jsonl line {i}" for i in (1, 2, 3)
+    ]
+    assert [s.input_ids for s in [*a.samples[:1], *b.samples[-1:]]] == [
+        both[0].input_ids,
+        both[-1].input_ids,
+    ]
+    assert [s.where for s in [] + a.samples] == ["a.jsonl line 1", "a.jsonl line 2"]

@@ -138,7 +138,7 @@ class Sample:
 class TokenizedDataset:
     """Tokenized samples plus what the pipeline did (rows used, skipped, truncated)."""
 
-    samples: list[Sample]
+    samples: list[Sample]  # or the StoreSamples of a token store (a sequence of Sample)
     config: DataConfig
     source: str
     pad_token_id: int
@@ -189,15 +189,24 @@ def _source(config: DataConfig) -> tuple[Path, dict[str, str]]:
 
 def check_dataset(config: DataConfig) -> None:
     """Read the dataset (file or built-in) without a tokenizer: raises DataError when it is
-    missing, unreadable, of no detectable format, or without one usable row."""
-    source, conversations = load_conversations(config)
-    problems = [(row, c) for row, c in conversations if isinstance(c, RowProblem)]
-    if not conversations or len(problems) == len(conversations):
-        first = f" ({problems[0][0].where}: {problems[0][1]})" if problems else ""
-        raise DataError(
-            f"{source}: none of its {len(conversations)} rows can be used{first}; check "
-            "data.format and data.columns against docs/data-formats.md"
-        )
+    missing, unreadable, of no detectable format, or without one usable row. A JSON-lines file
+    is read only up to its first usable row."""
+    path, variables = _source(config)
+    rows = iter_rows(path)
+    rows = itertools.islice(rows, config.limit) if config.limit else rows
+    seen: list[RawRow] = []
+    job = EncodeJob(config, None, "", _row_format(config, path, _remember(rows, seen)), variables)
+    count, first = 0, ""
+    for row in itertools.chain(seen, rows):
+        count += 1
+        converted = convert_row(job, row.value)
+        if not isinstance(converted, RowProblem):
+            return
+        first = first or f" ({row.where}: {converted})"
+    raise DataError(
+        f"{path.name}: none of its {count} rows can be used{first}; check "
+        "data.format and data.columns against docs/data-formats.md"
+    )
 
 
 def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]]]:

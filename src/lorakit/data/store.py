@@ -21,6 +21,7 @@ tokenizers. The folder is written under a temporary name and renamed into place 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -241,7 +242,8 @@ def cached_store(key: str | None, write: Any) -> tuple[StoreSamples, bool]:
     if key is not None:
         folder = cache_root() / key
         if (folder / MARKER).is_file():
-            os.utime(folder / MARKER)  # last use, shown by `lorakit data cache`
+            with contextlib.suppress(OSError):  # a read-only cache is still read
+                os.utime(folder / MARKER)  # last use, shown by `lorakit data cache`
             return StoreSamples(folder), True
         with atomic_dir(folder, marker=MARKER) as staging:
             _write(staging, write, key)
