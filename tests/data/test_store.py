@@ -369,3 +369,11 @@ def test_two_stores_add_up_to_one_list_of_samples(tok, cache, tmp_path):
         both[-1].input_ids,
     ]
     assert [s.where for s in [] + a.samples] == ["a.jsonl line 1", "a.jsonl line 2"]
+
+
+def test_iter_arrays_reads_every_sample_in_blocks(tok, cache, tmp_path):
+    data = build_dataset(DataConfig(dataset=write_jsonl(tmp_path / "d.jsonl", good_rows(9))), tok)
+    pairs = list(data.samples.iter_arrays(block=4))
+    assert [(ids.tolist(), labels.tolist()) for ids, labels in pairs] == [
+        (s.input_ids, s.labels) for s in data.samples
+    ]

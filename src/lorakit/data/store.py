@@ -203,10 +203,24 @@ class StoreSamples(Sequence):
         labels = np.where(self.arrays["trained"][a:b] != 0, ids, IGNORE_INDEX)
         return ids, labels
 
-    def iter_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(input_ids, labels) of every sample in order, as int64 arrays."""
-        for i in range(len(self)):
-            yield self.arrays_of(i)
+    def iter_arrays(self, block: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(input_ids, labels) of every sample in order, as int64 arrays. The files are read in
+        blocks of samples rather than through the maps, so a pass over the whole store leaves
+        no mapped page in this process's memory."""
+        offsets = np.asarray(self.arrays["offsets"])
+        with (
+            open(self.folder / "ids.bin", "rb") as ids_file,
+            open(self.folder / "trained.bin", "rb") as trained_file,
+        ):
+            for first in range(0, len(self), block):
+                last = min(first + block, len(self))
+                a, b = int(offsets[first]), int(offsets[last])
+                ids = np.fromfile(ids_file, np.int32, b - a, offset=0).astype(np.int64)
+                trained = np.fromfile(trained_file, np.uint8, b - a, offset=0)
+                labels = np.where(trained != 0, ids, IGNORE_INDEX)
+                for i in range(first, last):
+                    lo, hi = offsets[i] - a, offsets[i + 1] - a
+                    yield ids[lo:hi], labels[lo:hi]
 
     def sample(self, index: int) -> Any:
         """One sample as the pipeline's `Sample`."""
