@@ -30,10 +30,7 @@ from lorakit.data.formats import (
     RawRow,
     RowProblem,
     check_format,
-    count_rows,
     detect_format,
-    iter_rows,
-    read_rows,
     rename_columns,
 )
 from lorakit.data.parallel import (
@@ -45,6 +42,7 @@ from lorakit.data.parallel import (
     default_num_proc,
     tokenize_chunks,
 )
+from lorakit.data.sources import count_source, iter_source
 from lorakit.data.store import (
     StoreSamples,
     StoreWriter,
@@ -65,10 +63,14 @@ class DataConfig(BaseModel):
 
     dataset: str = Field(
         "identity",
-        description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name (identity, "
-        "general, arithmetic).",
+        description="A .jsonl/.json/.csv/.parquet file, a folder of such shards, a folder "
+        "written by `datasets` save_to_disk, or a built-in dataset name (identity, general, "
+        "arithmetic).",
     )
-    split: str = Field("train", description="Split of a built-in dataset (train or test).")
+    split: str = Field(
+        "train",
+        description="Split of a built-in dataset (train or test) or of a save_to_disk folder.",
+    )
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = Field(
         "auto",
         description="Row format (the columns of each: docs/data-formats.md); auto detects it "
@@ -192,7 +194,7 @@ def check_dataset(config: DataConfig) -> None:
     missing, unreadable, of no detectable format, or without one usable row. A JSON-lines file
     is read only up to its first usable row."""
     path, variables = _source(config)
-    rows = iter_rows(path)
+    rows = iter_source(path, config.split)
     rows = itertools.islice(rows, config.limit) if config.limit else rows
     seen: list[RawRow] = []
     job = EncodeJob(config, None, "", _row_format(config, path, _remember(rows, seen)), variables)
@@ -212,7 +214,7 @@ def check_dataset(config: DataConfig) -> None:
 def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]]]:
     """(source name, [(row, messages or text or RowProblem)]) for the configured dataset."""
     path, variables = _source(config)
-    rows = read_rows(path)[: config.limit]
+    rows = list(itertools.islice(iter_source(path, config.split), config.limit))
     job = EncodeJob(config, None, "", _row_format(config, path, rows), variables)
     return path.name, [(row, convert_row(job, row.value)) for row in rows]
 
@@ -253,17 +255,17 @@ def build_dataset(
     path, variables = _source(config)
     template = prompt_template(config, tokenizer)
     key = None
-    tokenizer_id = tokenizer_digest(tokenizer) if config.cache and path.is_file() else None
+    tokenizer_id = tokenizer_digest(tokenizer) if config.cache and path.exists() else None
     if tokenizer_id is not None:
         key = cache_key(key_parts(config, tokenizer_id, template, path, variables))
 
     def write(writer: StoreWriter) -> dict[str, Any]:
-        rows = iter_rows(path)
+        rows = iter_source(path, config.split)
         rows = itertools.islice(rows, config.limit) if config.limit else rows
         seen: list[RawRow] = []
         fmt = _row_format(config, path, _remember(rows, seen))
         job = EncodeJob(config, tokenizer, template, fmt, variables)
-        total = count_rows(path)
+        total = count_source(path)
         total = min(total, config.limit) if total and config.limit else total or config.limit
         num_proc = config.num_proc or default_num_proc()
         if total is not None and total <= CHUNK_ROWS * 2:

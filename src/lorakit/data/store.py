@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from lorakit.data.sources import source_digest
 from lorakit.data.tokenize import IGNORE_INDEX
 from lorakit.files import atomic_dir, is_temporary
 from lorakit.version import __version__
@@ -61,12 +62,6 @@ def cache_root() -> Path:
     from lorakit.models.builtin import lorakit_home
 
     return lorakit_home() / "data"
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tokenizer_digest(tokenizer: Any) -> str | None:
@@ -96,7 +91,7 @@ def key_parts(
     return {
         "store_version": STORE_VERSION,
         "versions": [__version__, transformers.__version__, tokenizers.__version__],
-        "file": {"name": path.name, "sha256": file_digest(path)},
+        "file": {"name": path.name, "sha256": source_digest(path)},
         "settings": settings,
         "tokenizer": tokenizer_id,
         "template": hashlib.sha256(template.encode()).hexdigest(),
