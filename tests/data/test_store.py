@@ -287,7 +287,7 @@ def test_a_killed_writer_leaves_no_store_and_an_unmarked_one_is_rebuilt(
         patch.setattr(parallel, "encode_chunk", killed)
         with pytest.raises(KeyboardInterrupt):
             build_dataset(config, tok)
-    assert list(cache.iterdir()) == []  # the staging folder is gone, nothing at the key
+    assert [p.name for p in cache.iterdir()] == ["digests"]  # no staging folder, no store
     data = build_dataset(config, tok)
     folder = data.samples.folder
     (folder / MARKER).unlink()  # as if written by a crashed writer of an older kind
@@ -377,3 +377,18 @@ def test_iter_arrays_reads_every_sample_in_blocks(tok, cache, tmp_path):
     assert [(ids.tolist(), labels.tolist()) for ids, labels in pairs] == [
         (s.input_ids, s.labels) for s in data.samples
     ]
+
+
+def test_a_file_digest_is_remembered_until_the_file_changes(cache, tmp_path, monkeypatch):
+    from lorakit.data import store
+
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, good_rows(3))
+    reads = []
+    real = store.source_digest
+    monkeypatch.setattr(store, "source_digest", lambda p: reads.append(p) or real(p))
+    first = store.remembered_digest(path)
+    assert store.remembered_digest(path) == first and len(reads) == 1
+    text = path.read_text()
+    path.write_text(text.replace("Answer 2", "Answer 9"))  # same size, maybe the same tick
+    assert store.remembered_digest(path) == real(path) != first and len(reads) == 2

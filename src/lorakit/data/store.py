@@ -37,7 +37,7 @@ import numpy as np
 
 from lorakit.data.sources import source_digest
 from lorakit.data.tokenize import IGNORE_INDEX
-from lorakit.files import atomic_dir, is_temporary
+from lorakit.files import atomic_dir, is_temporary, temporary_name
 from lorakit.version import __version__
 
 STORE_VERSION = 1
@@ -91,11 +91,41 @@ def key_parts(
     return {
         "store_version": STORE_VERSION,
         "versions": [__version__, transformers.__version__, tokenizers.__version__],
-        "file": {"name": path.name, "sha256": source_digest(path)},
+        "file": {"name": path.name, "sha256": remembered_digest(path)},
         "settings": settings,
         "tokenizer": tokenizer_id,
         "template": hashlib.sha256(template.encode()).hexdigest(),
     }
+
+
+def remembered_digest(path: Path) -> str:
+    """`source_digest(path)`, remembered under the files' paths, sizes, inodes and change
+    times and ends (`<cache>/digests/`), so a file of gigabytes is read once, not at every run
+    start; a write to a file changes its change time (or its ends) and so reads it again."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [(str(f.resolve()), *_stat(f)) for f in files]
+    name = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]
+    memo = cache_root() / "digests" / name
+    with contextlib.suppress(OSError):
+        return memo.read_text().strip()
+    digest = source_digest(path)
+    with contextlib.suppress(OSError):  # a read-only cache: digest again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(temporary_name(name))
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, memo)
+    return digest
+
+
+def _stat(path: Path) -> tuple[int, int, int, int, str]:
+    """What tells a file's versions apart without reading it whole: size, inode, times, and
+    a hash of its first and last 64 KiB (a rewrite within one clock tick changes them)."""
+    st = path.stat()
+    with path.open("rb") as f:
+        ends = f.read(1 << 16)
+        f.seek(max(st.st_size - (1 << 16), 0))
+        ends += f.read(1 << 16)
+    return st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, hashlib.sha256(ends).hexdigest()
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -293,7 +323,7 @@ def list_caches(root: Path | None = None) -> list[CacheEntry]:
     root = root or cache_root()
     entries = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if not folder.is_dir():
+        if not folder.is_dir() or folder.name == "digests":
             continue
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         try:
@@ -333,6 +363,8 @@ def clear_caches(keys: list[str] | None = None, root: Path | None = None) -> lis
     removed = sorted(known if keys is None else set(keys))
     for key in removed:
         shutil.rmtree(root / key, ignore_errors=True)
+    if keys is None:
+        shutil.rmtree(root / "digests", ignore_errors=True)
     return removed
 
 
