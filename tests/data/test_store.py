@@ -4,6 +4,7 @@ reuse by a second run and by every variant of a sweep; `list_caches` / `clear_ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -22,7 +23,14 @@ from lorakit.data.pipeline import (
     plan_epoch,
     prompt_template,
 )
-from lorakit.data.store import MARKER, StoreSamples, cache_root, clear_caches, list_caches
+from lorakit.data.store import (
+    MARKER,
+    ConcatSamples,
+    StoreSamples,
+    cache_root,
+    clear_caches,
+    list_caches,
+)
 from lorakit.data.tokenize import (
     encode_conversation,
     encode_text,
@@ -357,18 +365,29 @@ def test_a_resumed_run_an_eval_and_a_sweep_variant_tokenize_nothing(tmp_path, ca
     assert len(counted) == 16
 
 
-def test_two_stores_add_up_to_one_list_of_samples(tok, cache, tmp_path):
+def test_two_stores_add_up_to_one_sequence_without_copies(tok, cache, tmp_path):
     a = build_dataset(DataConfig(dataset=write_jsonl(tmp_path / "a.jsonl", good_rows(2))), tok)
     b = build_dataset(DataConfig(dataset=write_jsonl(tmp_path / "b.jsonl", good_rows(3))), tok)
     both = a.samples + b.samples  # as the quickstart mixes its two datasets
+    assert isinstance(both, ConcatSamples) and len(both) == 5
+    every = [*a.samples, *b.samples]
     assert [s.where for s in both] == ["a.jsonl line 1", "a.jsonl line 2"] + [
         f"b.jsonl line {i}" for i in (1, 2, 3)
     ]
-    assert [s.input_ids for s in [*a.samples[:1], *b.samples[-1:]]] == [
-        both[0].input_ids,
-        both[-1].input_ids,
+    assert [dataclass_tuple(s) for s in both] == [dataclass_tuple(s) for s in every]
+    assert dataclass_tuple(both[-1]) == dataclass_tuple(every[-1]) and both[1:3] == every[1:3]
+    with pytest.raises(IndexError):
+        both[5]
+    mixed = list(a.samples) + both  # a plain list in front, parts flattened
+    assert len(mixed.parts) == 3 and mixed.lengths() == [
+        len(s.input_ids) for s in every[:2] + every
     ]
-    assert [s.where for s in [] + a.samples] == ["a.jsonl line 1", "a.jsonl line 2"]
+    data = dataclasses.replace(a, samples=both)
+    assert data.lengths() == [len(s.input_ids) for s in every]
+    assert data.supervised_tokens() == a.supervised_tokens() + b.supervised_tokens()
+    assert mixed.supervised_tokens() == 2 * a.supervised_tokens() + b.supervised_tokens()
+    pairs = [(i.tolist(), lab.tolist()) for i, lab in both.iter_arrays()]
+    assert pairs == [(s.input_ids, s.labels) for s in every]
 
 
 def test_iter_arrays_reads_every_sample_in_blocks(tok, cache, tmp_path):

@@ -44,6 +44,7 @@ from lorakit.data.parallel import (
 )
 from lorakit.data.sources import count_source, iter_source
 from lorakit.data.store import (
+    ConcatSamples,
     StoreSamples,
     StoreWriter,
     cache_key,
@@ -140,7 +141,7 @@ class Sample:
 class TokenizedDataset:
     """Tokenized samples plus what the pipeline did (rows used, skipped, truncated)."""
 
-    samples: list[Sample]  # or the StoreSamples of a token store (a sequence of Sample)
+    samples: list[Sample]  # or a token store's StoreSamples, or a ConcatSamples of several
     config: DataConfig
     source: str
     pad_token_id: int
@@ -154,13 +155,13 @@ class TokenizedDataset:
 
     def lengths(self) -> list[int]:
         """Token count of every sample."""
-        if isinstance(self.samples, StoreSamples):  # from the store's index, nothing loaded
+        if isinstance(self.samples, StoreSamples | ConcatSamples):  # the index, nothing loaded
             return self.samples.lengths()
         return [len(s.input_ids) for s in self.samples]
 
     def supervised_tokens(self) -> int:
         """How many tokens are trained on, over the whole dataset."""
-        if isinstance(self.samples, StoreSamples):
+        if isinstance(self.samples, StoreSamples | ConcatSamples):
             return self.samples.supervised_tokens()
         return sum(supervised_count(s.labels) for s in self.samples)
 

@@ -260,11 +260,11 @@ class StoreSamples(Sequence):
         for i in range(len(self)):
             yield self.sample(i)
 
-    def __add__(self, other: Any) -> list[Any]:
-        return list(self) + list(other)
+    def __add__(self, other: Any) -> ConcatSamples:
+        return ConcatSamples([self, other])
 
-    def __radd__(self, other: Any) -> list[Any]:
-        return list(other) + list(self)
+    def __radd__(self, other: Any) -> ConcatSamples:
+        return ConcatSamples([other, self])
 
     def lengths(self) -> list[int]:
         """Token count of every sample, from the index only."""
@@ -273,6 +273,62 @@ class StoreSamples(Sequence):
     def supervised_tokens(self) -> int:
         """Tokens trained on, over the whole store."""
         return int(self.meta["supervised"])
+
+
+class ConcatSamples(Sequence):
+    """Several sample sequences (stores or lists) read as one, in order, none copied: a mix of
+    datasets of any size costs an offset per part."""
+
+    def __init__(self, parts: list[Sequence[Any]]):
+        self.parts = [q for p in parts for q in (p.parts if isinstance(p, ConcatSamples) else [p])]
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part][index - self.starts[part]]
+
+    def __add__(self, other: Any) -> ConcatSamples:
+        return ConcatSamples([self, other])
+
+    def __radd__(self, other: Any) -> ConcatSamples:
+        return ConcatSamples([other, self])
+
+    def lengths(self) -> list[int]:
+        """Token count of every sample (from the index of each store part)."""
+        return [n for p in self.parts for n in _lengths(p)]
+
+    def supervised_tokens(self) -> int:
+        """Tokens trained on, over every part."""
+        return sum(_supervised(p) for p in self.parts)
+
+    def iter_arrays(self) -> Iterator[tuple[Any, Any]]:
+        """(input_ids, labels) of every sample in order."""
+        for p in self.parts:
+            if hasattr(p, "iter_arrays"):
+                yield from p.iter_arrays()
+            else:
+                yield from ((s.input_ids, s.labels) for s in p)
+
+
+def _lengths(samples: Sequence[Any]) -> list[int]:
+    if hasattr(samples, "lengths"):
+        return samples.lengths()
+    return [len(s.input_ids) for s in samples]
+
+
+def _supervised(samples: Sequence[Any]) -> int:
+    if hasattr(samples, "supervised_tokens"):
+        return samples.supervised_tokens()
+    return sum(sum(1 for label in s.labels if label != IGNORE_INDEX) for s in samples)
 
 
 def cached_store(key: str | None, write: Any) -> tuple[StoreSamples, bool]:
