@@ -317,6 +317,24 @@ def test_data_inspect_marks_trained_tokens(tiny_dir, capsys):
     assert "⟦" in text and "supervised" in text
 
 
+def test_data_cache_lists_and_clears(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORAKIT_DATA_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "cache"]) == 0
+    assert capsys.readouterr().out.startswith("no cached stores in ")
+    argv = ["data", "inspect", "model.name_or_path=" + str(tiny_dir), "data.limit=4", "-n", "0"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["data", "cache"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[1:3] == ["identity_train.jsonl", "4"] and len(lines) == 3
+    key = lines[1].split()[0]
+    assert main(["data", "cache", "--clear", "--key", "nope"]) == 1
+    assert "no cached store nope" in capsys.readouterr().err
+    assert main(["data", "cache", "--clear", "--key", key]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 cached store(s)")
+    assert not (tmp_path / "cache" / key).exists()
+
+
 def test_init_copies_configs(tmp_path, capsys):
     assert main(["init", str(tmp_path / "cfg")]) == 0
     assert (tmp_path / "cfg" / "smollm2-lora.yaml").is_file()

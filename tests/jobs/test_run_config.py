@@ -161,3 +161,8 @@ def test_a_resume_must_match_every_section_but_train_eval_and_output_dir():
     assert other.resume_settings() == settings
     lora = run.model_copy(update={"lora": run.lora.model_copy(update={"r": run.lora.r + 1})})
     assert lora.resume_settings()["run.lora"]["r"] == run.lora.r + 1
+    # how the tokens are made (processes, the cache) may change; the tokens' settings may not
+    made = run.data.model_copy(update={"num_proc": 7, "cache": False})
+    assert run.model_copy(update={"data": made}).resume_settings() == settings
+    longer = run.data.model_copy(update={"max_length": 64})
+    assert run.model_copy(update={"data": longer}).resume_settings() != settings

@@ -1,4 +1,4 @@
-"""`lorakit eval`, `merge`, `inspect`, `serve`, `data inspect` and `init`."""
+"""`lorakit eval`, `merge`, `inspect`, `serve`, `data inspect`, `data cache` and `init`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def register_tools(app: typer.Typer) -> None:
         help="Look at datasets the way training sees them.", no_args_is_help=True
     )
     data_app.command(name="inspect")(data_inspect)
+    data_app.command(name="cache")(data_cache)
     app.add_typer(data_app, name="data")
 
 
@@ -288,6 +289,24 @@ def data_inspect(
         run.model.name_or_path, trust_remote_code=run.model.trust_remote_code
     )
     typer.echo(inspect_dataset(run.data, tokenizer, n, batch_size or run.train.batch_size))
+
+
+def data_cache(
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Remove the listed stores (all without --key).")
+    ] = False,
+    key: Annotated[
+        list[str] | None, typer.Option("--key", help="Only this store (repeatable).")
+    ] = None,
+) -> None:
+    """List the tokenized datasets kept between runs, or clear them."""
+    from lorakit.data.store import cache_root, cache_table, clear_caches
+
+    if clear:
+        removed = clear_caches(key or None)
+        typer.echo(f"removed {len(removed)} cached store(s) from {cache_root()}")
+        return
+    typer.echo(cache_table(key or None))
 
 
 def init(

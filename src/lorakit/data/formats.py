@@ -8,6 +8,7 @@ system message, then user / assistant turns alternating, ending with an assistan
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,31 @@ def read_rows(path: str | Path) -> list[RawRow]:
             )
         )
     if kind == "jsonl":
-        return _read_jsonl(path)
+        return list(_iter_jsonl(path))
     if kind == "json":
         return _read_json(path)
     return _read_tabular(path, kind)
+
+
+def iter_rows(path: str | Path) -> Iterator[RawRow]:
+    """The rows of `read_rows`, a JSON-lines file read as it is iterated (the others whole)."""
+    path = Path(path)
+    if path.is_file() and FILE_TYPES.get(path.suffix.lower()) == "jsonl":
+        return _iter_jsonl(path)
+    return iter(read_rows(path))
+
+
+def count_rows(path: str | Path) -> int | None:
+    """About how many rows `iter_rows` yields (lines of a JSON-lines file); None for others."""
+    path = Path(path)
+    if FILE_TYPES.get(path.suffix.lower()) != "jsonl" or not path.is_file():
+        return None
+    lines, last = 0, b"\n"
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
 
 
 def _decode(path: Path, data: bytes, offset: int = 0, line: int = 1) -> str:
@@ -88,9 +110,8 @@ def _decode(path: Path, data: bytes, offset: int = 0, line: int = 1) -> str:
         ) from None
 
 
-def _read_jsonl(path: Path) -> list[RawRow]:
+def _iter_jsonl(path: Path) -> Iterator[RawRow]:
     """JSON lines read one by one, so that a bad line is named by its line number."""
-    rows = []
     offset = 0
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
@@ -103,8 +124,7 @@ def _read_jsonl(path: Path) -> list[RawRow]:
                 value: Any = json.loads(line)
             except json.JSONDecodeError as err:
                 value = RowProblem(f"invalid JSON ({_json_reason(err)} at column {err.colno})")
-            rows.append(RawRow(number, where, value))
-    return rows
+            yield RawRow(number, where, value)
 
 
 def _json_reason(err: json.JSONDecodeError) -> str:

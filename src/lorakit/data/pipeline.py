@@ -11,7 +11,8 @@ collation), `builtin` (built-in datasets, exact match). The package's names are 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,19 +31,28 @@ from lorakit.data.formats import (
     RowProblem,
     check_format,
     detect_format,
-    fill_variables,
-    read_rows,
     rename_columns,
-    to_messages,
 )
-from lorakit.data.tokenize import (
-    IGNORE_INDEX,
-    encode_conversation,
-    encode_text,
-    finish_labels,
-    supervised_count,
-    truncate,
+from lorakit.data.parallel import (
+    CHUNK_ROWS,
+    EncodeJob,
+    Progress,
+    chunked,
+    convert_row,
+    default_num_proc,
+    tokenize_chunks,
 )
+from lorakit.data.sources import count_source, iter_source
+from lorakit.data.store import (
+    ConcatSamples,
+    StoreSamples,
+    StoreWriter,
+    cache_key,
+    cached_store,
+    key_parts,
+    tokenizer_digest,
+)
+from lorakit.data.tokenize import IGNORE_INDEX, supervised_count
 from lorakit.errors import DataError, closest
 from lorakit.models import PLAIN_TEMPLATE, chat_template_of
 
@@ -54,10 +64,14 @@ class DataConfig(BaseModel):
 
     dataset: str = Field(
         "identity",
-        description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name (identity, "
-        "general, arithmetic).",
+        description="A .jsonl/.json/.csv/.parquet file, a folder of such shards, a folder "
+        "written by `datasets` save_to_disk, or a built-in dataset name (identity, general, "
+        "arithmetic).",
     )
-    split: str = Field("train", description="Split of a built-in dataset (train or test).")
+    split: str = Field(
+        "train",
+        description="Split of a built-in dataset (train or test) or of a save_to_disk folder.",
+    )
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = Field(
         "auto",
         description="Row format (the columns of each: docs/data-formats.md); auto detects it "
@@ -93,6 +107,14 @@ class DataConfig(BaseModel):
         0.1, ge=0.0, le=1.0, description="With bad_rows=skip, the largest share of rows skipped."
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes tokenizing the rows (None: one per core)."
+    )
+    cache: bool = Field(
+        True,
+        description="Keep the tokenized dataset on disk and reuse it while the file, tokenizer, "
+        "template and token settings are the same (`lorakit data cache` lists and clears).",
+    )
 
     @field_validator("columns")
     @classmethod
@@ -119,7 +141,7 @@ class Sample:
 class TokenizedDataset:
     """Tokenized samples plus what the pipeline did (rows used, skipped, truncated)."""
 
-    samples: list[Sample]
+    samples: list[Sample]  # or a token store's StoreSamples, or a ConcatSamples of several
     config: DataConfig
     source: str
     pad_token_id: int
@@ -133,10 +155,14 @@ class TokenizedDataset:
 
     def lengths(self) -> list[int]:
         """Token count of every sample."""
+        if isinstance(self.samples, StoreSamples | ConcatSamples):  # the index, nothing loaded
+            return self.samples.lengths()
         return [len(s.input_ids) for s in self.samples]
 
     def supervised_tokens(self) -> int:
         """How many tokens are trained on, over the whole dataset."""
+        if isinstance(self.samples, StoreSamples | ConcatSamples):
+            return self.samples.supervised_tokens()
         return sum(supervised_count(s.labels) for s in self.samples)
 
     def describe(self, sample_ids: list[int] | list[list[int]]) -> str:
@@ -166,48 +192,51 @@ def _source(config: DataConfig) -> tuple[Path, dict[str, str]]:
 
 def check_dataset(config: DataConfig) -> None:
     """Read the dataset (file or built-in) without a tokenizer: raises DataError when it is
-    missing, unreadable, of no detectable format, or without one usable row."""
-    source, conversations = load_conversations(config)
-    problems = [(row, c) for row, c in conversations if isinstance(c, RowProblem)]
-    if not conversations or len(problems) == len(conversations):
-        first = f" ({problems[0][0].where}: {problems[0][1]})" if problems else ""
-        raise DataError(
-            f"{source}: none of its {len(conversations)} rows can be used{first}; check "
-            "data.format and data.columns against docs/data-formats.md"
-        )
+    missing, unreadable, of no detectable format, or without one usable row. A JSON-lines file
+    is read only up to its first usable row."""
+    path, variables = _source(config)
+    rows = iter_source(path, config.split)
+    rows = itertools.islice(rows, config.limit) if config.limit else rows
+    seen: list[RawRow] = []
+    job = EncodeJob(config, None, "", _row_format(config, path, _remember(rows, seen)), variables)
+    count, first = 0, ""
+    for row in itertools.chain(seen, rows):
+        count += 1
+        converted = convert_row(job, row.value)
+        if not isinstance(converted, RowProblem):
+            return
+        first = first or f" ({row.where}: {converted})"
+    raise DataError(
+        f"{path.name}: none of its {count} rows can be used{first}; check "
+        "data.format and data.columns against docs/data-formats.md"
+    )
 
 
 def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]]]:
     """(source name, [(row, messages or text or RowProblem)]) for the configured dataset."""
     path, variables = _source(config)
-    rows = read_rows(path)[: config.limit]
+    rows = list(itertools.islice(iter_source(path, config.split), config.limit))
+    job = EncodeJob(config, None, "", _row_format(config, path, rows), variables)
+    return path.name, [(row, convert_row(job, row.value)) for row in rows]
+
+
+def _row_format(config: DataConfig, path: Path, rows: Iterable[RawRow]) -> str:
+    """The configured row format, or the one the first object row's columns imply."""
     fmt = check_format(config.format)
-    if fmt == "auto":
-        first = next((r.value for r in rows if isinstance(r.value, dict)), None)
-        if first is None:
-            example = next((f"; {r.where}: {r.value}" for r in rows), "; the file has no rows")
-            raise DataError(
-                f"{path}: no row is an object to detect the format from{example}. Check that "
-                f"the file really is {path.suffix or 'a dataset file'} (docs/data-formats.md)"
-            )
-        fmt = detect_format(rename_columns(first, config.columns).keys())
-    out: list[tuple[RawRow, Any]] = []
+    if fmt != "auto":
+        return fmt
+    seen: list[RawRow] = []
     for row in rows:
-        value = row.value
-        if isinstance(value, dict):
-            value = fill_variables(rename_columns(value, config.columns), variables)
-        try:
-            converted: Any = to_messages(value, fmt)
-        except RowProblem as problem:
-            converted = problem
-        if (
-            config.system_prompt
-            and isinstance(converted, list)
-            and converted[0]["role"] != "system"
-        ):
-            converted = [{"role": "system", "content": config.system_prompt}, *converted]
-        out.append((row, converted))
-    return path.name, out
+        seen.append(row)
+        if isinstance(row.value, dict):
+            return detect_format(rename_columns(row.value, config.columns).keys())
+        if len(seen) > 1000:
+            break
+    example = next((f"; {r.where}: {r.value}" for r in seen), "; the file has no rows")
+    raise DataError(
+        f"{path}: no row is an object to detect the format from{example}. Check that "
+        f"the file really is {path.suffix or 'a dataset file'} (docs/data-formats.md)"
+    )
 
 
 def prompt_template(config: DataConfig, tokenizer: Any) -> str:
@@ -218,49 +247,59 @@ def prompt_template(config: DataConfig, tokenizer: Any) -> str:
     return PLAIN_TEMPLATE if config.template == "plain" or chat is None else chat
 
 
-def _encode(
-    config: DataConfig, tokenizer: Any, template: str, conversation: Any
-) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) of one converted row; RowProblem if nothing is trained."""
-    if isinstance(conversation, RowProblem):
-        raise conversation
-    if isinstance(conversation, str):
-        ids, labels = encode_text(tokenizer, conversation)
-    else:
-        ids, labels = encode_conversation(tokenizer, template, conversation, config.train_on)
-    ids, labels, cut = truncate(ids, labels, config.max_length, config.truncation)
-    labels = finish_labels(labels)
-    if supervised_count(labels) == 0:
-        why = f" after truncation to max_length={config.max_length}" if cut else ""
-        raise RowProblem(f"no token is left to train on{why}")
-    return ids, labels, cut
-
-
-def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
-    """Tokenize the configured dataset; bad rows stop the run or are skipped (up to a share)."""
-    source, conversations = load_conversations(config)
+def build_dataset(
+    config: DataConfig, tokenizer: Any, progress: Callable[[str], None] | None = None
+) -> TokenizedDataset:
+    """Tokenize the configured dataset into a token store on disk (reused from the cache when
+    nothing that changes the tokens changed); bad rows stop the run or are skipped (up to a
+    share). `progress` gets a line every few seconds while rows are tokenized."""
+    path, variables = _source(config)
     template = prompt_template(config, tokenizer)
-    samples, problems, truncated = [], [], 0
-    for row, conversation in conversations:
-        try:
-            ids, labels, cut = _encode(config, tokenizer, template, conversation)
-        except RowProblem as problem:
-            problems.append(f"{row.where}: {problem}")
-            continue
-        truncated += cut
-        samples.append(Sample(ids, labels, row.where))
+    key = None
+    tokenizer_id = tokenizer_digest(tokenizer) if config.cache and path.exists() else None
+    if tokenizer_id is not None:
+        key = cache_key(key_parts(config, tokenizer_id, template, path, variables))
+
+    def write(writer: StoreWriter) -> dict[str, Any]:
+        rows = iter_source(path, config.split)
+        rows = itertools.islice(rows, config.limit) if config.limit else rows
+        seen: list[RawRow] = []
+        fmt = _row_format(config, path, _remember(rows, seen))
+        job = EncodeJob(config, tokenizer, template, fmt, variables)
+        total = count_source(path)
+        total = min(total, config.limit) if total and config.limit else total or config.limit
+        num_proc = config.num_proc or default_num_proc()
+        if total is not None and total <= CHUNK_ROWS * 2:
+            num_proc = 1  # starting workers would take longer than the rows
+        shown = Progress(path.name, total, progress)
+        for chunk in tokenize_chunks(job, chunked(itertools.chain(seen, rows)), num_proc):
+            writer.add(chunk)
+            shown.advance(chunk.rows)
+        if progress is not None and shown.done > CHUNK_ROWS * 2:
+            progress(shown.finish())
+        return {"source": path.name}
+
+    samples, _ = cached_store(key, write)
+    meta = samples.meta
     dataset = TokenizedDataset(
         samples,
         config,
-        source,
+        path.name,
         tokenizer.pad_token_id,
-        len(conversations),
-        problems,
-        truncated,
-        raw_text=any(isinstance(c, str) for _, c in conversations),
+        meta["rows_total"],
+        list(meta["skipped"]),
+        meta["truncated"],
+        raw_text=meta["raw_text"],
     )
-    _check_problems(dataset, unreadable=sum(isinstance(c, RowProblem) for _, c in conversations))
+    _check_problems(dataset, unreadable=meta["unreadable"])
     return dataset
+
+
+def _remember(rows: Iterator[RawRow], seen: list[RawRow]) -> Iterator[RawRow]:
+    """`rows`, each also appended to `seen` (the rows read to detect the format, put back)."""
+    for row in rows:
+        seen.append(row)
+        yield row
 
 
 def _check_problems(dataset: TokenizedDataset, unreadable: int = 0) -> None:

@@ -66,7 +66,7 @@ def run_training(
     check_data(run)  # a missing or unreadable dataset stops here, before the model loads
     model, tokenizer = build_model(run, show)
     initial = _initial_adapter(model)  # PiSSA / OLoRA: to convert the final adapter against
-    train_set = build_dataset(run.data, tokenizer)
+    train_set = build_dataset(run.data, tokenizer, progress=show)
     if train_set.raw_text and isinstance(model, LoraModel):  # samples and the saved adapter:
         model.chat_template = RAW_TEMPLATE  # prompts as plain text, no chat turns around them
     show(train_set.summary())

@@ -115,6 +115,8 @@ class EvalSection(BaseModel):
 # Sections that do not change the result: train's fields are compared one by one by the loop
 # (with its own exceptions); eval and output_dir not at all.
 RUN_FREE = {"train", "eval", "output_dir"}
+# data settings that change how the tokens are made, never which: a resume may change them
+DATA_RUN_FREE = {"num_proc", "cache"}
 
 
 class RunConfig(BaseModel):
@@ -137,6 +139,7 @@ class RunConfig(BaseModel):
     def resume_settings(self) -> dict[str, Any]:
         """The sections a resumed run must share with its checkpoint, beside train's fields."""
         run = self.model_dump(mode="json")
+        run["data"] = {k: v for k, v in run["data"].items() if k not in DATA_RUN_FREE}
         return {f"run.{k}": v for k, v in run.items() if k not in RUN_FREE}
 
     def eval_data_config(self) -> DataConfig | None:
