@@ -33,7 +33,7 @@ from lorakit.serve.decode import (
     sample_token,
 )
 from lorakit.serve.kvcache import BatchCache
-from lorakit.serve.registry import BASE_ROW, ModelHost
+from lorakit.serve.registry import BASE_ROW, Lease, ModelHost
 
 log = logging.getLogger("lorakit.serve")
 
@@ -65,6 +65,7 @@ class Sequence:
     stream: TextStream
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    lease: Lease | None = None  # the hold on its adapter, released when it finishes
     cancelled: bool = False
     finished: bool = False
 
@@ -119,9 +120,20 @@ class Engine:
             self._thread = None
 
     def submit(
-        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, sink: Sink
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        sink: Sink,
+        lease: Lease | None = None,
     ) -> Sequence:
-        """Queue a request; `sink` is called from the engine thread with each Event."""
+        """Queue a request; `sink` is called from the engine thread with each Event.
+
+        The request holds its adapter until it finishes: `lease` (the caller's hold, handed
+        over), else one taken here (LookupError when the adapter is not loaded).
+        """
+        if adapter is not None and lease is None:
+            lease = self.host.acquire(adapter)
         seq = Sequence(
             prompt_ids=list(prompt_ids),
             adapter=adapter,
@@ -129,10 +141,15 @@ class Engine:
             sink=sink,
             stream=TextStream(self.tokenizer, params.stop),
             generator=params.generator(),
+            lease=lease,
         )
         with self._wake:
-            self._waiting.append(seq)
-            self._wake.notify_all()
+            stopping = self._stopping
+            if not stopping:
+                self._waiting.append(seq)
+                self._wake.notify_all()
+        if stopping:
+            self._finish(seq, FINISH_CANCELLED)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
@@ -140,12 +157,6 @@ class Engine:
         seq.cancelled = True
         with self._wake:
             self._wake.notify_all()
-
-    def uses(self, adapter: str) -> int:
-        """How many queued or running requests use this adapter."""
-        with self._wake:
-            seqs = list(self._waiting) + self._active
-        return sum(1 for seq in seqs if seq.adapter == adapter and not seq.finished)
 
     @property
     def load(self) -> tuple[int, int]:
@@ -212,9 +223,6 @@ class Engine:
                 live.append(seq)
         for group in prefill_groups(live, self.max_prefill_tokens):
             with self.host.lock:
-                group = [seq for seq in group if self._adapter_still_loaded(seq)]
-                if not group:
-                    continue
                 try:
                     logits, cache, mask = self._prefill(group)
                 except Exception as error:
@@ -227,12 +235,6 @@ class Engine:
                 self._batch.add(cache, mask, keep)
                 with self._wake:
                     self._active.extend(group[i] for i in keep)
-
-    def _adapter_still_loaded(self, seq: Sequence) -> bool:
-        if seq.adapter is None or seq.adapter in self.host.adapters:
-            return True
-        self._finish(seq, FINISH_ERROR, f"LookupError: adapter `{seq.adapter}` was unloaded")
-        return False
 
     def _prefill(self, group: list[Sequence]) -> tuple[torch.Tensor, object, torch.Tensor]:
         """One forward over the group's prompts, left-padded; (last logits, cache, mask)."""
@@ -337,7 +339,11 @@ class Engine:
         if flush:
             text += seq.stream.flush()
         tokens = [] if token is None else [token]
-        _send(seq, Event(text=text, token_ids=tokens, finish_reason=reason, error=error))
+        try:
+            _send(seq, Event(text=text, token_ids=tokens, finish_reason=reason, error=error))
+        finally:
+            if seq.lease is not None:  # the adapter may go now (if it was unloaded meanwhile)
+                seq.lease.release()
         return True
 
     def _drop_done(self) -> None:
