@@ -1,4 +1,5 @@
-"""Atomic writes: a folder or a JSON file is complete at its path, or the old one is still there.
+"""Atomic writes: a folder or a text / JSON file is complete at its path, or the old one is still
+there.
 
 Everything is first written under a temporary name in the same folder, fsynced, then renamed
 into place, and the parent folder is fsynced. Replacing a folder is one atomic exchange of the
@@ -104,10 +105,15 @@ def write_json(
     sort_keys: bool = True,
     default: Callable[[Any], Any] | None = None,
 ) -> None:
-    """Write `data` as JSON at `path` atomically: a temporary file in the same folder, fsynced,
+    """Write `data` as JSON at `path` atomically (`write_text`)."""
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys, default=default) + "\n"
+    write_text(path, text)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) at `path` atomically: a temporary file in the same folder, fsynced,
     renamed over `path`, then the folder fsynced. Readers see the old file or the new one."""
     path = Path(path)
-    text = json.dumps(data, indent=indent, sort_keys=sort_keys, default=default) + "\n"
     tmp = path.parent / temporary_name(path.name)
     try:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -4,11 +4,11 @@ signals. (The allocator and OpenMP waiting are set before torch loads: `lorakit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import resource
 import signal
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.files import temporary_name
 
 
 def seed_everything(seed: int) -> None:
@@ -199,19 +200,22 @@ def check_output_dir(path: Path, need_bytes: int) -> None:
     """Fail before training when `path` cannot be created, written or has too little space."""
     import shutil
 
+    probe = path / temporary_name("write-test")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{uuid.uuid4().hex}"
         with open(probe, "wb") as f:
             f.write(b"ok")
             f.flush()
             os.fsync(f.fileno())
-        probe.unlink()
     except OSError as err:
+        space = err.errno == errno.ENOSPC
+        fix = "free some space" if space else "choose another directory or fix its permissions"
         raise ConfigError(
-            f"output_dir {path} is not writable ({err.strerror or err}); choose another "
-            "directory or fix its permissions"
+            f"output_dir {path} is not writable ({err.strerror or err}); {fix}"
         ) from err
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
     free = shutil.disk_usage(path).free
     if free < need_bytes:
         raise ConfigError(
