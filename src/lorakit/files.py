@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -226,6 +227,25 @@ def _replace(staging: Path, final: Path) -> None:
             os.rename(old, final)
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+
+def other_than_file(path: str | Path) -> str | None:
+    """What stands at `path` when it is there but is not a regular file ('a FIFO', 'a
+    directory', ...; symlinks followed), else None (a regular file, or nothing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def current_umask() -> int:
