@@ -57,8 +57,10 @@ def test_a_full_disk_at_any_write_then_resume_auto_ends_as_an_undisturbed_run(
         folder = tmp_path / f"full-at-{at}"
         folder.mkdir()
         config = write_config(folder, tiny_dir, folder / "run", **settings)
-        code, _ = run_train(config, monkeypatch, at)
+        code, made = run_train(config, monkeypatch, at)
         err = capsys.readouterr().err
+        if made < at:  # fewer writes than the first run (caches written once, e.g. fonts)
+            continue
         if code != 1 or "No space left on device" not in err or "Traceback" in err:
             failures.append(f"write {at}: exit {code}: {err.strip()[-300:]}")
             continue
