@@ -27,6 +27,7 @@ LAYERS = {
     "version": 0,
     "ops": 0,
     "files": 0,
+    "startup": 0,
     "quant": 1,
     "lora": 2,
     "models": 2,

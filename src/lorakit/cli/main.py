@@ -25,7 +25,7 @@ from lorakit.errors import LorakitError
 from lorakit.version import __version__
 
 INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM}
-HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge", "sweep"}
+HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge", "sweep", "ui"}
 
 app = typer.Typer(
     name="lorakit",
@@ -154,11 +154,22 @@ def _heavy(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code. argv=None: sys.argv (and maybe re-exec for speed)."""
+    """Run the CLI; returns the exit code. argv=None: sys.argv (and maybe re-exec for speed).
+
+    Ctrl-C at any moment, the start-up's imports included, is the line `interrupted` and 130.
+    """
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # outside a command (typer turns one inside a command into 130)
+        typer.echo("interrupted", err=True)
+        return 128 + signal.SIGINT
+
+
+def _run(argv: list[str] | None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         if _heavy(argv):
-            from lorakit.train.runtime import reexec_for_speed
+            from lorakit.startup import reexec_for_speed
 
             reexec_for_speed()  # re-execs with tcmalloc and a short OpenMP spin when they help
     argv = list(argv) or ["--help"]  # bare `lorakit`: the overview, exit code 0

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.files import apply_umask, atomic_dir
+from lorakit.files import apply_umask, atomic_dir, other_than_file
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.experts import expert_factors
 from lorakit.lora.inits import converted_to_lora
@@ -173,6 +173,11 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
     if not directory.is_dir():
         raise AdapterError(f"{directory}: adapter directory not found")
     weights = directory / WEIGHTS_NAME
+    if other_than_file(weights):
+        raise AdapterError(
+            f"{weights}: is {other_than_file(weights)}, not a regular file; an adapter's weights "
+            f"are a regular {WEIGHTS_NAME} file, as save_pretrained writes it"
+        )
     if not weights.is_file():
         pickled = [name for name in _PICKLE_NAMES if (directory / name).exists()]
         if pickled:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import AdapterError, ConfigError, closest
+from lorakit.files import other_than_file
 from lorakit.lora.compat.fields import (
     DESCRIPTIVE,
     INSTEAD,
@@ -229,6 +230,8 @@ class LoraConfig(_LoraFields, PeftConfigNames):
     def load(cls, directory: str | Path) -> LoraConfig:
         """Read `adapter_config.json` from an adapter directory, with errors naming the file."""
         path = Path(directory) / CONFIG_NAME
+        if other_than_file(path):
+            raise AdapterError(f"{path}: is {other_than_file(path)}, not a regular file")
         if not path.is_file():
             raise AdapterError(
                 f"{path}: not found; an adapter directory holds {CONFIG_NAME} and "

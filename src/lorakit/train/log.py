@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorakit.files import write_text
 from lorakit.train.config import TrainConfig
 
 LEGEND = (
@@ -41,12 +42,11 @@ class RunLog:
     def __init__(
         self, output_dir: Path, config: TrainConfig, *, total_steps: int, start_step: int
     ) -> None:
-        """Rows after `start_step` (left by an interrupted run) are dropped; config.progress and
-        config.tensorboard say how the run is shown."""
+        """Rows after `start_step` (left by an interrupted run; all of them when the run starts
+        afresh) are dropped; config.progress and config.tensorboard say how the run is shown."""
         self.path = output_dir / "metrics.jsonl"
-        self.rows = read_metrics(self.path, up_to_step=start_step)
-        with open(self.path, "w", encoding="utf-8") as f:  # drop rows after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.rows = read_metrics(self.path, up_to_step=start_step) if start_step else []
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()
         self.writer = None
         if config.tensorboard:

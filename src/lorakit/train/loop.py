@@ -165,14 +165,14 @@ def train(
 
 
 def _start(run: Run) -> None:
-    """Rank 0 writes the config files and status 'running' and opens the log (with the notes
+    """Rank 0 writes status 'running' and the config files and opens the log (with the notes
     and where the run resumed); a fresh run with eval data is evaluated before its first step."""
-    if run.ctx.main:
+    if run.ctx.main:  # status.json first: a run's other files never stand without it
+        write_status(run.output_dir, "running", step=run.start_step, total_steps=run.total_steps)
         write_run_config(run.output_dir, run.config, run.run_config)
         run.log = RunLog(
             run.output_dir, run.config, total_steps=run.total_steps, start_step=run.start_step
         )
-        write_status(run.output_dir, "running", step=run.start_step, total_steps=run.total_steps)
         for note in run.notes:
             run.log.message(note)
         if run.resumed_from is not None:

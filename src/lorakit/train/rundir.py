@@ -78,6 +78,17 @@ def read_status(output_dir: Path) -> dict[str, Any]:
     return record
 
 
+def ended_unfinished(output_dir: Path) -> bool:
+    """True when `output_dir` holds a run that ended (failed, interrupted, or its process gone)
+    without finishing: its files are that run's own, which `resume='auto'` may start over
+    when it has no checkpoint to continue."""
+    record = read_status(output_dir)
+    status = record["status"]
+    if status == "running" and record.get("pid") == os.getpid():
+        status = "failed"  # an earlier run of this process: it is not running now
+    return status in ("failed", "interrupted")
+
+
 def _alive(pid: int) -> bool:
     """True when a process with this id exists."""
     try:

@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.files import write_json
+from lorakit.files import write_json, write_text
 from lorakit.ops import unwrap_causal_lm
 from lorakit.train.checkpoint import (
     find_resume,
@@ -271,5 +271,4 @@ def write_run_config(output_dir: Path, config: TrainConfig, run_config: dict | N
     )
     if run_config is not None:
         text = yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True)
-        with open(output_dir / "config.yaml", "w", encoding="utf-8") as f:
-            f.write(text)
+        write_text(output_dir / "config.yaml", text)
