@@ -173,6 +173,17 @@ def rename_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, An
     return renamed
 
 
+def check_columns(columns: dict[str, str], key: str = "data.columns") -> dict[str, str]:
+    """A {lorakit field: file column} mapping whose keys are all lorakit fields."""
+    for field in columns:
+        if field not in FIELDS:
+            raise ValueError(
+                f"{key} maps `{field}`, which is not a lorakit field{closest(field, FIELDS)}"
+                f"; fields: {', '.join(FIELDS)} (write {{field: file column}})"
+            )
+    return columns
+
+
 def check_format(fmt: str) -> str:
     """Validate a format name."""
     if fmt not in FORMATS:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorakit.data.batches import Plan, collate, make_batches, padding_share
 from lorakit.data.builtin import (
@@ -24,10 +24,10 @@ from lorakit.data.builtin import (
     builtin_dataset_path,
 )
 from lorakit.data.formats import (
-    FIELDS,
     FILE_TYPES,
     RawRow,
     RowProblem,
+    check_columns,
     check_format,
     detect_format,
     fill_variables,
@@ -35,6 +35,7 @@ from lorakit.data.formats import (
     rename_columns,
     to_messages,
 )
+from lorakit.data.mixing import DatasetSource, describe_mix, mix
 from lorakit.data.tokenize import (
     IGNORE_INDEX,
     encode_conversation,
@@ -43,7 +44,7 @@ from lorakit.data.tokenize import (
     supervised_count,
     truncate,
 )
-from lorakit.errors import DataError, closest
+from lorakit.errors import DataError
 from lorakit.models import PLAIN_TEMPLATE, chat_template_of
 
 
@@ -93,17 +94,26 @@ class DataConfig(BaseModel):
         0.1, ge=0.0, le=1.0, description="With bad_rows=skip, the largest share of rows skipped."
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    datasets: list[DatasetSource] = Field(
+        default_factory=list,
+        description="Several datasets mixed into one, instead of `dataset`: a list of {path, "
+        "split, format, columns, template_vars, weight or rows} (docs/data-formats.md).",
+    )
+    mix_seed: int = Field(0, description="Seed of the rows drawn for `datasets` and their order.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.datasets and "dataset" in self.model_fields_set:
+            raise ValueError(
+                f"data sets both `dataset` ({self.dataset!r}) and `datasets`; keep one of them "
+                f"(add {self.dataset!r} to the `datasets` list to mix it in)"
+            )
+        return self
 
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
-        for key in columns:
-            if key not in FIELDS:
-                raise ValueError(
-                    f"data.columns maps `{key}`, which is not a lorakit field{closest(key, FIELDS)}"
-                    f"; fields: {', '.join(FIELDS)} (write {{field: file column}})"
-                )
-        return columns
+        return check_columns(columns)
 
 
 @dataclass
@@ -177,8 +187,36 @@ def check_dataset(config: DataConfig) -> None:
         )
 
 
+def mix_parts(config: DataConfig) -> list[tuple[str, DatasetSource, list[tuple[RawRow, Any]]]]:
+    """(name, source, converted rows) of each dataset of `data.datasets`; an error names the
+    entry."""
+    parts = []
+    for number, source in enumerate(config.datasets, start=1):
+        update = {
+            "dataset": source.path,
+            "split": source.split or config.split,
+            "format": source.format or config.format,
+            "columns": config.columns if source.columns is None else source.columns,
+            "template_vars": source.template_vars or config.template_vars,
+            "datasets": [],
+            "limit": None,
+        }
+        try:
+            name, rows = load_conversations(config.model_copy(update=update))
+        except DataError as error:
+            raise DataError(f"data.datasets entry {number} ({source.path!r}): {error}") from None
+        split = update["split"]
+        parts.append((name if split == "train" else f"{name} ({split})", source, rows))
+    return parts
+
+
 def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]]]:
-    """(source name, [(row, messages or text or RowProblem)]) for the configured dataset."""
+    """(source name, [(row, messages or text or RowProblem)]) for the configured dataset, or
+    the mix of `data.datasets`."""
+    if config.datasets:
+        parts = mix_parts(config)
+        rows = mix(parts, config.mix_seed)[: config.limit]
+        return "mix of " + " + ".join(name for name, _, _ in parts), rows
     path, variables = _source(config)
     rows = read_rows(path)[: config.limit]
     fmt = check_format(config.format)
@@ -388,6 +426,8 @@ def inspect_dataset(config: DataConfig, tokenizer: Any, n: int = 3, batch_size: 
             f"padding at batch size {batch_size}, {'packed' if packing else 'unpacked'}: "
             f"{padding_share(dataset.samples, plan):.1%} of {len(plan)} batches"
         )
+    if config.datasets:
+        stats.append("mixed from:\n" + describe_mix(mix_parts(config)))
     if dataset.skipped:
         stats.append("skipped rows:\n  " + "\n  ".join(dataset.skipped))
     return "\n".join(parts + stats)

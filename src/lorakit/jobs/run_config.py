@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorakit.data.mixing import DatasetSource
 from lorakit.data.pipeline import DataConfig
 from lorakit.errors import ConfigError, DataError, LorakitError, closest
 from lorakit.lora import inits
@@ -100,6 +101,11 @@ class EvalSection(BaseModel):
         "for a built-in dataset, else no evaluation.",
     )
     split: str = Field("test", description="Split of a built-in eval dataset.")
+    datasets: list[DatasetSource] = Field(
+        default_factory=list,
+        description="Several eval datasets mixed into one (as data.datasets); None with "
+        "data.datasets: the `test` split of its built-in datasets.",
+    )
     limit: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
     exact_match: bool = Field(
         False, description="Also generate answers to the eval prompts and score exact match."
@@ -136,15 +142,26 @@ class RunConfig(BaseModel):
 
     def eval_data_config(self) -> DataConfig | None:
         """The DataConfig of the eval set, or None when the run has none."""
-        dataset = self.eval.dataset
-        if dataset is None:
-            from lorakit.data.builtin import BUILTIN_DATASETS
+        from lorakit.data.builtin import BUILTIN_DATASETS
 
-            if self.data.dataset not in BUILTIN_DATASETS:
-                return None
-            dataset = self.data.dataset
-        update = {"dataset": dataset, "split": self.eval.split, "limit": self.eval.limit}
-        return self.data.model_copy(update={**update, "packing": False})
+        update: dict[str, Any] = {"split": self.eval.split, "limit": self.eval.limit}
+        update.update(packing=False, datasets=[])
+        if self.eval.datasets:
+            return self.data.model_copy(update={**update, "datasets": self.eval.datasets})
+        if self.eval.dataset is not None:
+            return self.data.model_copy(update={**update, "dataset": self.eval.dataset})
+        if self.data.datasets:  # the held-out split of the mix's built-in datasets
+            held_out = [
+                source.model_copy(update={"split": self.eval.split, "weight": None, "rows": None})
+                for source in self.data.datasets
+                if source.path in BUILTIN_DATASETS
+            ]
+            return (
+                self.data.model_copy(update={**update, "datasets": held_out}) if held_out else None
+            )
+        if self.data.dataset not in BUILTIN_DATASETS:
+            return None
+        return self.data.model_copy(update=update)
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -283,7 +300,7 @@ def check_data(run: RunConfig) -> None:
         try:
             check_dataset(config)
         except LorakitError as error:
-            where = f"{key}.dataset = {config.dataset!r}"
+            where = f"{key}.datasets" if config.datasets else f"{key}.dataset = {config.dataset!r}"
             split = f" (split {config.split!r})" if config.split != "train" else ""
             raise DataError(f"{where}{split}: {error}") from None
 
@@ -425,6 +442,8 @@ def type_name(annotation: Any) -> str:
 
 
 def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
     if field.default_factory is not None:
         value = field.default_factory()
         if isinstance(value, BaseModel):
@@ -461,6 +480,9 @@ def config_reference() -> str:
     for name, model in SECTIONS.items():
         doc = (model.__doc__ or "").strip().splitlines()[0]
         lines += ["", f"## `{name}`", "", doc, "", *_table(model)]
+    doc = (DatasetSource.__doc__ or "").strip().splitlines()[0]
+    lines += ["", "## An entry of `data.datasets` / `eval.datasets`", "", doc, ""]
+    lines += _table(DatasetSource)
     return "\n".join(lines) + "\n"
 
 
