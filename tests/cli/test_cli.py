@@ -114,6 +114,25 @@ def test_validate_prints_the_resolved_config(tmp_path, capsys):
     assert resolved["train"]["batch_size"] == 8  # defaults filled in
 
 
+def test_validate_refuses_what_train_refuses(tiny_dir, run_dir, tmp_path, capsys):
+    rows = [{"instruction": "hi", "output": "hello"}] * 3 + [{"instruction": "hi", "output": ""}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(tmp_path, tiny_dir, tmp_path / "new")
+    bad_row = [config, f"data.dataset={data}", "eval.exact_match=false"]
+    for command in ("validate", "train"):  # a bad row after the first: refused by both
+        assert main([command, *bad_row]) == 1
+        assert "d.jsonl line 4: field `output` is empty" in capsys.readouterr().err
+    # an output_dir holding a model (the tiny model folder), or an earlier run
+    for out in (tiny_dir, run_dir):
+        for command in ("validate", "train"):
+            assert main([command, config, f"output_dir={out}"]) == 1
+            err = capsys.readouterr().err
+            assert "a new run would write over" in err or "checkpoints of an earlier run" in err
+    assert main(["validate", config, f"output_dir={run_dir}", "--resume", "auto"]) == 0
+    assert not (tmp_path / "new").exists()
+
+
 def test_train_writes_adapter_and_resolved_config(run_dir):
     final = run_dir / "final"
     assert (final / "adapter_model.safetensors").is_file()

@@ -96,15 +96,23 @@ def validate(
     overrides: Annotated[
         list[str] | None, typer.Argument(metavar="OVERRIDES", help="key.path=value overrides.")
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Check as `train --resume` would: 'auto' or a checkpoint dir."),
+    ] = None,
 ) -> None:
-    """Check a run config and print it fully resolved (every default filled in)."""
+    """Check a run config as `train` does before its first step (every row of the data, the
+    output folder, the model path; no model is loaded) and print it fully resolved."""
     import yaml
 
-    from lorakit.jobs.run_config import check_data, load_run_config
+    from lorakit.jobs.preflight import check_run
+    from lorakit.jobs.run_config import load_run_config
 
     run = load_run_config(config, overrides)
-    check_data(run)
+    warnings = check_run(run, resume)
     typer.echo(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{config}: valid", err=True)
 
 

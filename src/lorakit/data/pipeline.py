@@ -175,16 +175,18 @@ def _source(config: DataConfig) -> tuple[Path, dict[str, str]]:
 
 
 def check_dataset(config: DataConfig) -> None:
-    """Read the dataset (file or built-in) without a tokenizer: raises DataError when it is
-    missing, unreadable, of no detectable format, or without one usable row."""
+    """Read every row of the dataset (file, built-in or mix) without a tokenizer, as a run
+    does before its model loads: raises DataError when it is missing, unreadable, of no
+    detectable format, without one usable row, or with rows the bad-row policy refuses (the
+    same report `build_dataset` gives)."""
     source, conversations = load_conversations(config)
-    problems = [(row, c) for row, c in conversations if isinstance(c, RowProblem)]
-    if not conversations or len(problems) == len(conversations):
-        first = f" ({problems[0][0].where}: {problems[0][1]})" if problems else ""
+    if not conversations:
         raise DataError(
-            f"{source}: none of its {len(conversations)} rows can be used{first}; check "
-            "data.format and data.columns against docs/data-formats.md"
+            f"{source}: the dataset has no rows; check data.format and data.columns against "
+            "docs/data-formats.md"
         )
+    problems = [f"{row.where}: {c}" for row, c in conversations if isinstance(c, RowProblem)]
+    check_rows(config, source, len(conversations), problems, unreadable=len(problems))
 
 
 def mix_parts(config: DataConfig) -> list[tuple[str, DatasetSource, list[tuple[RawRow, Any]]]]:
@@ -302,34 +304,41 @@ def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
 
 
 def _check_problems(dataset: TokenizedDataset, unreadable: int = 0) -> None:
-    """Apply the bad-row policy; a dataset with no supervised token is always an error, and so
-    is a file none of whose rows could be read as the format (`unreadable` rows)."""
-    config, problems = dataset.config, dataset.skipped
+    """Apply the bad-row policy; a dataset with no supervised token is always an error."""
+    check_rows(dataset.config, dataset.source, dataset.rows_total, dataset.skipped, unreadable)
+    if dataset.supervised_tokens() == 0:
+        raise DataError(
+            f"{dataset.source}: no supervised token in {dataset.rows_total} rows; the loss would "
+            "be undefined. Check the format and columns, or set data.train_on=all"
+        )
+
+
+def check_rows(
+    config: DataConfig, source: str, rows_total: int, problems: list[str], unreadable: int = 0
+) -> None:
+    """The bad-row policy on the reports of unusable rows ("file line N: why"): an error listing
+    them, or skipped up to data.max_skipped_share; a file none of whose rows could be read as
+    the format (`unreadable` rows) is always an error."""
     listed = "\n  ".join(problems[:5]) + (
         f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
     )
-    if unreadable and unreadable == dataset.rows_total:  # the whole file: no skip will help
+    if unreadable and unreadable == rows_total:  # the whole file: no skip will help
         raise DataError(
-            f"{dataset.source}: none of its {dataset.rows_total} rows can be used:\n  {listed}\n"
+            f"{source}: none of its {rows_total} rows can be used:\n  {listed}\n"
             "the file does not hold rows of the expected format; check data.format and "
             "data.columns against docs/data-formats.md"
         )
     if problems and config.bad_rows == "error":
         raise DataError(
-            f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows cannot be used:\n  "
+            f"{source}: {len(problems)} of {rows_total} rows cannot be used:\n  "
             f"{listed}\nfix them, or set data.bad_rows=skip to skip them "
             f"(at most data.max_skipped_share={config.max_skipped_share} of the rows)"
         )
-    share = len(problems) / max(dataset.rows_total, 1)
+    share = len(problems) / max(rows_total, 1)
     if share > config.max_skipped_share:
         raise DataError(
-            f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows ({share:.0%}) are "
+            f"{source}: {len(problems)} of {rows_total} rows ({share:.0%}) are "
             f"unusable, more than data.max_skipped_share={config.max_skipped_share}:\n  {listed}"
-        )
-    if dataset.supervised_tokens() == 0:
-        raise DataError(
-            f"{dataset.source}: no supervised token in {dataset.rows_total} rows; the loss would "
-            "be undefined. Check the format and columns, or set data.train_on=all"
         )
 
 
