@@ -307,6 +307,17 @@ def test_eval_side_by_side(tiny_dir, run_dir, tmp_path, capsys):
     assert [r["model"] for r in rows] == ["base", "base + tuned"]
     assert rows[0]["eval_loss"] != rows[1]["eval_loss"]
     assert {"exact_match", "name_rate"} <= set(rows[0])
+    # every answer in --output; the misses (a random tiny model misses all 4) on the console
+    for row in rows:
+        answers = row["answer_rows"]
+        assert [a["where"] for a in answers] == [
+            f"identity_test.jsonl line {i}" for i in (1, 2, 3, 4)
+        ]
+        assert all(set(a) == {"where", "prompt", "expected", "got", "match"} for a in answers)
+        assert row["exact_match"] == sum(a["match"] for a in answers) / 4
+        misses = 4 - sum(a["match"] for a in answers)
+        assert f"{row['model']}: {misses} of 4 answers missed" in text
+    assert "expected" in text and "got" in text
 
 
 def test_inspect_and_fit_check(tiny_dir, run_dir, tmp_path, capsys):
