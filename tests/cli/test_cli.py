@@ -130,7 +130,25 @@ def test_validate_refuses_what_train_refuses(tiny_dir, run_dir, tmp_path, capsys
             err = capsys.readouterr().err
             assert "a new run would write over" in err or "checkpoints of an earlier run" in err
     assert main(["validate", config, f"output_dir={run_dir}", "--resume", "auto"]) == 0
-    assert not (tmp_path / "new").exists()
+    assert main(["validate", config, f"output_dir={run_dir}", "--overwrite"]) == 0
+    assert main(["validate", config, f"output_dir={tiny_dir}", "--overwrite"]) == 1
+    assert "not a run lorakit wrote" in capsys.readouterr().err
+    assert (run_dir / "final").is_dir() and not (tmp_path / "new").exists()  # nothing deleted
+
+
+def test_train_overwrite_starts_an_earlier_run_over(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, tiny_dir, out, max_steps=1)
+    args = [config, "eval.exact_match=false"]
+    assert main(["train", *args]) == 0
+    first = (out / "metrics.jsonl").read_text()
+    assert main(["train", *args]) == 1  # refused without a flag
+    assert main(["train", *args, "--overwrite", "--resume", "auto"]) == 1
+    assert "pass one" in capsys.readouterr().err
+    assert main(["train", *args, "--overwrite"]) == 0
+    assert f"deleted {out / 'final'}" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text().count("\n") == first.count("\n")  # not appended
+    assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
 def test_train_writes_adapter_and_resolved_config(run_dir):

@@ -19,6 +19,7 @@ from lorakit.lora import inits
 from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.models import RAW_TEMPLATE
 from lorakit.train.loop import train
+from lorakit.train.rundir import delete_run
 from lorakit.train.runtime import is_main_process, resolve_device, seed_everything
 from lorakit.train.setup import TrainResult
 
@@ -54,6 +55,7 @@ def run_training(
     *,
     resume: str | None = None,
     force: bool = False,
+    overwrite: bool = False,
     show: Callable[[str], None] = print,
 ) -> TrainResult:
     """Load, tokenize, train and (optionally) score exact match, as the run config says.
@@ -62,8 +64,11 @@ def run_training(
     output_dir = Path(run.output_dir)
     if not is_main_process():
         show = _silent
-    for warning in check_run(run, resume):  # what `lorakit validate` checks, before loading
+    for warning in check_run(run, resume, overwrite):  # what `lorakit validate` checks
         show(f"warning: {warning}")
+    if overwrite and is_main_process():
+        for path in delete_run(output_dir):
+            show(f"deleted {path} (--overwrite: the run starts over)")
     model, tokenizer = build_model(run, show)
     initial = _initial_adapter(model)  # PiSSA / OLoRA: to convert the final adapter against
     train_set = build_dataset(run.data, tokenizer)

@@ -16,12 +16,18 @@ from lorakit.errors import ConfigError
 from lorakit.jobs.run_config import RunConfig, check_data
 
 
-def check_run(run: RunConfig, resume: str | None = None) -> list[str]:
+def check_run(run: RunConfig, resume: str | None = None, overwrite: bool = False) -> list[str]:
     """Raise what `train` would refuse before training; return warnings for settings that
-    cannot take effect."""
+    cannot take effect. `overwrite`: the run starts over in a folder an earlier run wrote."""
     from lorakit.train.checkpoint import find_resume
+    from lorakit.train.rundir import earlier_run
 
-    find_resume(Path(run.output_dir), resume)
+    if overwrite and resume is not None:
+        raise ConfigError("--overwrite starts the run over and --resume continues it; pass one")
+    if overwrite:
+        earlier_run(Path(run.output_dir))
+    else:
+        find_resume(Path(run.output_dir), resume)
     check_model_path(run)
     check_data(run)
     return check_settings(run)
