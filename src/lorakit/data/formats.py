@@ -55,7 +55,10 @@ def read_rows(path: str | Path) -> list[RawRow]:
     """Read a json / jsonl / csv / parquet file into rows, each with its file and row number."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist")
+        raise DataError(
+            f"dataset file {path.absolute()} does not exist (a path in a config file is "
+            "relative to that file's folder; on the command line, to the working directory)"
+        )
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise DataError(

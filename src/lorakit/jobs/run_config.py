@@ -220,11 +220,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config; raises ConfigError naming the bad key."""
     data = read_yaml(path) if path is not None else {}
+    if path is not None:
+        resolve_paths(data, Path(path).parent)
     overrides = list(overrides or [])
     apply_overrides(data, overrides)
     source = str(path) if path is not None else "config"
     given = {item.partition("=")[0].strip(): item for item in overrides}
     return validate_run_config(data, source, given)
+
+
+def resolve_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the config file's relative dataset paths (a name with a dataset file's suffix) and
+    model paths (starting with ./ or ../) relative to the file's folder, in place. Built-in
+    names, hub ids and output_dir (relative to the working directory) are left alone."""
+    from lorakit.data.formats import FILE_TYPES
+
+    def dataset(value: Any) -> Any:
+        is_file = isinstance(value, str) and Path(value).suffix.lower() in FILE_TYPES
+        if is_file and not Path(value).expanduser().is_absolute():
+            return str((folder / value).absolute())
+        return value
+
+    for section in ("data", "eval"):
+        part = data.get(section)
+        if not isinstance(part, dict):
+            continue
+        if "dataset" in part:
+            part["dataset"] = dataset(part["dataset"])
+        for entry in part.get("datasets") or []:
+            if isinstance(entry, dict) and "path" in entry:
+                entry["path"] = dataset(entry["path"])
+    model = data.get("model")
+    name = model.get("name_or_path") if isinstance(model, dict) else None
+    if isinstance(name, str) and name.startswith(("./", "../")):
+        model["name_or_path"] = str((folder / name).absolute())
 
 
 def validate_run_config(
