@@ -454,3 +454,11 @@ def test_train_with_pissa_writes_a_lora_for_the_original_base(tiny_dir, tmp_path
     with torch.no_grad():
         want = residual.eval()(input_ids=ids).logits
         torch.testing.assert_close(converted(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_each_commands_sampling_default_is_in_its_help(capsys):
+    assert main(["generate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 (the default here): greedy" in text and "API defaults to 1.0" in text
+    assert main(["serve", "--help"]) == 0
+    assert "samples at 1.0" in " ".join(capsys.readouterr().out.split())

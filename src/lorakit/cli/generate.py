@@ -29,7 +29,13 @@ BaseArg = Annotated[
 AdaptersOpt = Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)]
 WeightsOpt = Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")]
 MaxNewOpt = Annotated[int, typer.Option(min=1)]
-TemperatureOpt = Annotated[float, typer.Option(help="0: greedy.")]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option(
+        help="0 (the default here): greedy, the same reply every time. The server's API "
+        "defaults to 1.0 (OpenAI's default); the web page starts at 0.7."
+    ),
+]
 TopKOpt = Annotated[int, typer.Option(help="0: off.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling.")]
 

@@ -236,7 +236,8 @@ def serve(
         ),
     ] = True,
 ) -> None:
-    """Serve the base model and adapters with an OpenAI-compatible API."""
+    """Serve the base model and adapters with an OpenAI-compatible API (a request without
+    `temperature` samples at 1.0, OpenAI's default; 0 is greedy)."""
     from lorakit.serve import serve_main
 
     try:
