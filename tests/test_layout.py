@@ -27,6 +27,7 @@ LAYERS = {
     "version": 0,
     "ops": 0,
     "files": 0,
+    "adapter_specs": 1,
     "quant": 1,
     "lora": 2,
     "models": 2,

@@ -234,11 +234,11 @@ def test_generate_merges_float32_adapters_only(tiny_dir, run_dir):
     unmerged one's up to fp32 rounding), and keep them unmerged on a bf16 base."""
     import torch
 
+    from lorakit.adapter_specs import parse_adapters
     from lorakit.cli.generate import prepare_model
     from lorakit.jobs.evaluation import load_with_adapters
     from lorakit.lora.layers import LoraLinear
     from lorakit.lora.model import LoraModel
-    from lorakit.serve.registry import parse_adapters
 
     spec = [str(run_dir / "final")]
     merged, _, template = prepare_model(str(tiny_dir), spec, None, "float32", "cpu")

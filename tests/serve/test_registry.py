@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from lorakit.adapter_specs import parse_adapters
 from lorakit.errors import ConfigError
-from lorakit.serve.registry import check_adapter_name, parse_adapters
+from lorakit.serve.registry import check_adapter_name
 
 
 def test_adapter_values_are_name_path_or_a_bare_folder():

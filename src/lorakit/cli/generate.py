@@ -44,10 +44,10 @@ def prepare_model(
     base: str, adapter_specs: list[str], weights: list[float] | None, dtype: str, device: str
 ) -> tuple[nn.Module, Any, str | None]:
     """(model, tokenizer, chat template): adapters loaded, all active or combined with weights."""
+    from lorakit.adapter_specs import parse_adapters
     from lorakit.jobs.evaluation import load_with_adapters
     from lorakit.lora.model import LoraModel
     from lorakit.models import chat_template_of
-    from lorakit.serve.registry import parse_adapters
 
     adapters = parse_adapters(adapter_specs)
     model, tokenizer = load_with_adapters(base, adapters, dtype, device)

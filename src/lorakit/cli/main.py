@@ -180,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         if _heavy(argv):
+            from lorakit.adapter_specs import check_adapter_folders
+
+            try:  # a wrong --adapter path fails before the heavy imports
+                check_adapter_folders(argv)
+            except LorakitError as error:
+                _fail(str(error))
+                return 1
             from lorakit.train.runtime import reexec_for_speed
 
             reexec_for_speed()  # re-execs with tcmalloc and a short OpenMP spin when they help

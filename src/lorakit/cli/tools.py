@@ -54,8 +54,8 @@ def eval_command(
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
 ) -> None:
     """Loss, perplexity and exact match of the base model, and of base + each adapter."""
+    from lorakit.adapter_specs import parse_adapters
     from lorakit.jobs.evaluation import default_eval_data, evaluate_models
-    from lorakit.serve.registry import parse_adapters
 
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or bf16")
