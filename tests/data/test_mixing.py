@@ -107,3 +107,16 @@ def test_errors_name_the_entry_and_the_conflicting_keys(own, tmp_path):
         DataConfig(dataset=own, datasets=[{"path": "general"}])
     with pytest.raises(DataError, match="gives the mix no row"):
         load_conversations(DataConfig(datasets=[{"path": "identity", "weight": 0.001}]))
+
+
+def test_inspect_lists_each_source_of_the_mix(own):
+    from builtin_model import builtin_tokenizer
+    from lorakit.data.pipeline import inspect_dataset
+
+    config = DataConfig(
+        datasets=[{"path": own, "weight": 2}, {"path": "identity", "rows": 5}],
+        columns={"prompt": "question", "completion": "answer"},
+    )
+    text = inspect_dataset(config, builtin_tokenizer(), n=1)
+    assert "mix of own.jsonl + identity_train.jsonl: 65 of 65 rows used" in text
+    assert "mixed from:\n  own.jsonl: 60 rows of 30\n  identity_train.jsonl: 5 rows of" in text
