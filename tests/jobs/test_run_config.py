@@ -193,3 +193,16 @@ def test_a_missing_dataset_file_is_named_with_its_absolute_path(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=f"dataset file {tmp_path / 'no.jsonl'} does not exist"):
         read_rows("no.jsonl")
+
+
+def test_a_checkpoint_from_before_data_mixing_resumes_unchanged():
+    from lorakit.train.checkpoint import resume_differences
+
+    run = validate_run_config({})
+    data = run.model_dump(mode="json")["data"]
+    before = {"datasets", "mix_seed"}  # the data section a checkpoint saved before these keys
+    saved = dict(run.resume_settings(), **{"run.data": {k: data[k] for k in set(data) - before}})
+    now = run.resume_settings()
+    assert resume_differences(saved, now) == []
+    mixed = validate_run_config({"data": {"datasets": [{"path": "general"}]}}).resume_settings()
+    assert resume_differences(now, mixed)[0].startswith("run.data:")

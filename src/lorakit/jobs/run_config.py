@@ -116,6 +116,9 @@ class EvalSection(BaseModel):
 # Sections that do not change the result: train's fields are compared one by one by the loop
 # (with its own exceptions); eval and output_dir not at all.
 RUN_FREE = {"train", "eval", "output_dir"}
+# data keys added after runs were first checkpointed: a checkpoint written before them, resumed
+# with them at these defaults, finds its settings unchanged
+LATER_DATA_KEYS: dict[str, Any] = {"datasets": [], "mix_seed": 0}
 
 
 class RunConfig(BaseModel):
@@ -138,6 +141,9 @@ class RunConfig(BaseModel):
     def resume_settings(self) -> dict[str, Any]:
         """The sections a resumed run must share with its checkpoint, beside train's fields."""
         run = self.model_dump(mode="json")
+        for key, default in LATER_DATA_KEYS.items():  # at their defaults: as before they existed
+            if run["data"].get(key) == default:
+                del run["data"][key]
         return {f"run.{k}": v for k, v in run.items() if k not in RUN_FREE}
 
     def eval_data_config(self) -> DataConfig | None:
