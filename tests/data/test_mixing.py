@@ -105,6 +105,8 @@ def test_errors_name_the_entry_and_the_conflicting_keys(own, tmp_path):
         DatasetSource(path=own, weight=2, rows=3)
     with pytest.raises(ValidationError, match="both `dataset` .* and `datasets`"):
         DataConfig(dataset=own, datasets=[{"path": "general"}])
+    resolved = DataConfig(datasets=[{"path": "general"}]).model_dump(mode="json")
+    assert DataConfig.model_validate(resolved).datasets[0].path == "general"  # config.yaml reads
     with pytest.raises(DataError, match="gives the mix no row"):
         load_conversations(DataConfig(datasets=[{"path": "identity", "weight": 0.001}]))
 

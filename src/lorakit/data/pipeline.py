@@ -103,7 +103,9 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if self.datasets and "dataset" in self.model_fields_set:
+        # the default `dataset` beside `datasets` is what a resolved config (config.yaml) holds
+        default = type(self).model_fields["dataset"].default
+        if self.datasets and self.dataset != default:
             raise ValueError(
                 f"data sets both `dataset` ({self.dataset!r}) and `datasets`; keep one of them "
                 f"(add {self.dataset!r} to the `datasets` list to mix it in)"
