@@ -28,6 +28,7 @@ LAYERS = {
     "ops": 0,
     "files": 0,
     "startup": 0,
+    "adapter_specs": 1,
     "quant": 1,
     "lora": 2,
     "models": 2,

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from lorakit.adapter_specs import parse_adapters
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.serve.registry import ModelHost, check_adapter_name, parse_adapters
+from lorakit.serve.registry import ModelHost, check_adapter_name
 from serve_support import BASE_NAME, make_adapters, make_model
 
 

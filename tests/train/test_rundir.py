@@ -16,6 +16,8 @@ from lorakit.files import TEMPORARY_PREFIX, temporary_name
 from lorakit.train.rundir import (
     check_fresh_dir,
     clean_leftovers,
+    delete_run,
+    earlier_run,
     read_status,
     storage_error,
     write_status,
@@ -170,3 +172,36 @@ def test_a_full_disk_at_any_write_then_resume_auto_ends_as_an_undisturbed_run(tm
         if temporaries(out):
             failures.append(f"write {at}: left {temporaries(out)}")
     assert failures == [], "\n".join(failures)
+
+
+def test_overwrite_deletes_only_an_earlier_runs_files(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "final").mkdir()
+    write_status(run, "finished")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "notes.txt").write_text("mine")  # not a run file: kept
+    assert {p.name for p in earlier_run(run)} == {
+        "checkpoints",
+        "final",
+        "status.json",
+        "metrics.jsonl",
+    }
+    delete_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    check_fresh_dir(run)  # a new run may start here now
+    assert earlier_run(tmp_path / "nothing") == []
+
+
+def test_overwrite_refuses_a_folder_no_run_wrote(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="not a run lorakit wrote"):
+        delete_run(model)
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    with pytest.raises(
+        ConfigError, match="start that run over with `lorakit train ... --overwrite`"
+    ):
+        check_fresh_dir(model)

@@ -42,7 +42,11 @@ def eval_command(
     split: Annotated[str, typer.Option(help="Split of a built-in dataset.")] = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="First N rows only.")] = None,
     exact_match: Annotated[
-        bool, typer.Option(help="Also generate answers and score exact match.")
+        bool,
+        typer.Option(
+            help="Also generate answers and score exact match; prints the rows that missed "
+            "(prompt, expected, got), and --output holds every answer."
+        ),
     ] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
@@ -51,8 +55,8 @@ def eval_command(
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
 ) -> None:
     """Loss, perplexity and exact match of the base model, and of base + each adapter."""
+    from lorakit.adapter_specs import parse_adapters
     from lorakit.jobs.evaluation import default_eval_data, evaluate_models
-    from lorakit.serve.registry import parse_adapters
 
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or bf16")
@@ -67,8 +71,33 @@ def eval_command(
         device=device,
     )
     _print_table(rows, f"{dataset} ({split})")
+    for row in rows:
+        if "answer_rows" in row:
+            _print_misses(row["model"], row["answer_rows"], output)
     if output is not None:
-        output.write_text(json.dumps(rows, indent=2) + "\n")
+        output.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+
+
+def _print_misses(model: str, answers: list[dict[str, Any]], output: Path | None) -> None:
+    """The answers of one model that missed: prompt, expected, got (the first 20)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    misses = [a for a in answers if not a["match"]]
+    console = Console(width=100)
+    if not misses:
+        console.print(f"{model}: every one of {len(answers)} answers matched")
+        return
+    shown = 20
+    table = Table(title=f"{model}: {len(misses)} of {len(answers)} answers missed")
+    for column in ("row", "prompt", "expected", "got"):
+        table.add_column(column, overflow="fold")
+    for miss in misses[:shown]:
+        table.add_row(miss["where"], miss["prompt"], miss["expected"], miss["got"])
+    console.print(table)
+    if len(misses) > shown:
+        where = f"all in {output}" if output else "--output FILE writes all answers"
+        console.print(f"... and {len(misses) - shown} more ({where})")
 
 
 def _print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -238,7 +267,8 @@ def serve(
         ),
     ] = True,
 ) -> None:
-    """Serve the base model and adapters with an OpenAI-compatible API."""
+    """Serve the base model and adapters with an OpenAI-compatible API (a request without
+    `temperature` samples at 1.0, OpenAI's default; 0 is greedy)."""
     from lorakit.serve import serve_main
 
     try:

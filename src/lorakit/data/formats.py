@@ -56,7 +56,10 @@ def read_rows(path: str | Path) -> list[RawRow]:
     """Read a json / jsonl / csv / parquet file into rows, each with its file and row number."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist")
+        raise DataError(
+            f"dataset file {path.absolute()} does not exist (a path in a config file is "
+            "relative to that file's folder; on the command line, to the working directory)"
+        )
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise DataError(
@@ -191,6 +194,17 @@ def rename_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, An
         if column in row:
             renamed[field] = row[column]
     return renamed
+
+
+def check_columns(columns: dict[str, str], key: str = "data.columns") -> dict[str, str]:
+    """A {lorakit field: file column} mapping whose keys are all lorakit fields."""
+    for field in columns:
+        if field not in FIELDS:
+            raise ValueError(
+                f"{key} maps `{field}`, which is not a lorakit field{closest(field, FIELDS)}"
+                f"; fields: {', '.join(FIELDS)} (write {{field: file column}})"
+            )
+    return columns
 
 
 def check_format(fmt: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorakit.data.batches import Plan, collate, make_batches, padding_share
 from lorakit.data.builtin import (
@@ -25,14 +25,15 @@ from lorakit.data.builtin import (
     builtin_dataset_path,
 )
 from lorakit.data.formats import (
-    FIELDS,
     FILE_TYPES,
     RawRow,
     RowProblem,
+    check_columns,
     check_format,
     detect_format,
     rename_columns,
 )
+from lorakit.data.mixing import DatasetSource, describe_mix, mix
 from lorakit.data.parallel import (
     CHUNK_ROWS,
     EncodeJob,
@@ -40,6 +41,7 @@ from lorakit.data.parallel import (
     chunked,
     convert_row,
     default_num_proc,
+    encode_row,
     tokenize_chunks,
 )
 from lorakit.data.sources import count_source, iter_source
@@ -53,7 +55,7 @@ from lorakit.data.store import (
     tokenizer_digest,
 )
 from lorakit.data.tokenize import IGNORE_INDEX, supervised_count
-from lorakit.errors import DataError, closest
+from lorakit.errors import DataError
 from lorakit.models import PLAIN_TEMPLATE, chat_template_of
 
 
@@ -115,17 +117,28 @@ class DataConfig(BaseModel):
         description="Keep the tokenized dataset on disk and reuse it while the file, tokenizer, "
         "template and token settings are the same (`lorakit data cache` lists and clears).",
     )
+    datasets: list[DatasetSource] = Field(
+        default_factory=list,
+        description="Several datasets mixed into one, instead of `dataset`: a list of {path, "
+        "split, format, columns, template_vars, weight or rows} (docs/data-formats.md).",
+    )
+    mix_seed: int = Field(0, description="Seed of the rows drawn for `datasets` and their order.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        # the default `dataset` beside `datasets` is what a resolved config (config.yaml) holds
+        default = type(self).model_fields["dataset"].default
+        if self.datasets and self.dataset != default:
+            raise ValueError(
+                f"data sets both `dataset` ({self.dataset!r}) and `datasets`; keep one of them "
+                f"(add {self.dataset!r} to the `datasets` list to mix it in)"
+            )
+        return self
 
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
-        for key in columns:
-            if key not in FIELDS:
-                raise ValueError(
-                    f"data.columns maps `{key}`, which is not a lorakit field{closest(key, FIELDS)}"
-                    f"; fields: {', '.join(FIELDS)} (write {{field: file column}})"
-                )
-        return columns
+        return check_columns(columns)
 
 
 @dataclass
@@ -191,29 +204,50 @@ def _source(config: DataConfig) -> tuple[Path, dict[str, str]]:
 
 
 def check_dataset(config: DataConfig) -> None:
-    """Read the dataset (file or built-in) without a tokenizer: raises DataError when it is
-    missing, unreadable, of no detectable format, or without one usable row. A JSON-lines file
-    is read only up to its first usable row."""
-    path, variables = _source(config)
-    rows = iter_source(path, config.split)
-    rows = itertools.islice(rows, config.limit) if config.limit else rows
-    seen: list[RawRow] = []
-    job = EncodeJob(config, None, "", _row_format(config, path, _remember(rows, seen)), variables)
-    count, first = 0, ""
-    for row in itertools.chain(seen, rows):
-        count += 1
-        converted = convert_row(job, row.value)
-        if not isinstance(converted, RowProblem):
-            return
-        first = first or f" ({row.where}: {converted})"
-    raise DataError(
-        f"{path.name}: none of its {count} rows can be used{first}; check "
-        "data.format and data.columns against docs/data-formats.md"
-    )
+    """Read every row of the dataset (file, built-in or mix) without a tokenizer, as a run
+    does before its model loads: raises DataError when it is missing, unreadable, of no
+    detectable format, without one usable row, or with rows the bad-row policy refuses (the
+    same report `build_dataset` gives)."""
+    source, conversations = load_conversations(config)
+    if not conversations:
+        raise DataError(
+            f"{source}: the dataset has no rows; check data.format and data.columns against "
+            "docs/data-formats.md"
+        )
+    problems = [f"{row.where}: {c}" for row, c in conversations if isinstance(c, RowProblem)]
+    check_rows(config, source, len(conversations), problems, unreadable=len(problems))
+
+
+def mix_parts(config: DataConfig) -> list[tuple[str, DatasetSource, list[tuple[RawRow, Any]]]]:
+    """(name, source, converted rows) of each dataset of `data.datasets`; an error names the
+    entry."""
+    parts = []
+    for number, source in enumerate(config.datasets, start=1):
+        update = {
+            "dataset": source.path,
+            "split": source.split or config.split,
+            "format": source.format or config.format,
+            "columns": config.columns if source.columns is None else source.columns,
+            "template_vars": source.template_vars or config.template_vars,
+            "datasets": [],
+            "limit": None,
+        }
+        try:
+            name, rows = load_conversations(config.model_copy(update=update))
+        except DataError as error:
+            raise DataError(f"data.datasets entry {number} ({source.path!r}): {error}") from None
+        split = update["split"]
+        parts.append((name if split == "train" else f"{name} ({split})", source, rows))
+    return parts
 
 
 def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]]]:
-    """(source name, [(row, messages or text or RowProblem)]) for the configured dataset."""
+    """(source name, [(row, messages or text or RowProblem)]) for the configured dataset, or
+    the mix of `data.datasets`."""
+    if config.datasets:
+        parts = mix_parts(config)
+        rows = mix(parts, config.mix_seed)[: config.limit]
+        return "mix of " + " + ".join(name for name, _, _ in parts), rows
     path, variables = _source(config)
     rows = list(itertools.islice(iter_source(path, config.split), config.limit))
     job = EncodeJob(config, None, "", _row_format(config, path, rows), variables)
@@ -252,7 +286,10 @@ def build_dataset(
 ) -> TokenizedDataset:
     """Tokenize the configured dataset into a token store on disk (reused from the cache when
     nothing that changes the tokens changed); bad rows stop the run or are skipped (up to a
-    share). `progress` gets a line every few seconds while rows are tokenized."""
+    share). `progress` gets a line every few seconds while rows are tokenized. A mix of
+    `data.datasets` is tokenized in memory, each row after its own source's conversion."""
+    if config.datasets:
+        return _build_mix(config, tokenizer)
     path, variables = _source(config)
     template = prompt_template(config, tokenizer)
     key = None
@@ -295,6 +332,32 @@ def build_dataset(
     return dataset
 
 
+def _build_mix(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
+    source, conversations = load_conversations(config)
+    job = EncodeJob(config, tokenizer, prompt_template(config, tokenizer), "", {})
+    samples, problems, truncated = [], [], 0
+    for row, conversation in conversations:
+        try:
+            ids, labels, cut = encode_row(job, conversation)
+        except RowProblem as problem:
+            problems.append(f"{row.where}: {problem}")
+            continue
+        truncated += cut
+        samples.append(Sample(ids, labels, row.where))
+    dataset = TokenizedDataset(
+        samples,
+        config,
+        source,
+        tokenizer.pad_token_id,
+        len(conversations),
+        problems,
+        truncated,
+        raw_text=any(isinstance(c, str) for _, c in conversations),
+    )
+    _check_problems(dataset, unreadable=sum(isinstance(c, RowProblem) for _, c in conversations))
+    return dataset
+
+
 def _remember(rows: Iterator[RawRow], seen: list[RawRow]) -> Iterator[RawRow]:
     """`rows`, each also appended to `seen` (the rows read to detect the format, put back)."""
     for row in rows:
@@ -303,34 +366,41 @@ def _remember(rows: Iterator[RawRow], seen: list[RawRow]) -> Iterator[RawRow]:
 
 
 def _check_problems(dataset: TokenizedDataset, unreadable: int = 0) -> None:
-    """Apply the bad-row policy; a dataset with no supervised token is always an error, and so
-    is a file none of whose rows could be read as the format (`unreadable` rows)."""
-    config, problems = dataset.config, dataset.skipped
+    """Apply the bad-row policy; a dataset with no supervised token is always an error."""
+    check_rows(dataset.config, dataset.source, dataset.rows_total, dataset.skipped, unreadable)
+    if dataset.supervised_tokens() == 0:
+        raise DataError(
+            f"{dataset.source}: no supervised token in {dataset.rows_total} rows; the loss would "
+            "be undefined. Check the format and columns, or set data.train_on=all"
+        )
+
+
+def check_rows(
+    config: DataConfig, source: str, rows_total: int, problems: list[str], unreadable: int = 0
+) -> None:
+    """The bad-row policy on the reports of unusable rows ("file line N: why"): an error listing
+    them, or skipped up to data.max_skipped_share; a file none of whose rows could be read as
+    the format (`unreadable` rows) is always an error."""
     listed = "\n  ".join(problems[:5]) + (
         f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
     )
-    if unreadable and unreadable == dataset.rows_total:  # the whole file: no skip will help
+    if unreadable and unreadable == rows_total:  # the whole file: no skip will help
         raise DataError(
-            f"{dataset.source}: none of its {dataset.rows_total} rows can be used:\n  {listed}\n"
+            f"{source}: none of its {rows_total} rows can be used:\n  {listed}\n"
             "the file does not hold rows of the expected format; check data.format and "
             "data.columns against docs/data-formats.md"
         )
     if problems and config.bad_rows == "error":
         raise DataError(
-            f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows cannot be used:\n  "
+            f"{source}: {len(problems)} of {rows_total} rows cannot be used:\n  "
             f"{listed}\nfix them, or set data.bad_rows=skip to skip them "
             f"(at most data.max_skipped_share={config.max_skipped_share} of the rows)"
         )
-    share = len(problems) / max(dataset.rows_total, 1)
+    share = len(problems) / max(rows_total, 1)
     if share > config.max_skipped_share:
         raise DataError(
-            f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows ({share:.0%}) are "
+            f"{source}: {len(problems)} of {rows_total} rows ({share:.0%}) are "
             f"unusable, more than data.max_skipped_share={config.max_skipped_share}:\n  {listed}"
-        )
-    if dataset.supervised_tokens() == 0:
-        raise DataError(
-            f"{dataset.source}: no supervised token in {dataset.rows_total} rows; the loss would "
-            "be undefined. Check the format and columns, or set data.train_on=all"
         )
 
 
@@ -427,6 +497,8 @@ def inspect_dataset(config: DataConfig, tokenizer: Any, n: int = 3, batch_size: 
             f"padding at batch size {batch_size}, {'packed' if packing else 'unpacked'}: "
             f"{padding_share(dataset.samples, plan):.1%} of {len(plan)} batches"
         )
+    if config.datasets:
+        stats.append("mixed from:\n" + describe_mix(mix_parts(config)))
     if dataset.skipped:
         stats.append("skipped rows:\n  " + "\n  ".join(dataset.skipped))
     return "\n".join(parts + stats)

@@ -266,28 +266,6 @@ def check_adapter_name(name: str, base_name: str) -> None:
         raise ConfigError(f"adapter name {name!r} is the base model's name; choose another")
 
 
-def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """`--adapter` values -> {name: folder}, in order: NAME=PATH, or a bare PATH named after its
-    folder (`./out` -> `out`). Text before the first '=' that holds a '/' is part of a bare path
-    (`runs/ranks/r=4/final`). Empty names or paths and a name given twice are refused."""
-    adapters: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or "/" in name:
-            name, path = Path(spec).name or "adapter", spec
-        if not name or not path:
-            raise ConfigError(
-                f"--adapter {spec!r}: expected PATH or NAME=PATH, e.g. --adapter ./out or "
-                "--adapter sql=./out"
-            )
-        if name in adapters:
-            raise ConfigError(
-                f"--adapter: two adapters are named `{name}`; use NAME=PATH to rename one"
-            )
-        adapters[name] = Path(path)
-    return adapters
-
-
 def resolve_under_root(root: str | Path, requested: str) -> Path:
     """The adapter folder `requested` names under `root`; refuses anything that could leave it.
 

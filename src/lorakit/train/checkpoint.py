@@ -306,8 +306,8 @@ def find_resume(output_dir: Path, resume: str | Path | bool | None) -> Path | No
         if latest_checkpoint(root) is not None:
             raise ConfigError(
                 f"{output_dir} holds checkpoints of an earlier run; continue it with "
-                "`lorakit train ... --resume auto` (train(..., resume='auto') in Python), or "
-                "choose a new output_dir"
+                "`lorakit train ... --resume auto` (train(..., resume='auto') in Python), start "
+                "it over with `--overwrite`, or choose a new output_dir"
             )
         check_fresh_dir(output_dir)
         return None

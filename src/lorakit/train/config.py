@@ -67,7 +67,9 @@ class TrainConfig(BaseModel):
     )
     eval_max_batches: int | None = Field(None, ge=1, description="Cap on eval batches; None: all.")
     eval_prompts: list[str] = Field(
-        default_factory=list, description="Prompts for greedy samples written to samples.jsonl."
+        default_factory=list,
+        description="Prompts answered greedily before training, every eval_every steps and at "
+        "the end (with or without eval data): samples.jsonl and the console.",
     )
     eval_max_new_tokens: int = Field(64, ge=1, description="Tokens generated per sample prompt.")
     save_every: int | None = Field(

@@ -179,9 +179,9 @@ def _start(run: Run) -> None:
             run.log.message(
                 f"resumed from {run.resumed_from} at step {run.start_step}/{run.total_steps}"
             )
-    if run.has_eval and run.start_step == 0 and (run.ctx.main or run.sharded):  # "before"
+    if run.start_step == 0 and (run.ctx.main or run.sharded):  # "before"
         evaluation = _evaluate(run, 0)
-        if run.ctx.main:
+        if run.ctx.main and evaluation is not None:
             run.log.log(evaluation)
 
 
@@ -288,7 +288,7 @@ def _after_step(run: Run, stats: StepStats) -> None:
     if ctx.main:  # rank 0 logs, evaluates and saves
         run.log.log(_train_row(run, stats), show=done % config.log_every == 0 or last)
     evaluation = None
-    due = run.has_eval and (last or _due(done, config.eval_every))
+    due = (run.has_eval or bool(config.eval_prompts)) and (last or _due(done, config.eval_every))
     if due and (ctx.main or run.sharded):  # fsdp: every rank runs the forward passes
         evaluation = _evaluate(run, done)
     save = last or stats.stopping or _due(done, config.save_every)
@@ -331,11 +331,11 @@ def _train_row(run: Run, stats: StepStats) -> dict[str, Any]:
     }
 
 
-def _evaluate(run: Run, step: int) -> dict[str, Any]:
-    """Eval loss and perplexity, plus greedy samples appended to samples.jsonl (under fsdp every
-    rank evaluates, since every forward gathers shards, and rank 0 writes)."""
+def _evaluate(run: Run, step: int) -> dict[str, Any] | None:
+    """Eval loss and perplexity (None without eval data), and greedy samples of
+    train.eval_prompts appended to samples.jsonl and shown (under fsdp every rank evaluates,
+    since every forward gathers shards, and rank 0 writes)."""
     config, model, device = run.config, run.model, run.device
-    metrics = eval_loss(model, run.evals, device, config)
     if run.tokenizer is not None and config.eval_prompts:
         with autocast(config.precision, device):
             samples = generate_samples(
@@ -343,6 +343,13 @@ def _evaluate(run: Run, step: int) -> dict[str, Any]:
             )
         if run.ctx.main:
             append_samples(run.output_dir / "samples.jsonl", step, samples)
+            for sample in samples:
+                run.log.message(
+                    f"step {step} sample: {sample['prompt']!r} -> {sample['completion']!r}"
+                )
+    if not run.has_eval:
+        return None
+    metrics = eval_loss(model, run.evals, device, config)
     return {"kind": "eval", "step": step, **metrics}
 
 

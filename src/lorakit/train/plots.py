@@ -17,12 +17,16 @@ def _pyplot():
     return plt
 
 
-def _ema(values: Sequence[float], alpha: float) -> list[float]:
-    """Exponential moving average, for a readable train-loss line."""
-    out, current = [], None
-    for v in values:
-        current = v if current is None else alpha * current + (1 - alpha) * v
-        out.append(current)
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """A centred moving mean, for a readable train-loss line: each point the mean of the
+    `window` values around it (fewer, still centred, near the ends). Unlike a running average
+    it does not lag: a loss falling in a straight line is drawn on that line."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        reach = min(half, i, len(values) - 1 - i)
+        part = values[i - reach : i + reach + 1]
+        out.append(sum(part) / len(part))
     return out
 
 
@@ -39,7 +43,9 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train")
         if len(train) > 10:
-            ax.plot(steps, _ema(losses, 0.9), color="tab:blue", label="train (EMA 0.9)")
+            window = max(3, len(train) // 10) | 1  # odd: centred
+            label = f"train (mean of {window} steps)"
+            ax.plot(steps, smooth(losses, window), color="tab:blue", label=label)
     if evals:
         ax.plot(
             [r["step"] for r in evals],

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.errors import AdapterError
+from lorakit.files import current_umask
 from lorakit.lora.compat import health
 from lorakit.lora.compat.keywords import check_peft_kwargs
 from lorakit.lora.config import LoraConfig
@@ -67,7 +68,9 @@ class PeftSurface:
     def _save_trainer_weights(self, save_directory: str | Path) -> None:
         """The trainable tensors under their in-memory names, as `TRAINER_WEIGHTS`."""
         trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
-        save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
+        path = Path(save_directory) / TRAINER_WEIGHTS
+        save_file(trainable, str(path), {"format": "pt"})
+        path.chmod(0o666 & ~current_umask())  # safetensors writes 0600; the adapter files beside
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
