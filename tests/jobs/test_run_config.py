@@ -205,7 +205,10 @@ def test_a_checkpoint_from_before_data_mixing_resumes_unchanged():
 
     run = validate_run_config({})
     data = run.model_dump(mode="json")["data"]
-    before = {"datasets", "mix_seed"}  # the data section a checkpoint saved before these keys
+    from lorakit.jobs.run_config import DATA_RUN_FREE
+
+    # the data section a checkpoint saved before these keys (and without the free ones)
+    before = {"datasets", "mix_seed"} | DATA_RUN_FREE
     saved = dict(run.resume_settings(), **{"run.data": {k: data[k] for k in set(data) - before}})
     now = run.resume_settings()
     assert resume_differences(saved, now) == []
