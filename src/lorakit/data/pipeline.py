@@ -55,7 +55,7 @@ class DataConfig(BaseModel):
     dataset: str = Field(
         "identity",
         description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name (identity, "
-        "general, arithmetic).",
+        "general, arithmetic; concise: preference pairs).",
     )
     split: str = Field("train", description="Split of a built-in dataset (train or test).")
     format: Literal[
