@@ -151,3 +151,16 @@ def test_the_builtin_concise_pairs_build(tmp_path):
         for split in ("train", "test")
     }
     assert len(prompts["train"]) == 32 and not prompts["train"] & prompts["test"]
+
+
+def test_the_data_formats_page_rows_are_pairs():
+    from pathlib import Path
+
+    page = (Path(__file__).parents[2] / "docs" / "data-formats.md").read_text()
+    section = page.split("## Preference pairs")[1].split("\n## ")[0]
+    blocks = section.split("```json\n")[1:]
+    assert len(blocks) == 3
+    for block in blocks:
+        prompt, chosen, rejected = to_pair(json.loads(block.split("\n```")[0]))
+        assert prompt[-1]["content"] == "Capital of Italy?" and chosen[0]["content"] == "Rome."
+        assert rejected != chosen

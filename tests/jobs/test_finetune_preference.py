@@ -113,3 +113,22 @@ def test_refusals_before_any_model_loads(tiny_dir, tmp_path, capsys, override, m
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_the_shipped_dpo_config_runs_on_a_tiny_model(tiny_dir, tmp_path):
+    config = Path(__file__).parents[2] / "configs" / "smollm2-dpo.yaml"
+    out = tmp_path / "run"
+    overrides = [
+        f"model.name_or_path={tiny_dir}",
+        f"output_dir={out}",
+        "train.max_steps=1",
+        "data.limit=4",
+        "eval.limit=2",
+        "train.eval_max_new_tokens=2",
+        "train.progress=plain",
+        "train.tensorboard=false",
+        "train.plots=false",
+    ]
+    assert main(["train", str(config), *overrides]) == 0
+    last = rows(out)[-1]
+    assert last["kind"] == "eval" and "eval_rewards/accuracies" in last
