@@ -210,3 +210,81 @@ def test_label_smoothing_is_conservative_dpo():
     z = plain.metrics["rewards/margins"]
     expected = -0.8 * torch.nn.functional.logsigmoid(z) - 0.2 * torch.nn.functional.logsigmoid(-z)
     torch.testing.assert_close(smooth.pairs.detach(), expected, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- in the loop
+
+
+def _pairs_dataset(tmp_path, n: int = 8):
+    import json
+
+    from lorakit.data.pipeline import DataConfig
+    from lorakit.data.preference import build_preference_dataset
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": f"Well, um, no {i}, sorry."}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return build_preference_dataset(DataConfig(dataset=str(path)), builtin_tokenizer())
+
+
+def _run(tmp_path, name, method="dpo", resume=None, crash_after=None, **train_kwargs):
+    from lorakit.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    base = make_tiny_llama(vocab_size=VOCAB)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    settings = {
+        "precision": "fp32",
+        "lr": 1e-2,
+        "max_steps": 2,
+        "progress": "none",
+        "tensorboard": False,
+        "plots": False,
+        "preference": PreferenceConfig(method=method, beta=0.5),
+        **train_kwargs,
+    }
+    data = _pairs_dataset(tmp_path)
+    if crash_after is not None:
+        calls = {"n": 0}
+
+        def crash(module, args, kwargs):
+            calls["n"] += 1
+            if calls["n"] > crash_after:
+                raise RuntimeError("simulated crash")
+
+        model.base_model.model.model.register_forward_pre_hook(crash, with_kwargs=True)
+    result = train(model, None, data, data, TrainConfig(**settings), tmp_path / name, resume=resume)
+    return model, result
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_accumulation_changes_nothing_but_speed(tmp_path, method):
+    whole, a = _run(tmp_path, "a", method, batch_size=4, shuffle=False, eval_every=None)
+    split, b = _run(tmp_path, "b", method, batch_size=2, grad_accum_steps=2, shuffle=False)
+    assert [r["kind"] for r in a.history].count("train") == 2  # 8 pairs, 4 a step: 2 steps
+    for x, y in zip(a.history, b.history, strict=True):
+        for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/accuracies"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    for name, value in _trainable(whole).items():
+        torch.testing.assert_close(value, _trainable(split)[name], atol=1e-6, rtol=1e-5)
+
+
+def test_an_interrupted_dpo_run_resumes_exactly(tmp_path):
+    settings = dict(batch_size=4, max_steps=4, save_every=2)
+    straight, expected = _run(tmp_path, "a", **settings)
+    # a dpo step is 2 forwards (policy, reference); the eval before the run: 2 batches x 2;
+    # the crash comes in step 3, after the checkpoint of step 2 (and its eval)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, "b", crash_after=4 + 2 * 2 + 1, **settings)
+    resumed, got = _run(tmp_path, "b", resume="auto", **settings)
+    assert got.losses == expected.losses
+    for name, value in _trainable(straight).items():
+        assert torch.equal(value, _trainable(resumed)[name]), name
