@@ -21,3 +21,23 @@ def test_plot_run_draws_empty_figures_for_no_rows(tmp_path):
         "plots/lr.png",
     ]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_a_preference_run_also_gets_its_rewards_figure(tmp_path):
+    rows = [
+        {
+            "kind": "train",
+            "step": s,
+            "loss": 0.7 - 0.1 * s,
+            "lr": 1e-3,
+            "rewards/chosen": 0.1 * s,
+            "rewards/rejected": -0.1 * s,
+            "rewards/margins": 0.2 * s,
+            "rewards/accuracies": min(1.0, 0.3 * s),
+        }
+        for s in range(1, 5)
+    ]
+    rows.append({"kind": "eval", "step": 4, "eval_loss": 0.3, "eval_rewards/accuracies": 0.75})
+    written = plot_run(rows, tmp_path)
+    assert [p.name for p in written] == ["loss.png", "lr.png", "rewards.png"]
+    assert (tmp_path / "rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
