@@ -132,3 +132,18 @@ def test_the_shipped_dpo_config_runs_on_a_tiny_model(tiny_dir, tmp_path):
     assert main(["train", str(config), *overrides]) == 0
     last = rows(out)[-1]
     assert last["kind"] == "eval" and "eval_rewards/accuracies" in last
+
+
+@pytest.mark.slow
+def test_the_dpo_demo_on_the_builtin_model(tmp_path):
+    """configs/smollm2-dpo.yaml as shipped: the held-out pairs go from no preference (every
+    reward 0 against the reference) to the concise answer preferred in nearly every pair."""
+    config = Path(__file__).parents[2] / "configs" / "smollm2-dpo.yaml"
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "train.progress=plain", "train.tensorboard=false"]
+    assert main(["train", str(config), *overrides]) == 0
+    evals = [r for r in rows(out) if r["kind"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[0]["eval_rewards/accuracies"] == 0
+    assert evals[-1]["eval_rewards/accuracies"] >= 0.875
+    assert evals[-1]["eval_rewards/margins"] > 1.0
+    assert (out / "plots" / "rewards.png").is_file()

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.ops import supervised_targets
+from lorakit.ops import IGNORE_INDEX, supervised_targets, unwrap_causal_lm
+from lorakit.ops import _fsdp as is_sharded
 from lorakit.train.config import PreferenceConfig
 
 METRICS = (
@@ -73,29 +74,43 @@ def sequence_logps(
 ) -> tuple[torch.Tensor, ...]:
     """(summed log-probability of each row's supervised tokens, their count), both (rows,);
     with `whole_rows` = n, also the summed log-probability of the first n rows' every token
-    (prompt and answer, padding excluded: ORPO's NLL term) and its token count."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits  # (rows, T, V)
-    out = _row_sums(logits, batch["labels"], batch.get("position_ids"))
+    (prompt and answer, padding excluded: ORPO's NLL term) and its token count.
+
+    The output head runs on the scored positions only (the decoder's hidden states gathered
+    there), so no (rows, length, vocabulary) logits are held, as `ops.causal_lm_loss` does."""
+    masks = [supervised_targets(batch["labels"], batch.get("position_ids"))[0]]
     if whole_rows:
-        labels = batch["input_ids"][:whole_rows]
+        labels = batch["input_ids"].clone()
+        labels[whole_rows:] = IGNORE_INDEX
         if batch.get("attention_mask") is not None:
-            labels = labels.masked_fill(batch["attention_mask"][:whole_rows] == 0, -100)
-        out += _row_sums(logits[:whole_rows], labels, _rows(batch.get("position_ids"), whole_rows))
+            labels = labels.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        masks.append(supervised_targets(labels, batch.get("position_ids"))[0])
+    scored = masks[0] | masks[-1]  # (rows, T): positions whose next token is scored
+    targets = torch.roll(batch["input_ids"], -1, dims=1)[scored]  # labels equal ids there
+    token_logps = -F.cross_entropy(_scored_logits(model, batch, scored), targets, reduction="none")
+    rows, n = scored.nonzero()[:, 0], batch["input_ids"].shape[0]
+    out: tuple[torch.Tensor, ...] = ()
+    for mask, size in zip(masks, (n, whole_rows), strict=False):
+        keep = mask[scored]  # the scored positions this mask counts
+        sums = token_logps.new_zeros(n).index_add(0, rows[keep], token_logps[keep])
+        counts = torch.bincount(rows[keep], minlength=n).to(sums.dtype)
+        out += (sums[:size], counts[:size])
     return out
 
 
-def _row_sums(
-    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of the next-token targets `labels` marks, and their
-    count."""
-    mask, targets = supervised_targets(labels, position_ids)
-    token_logps = -F.cross_entropy(logits[mask].float(), targets, reduction="none")
-    rows = mask.nonzero()[:, 0]
-    n = labels.shape[0]
-    sums = token_logps.new_zeros(n).index_add(0, rows, token_logps)
-    return sums, torch.bincount(rows, minlength=n).to(sums.dtype)
+def _scored_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], scored: torch.Tensor
+) -> torch.Tensor:
+    """fp32 logits (N, V) at the `scored` positions: the head on the gathered hidden states,
+    or the whole forward for a model without a separate head (or a softcapped or sharded one)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    lm = unwrap_causal_lm(model)
+    decoder, head = lm.base_model, lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if softcap or decoder is lm or head is None or is_sharded(lm):
+        return model(**inputs, use_cache=False).logits[scored].float()
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    return head(hidden[scored]).float()
 
 
 def _rows(value: torch.Tensor | None, n: int) -> torch.Tensor | None:
