@@ -1,12 +1,9 @@
 """Write lorakit's built-in `concise` preference set (src/lorakit/data/datasets/concise_*.jsonl).
 
-Each row is a question with a short, direct answer (chosen) and a long one (rejected): the
-built-in model's own greedy reply (up to 64 tokens, cut after its last complete sentence), so
-preference tuning moves the model away from how it answers now, towards one plain style:
-answer first, no filler. Where that reply is degenerate (a loop, no sentence) or not longer
-than the short answer, the rejected answer is the short one wrapped in a rambling preamble and
-afterword, drawn from fixed phrases with a fixed seed. `test` holds questions not in `train`.
-Run once from the repository root; the output is committed:
+Each row is a question with a short, direct answer (chosen) and the same answer wrapped in a
+rambling preamble and afterword (rejected), so preference tuning on it teaches one plain style:
+answer first, no filler. The wrapping is drawn from fixed phrases with a fixed seed, so the
+files are the same on every run. `test` holds questions not in `train`.
 
     python scripts/make_concise_pairs.py
 """
@@ -15,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 OUT = Path(__file__).parents[1] / "src" / "lorakit" / "data" / "datasets"
@@ -79,38 +75,18 @@ AFTERWORDS = [
 ]
 
 
-def model_replies(questions: list[str]) -> list[str]:
-    """The built-in model's greedy replies, cut after their last complete sentence."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
-    sys.path.insert(0, str(Path(__file__).parent))
-    from make_general_data import complete_sentences
-
-    from lorakit.models import BUILTIN_MODEL, load_model, load_tokenizer
-    from lorakit.train.evaluate import greedy_answers
-
-    tokenizer = load_tokenizer(BUILTIN_MODEL)
-    model = load_model(BUILTIN_MODEL, dtype="float32").eval()
-    conversations = [[{"role": "user", "content": q}] for q in questions]
-    replies = greedy_answers(model, tokenizer, conversations, None, 64)
-    return [complete_sentences(r) for r in replies]
-
-
-def make_rows(replies: list[str], seed: int = 0) -> list[dict[str, str]]:
-    """One pair per question: the direct answer, and the model's reply (or filler)."""
-    from lorakit.data.builtin import degenerate
-
+def make_rows(seed: int = 0) -> list[dict[str, str]]:
+    """One pair per question: the direct answer, and the same answer wrapped in filler."""
     rng = random.Random(seed)
     rows = []
-    for (question, answer), reply in zip(QUESTIONS, replies, strict=True):
-        rejected = reply
-        if degenerate(reply) or len(reply) <= 2 * len(answer):
-            rejected = f"{rng.choice(PREAMBLES)} The answer is: {answer} {rng.choice(AFTERWORDS)}"
-        rows.append({"prompt": question, "chosen": answer, "rejected": rejected})
+    for question, answer in QUESTIONS:
+        rambling = f"{rng.choice(PREAMBLES)} The answer is: {answer} {rng.choice(AFTERWORDS)}"
+        rows.append({"prompt": question, "chosen": answer, "rejected": rambling})
     return rows
 
 
 def main() -> None:
-    rows = make_rows(model_replies([q for q, _ in QUESTIONS]))
+    rows = make_rows()
     for name, part in (("train", rows[:-TEST]), ("test", rows[-TEST:])):
         with open(OUT / f"concise_{name}.jsonl", "w", encoding="utf-8") as f:
             for row in part:
