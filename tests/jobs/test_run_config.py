@@ -155,7 +155,7 @@ def test_reference_lists_every_key_and_is_up_to_date():
 def test_a_resume_must_match_every_section_but_train_eval_and_output_dir():
     run = RunConfig()
     settings = run.resume_settings()
-    assert set(settings) == {"run.method", "run.model", "run.lora", "run.data"}
+    assert set(settings) == {"run.method", "run.model", "run.lora", "run.data", "run.preference"}
     eval_section = run.eval.model_copy(update={"exact_match": True})
     other = run.model_copy(update={"output_dir": "elsewhere", "eval": eval_section})
     assert other.resume_settings() == settings

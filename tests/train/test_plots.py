@@ -33,3 +33,23 @@ def test_the_smoothed_loss_does_not_lag():
     noisy = [1.0, 3.0] * 10
     assert smooth(noisy, 5)[5:15] == pytest.approx([2.2, 1.8] * 5)  # 11/5 and 9/5: noise damped
     assert smooth([], 5) == [] and smooth([4.0], 5) == [4.0]
+
+
+def test_a_preference_run_also_gets_its_rewards_figure(tmp_path):
+    rows = [
+        {
+            "kind": "train",
+            "step": s,
+            "loss": 0.7 - 0.1 * s,
+            "lr": 1e-3,
+            "rewards/chosen": 0.1 * s,
+            "rewards/rejected": -0.1 * s,
+            "rewards/margins": 0.2 * s,
+            "rewards/accuracies": min(1.0, 0.3 * s),
+        }
+        for s in range(1, 5)
+    ]
+    rows.append({"kind": "eval", "step": 4, "eval_loss": 0.3, "eval_rewards/accuracies": 0.75})
+    written = plot_run(rows, tmp_path)
+    assert [p.name for p in written] == ["loss.png", "lr.png", "rewards.png"]
+    assert (tmp_path / "rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ from typing import Any
 
 from lorakit.errors import DataError, closest
 
-FORMATS = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
+FORMATS = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference")
 FIELDS = (
     "text",
     "prompt",
@@ -27,6 +27,8 @@ FIELDS = (
     "history",
     "conversations",
     "messages",
+    "chosen",
+    "rejected",
 )
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SHAREGPT_ROLES = {
@@ -168,6 +170,8 @@ def _read_tabular(path: Path, kind: str) -> list[RawRow]:
 def detect_format(keys: set[str] | list[str]) -> str:
     """The format a row's keys imply: messages, sharegpt, alpaca, prompt_completion or text."""
     keys = set(keys)
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -224,6 +228,11 @@ def to_messages(row: Any, fmt: str) -> list[dict[str, str]] | str:
         raise RowProblem(f"expected an object with fields, found {type(row).__name__}")
     if fmt == "text":
         return _string(row, "text")
+    if fmt == "preference":
+        raise RowProblem(
+            "a preference pair (chosen / rejected) is not a supervised row; train it with "
+            "method: dpo, orpo or simpo (docs/training.md)"
+        )
     if fmt == "prompt_completion":
         messages = [
             {"role": "user", "content": _string(row, "prompt")},

@@ -68,16 +68,19 @@ class DataConfig(BaseModel):
         "identity",
         description="A .jsonl/.json/.csv/.parquet file, a folder of such shards, a folder "
         "written by `datasets` save_to_disk, or a built-in dataset name (identity, general, "
-        "arithmetic).",
+        "arithmetic; concise: preference pairs).",
     )
     split: str = Field(
         "train",
         description="Split of a built-in dataset (train or test) or of a save_to_disk folder.",
     )
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = Field(
+    format: Literal[
+        "auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference"
+    ] = Field(
         "auto",
         description="Row format (the columns of each: docs/data-formats.md); auto detects it "
-        "from the columns of the first row.",
+        "from the columns of the first row. preference: prompt / chosen / rejected pairs "
+        "(method dpo, orpo, simpo).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map lorakit field names to the file's column names."
@@ -431,7 +434,12 @@ def plan_epoch(
 
 
 def collate_batch(dataset: TokenizedDataset, rows: list[list[int]]) -> dict[str, Any]:
-    """The tensors of one planned batch (packed rows when the dataset config packs)."""
+    """The tensors of one planned batch (packed rows when the dataset config packs); for
+    preference pairs, the chosen rows then the rejected rows (`PreferenceDataset.collate`)."""
+    from lorakit.data.preference import PreferenceDataset
+
+    if isinstance(dataset, PreferenceDataset):
+        return dataset.collate(rows)
     return collate(dataset.samples, rows, dataset.pad_token_id, dataset.config.packing)
 
 

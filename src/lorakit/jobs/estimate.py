@@ -123,7 +123,7 @@ def model_shape(run: RunConfig) -> ModelShape:
     expert_quantized = sum(model.get_submodule(m).get_parameter(p).numel() for m, p in experts)
     quantized += expert_quantized
     blocks = decoder_blocks(model)
-    if run.method == "lora":
+    if run.method != "full":
         model = get_peft_model(model, run.lora.to_lora_config())
     else:
         model.requires_grad_(True)
@@ -154,7 +154,7 @@ def model_shape(run: RunConfig) -> ModelShape:
         largest_block=max(block_sizes),
         root=sum(p.numel() for p in unique) - sum(block_sizes),
         adapted_inputs=sum(adapted.values()),
-        lora_dropout=run.method == "lora" and run.lora.lora_dropout > 0,
+        lora_dropout=run.method != "full" and run.lora.lora_dropout > 0,
         softcap=bool(getattr(text, "final_logit_softcapping", None)),
     )
 
@@ -215,10 +215,10 @@ def estimate_from_shape(run: RunConfig, s: ModelShape, world_size: int) -> Memor
     act_bytes = 4 if precision == "fp32" else 2
     base_bytes = DTYPE_BYTES[run.model.dtype]
     if train.base_dtype == "bf16" or (
-        train.base_dtype == "auto" and precision == "bf16" and run.method == "lora"
+        train.base_dtype == "auto" and precision == "bf16" and run.method != "full"
     ):
         base_bytes = 2
-    train_bytes = 4 if run.method == "lora" else DTYPE_BYTES[run.model.dtype]
+    train_bytes = 4 if run.method != "full" else DTYPE_BYTES[run.model.dtype]
     bits = QUANT_BITS.get(run.model.quantization or "", 0.0)
     if run.model.quantization in ("nf4", "fp4") and run.model.double_quant:
         bits = DOUBLE_QUANT_BITS

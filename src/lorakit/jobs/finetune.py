@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.data.pipeline import build_dataset, prompt_template
+from lorakit.data.preference import build_preference_dataset
 from lorakit.errors import ConfigError
 from lorakit.jobs.evaluation import score_answers
 from lorakit.jobs.preflight import check_run
@@ -71,12 +72,15 @@ def run_training(
             show(f"deleted {path} (--overwrite: the run starts over)")
     model, tokenizer = build_model(run, show)
     initial = _initial_adapter(model)  # PiSSA / OLoRA: to convert the final adapter against
-    train_set = build_dataset(run.data, tokenizer, progress=show)
+    if run.preference_tuning:
+        train_set = build_preference_dataset(run.data, tokenizer)
+    else:
+        train_set = build_dataset(run.data, tokenizer, progress=show)
     if train_set.raw_text and isinstance(model, LoraModel):  # samples and the saved adapter:
         model.chat_template = RAW_TEMPLATE  # prompts as plain text, no chat turns around them
     show(train_set.summary())
     eval_config = run.eval_data_config()
-    eval_set = build_dataset(eval_config, tokenizer) if eval_config else None
+    eval_set = build(eval_config, tokenizer) if eval_config else None
     if eval_set is not None:
         show(eval_set.summary())
     result = train(
@@ -84,7 +88,7 @@ def run_training(
         tokenizer,
         train_set,
         eval_set,
-        run.train,
+        run.train_config(),
         output_dir,
         resume=resume,
         force=force,

@@ -24,7 +24,7 @@ from lorakit.errors import ConfigError, DataError, LorakitError, closest
 from lorakit.lora import inits
 from lorakit.lora.config import LoraConfig
 from lorakit.models import ModelConfig
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import PreferenceConfig, PreferenceSettings, TrainConfig
 
 
 class LoraSection(BaseModel):
@@ -133,8 +133,11 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lora", "full"] = Field(
-        "lora", description="lora: train an adapter (QLoRA with model.quantization); full: all."
+    method: Literal["lora", "full", "dpo", "orpo", "simpo"] = Field(
+        "lora",
+        description="lora: train an adapter (QLoRA with model.quantization); full: all "
+        "weights; dpo / orpo / simpo: preference tuning of an adapter on chosen / rejected "
+        "pairs (settings in `preference`).",
     )
     output_dir: str = Field(
         "runs/lorakit", description="Run directory: checkpoints, adapter, logs."
@@ -144,6 +147,19 @@ class RunConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalSection = Field(default_factory=EvalSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
+
+    @property
+    def preference_tuning(self) -> bool:
+        """True for method dpo, orpo or simpo."""
+        return self.method in PREFERENCE_METHODS
+
+    def train_config(self) -> TrainConfig:
+        """The loop's settings: `train`, with the preference method and its settings."""
+        if not self.preference_tuning:
+            return self.train
+        preference = PreferenceConfig(method=self.method, **self.preference.model_dump())
+        return self.train.model_copy(update={"preference": preference})
 
     def resume_settings(self) -> dict[str, Any]:
         """The sections a resumed run must share with its checkpoint, beside train's fields."""
@@ -184,7 +200,9 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataConfig,
     "eval": EvalSection,
     "train": TrainConfig,
+    "preference": PreferenceSettings,
 }
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo")
 
 
 # ---------------------------------------------------------------- loading
@@ -279,7 +297,7 @@ def validate_run_config(
     one is blamed on the override, not on the file."""
     try:
         config = RunConfig.model_validate(data)
-        if config.method == "lora":
+        if config.method != "full":
             config.lora.to_lora_config()
     except ValidationError as error:
         parts = [
@@ -297,7 +315,27 @@ def validate_run_config(
             "`pip install 'lorakit[optim8bit]'`, or use train.optimizer: adamw"
         )
     _check_fsdp(config, source)
+    _check_preference(config, source)
     return config
+
+
+def _check_preference(run: RunConfig, source: str) -> None:
+    """What preference tuning refuses, found before any model loads."""
+    if run.train.preference is not None:
+        raise ConfigError(
+            f"{source}: train.preference is set by `method` and the `preference` section; "
+            "write method: dpo (or orpo, simpo) and preference: {beta: ...} instead"
+        )
+    if run.preference_tuning and run.data.packing:
+        raise ConfigError(
+            f"{source}: method={run.method} with data.packing: preference pairs are scored "
+            "as whole sequences and are not packed; set data.packing: false"
+        )
+    if run.preference_tuning and run.eval.exact_match:
+        raise ConfigError(
+            f"{source}: eval.exact_match with method={run.method}: pairs have no single "
+            "reference answer; read eval_rewards/accuracies in metrics.jsonl instead"
+        )
 
 
 def _check_fsdp(run: RunConfig, source: str) -> None:
@@ -335,13 +373,15 @@ def check_data(run: RunConfig) -> None:
     """Check that the datasets the run names exist, are readable and have a detectable format
     (before any model loads); the error names the key (`data.dataset`, `eval.dataset`)."""
     from lorakit.data.pipeline import check_dataset
+    from lorakit.data.preference import check_pairs
 
+    check = check_pairs if run.preference_tuning else check_dataset
     checks = [("data", run.data), ("eval", run.eval_data_config())]
     for key, config in checks:
         if config is None:
             continue
         try:
-            check_dataset(config)
+            check(config)
         except LorakitError as error:
             where = f"{key}.datasets" if config.datasets else f"{key}.dataset = {config.dataset!r}"
             split = f" (split {config.split!r})" if config.split != "train" else ""

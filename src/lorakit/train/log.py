@@ -106,11 +106,18 @@ class RunLog:
 
     def _show(self, row: dict[str, Any]) -> None:
         if row.get("kind") == "eval":
-            text = (
-                f"step {row['step']}: eval_loss {row['eval_loss']:.4f} ppl {row['perplexity']:.2f}"
-            )
+            text = f"step {row['step']}: eval_loss {row['eval_loss']:.4f}"
+            if "perplexity" in row:
+                text += f" ppl {row['perplexity']:.2f}"
+            if "eval_rewards/accuracies" in row:  # preference tuning
+                text += (
+                    f" reward accuracy {row['eval_rewards/accuracies']:.0%} margin "
+                    f"{row['eval_rewards/margins']:.3f}"
+                )
         else:
             text = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
+            if "rewards/accuracies" in row:
+                text += f" reward accuracy {row['rewards/accuracies']:.0%}"
         eta = _clock(self.eta(row["step"]))
         if self.mode == "rich" and self.bar is not None:
             self.bar.update(self.task, completed=row["step"], info=text, eta=eta)

@@ -42,6 +42,13 @@ from lorakit.train.log import RunLog, read_metrics
 from lorakit.train.optim import lr_factor, set_lr
 from lorakit.train.plan import sample_ids
 from lorakit.train.plots import plot_run
+from lorakit.train.preference import (
+    METRICS,
+    batch_sizes,
+    combine,
+    pair_losses,
+    preference_eval,
+)
 from lorakit.train.router import micro_batch_loss
 from lorakit.train.rundir import storage_error, write_status
 from lorakit.train.runtime import (
@@ -79,7 +86,7 @@ class StepStats:
     cpu: float  # this process's CPU seconds
     threads: int  # torch threads the step ran on
     stopping: bool  # a stop signal reached some rank
-    aux_loss: float | None = None  # MoE router balance term, token-weighted mean; None: not used
+    metrics: dict[str, float]  # the method's own (preference: rewards, log-probs), over ranks
 
 
 def _all_finite(model: nn.Module) -> bool:
@@ -200,7 +207,7 @@ def _optimizer_step(run: Run, step: int) -> StepStats:
     batches = [move_batch(b, run.device) for b in batches]
     if run.sharded:  # every rank must run as many forward passes (each one gathers)
         check_micro_batches(len(batches), ctx, step)
-    loss, aux, tokens, stopping = _forward_backward(run, batches, step, ids)
+    loss, tokens, stopping, metrics = _forward_backward(run, batches, step, ids)
 
     if not run.sharded:  # fsdp has reduce-scattered (summed) them in backward
         all_reduce_grads(run.params, ctx)  # sum over ranks, once per step
@@ -232,26 +239,63 @@ def _optimizer_step(run: Run, step: int) -> StepStats:
         cpu=cpu,
         threads=threads,
         stopping=stopping,
-        aux_loss=aux,
+        metrics=metrics,
     )
 
 
 def _forward_backward(
     run: Run, batches: list[dict[str, Any]], step: int, ids: list[Any]
-) -> tuple[float, float | None, float, bool]:
-    """Backward of each micro-batch's summed loss / the supervised tokens of the global batch
-    (plus its share of the MoE router balance term, `train.router`); returns (mean loss, mean
-    balance term or None, input tokens, stopping) over all ranks. Every rank raises when the
-    batch has no supervised token (DataError) or some rank's loss is not finite."""
-    # The loss is normalised by the supervised tokens of the whole global batch.
-    local = sum(supervised_targets(b["labels"], b.get("position_ids"))[1].numel() for b in batches)
-    n_global = int(all_reduce_sum(torch.tensor(float(local)), run.ctx))
-    if n_global == 0:
-        raise DataError(
-            f"step {step + 1}: no supervised token in the batch (every label is -100); "
-            f"samples {run.plan.describe(ids)}. Drop fully masked rows"
+) -> tuple[float, float, bool, dict[str, float]]:
+    """Backward of each micro-batch's share of the global batch's loss; returns (mean loss,
+    input tokens, stopping, other metrics) over all ranks. Every rank raises when the batch
+    has nothing to train on (DataError) or some rank's loss is not finite."""
+    if run.config.preference is not None:
+        totals, metrics = _preference_backward(run, batches, step, ids)
+    else:
+        totals, metrics = _sft_backward(run, batches, step, ids)
+    loss, tokens, bad, stopping = totals
+    if bad or not math.isfinite(loss):
+        raise NonFiniteError(
+            f"non-finite loss at step {step + 1}; samples on rank {run.ctx.rank}: "
+            f"{run.plan.describe(ids)}. Nothing was saved for this step; lower lr, check "
+            "these rows, or use precision='fp32'"
         )
-    loss_total, aux_total, real_tokens, bad = 0.0, 0.0, 0, 0
+    return loss, tokens, bool(stopping), metrics
+
+
+def _global_count(run: Run, local: float, step: int, ids: list[Any], what: str) -> int:
+    """A count summed over ranks; DataError when it is zero (the loss would be undefined)."""
+    total = int(all_reduce_sum(torch.tensor(float(local)), run.ctx))
+    if total == 0:
+        raise DataError(
+            f"step {step + 1}: no {what} in the batch; samples {run.plan.describe(ids)}. "
+            "Drop fully masked rows"
+        )
+    return total
+
+
+def _totals(run: Run, loss_total: float, batches: list[dict[str, Any]], bad: int) -> list[float]:
+    """[loss, input tokens, bad, stopping] summed over ranks."""
+    real_tokens = 0
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    stats = torch.tensor(
+        [loss_total, real_tokens, bad, bool(run.stop["signal"])], dtype=torch.float64
+    )
+    return all_reduce_sum(stats, run.ctx).tolist()
+
+
+def _sft_backward(
+    run: Run, batches: list[dict[str, Any]], step: int, ids: list[Any]
+) -> tuple[list, dict[str, float]]:
+    """Each micro-batch's summed token loss / the supervised tokens of the global batch, plus
+    its share of the MoE router balance term (`train.router`); the metrics hold that term's
+    token-weighted mean where the model has one."""
+    local = sum(supervised_targets(b["labels"], b.get("position_ids"))[1].numel() for b in batches)
+    what = "supervised token (every label is -100)"
+    n_global = _global_count(run, local, step, ids, what)
+    loss_total, aux_total, bad = 0.0, 0.0, 0
     for batch in batches:
         with autocast(run.config.precision, run.device):
             objective, loss_sum, aux, n = micro_batch_loss(
@@ -261,20 +305,36 @@ def _forward_backward(
         run.scaler.scale(objective).backward()
         loss_total += float(loss_sum.detach())
         aux_total += 0.0 if aux is None else float(aux.detach()) * n / n_global
-        mask = batch.get("attention_mask")
-        real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-    stats = torch.tensor(
-        [loss_total, aux_total, real_tokens, bad, bool(run.stop["signal"])], dtype=torch.float64
-    )
-    loss_total, aux_total, tokens, bad, stopping = all_reduce_sum(stats, run.ctx).tolist()
-    loss = loss_total / n_global
-    if bad or not math.isfinite(loss):
-        raise NonFiniteError(
-            f"non-finite loss at step {step + 1}; samples on rank {run.ctx.rank}: "
-            f"{run.plan.describe(ids)}. Nothing was saved for this step; lower lr, check "
-            "these rows, or use precision='fp32'"
-        )
-    return loss, (aux_total if run.router is not None else None), tokens, bool(stopping)
+    totals = _totals(run, loss_total, batches, bad)
+    totals[0] /= n_global
+    if run.router is None:
+        return totals, {}
+    aux_mean = all_reduce_sum(torch.tensor(aux_total, dtype=torch.float64), run.ctx)
+    return totals, {"aux_loss": float(aux_mean)}
+
+
+def _preference_backward(
+    run: Run, batches: list[dict[str, Any]], step: int, ids: list[Any]
+) -> tuple[list, dict[str, float]]:
+    """Each micro-batch's pair losses / the pairs of the global batch (plus the NLL term over
+    the chosen answer tokens); the metrics are means over the global batch's pairs."""
+    pairs, tokens = batch_sizes(batches, run.config.preference.method)
+    n_pairs = _global_count(run, pairs, step, ids, "preference pair")
+    n_tokens = int(all_reduce_sum(torch.tensor(float(tokens)), run.ctx))
+    loss_total, bad, sums = 0.0, 0, dict.fromkeys(METRICS, 0.0)
+    for batch in batches:
+        with autocast(run.config.precision, run.device):
+            terms = pair_losses(run.model, batch, run.config.preference)
+            loss, part = combine(terms, n_pairs, n_tokens)
+        bad |= not bool(torch.isfinite(loss))
+        run.scaler.scale(loss).backward()
+        loss_total += float(loss.detach())
+        for name, value in part.items():
+            sums[name] += value
+    metrics = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), run.ctx)
+    return _totals(run, loss_total, batches, bad), {
+        name: value / n_pairs for name, value in zip(sums, metrics.tolist(), strict=True)
+    }
 
 
 # ---------------------------------------------------------------- after the step
@@ -327,7 +387,7 @@ def _train_row(run: Run, stats: StepStats) -> dict[str, Any]:
         "cpu_s": stats.cpu,
         "threads": stats.threads,
         "memory_mb": peak_memory_mb(run.device),
-        **({} if stats.aux_loss is None else {"aux_loss": stats.aux_loss}),
+        **stats.metrics,
     }
 
 
@@ -349,7 +409,17 @@ def _evaluate(run: Run, step: int) -> dict[str, Any] | None:
                 )
     if not run.has_eval:
         return None
-    metrics = eval_loss(model, run.evals, device, config)
+    if config.preference is not None:
+        metrics = preference_eval(
+            model,
+            run.evals,
+            config.preference,
+            device=device,
+            max_batches=config.eval_max_batches,
+            autocast=lambda: autocast(config.precision, device),
+        )
+    else:
+        metrics = eval_loss(model, run.evals, device, config)
     return {"kind": "eval", "step": step, **metrics}
 
 

@@ -1,4 +1,5 @@
-"""Figures of a run (matplotlib, Agg backend): train and eval loss, learning rate."""
+"""Figures of a run (matplotlib, Agg backend): train and eval loss, learning rate; for a
+preference run, the rewards and the reward accuracy."""
 
 from __future__ import annotations
 
@@ -74,4 +75,38 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig.savefig(out_dir / "lr.png", dpi=100)
     plt.close(fig)
     written.append(out_dir / "lr.png")
+    if any("rewards/margins" in r for r in train):
+        written.append(_plot_rewards(plt, train, evals, out_dir / "rewards.png"))
     return written
+
+
+def _plot_rewards(plt, train: list, evals: list, path: Path) -> Path:
+    """rewards.png: chosen and rejected rewards and their margin (train), the reward accuracy
+    (train and eval) on a second axis."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in train]
+    for key, color in (("chosen", "tab:green"), ("rejected", "tab:red"), ("margins", "tab:blue")):
+        ax.plot(steps, [r[f"rewards/{key}"] for r in train], color=color, label=f"{key} reward")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    acc = ax.twinx()
+    acc.plot(steps, [r["rewards/accuracies"] for r in train], ":", color="gray", label="accuracy")
+    scored = [r for r in evals if "eval_rewards/accuracies" in r]
+    if scored:
+        acc.plot(
+            [r["step"] for r in scored],
+            [r["eval_rewards/accuracies"] for r in scored],
+            "o--",
+            color="black",
+            label="eval accuracy",
+        )
+    acc.set_ylim(-0.05, 1.05)
+    acc.set_ylabel("reward accuracy")
+    lines = ax.get_legend_handles_labels()
+    more = acc.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -35,6 +35,7 @@ from lorakit.train.log import RunLog
 from lorakit.train.optim import build_optimizer, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches
 from lorakit.train.router import RouterLoss
+from lorakit.train.preference import check_preference_model
 from lorakit.train.rundir import clean_leftovers, storage_error
 from lorakit.train.runtime import (
     Dist,
@@ -156,6 +157,8 @@ def setup_run(
     the optimizer, restore the checkpoint to resume from (which must `match` beside the config);
     last, catch the stop signals."""
     config, ctx = run.config, run.ctx
+    if config.preference is not None:
+        check_preference_model(run.model, config.preference)
     run.plan = StepPlan(
         train_data, config.batch_size, config.grad_accum_steps, config.seed, config.shuffle
     )
