@@ -13,9 +13,10 @@ W is wrapped in `LoraParams`; its forward runs the owner's own forward with W re
 W + dW (one fused batched matmul-add per parameter, `effective`), so any MoE implementation
 works unchanged, and only the low-rank factors train. A transformers experts module takes the
 leaner route of `lora/experts.py` instead: each expert's tokens through its base slice and its
-own factors, no W + dW formed. The owner's other parameters are
-untouched. Dropout, DoRA and the initialisations that read the base weight are refused, as in
-peft (dropout cannot be written as a change of W).
+own factors, no W + dW formed. The owner's other parameters are untouched. A batch whose rows
+use different adapters is grouped by adapter (`LoraParams._grouped`). Dropout, DoRA and the
+initialisations that read the base weight are refused, as in peft (dropout cannot be written as
+a change of W).
 """
 
 from __future__ import annotations
