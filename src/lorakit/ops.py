@@ -236,6 +236,14 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def generation_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keywords for `generate` on `model`: a mixture of experts whose config sets
+    `output_router_logits` gets it turned off, since transformers' forward then computes its
+    balance loss on each cached step against the whole attention mask, and fails."""
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    return {"output_router_logits": False} if getattr(config, "output_router_logits", 0) else {}
+
+
 def supervised_targets(
     labels: torch.Tensor, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

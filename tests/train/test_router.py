@@ -92,3 +92,13 @@ def test_the_loop_trains_with_the_aux_loss_and_logs_it(tmp_path):
     assert evals and all(r["eval_aux_loss"] > 1.0 for r in evals)
     metrics = eval_loss(model, batches)
     assert metrics["eval_aux_loss"] == pytest.approx(evals[-1]["eval_aux_loss"], rel=1e-6)
+
+
+def test_generation_works_when_the_config_asks_for_router_logits():
+    from lorakit.train.evaluate import generate_samples
+    from serve_support import make_tokenizer
+
+    model = make_tiny_moe("qwen3_moe", vocab_size=260)
+    assert model.config.output_router_logits
+    samples = generate_samples(model, make_tokenizer(), ["Hi", "A longer prompt"], 4)
+    assert [s["prompt"] for s in samples] == ["Hi", "A longer prompt"]

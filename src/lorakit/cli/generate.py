@@ -123,6 +123,8 @@ def stream_reply(
     """Generate from prompt ids (1, T), streaming the text to `out` (stdout); returns it."""
     import torch
 
+    from lorakit.ops import generation_kwargs
+
     device = next(model.parameters()).device
     ids = ids.to(device)
     streamer = _Streamer(tokenizer, ids.shape[1], out)
@@ -133,6 +135,7 @@ def stream_reply(
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
             **sampling.generate_kwargs(),
+            **generation_kwargs(model),
         )
     return streamer.text()
 

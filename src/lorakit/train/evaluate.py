@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.models.templates import prompt_ids
+from lorakit.ops import generation_kwargs
 from lorakit.train.config import TrainConfig
 from lorakit.train.router import RouterLoss, micro_batch_loss
 
@@ -115,6 +116,7 @@ def greedy_answers(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
+                **generation_kwargs(model),
             )
             for row, i in enumerate(group):
                 out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
