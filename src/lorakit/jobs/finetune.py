@@ -72,9 +72,10 @@ def run_training(
             show(f"deleted {path} (--overwrite: the run starts over)")
     model, tokenizer = build_model(run, show)
     initial = _initial_adapter(model)  # PiSSA / OLoRA: to convert the final adapter against
+    build = build_preference_dataset if run.preference_tuning else build_dataset
     if run.preference_tuning:
         train_set = build_preference_dataset(run.data, tokenizer)
-    else:
+    else:  # a line every few seconds while rows are tokenized
         train_set = build_dataset(run.data, tokenizer, progress=show)
     if train_set.raw_text and isinstance(model, LoraModel):  # samples and the saved adapter:
         model.chat_template = RAW_TEMPLATE  # prompts as plain text, no chat turns around them

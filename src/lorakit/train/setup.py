@@ -34,8 +34,8 @@ from lorakit.train.fsdp import check_shardable, gathered, shard_model
 from lorakit.train.log import RunLog
 from lorakit.train.optim import build_optimizer, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches
-from lorakit.train.router import RouterLoss
 from lorakit.train.preference import check_preference_model
+from lorakit.train.router import RouterLoss
 from lorakit.train.rundir import clean_leftovers, storage_error
 from lorakit.train.runtime import (
     Dist,
