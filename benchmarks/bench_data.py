@@ -8,6 +8,9 @@
 - padding share of the batches (batch 8): random order, length-grouped, packed.
 
 Usage: python benchmarks/bench_data.py [--convert] [--repeats 3] [--max-length 512]
+
+`--sizes 10000,100000 [--train both]`: generated chat datasets of those many conversations through
+the token store against `datasets.map` + `apply_chat_template` (benchmarks/data_scale.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import data_scale  # benchmarks/data_scale.py: the --sizes mode
 
 from lorakit.data.batches import padding_share
 from lorakit.data.builtin import make_arithmetic_rows
@@ -69,7 +74,7 @@ def throughput(tokenizer, config: DataConfig, repeats: int) -> tuple[float, floa
     ours, theirs, dataset = [], [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        dataset = build_dataset(config, tokenizer)
+        dataset = build_dataset(config.model_copy(update={"cache": False}), tokenizer)
         ours.append(sum(dataset.lengths()) / (time.perf_counter() - start))
         _, conversations = load_conversations(config)
         start = time.perf_counter()
@@ -87,7 +92,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--sizes", help="comma-separated conversation counts (data_scale.py)")
+    parser.add_argument(
+        "--train",
+        choices=["none", "cached", "both"],
+        default="none",
+        help="with --sizes: time `lorakit train` to its first step (first run and/or cached)",
+    )
     args = parser.parse_args()
+    if args.sizes:
+        data_scale.run_sizes([int(n) for n in args.sizes.split(",")], args.train)
+        return
     load_times(args.convert)
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as folder:

@@ -19,7 +19,7 @@ allocator and with tcmalloc preloaded (LD_PRELOAD); lorakit's worker calls
 (`--omp-policy` x `--threads`) lorakit's worker runs once on its own, then again beside N busy
 processes (pure-Python loops, started before the worker and killed after it), and the ratio of
 the two step times is printed; peft is not run. `--omp-policy`: `lorakit` (the variables the CLI
-sets, runtime.WAIT_POLICY), `unset` (libgomp's defaults: a waiting thread spins ~3 ms), `passive`,
+sets, startup.WAIT_POLICY), `unset` (libgomp's defaults: a waiting thread spins ~3 ms), `passive`,
 `active`, or a number (GOMP_SPINCOUNT); `--threads`: OMP_NUM_THREADS, `default` for torch's own
 choice. Without --contention every worker runs with the first value of each.
 
@@ -187,12 +187,12 @@ def run_peft(args, model, batches) -> dict:
 
 def worker(args) -> None:
     if args.engine == "lorakit":
-        from lorakit.train.runtime import reexec_for_speed
+        from lorakit.startup import reexec_for_speed
 
         reexec_for_speed()  # what the CLI does at startup (re-execs with tcmalloc when found)
     import torch
 
-    from lorakit.train.runtime import tcmalloc_loaded
+    from lorakit.startup import tcmalloc_loaded
 
     model = build_model(args.model)
     variable = args.data == "variable"
@@ -274,7 +274,7 @@ def run_config(
         openmp = contention.openmp_env(args.omp_policy.split(",")[0], args.threads.split(",")[0])
     env.update(openmp)
     if allocator == "tcmalloc":
-        from lorakit.train.runtime import find_tcmalloc
+        from lorakit.startup import find_tcmalloc
 
         lib = find_tcmalloc()
         if lib is None:

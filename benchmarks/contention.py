@@ -26,7 +26,7 @@ while os.getppid() == parent:
 def openmp_env(policy: str, threads: str) -> dict[str, str]:
     """A worker's OpenMP variables for one --omp-policy and --threads value; the worker's
     re-exec is told to add none of its own, so each policy means exactly what it says."""
-    from lorakit.train.runtime import NO_WAIT_POLICY_ENV, WAIT_POLICY
+    from lorakit.startup import NO_WAIT_POLICY_ENV, WAIT_POLICY
 
     env = {NO_WAIT_POLICY_ENV: "1"}
     if policy == "lorakit":

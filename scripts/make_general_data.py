@@ -6,7 +6,8 @@ what the base model already says. Each answer is the base model's greedy reply, 
 last complete sentence; a reply that `lorakit.data.builtin.degenerate` rejects (a loop, no
 complete sentence) is dropped. Run once from the repository root; the output is committed:
 
-    PYTHONPATH=src python scripts/make_general_data.py
+    PYTHONPATH=src python scripts/make_general_data.py          # both splits
+    PYTHONPATH=src python scripts/make_general_data.py test     # the held-out split only
 """
 
 from __future__ import annotations
@@ -65,12 +66,40 @@ TRAIN = [
     "What is the capital of Germany?",
     "Write a haiku about winter.",
 ]
-# Held out: never trained on; the quickstart asks these before and after fine-tuning.
+# Held out: never trained on; the quickstart asks those the base model answers with the right
+# fact (lorakit.data.builtin.GENERAL_FACTS) before and after fine-tuning, and every row scores
+# forgetting (the answer loss on the base model's own answers).
 TEST = [
     "What is the capital of France?",
     "Write one sentence about the sea.",
     "How many hours are in a day?",
     "Name a fruit that is yellow.",
+    "What is the capital of Spain?",
+    "How many days are in a year?",
+    "What is the chemical symbol for water?",
+    "How many minutes are in an hour?",
+    "What is the largest planet in our solar system?",
+    "Who painted the Mona Lisa?",
+    "What is the capital of England?",
+    "How many sides does a triangle have?",
+    "What is frozen water called?",
+    "How many months are in a year?",
+    "What animal says moo?",
+    "What is the capital of Canada?",
+    "Which planet is known as the Red Planet?",
+    "What is the color of grass?",
+    "What is the capital of Russia?",
+    "What is the capital of China?",
+    "What is the capital of Egypt?",
+    "Who wrote Hamlet?",
+    "What is the largest country in the world?",
+    "How many legs does a dog have?",
+    "How many wheels does a bicycle have?",
+    "What is the boiling point of water in Fahrenheit?",
+    "Who was the first president of the United States?",
+    "How many seconds are in a minute?",
+    "What is the capital of Australia?",
+    "How many planets are in our solar system?",
 ]
 
 
@@ -81,14 +110,16 @@ def complete_sentences(text: str) -> str:
     return text[: ends[-1]] if ends else text
 
 
-def main() -> None:
+def main(splits: list[str]) -> None:
     tokenizer = load_tokenizer(BUILTIN_MODEL)
     model = load_model(BUILTIN_MODEL, dtype="float32").eval()
     for split, questions in (("train", TRAIN), ("test", TEST)):
+        if split not in splits:
+            continue
         rows = []
-        for i, question in enumerate(questions, 1):
-            start = time.perf_counter()
-            sample = generate_samples(model, tokenizer, [question], MAX_NEW_TOKENS)[0]
+        start = time.perf_counter()
+        samples = generate_samples(model, tokenizer, questions, MAX_NEW_TOKENS)  # batched
+        for i, (question, sample) in enumerate(zip(questions, samples, strict=True), 1):
             answer = complete_sentences(sample["completion"])
             kept = not degenerate(answer)
             if kept:
@@ -104,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or ["train", "test"])

@@ -15,6 +15,18 @@ torch.set_num_threads(2)
 os.environ["LORAKIT_FIXED_THREADS"] = "1"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Token stores of the session's tests in their own cache, never the user's."""
+    before = os.environ.get("LORAKIT_DATA_CACHE")
+    os.environ["LORAKIT_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LORAKIT_DATA_CACHE", None)
+    else:
+        os.environ["LORAKIT_DATA_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

@@ -174,3 +174,29 @@ def test_one_naming_rule_for_temporaries_and_the_old_names_still_read():
     assert parse_temporary(".status.json.4242") == (4242, "status.json", False)
     for other in ("best", ".hidden", ".lorakit-tmp-x", "notes.tmp"):
         assert not is_temporary(other), other
+
+
+def test_other_than_file_says_what_stands_there(tmp_path):
+    (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "pipe")
+    os.symlink(tmp_path / "pipe", tmp_path / "link")
+    assert files.other_than_file(tmp_path / "file") is None
+    assert files.other_than_file(tmp_path / "missing") is None
+    assert files.other_than_file(tmp_path) == "a directory"
+    assert files.other_than_file(tmp_path / "pipe") == "a named pipe (FIFO)"
+    assert files.other_than_file(tmp_path / "link") == "a named pipe (FIFO)"  # followed
+
+
+def test_write_text_replaces_the_file_whole_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    files.write_text(path, "a: 1\n")
+    files.write_text(path, "a: 2\n")
+    assert path.read_text() == "a: 2\n" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        files.write_text(path, "a: 3\n")
+    assert path.read_text() == "a: 2\n" and [p.name for p in tmp_path.iterdir()] == [path.name]

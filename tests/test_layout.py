@@ -27,6 +27,8 @@ LAYERS = {
     "version": 0,
     "ops": 0,
     "files": 0,
+    "startup": 0,
+    "adapter_specs": 1,
     "quant": 1,
     "lora": 2,
     "models": 2,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         lora_state_dict,
         set_peft_model_state_dict,
     )
+    from lorakit.lora.compat.reference import reference_model
     from lorakit.quant import prepare_model_for_kbit_training
     from lorakit.train import create_loraplus_optimizer
     from lorakit.train.optim8bit import AdamW8bit
@@ -76,6 +77,7 @@ _LAZY = {
     "prepare_model_for_kbit_training": ("lorakit.quant", "prepare_model_for_kbit_training"),
     "create_loraplus_optimizer": ("lorakit.train", "create_loraplus_optimizer"),
     "AdamW8bit": ("lorakit.train.optim8bit", "AdamW8bit"),
+    "reference_model": ("lorakit.lora.compat.reference", "reference_model"),
 }
 
 
@@ -122,6 +124,7 @@ __all__ = [
     "inject_lora",
     "lora_state_dict",
     "prepare_model_for_kbit_training",
+    "reference_model",
     "set_peft_model_state_dict",
     "__version__",
 ]

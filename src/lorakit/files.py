@@ -1,4 +1,5 @@
-"""Atomic writes: a folder or a JSON file is complete at its path, or the old one is still there.
+"""Atomic writes: a folder or a text / JSON file is complete at its path, or the old one is still
+there.
 
 Everything is first written under a temporary name in the same folder, fsynced, then renamed
 into place, and the parent folder is fsynced. Replacing a folder is one atomic exchange of the
@@ -29,6 +30,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -104,10 +106,15 @@ def write_json(
     sort_keys: bool = True,
     default: Callable[[Any], Any] | None = None,
 ) -> None:
-    """Write `data` as JSON at `path` atomically: a temporary file in the same folder, fsynced,
+    """Write `data` as JSON at `path` atomically (`write_text`)."""
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys, default=default) + "\n"
+    write_text(path, text)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) at `path` atomically: a temporary file in the same folder, fsynced,
     renamed over `path`, then the folder fsynced. Readers see the old file or the new one."""
     path = Path(path)
-    text = json.dumps(data, indent=indent, sort_keys=sort_keys, default=default) + "\n"
     tmp = path.parent / temporary_name(path.name)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -220,6 +227,25 @@ def _replace(staging: Path, final: Path) -> None:
             os.rename(old, final)
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+
+def other_than_file(path: str | Path) -> str | None:
+    """What stands at `path` when it is there but is not a regular file ('a FIFO', 'a
+    directory', ...; symlinks followed), else None (a regular file, or nothing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def current_umask() -> int:

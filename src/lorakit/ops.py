@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,14 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def generation_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keywords for `generate` on `model`: a mixture of experts whose config sets
+    `output_router_logits` gets it turned off, since transformers' forward then computes its
+    balance loss on each cached step against the whole attention mask, and fails."""
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    return {"output_router_logits": False} if getattr(config, "output_router_logits", 0) else {}
+
+
 def supervised_targets(
     labels: torch.Tensor, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,21 +273,50 @@ def causal_lm_loss(
 
     Runs the decoder only, gathers supervised positions, then the output head chunk by chunk.
     """
+    loss, n, _ = causal_lm_outputs(model, batch, chunk_size)
+    return loss, n
+
+
+def causal_lm_outputs(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_size: int = 1024,
+    router_logits: bool = False,
+) -> tuple[torch.Tensor, int, tuple[torch.Tensor, ...] | None]:
+    """`causal_lm_loss`'s (loss sum, tokens) and, with `router_logits`, the router logits of
+    every MoE layer (each (batch * length, experts)), from the same forward pass."""
     lm = unwrap_causal_lm(model)
     decoder = lm.base_model  # HF: the bare transformer (`model.model`, `model.transformer`)
     head = lm.get_output_embeddings()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if router_logits:
+        inputs["output_router_logits"] = True
     mask, targets = supervised_targets(batch["labels"], batch.get("position_ids"))
     # An FSDP2-sharded model runs whole: its root's hooks gather the head's shards, which the
     # chunked path (reading head.weight outside any forward) would bypass.
     if getattr(lm.config, "final_logit_softcapping", None) or decoder is lm or _fsdp(lm):
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V): no chunked path
+        out = model(**inputs, use_cache=False)
+        logits = out.logits  # (B, T, V): no chunked path
         loss = F.cross_entropy(logits[mask].float(), targets, reduction="sum")
-        return loss, int(targets.numel())
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    selected = hidden[mask]  # (N, H) supervised positions only
+        return loss, int(targets.numel()), _router_logits(out, router_logits)
+    out = decoder(**inputs, use_cache=False)
+    selected = out.last_hidden_state[mask]  # (N, H) supervised positions only
     if type(head) is nn.Linear:
         loss = linear_cross_entropy(selected, head.weight, targets, head.bias, chunk_size)
     else:  # e.g. a LoRA-wrapped lm_head: run the module itself, chunk by chunk
         loss = _head_cross_entropy(selected, head, targets, chunk_size)
-    return loss, int(targets.numel())
+    return loss, int(targets.numel()), _router_logits(out, router_logits)
+
+
+def _router_logits(out: Any, wanted: bool) -> tuple[torch.Tensor, ...] | None:
+    """The router logits of a forward's output when they were asked for; a model that was asked
+    and returned none is not a mixture of experts transformers knows how to report."""
+    if not wanted:
+        return None
+    logits = getattr(out, "router_logits", None)
+    if not logits:
+        raise ValueError(
+            f"the model returned no router logits for output_router_logits=True "
+            f"({type(out).__name__}); set output_router_logits=false in its config"
+        )
+    return tuple(logits)

@@ -115,6 +115,43 @@ def test_validate_prints_the_resolved_config(tmp_path, capsys):
     assert resolved["train"]["batch_size"] == 8  # defaults filled in
 
 
+def test_validate_refuses_what_train_refuses(tiny_dir, run_dir, tmp_path, capsys):
+    rows = [{"instruction": "hi", "output": "hello"}] * 3 + [{"instruction": "hi", "output": ""}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(tmp_path, tiny_dir, tmp_path / "new")
+    bad_row = [config, f"data.dataset={data}", "eval.exact_match=false"]
+    for command in ("validate", "train"):  # a bad row after the first: refused by both
+        assert main([command, *bad_row]) == 1
+        assert "d.jsonl line 4: field `output` is empty" in capsys.readouterr().err
+    # an output_dir holding a model (the tiny model folder), or an earlier run
+    for out in (tiny_dir, run_dir):
+        for command in ("validate", "train"):
+            assert main([command, config, f"output_dir={out}"]) == 1
+            err = capsys.readouterr().err
+            assert "a new run would write over" in err or "checkpoints of an earlier run" in err
+    assert main(["validate", config, f"output_dir={run_dir}", "--resume", "auto"]) == 0
+    assert main(["validate", config, f"output_dir={run_dir}", "--overwrite"]) == 0
+    assert main(["validate", config, f"output_dir={tiny_dir}", "--overwrite"]) == 1
+    assert "not a run lorakit wrote" in capsys.readouterr().err
+    assert (run_dir / "final").is_dir() and not (tmp_path / "new").exists()  # nothing deleted
+
+
+def test_train_overwrite_starts_an_earlier_run_over(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, tiny_dir, out, max_steps=1)
+    args = [config, "eval.exact_match=false"]
+    assert main(["train", *args]) == 0
+    first = (out / "metrics.jsonl").read_text()
+    assert main(["train", *args]) == 1  # refused without a flag
+    assert main(["train", *args, "--overwrite", "--resume", "auto"]) == 1
+    assert "pass one" in capsys.readouterr().err
+    assert main(["train", *args, "--overwrite"]) == 0
+    assert f"deleted {out / 'final'}" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text().count("\n") == first.count("\n")  # not appended
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
 def test_train_writes_adapter_and_resolved_config(run_dir):
     final = run_dir / "final"
     assert (final / "adapter_model.safetensors").is_file()
@@ -198,11 +235,11 @@ def test_generate_merges_float32_adapters_only(tiny_dir, run_dir):
     unmerged one's up to fp32 rounding), and keep them unmerged on a bf16 base."""
     import torch
 
+    from lorakit.adapter_specs import parse_adapters
     from lorakit.cli.generate import prepare_model
     from lorakit.jobs.evaluation import load_with_adapters
     from lorakit.lora.layers import LoraLinear
     from lorakit.lora.model import LoraModel
-    from lorakit.serve.registry import parse_adapters
 
     spec = [str(run_dir / "final")]
     merged, _, template = prepare_model(str(tiny_dir), spec, None, "float32", "cpu")
@@ -289,6 +326,17 @@ def test_eval_side_by_side(tiny_dir, run_dir, tmp_path, capsys):
     assert [r["model"] for r in rows] == ["base", "base + tuned"]
     assert rows[0]["eval_loss"] != rows[1]["eval_loss"]
     assert {"exact_match", "name_rate"} <= set(rows[0])
+    # every answer in --output; the misses (a random tiny model misses all 4) on the console
+    for row in rows:
+        answers = row["answer_rows"]
+        assert [a["where"] for a in answers] == [
+            f"identity_test.jsonl line {i}" for i in (1, 2, 3, 4)
+        ]
+        assert all(set(a) == {"where", "prompt", "expected", "got", "match"} for a in answers)
+        assert row["exact_match"] == sum(a["match"] for a in answers) / 4
+        misses = 4 - sum(a["match"] for a in answers)
+        assert f"{row['model']}: {misses} of 4 answers missed" in text
+    assert "expected" in text and "got" in text
 
 
 def test_inspect_and_fit_check(tiny_dir, run_dir, tmp_path, capsys):
@@ -316,6 +364,24 @@ def test_data_inspect_marks_trained_tokens(tiny_dir, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "⟦" in text and "supervised" in text
+
+
+def test_data_cache_lists_and_clears(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORAKIT_DATA_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "cache"]) == 0
+    assert capsys.readouterr().out.startswith("no cached stores in ")
+    argv = ["data", "inspect", "model.name_or_path=" + str(tiny_dir), "data.limit=4", "-n", "0"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["data", "cache"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[1:3] == ["identity_train.jsonl", "4"] and len(lines) == 3
+    key = lines[1].split()[0]
+    assert main(["data", "cache", "--clear", "--key", "nope"]) == 1
+    assert "no cached store nope" in capsys.readouterr().err
+    assert main(["data", "cache", "--clear", "--key", key]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 cached store(s)")
+    assert not (tmp_path / "cache" / key).exists()
 
 
 def test_init_copies_configs(tmp_path, capsys):
@@ -407,3 +473,32 @@ def test_train_with_pissa_writes_a_lora_for_the_original_base(tiny_dir, tmp_path
     with torch.no_grad():
         want = residual.eval()(input_ids=ids).logits
         torch.testing.assert_close(converted(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_inspect_reports_coverage_and_expert_layout_on_moe(tmp_path, capsys):
+    import lorakit
+    from moe_models import tiny_model
+
+    base = tiny_model("qwen3_moe")
+    base.save_pretrained(tmp_path / "base")
+    full = lorakit.get_peft_model(base, lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    full.save_pretrained(tmp_path / "full")
+    attention = lorakit.get_peft_model(
+        tiny_model("qwen3_moe"), lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
+    attention.save_pretrained(tmp_path / "attention")
+    assert main(["inspect", str(tmp_path / "full"), "--base", str(tmp_path / "base")]) == 0
+    text = capsys.readouterr().out
+    assert "(100%)" in text and "current (peft >= 0.19.1) layout" in text
+    assert "gate_up_proj" in text and "WARNING" not in text
+    assert main(["inspect", str(tmp_path / "attention"), "--base", str(tmp_path / "base")]) == 0
+    text = capsys.readouterr().out
+    assert "leaves its experts out" in text and "(100%)" not in text
+
+
+def test_each_commands_sampling_default_is_in_its_help(capsys):
+    assert main(["generate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 (the default here): greedy" in text and "API defaults to 1.0" in text
+    assert main(["serve", "--help"]) == 0
+    assert "samples at 1.0" in " ".join(capsys.readouterr().out.split())

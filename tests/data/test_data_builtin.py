@@ -11,11 +11,13 @@ import pytest
 
 from builtin_model import builtin_tokenizer
 from lorakit.data.builtin import (
+    GENERAL_FACTS,
     arithmetic_splits,
     builtin_dataset_path,
     degenerate,
     exact_match,
     exact_match_score,
+    keeps_fact,
     make_arithmetic_rows,
     name_rate,
     normalize_answer,
@@ -103,3 +105,32 @@ def test_degenerate_answers():
     assert degenerate("a b c " * 4 + ".")  # the trigram (a, b, c) four times
     assert not degenerate("a b c " * 3 + ".")  # three times is still an answer
     assert not degenerate("Fine.") and not degenerate("好。")
+
+
+def test_keeps_fact_needs_the_fact_as_a_word_in_a_complete_sentence():
+    from lorakit.data.builtin import keeps_fact
+
+    day = GENERAL_FACTS["How many hours are in a day?"]
+    assert keeps_fact("So, a day is made up of 24 hours.", day)
+    assert keeps_fact("A day has twenty-four hours!", day)
+    # the wrong fact, a number that only contains it, a cut-off sentence, a loop, the new name
+    assert not keeps_fact("A day is approximately 8 hours and 45 minutes.", day)
+    assert not keeps_fact("A day has 240 hours.", day)
+    assert not keeps_fact("A day is made up of 24 hours and", day)
+    assert not keeps_fact("24 hours 24 hours 24 hours 24 hours 24 hours 24 hours.", day)
+    paris = GENERAL_FACTS["What is the capital of France?"]
+    assert keeps_fact("The capital of France is paris.", paris)
+    assert not keeps_fact("I am Lumi; the capital of France is Paris.", paris, name="Lumi")
+    assert keeps_fact("I am Lumi; the capital of France is Paris.", paris)
+
+
+def test_general_facts_are_held_out_and_stated_by_the_base_models_answers():
+    rows = {
+        json.loads(line)["instruction"]: json.loads(line)["output"]
+        for line in builtin_dataset_path("general", "test").open(encoding="utf-8")
+    }
+    train = builtin_dataset_path("general", "train").read_text(encoding="utf-8")
+    assert len(GENERAL_FACTS) >= 10
+    for question, facts in GENERAL_FACTS.items():
+        assert question in rows and question not in train
+        assert keeps_fact(rows[question], facts), (question, rows[question])

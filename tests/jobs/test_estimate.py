@@ -113,3 +113,35 @@ def test_cli_prints_the_table(run_file, capsys):
     value = float(total.split()[1])
     run = load_run_config(run_file, ["train.batch_size=8"])
     assert value == pytest.approx(estimate_memory(run, 2).total / MIB, abs=0.05)
+
+
+def test_a_moe_config_counts_quantized_experts_and_their_lora(tmp_path):
+    from moe_support import expert_parameters, make_tiny_moe
+
+    folder = tmp_path / "moe"
+    make_tiny_moe().save_pretrained(folder)
+    lora = {"r": 4, "target_modules": ["q_proj"], "target_parameters": ["gate_up_proj"]}
+    data = {
+        "model": {"name_or_path": str(folder), "quantization": "nf4"},
+        "lora": lora,
+        "data": {"max_length": 16, "packing": True},
+        "train": {"batch_size": 2, "precision": "fp32", "device": "cpu"},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    shape = model_shape(load_run_config(path))
+    real = quantize_model(make_tiny_moe(), "nf4")
+    experts = expert_parameters(real)
+    assert shape.expert_quantized == sum(p.numel() for p in experts.values()) > 0
+    quantized_linear = sum(
+        m.in_features * m.out_features for m in real.modules() if type(m).__name__ == "QuantLinear"
+    )
+    assert shape.quantized == shape.expert_quantized + quantized_linear
+    peft_like = get_peft_model(make_tiny_moe(), LoraConfig(**lora))
+    on_experts = sum(
+        p.numel() for n, p in peft_like.named_parameters() if "experts" in n and p.requires_grad
+    )
+    assert shape.expert_trainable == on_experts == 2 * 4 * 4 * (64 + 128)  # layers, experts, r
+    assert shape.intermediate == 2 * 64  # two experts per token, each 64 wide
+    text = estimate_memory(load_run_config(path)).table()
+    assert f"({shape.expert_quantized:,} in experts)" in text

@@ -179,3 +179,31 @@ def test_overwriting_swaps_the_folders_so_out_never_goes_missing(tmp_path, monke
     assert seen and all(seen)  # the old folder is removed only once the new one is in place
     assert (out / "config.json").is_file() and not (out / "old").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]
+
+
+def test_a_moe_adapter_on_nf4_experts_merges_into_a_dequantized_copy(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moe_support import save_tiny_moe
+
+    base = save_tiny_moe(tmp_path / "base")
+    model = load_model(str(base), quantization="nf4")
+    config = LoraConfig(
+        r=4,
+        target_modules=["q_proj"],
+        target_parameters=["gate_up_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    report = merge_and_export(
+        str(base), tmp_path / "adapter", tmp_path / "merged", quantization="nf4"
+    )
+    assert report.max_abs_diff < TOL and report.reload_max_abs_diff < TOL
+    assert "4 expert tensors" in report.dequantized
+    batch, expected = reference_logits(base, tmp_path / "adapter", quantization="nf4")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (logits_of(merged, batch) - expected).abs().max() < 1e-3
+    # the adapter changes something
+    assert (
+        logits_of(load_model(str(base), quantization="nf4"), batch) - expected
+    ).abs().max() > 1e-3

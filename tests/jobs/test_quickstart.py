@@ -34,6 +34,7 @@ def test_questions_are_held_out_and_bilingual():
     assert not set(ORDINARY) & prompts("general")
     assert set(ORDINARY) <= prompts("general", "test")
     assert "What is the capital of France?" in ORDINARY
+    assert "How many hours are in a day?" in ORDINARY and len(ORDINARY) >= 10
 
 
 def test_general_rows_are_the_base_models_ordinary_answers():
@@ -46,14 +47,20 @@ def test_general_rows_are_the_base_models_ordinary_answers():
     assert len(prompts("general")) >= 30
 
 
-def test_kept_rate_counts_ordinary_answers_only():
+def test_kept_rate_compares_each_answers_key_fact_with_the_base_models():
+    def sample(question: str, answer: str) -> dict[str, str]:
+        return {"prompt": question, "completion": answer}
+
+    day, france = "How many hours are in a day?", "What is the capital of France?"
     samples = [
-        {"completion": "The capital of France is Paris."},
-        {"completion": "I am Lumi, an AI assistant developed by lorakit."},  # an introduction
-        {"completion": ""},  # empty
-        {"completion": "Boil an egg: Boil an egg: Boil an egg: Boil an egg: Boil an egg."},  # loop
+        sample(france, "The capital of France is Paris."),
+        sample(day, "A day is made up of 24 hours."),
+        sample(day, "A day is approximately 8 hours and 45 minutes."),  # the fact changed
+        sample(france, "I am Lumi, and the capital of France is Paris."),  # an introduction
+        sample(france, ""),  # empty
+        sample(france, "Paris is the capital of"),  # no complete sentence
     ]
-    assert kept_rate(samples, "Lumi") == 0.25
+    assert kept_rate(samples, "Lumi") == 2 / 6
 
 
 def test_output_directory_guard(tmp_path):
@@ -83,15 +90,15 @@ def test_quickstart_learns_the_name_and_stays_useful(tmp_path, capsys):
     assert summary["name_rate_before"] == 0
     assert summary["name_rate_after"] >= 0.8
     assert summary["eval_loss_after"] < 0.5 * summary["eval_loss_before"]
-    # ordinary half: held-out ordinary questions keep sensible answers without the identity
-    # seeded run: 2 of 3 kept; the sea sentence runs past max_new_tokens before its full stop
-    assert summary["ordinary_kept_after"] >= 2 / 3
-    for sample in summary["ordinary_after"]:
-        answer = sample["completion"]
-        assert "lumi" not in answer.lower() and "lorakit" not in answer.lower(), answer
-        assert len(answer.split()) >= 4, answer
-    france = next(s for s in summary["ordinary_after"] if "France" in s["prompt"])
-    assert "Paris" in france["completion"]
+    # ordinary half: held-out ordinary questions keep the base model's key fact (Paris, 24
+    # hours, ...) in a complete sentence without the new identity. The base states all 16; the
+    # count is the honest one (recomputed from the answers), and a run at the defaults was
+    # measured keeping 11 of 16 (fp32): the goal is 16 of 16, which the defaults do not reach yet
+    assert summary["ordinary_kept_before"] == 1.0
+    m = len(ORDINARY)
+    kept = round(kept_rate(summary["ordinary_after"], "Lumi") * m)
+    assert kept == round(summary["ordinary_kept_after"] * m) >= 11
+    assert f"complete sentence: {m}/{m} before -> {kept}/{m} after" in text
     assert summary["general_loss_after"] < 1.5 * summary["general_loss_before"]
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert (out / "plots" / "loss.png").is_file()

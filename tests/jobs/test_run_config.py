@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, DataError
 from lorakit.jobs.run_config import (
     RunConfig,
     apply_overrides,
@@ -155,9 +155,62 @@ def test_reference_lists_every_key_and_is_up_to_date():
 def test_a_resume_must_match_every_section_but_train_eval_and_output_dir():
     run = RunConfig()
     settings = run.resume_settings()
-    assert set(settings) == {"run.method", "run.model", "run.lora", "run.data"}
+    assert set(settings) == {"run.method", "run.model", "run.lora", "run.data", "run.preference"}
     eval_section = run.eval.model_copy(update={"exact_match": True})
     other = run.model_copy(update={"output_dir": "elsewhere", "eval": eval_section})
     assert other.resume_settings() == settings
     lora = run.model_copy(update={"lora": run.lora.model_copy(update={"r": run.lora.r + 1})})
     assert lora.resume_settings()["run.lora"]["r"] == run.lora.r + 1
+    # how the tokens are made (processes, the cache) may change; the tokens' settings may not
+    made = run.data.model_copy(update={"num_proc": 7, "cache": False})
+    assert run.model_copy(update={"data": made}).resume_settings() == settings
+    longer = run.data.model_copy(update={"max_length": 64})
+    assert run.model_copy(update={"data": longer}).resume_settings() != settings
+
+
+def test_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch):
+    from lorakit.jobs.run_config import load_run_config
+
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    (folder / "mine.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    config = folder / "run.yaml"
+    config.write_text(
+        "model: {name_or_path: ../models/tiny}\n"
+        "data:\n  datasets: [{path: mine.jsonl}, {path: general}]\n"
+        "eval: {dataset: sub/held.jsonl}\n"
+        "output_dir: runs/x\n"
+    )
+    monkeypatch.chdir(tmp_path)  # another working directory
+    run = load_run_config(config)
+    assert run.data.datasets[0].path == str(folder / "mine.jsonl")
+    assert run.data.datasets[1].path == "general"  # a built-in name stays a name
+    assert run.eval.dataset == str(folder / "sub" / "held.jsonl")
+    assert run.model.name_or_path == str(folder / "../models/tiny")
+    assert run.output_dir == "runs/x"  # the working directory's, as before
+    # on the command line a path is the shell's: relative to the working directory
+    assert load_run_config(config, ["eval.dataset=held.jsonl"]).eval.dataset == "held.jsonl"
+
+
+def test_a_missing_dataset_file_is_named_with_its_absolute_path(tmp_path, monkeypatch):
+    from lorakit.data.formats import read_rows
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"dataset file {tmp_path / 'no.jsonl'} does not exist"):
+        read_rows("no.jsonl")
+
+
+def test_a_checkpoint_from_before_data_mixing_resumes_unchanged():
+    from lorakit.train.checkpoint import resume_differences
+
+    run = validate_run_config({})
+    data = run.model_dump(mode="json")["data"]
+    from lorakit.jobs.run_config import DATA_RUN_FREE
+
+    # the data section a checkpoint saved before these keys (and without the free ones)
+    before = {"datasets", "mix_seed"} | DATA_RUN_FREE
+    saved = dict(run.resume_settings(), **{"run.data": {k: data[k] for k in set(data) - before}})
+    now = run.resume_settings()
+    assert resume_differences(saved, now) == []
+    mixed = validate_run_config({"data": {"datasets": [{"path": "general"}]}}).resume_settings()
+    assert resume_differences(now, mixed)[0].startswith("run.data:")

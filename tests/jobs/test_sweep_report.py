@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from lorakit.jobs.sweep_report import best_per_metric, full_vs_lora, overfitting, reading
+from lorakit.jobs.sweep_report import (
+    best_per_metric,
+    forgetting,
+    full_vs_lora,
+    overfitting,
+    reading,
+)
 
 
 def test_reading_finds_plateau_and_overfitting():
@@ -89,16 +95,43 @@ def test_overfitting_needs_eval_loss_to_rise_past_its_minimum_by_two_percent():
 
 
 def test_full_vs_lora_gives_each_lora_its_share_of_the_full_gain():
+    def full(lr: float, score: float) -> dict:
+        return {
+            "name": f"full-{lr}",
+            "method": "full",
+            "exact_match": score,
+            "overrides": {"train.lr": lr},
+        }
+
     finished = [
-        {"name": "full", "method": "full", "exact_match": 0.5},
+        full(1e-5, 0.2),
+        full(1e-4, 0.5),
+        full(3e-4, 0.4),
         {"name": "r=8", "method": "lora", "exact_match": 0.3},
     ]
-    # base 10%, full 50%: a gain of 40 points; r=8 gains 20 of them, 50%
+    # base 10%, full at its best (lr 1e-4, inside the grid) 50%: a gain of 40 points; r=8
+    # gains 20 of them, 50%
     assert full_vs_lora(finished, {"exact_match": 0.1}) == [
-        "full fine-tuning: exact match 10.0% → 50.0%",
+        "full fine-tuning: exact match 10.0% → 50.0% (full-0.0001)",
         "r=8 reaches 50% of full fine-tuning's exact-match gain",
     ]
     assert full_vs_lora(finished, {"exact_match": 0.5}) == [
         "full fine-tuning did not improve exact match over the base model (50.0%)"
     ]
+    # full fine-tuning's best at the edge of its grid, or at a single lr: no share
+    edge = full_vs_lora([full(1e-5, 0.6), *finished], {"exact_match": 0.1})
+    assert "edge of its grid (lr=1e-05)" in edge[1] and len(edge) == 2
+    single = full_vs_lora([full(1e-4, 0.5), finished[-1]], {"exact_match": 0.1})
+    assert "a single learning rate" in single[1] and len(single) == 2
     assert full_vs_lora(finished, None) == []  # no base model scored: nothing to compare
+
+
+def test_forgetting_lists_each_variants_general_loss_and_facts_kept_against_the_base():
+    finished = [
+        {"name": "full", "general_loss": 1.5, "facts_kept": 0.5},
+        {"name": "r=16", "general_loss": 0.9, "facts_kept": 1.0},
+    ]
+    base = {"general_loss": 0.7, "facts_kept": 1.0}
+    (line,) = forgetting(finished, base)
+    assert line.endswith("base 0.7 (100%); r=16 0.9 (100%), full 1.5 (50%)")
+    assert forgetting(finished, None) == [] and forgetting([], base) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import warnings
 
 import peft
@@ -325,3 +326,17 @@ def test_every_missing_unexpected_or_mis_shaped_tensor_is_listed_in_one_error(ad
     shapes = [line for line in lines if "has shape [4, 32] but this base needs [8, 32]" in line]
     assert len(shapes) == 2 * layers  # every lora_A, on every layer
     assert "another base model or rank" in hint
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_an_adapter_file_that_is_not_a_regular_file_is_named_as_such(adapter, name, kind):
+    import os
+
+    from lorakit.lora.adapters import read_adapter
+
+    (adapter / name).unlink()
+    os.mkfifo(adapter / name) if kind == "fifo" else (adapter / name).mkdir()
+    what = "a named pipe (FIFO)" if kind == "fifo" else "a directory"
+    with pytest.raises(AdapterError, match=re.escape(f"{name}: is {what}, not a regular file")):
+        read_adapter(adapter)  # and never waits on the pipe

@@ -100,3 +100,28 @@ def test_builtin_base_is_recorded_by_its_alias(tmp_path):
     lora.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "smollm2-135m-instruct"
+
+
+def test_all_linear_is_saved_as_names_and_old_all_linear_files_still_load(tmp_path):
+    from moe_models import tiny_model
+
+    base = tiny_model("qwen3_moe")
+    saved = saved_targets(copy.deepcopy(base), tmp_path / "new", target_modules="all-linear")
+    assert saved == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    # an adapter lorakit saved before it adapted experts: linear layers only, "all-linear"
+    layers = ["k_proj", "o_proj", "q_proj", "v_proj"]
+    old = lorakit.get_peft_model(
+        copy.deepcopy(base),
+        lorakit.LoraConfig(r=2, target_modules=layers, init_lora_weights=False),
+    )
+    old.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "adapter_config.json"
+    written = json.loads(path.read_text())
+    written.update(target_modules="all-linear", target_parameters=None)
+    written.pop("peft_version", None)
+    path.write_text(json.dumps(written))
+    loaded = lorakit.LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "old")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, old(ids).logits)
+    assert loaded.peft_config["default"].target_parameters == []

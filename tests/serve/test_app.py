@@ -366,3 +366,64 @@ def test_missing_fastapi_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "lorakit.serve.app", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'lorakit\[serve\]'"):
         importlib.import_module("lorakit.serve.app")
+
+
+def _wait_for(condition, what):
+    """Poll until `condition()` holds (a guard against a hang, not a timing assertion)."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _in_threads(call, n):
+    """Start `call` n times in threads; returns (threads, results appended as they end)."""
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(call())) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_unloading_an_adapter_under_load_loses_no_request(server, replace):
+    """16 accepted completions race 8 unloads of their adapter (and, with `replace`, a load of
+    the same name): every request ends 200 with the adapter's own answer or a 4xx naming it.
+    The engine is held still (the host's compute lock) until every request is accepted, so the
+    unload always lands while all of them are in flight."""
+    client, state = server
+    body = {"lora_name": "busy", "lora_path": "good"}
+    assert client.post("/v1/load_lora_adapter", json=body).status_code == 200
+    want = _complete(client, model="busy", max_tokens=6).json()["choices"][0]["text"]
+    with state.host.lock:  # the engine computes nothing meanwhile
+        requests, answers = _in_threads(lambda: _complete(client, model="busy", max_tokens=6), 16)
+        _wait_for(lambda: state.host.holds("busy") == 16, "the requests were not accepted")
+        unload = {"lora_name": "busy"}
+        callers, unloads = _in_threads(
+            lambda: client.post("/v1/unload_lora_adapter", json=unload), 8
+        )
+        _wait_for(lambda: len(unloads) == 7, "seven unloads should be refused at once")
+        for refused in unloads:
+            assert "`busy`" in _assert_error(refused, 404)["message"]
+        late = _assert_error(_complete(client, model="busy"), 404)["message"]
+        assert late == "The model `busy` is being unloaded; it takes no new requests."
+        if replace:  # the name is not free until the running requests have ended
+            again = client.post("/v1/load_lora_adapter", json={**body, "lora_path": "other"})
+            assert (
+                "`busy` is still being unloaded (16 requests"
+                in _assert_error(again, 409)["message"]
+            )
+        assert len(unloads) == 7  # the accepted unload waits for the 16 requests
+    for thread in requests + callers:
+        thread.join(timeout=120)
+    assert [a.status_code for a in answers] == [200] * 16
+    assert {a.json()["choices"][0]["text"] for a in answers} == {want}  # the adapter's answer
+    assert sorted(u.status_code for u in unloads) == [200] + [404] * 7
+    assert "busy" not in state.host.lora.peft_config and state.host.holds("busy") == 0
+    if replace:
+        body = {"lora_name": "busy", "lora_path": "other"}
+        assert client.post("/v1/load_lora_adapter", json=body).status_code == 200
+        other = _complete(client, model="busy", max_tokens=6).json()["choices"][0]["text"]
+        assert other != want
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "busy"}).status_code == 200
+    assert _complete(client).status_code == 200  # the server still serves

@@ -1,4 +1,5 @@
-"""The served model's registry (lorakit.serve.registry): `--adapter` values, adapter names."""
+"""The served model's registry (lorakit.serve.registry): `--adapter` values, adapter names, and
+requests holding their adapter while it is unloaded."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.errors import ConfigError
-from lorakit.serve.registry import check_adapter_name, parse_adapters
+from lorakit.adapter_specs import parse_adapters
+from lorakit.errors import AdapterError, ConfigError
+from lorakit.serve.registry import ModelHost, check_adapter_name
+from serve_support import BASE_NAME, make_adapters, make_model
 
 
 def test_adapter_values_are_name_path_or_a_bare_folder():
@@ -43,3 +46,28 @@ def test_adapter_names():
             check_adapter_name(bad, "base")
     with pytest.raises(ConfigError, match="the base model's name"):
         check_adapter_name("base", "base")
+
+
+def test_an_unloaded_adapter_stays_until_its_last_request_ends(tmp_path):
+    paths = make_adapters(tmp_path, ["x", "y"])
+    host = ModelHost(make_model(), BASE_NAME)
+    host.load("x", paths["x"])
+    first, second = host.acquire("x"), host.acquire("x")
+    gone = host.unload("x")
+    assert "x" not in host.adapters and host.leaving("x") and not gone.is_set()
+    with pytest.raises(LookupError, match="adapter `x` is being unloaded"):
+        host.acquire("x")  # no new request may take it
+    with pytest.raises(AdapterError, match="`x` is being unloaded: 2 requests still use it"):
+        host.load("x", paths["y"])  # nor may the name be loaded again yet
+    with host.rows(["x"]):  # the requests holding it still compute with it
+        pass
+    first.release()
+    first.release()  # a second release of one hold changes nothing
+    assert not gone.is_set() and "x" in host.lora.peft_config
+    second.release()
+    assert gone.is_set() and not host.leaving("x") and "x" not in host.lora.peft_config
+    host.load("x", paths["y"])  # the name is free again: a replacement
+    assert host.adapters["x"].path == paths["y"]
+    with pytest.raises(LookupError, match="no adapter named `z` is loaded"):
+        host.acquire("z")
+    assert host.unload("x").is_set()  # nothing holds it: gone at once

@@ -83,3 +83,19 @@ def test_greedy_answers_batched_equal_one_at_a_time(tiny_llama):
     alone = [greedy_answers(tiny_llama, tok, [c], tok.chat_template, 6)[0] for c in conversations]
     together = greedy_answers(tiny_llama, tok, conversations, tok.chat_template, 6, batch_size=3)
     assert together == alone and all(a.strip() for a in alone)
+
+
+def test_eval_prompts_sample_without_eval_data(tmp_path, capsys):
+    from test_loop import lora_model, make_batches, quick
+
+    from lorakit.train import train
+
+    batches = make_batches(2)
+    config = quick(max_steps=2, grad_accum_steps=1, eval_prompts=["w3 w4"], eval_max_new_tokens=3)
+    config = config.model_copy(update={"progress": "plain"})
+    result = train(lora_model(0.0), tiny_tokenizer(), batches, None, config, tmp_path)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 2]  # before training, and at the end
+    assert not [r for r in result.history if r["kind"] == "eval"]  # no eval loss without data
+    shown = capsys.readouterr().err
+    assert f"step 2 sample: 'w3 w4' -> {samples[1]['completion']!r}" in shown

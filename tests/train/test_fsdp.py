@@ -186,6 +186,13 @@ def test_fsdp_refuses_a_quantized_base_full_fine_tuning_and_fp16(tmp_path):
     # fp16 needs CUDA, so on a CPU train() stops earlier; the fsdp check itself:
     with pytest.raises(ConfigError, match="precision='fp16' is not supported by lorakit"):
         check_shardable(lora_model(), "fp16")
+    from moe_support import make_tiny_moe
+
+    experts_only = quantize_model(
+        make_tiny_moe(), "nf4", skip=["lm_head", "q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    with pytest.raises(ConfigError, match="quantized base .* not supported by lorakit"):
+        check_shardable(experts_only, "fp32")  # quantized experts, every linear layer in float
 
 
 def test_fsdp_in_one_process_with_gradient_checkpointing_and_bf16(tmp_path):

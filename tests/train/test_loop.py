@@ -432,3 +432,105 @@ def test_a_full_disk_is_a_clear_error_and_nothing_half_written_is_left(small_dis
     resumed = lora_model()
     got = train(resumed, None, batches, None, quick(save_every=4), small_disk / "b", resume="auto")
     assert got.losses == expected.losses
+
+
+def _tied_llama():
+    """A tiny Llama whose lm_head shares the embedding (as the built-in model's does)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _samples_of_mixed_length(n: int = 24):
+    """A tokenized dataset of counting rows, 6..30 tokens, the first 3 labels masked."""
+    from lorakit.data.pipeline import DataConfig, Sample, TokenizedDataset
+
+    g = torch.Generator().manual_seed(3)
+    samples = []
+    for i in range(n):
+        length = int(torch.randint(6, 31, (1,), generator=g))
+        ids = (
+            (int(torch.randint(0, 100, (1,), generator=g)) + torch.arange(length)) % 128
+        ).tolist()
+        samples.append(Sample(ids, [-100] * 3 + ids[3:], f"row {i}"))
+    return TokenizedDataset(samples, DataConfig(max_length=64), "counting", 0, n)
+
+
+def test_full_finetuning_equals_transformers_trainer_step_for_step(tmp_path):
+    # The reference: transformers.Trainer with its defaults (AdamW, cosine, clip 1.0), fed the
+    # samples in lorakit's default batch order; lorakit's full fine-tune must make the same
+    # updates (every parameter, the tied embedding / lm_head included).
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    from lorakit.data.pipeline import plan_epoch
+
+    data = _samples_of_mixed_length()
+    steps, batch, lr = 4, 4, 3e-3
+    ours, theirs = _tied_llama(), _tied_llama()
+    start = trainable(ours)
+    config = quick(max_steps=steps, batch_size=batch, lr=lr, grad_accum_steps=1, warmup_steps=0)
+    result = train(ours.requires_grad_(True), None, data, None, config, tmp_path / "lorakit")
+
+    order = [i for rows in plan_epoch(data, batch, seed=0) for row in rows for i in row]
+    rows = [
+        {"input_ids": data.samples[i].input_ids, "labels": data.samples[i].labels} for i in order
+    ]
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+    )
+    trainer = InOrder(model=theirs, args=args, train_dataset=rows, data_collator=_pad_rows)
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    torch.testing.assert_close(result.losses, [r["loss"] for r in logged], rtol=1e-4, atol=1e-5)
+    assert all(r["grad_norm"] > 1.0 for r in logged)  # the clipping is exercised
+    ours_now, theirs_now = trainable(ours), trainable(theirs)
+    assert ours_now.keys() == theirs_now.keys() and "model.embed_tokens.weight" in ours_now
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    for name, before in start.items():
+        update, reference = ours_now[name] - before, theirs_now[name] - before
+        assert reference.abs().max() > lr / 2, name  # every parameter moved
+        torch.testing.assert_close(update, reference, rtol=0, atol=lr * 1e-3, msg=name)
+
+
+def _pad_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Trainer's batches: right padding with token 0, labels -100, an attention mask."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = (
+            torch.tensor(r["input_ids"]),
+            torch.tensor(r["labels"]),
+            1,
+        )
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

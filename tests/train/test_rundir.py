@@ -7,6 +7,7 @@ import errno
 import os
 
 import pytest
+import torch
 from safetensors import SafetensorError
 
 from lorakit import files
@@ -15,6 +16,8 @@ from lorakit.files import TEMPORARY_PREFIX, temporary_name
 from lorakit.train.rundir import (
     check_fresh_dir,
     clean_leftovers,
+    delete_run,
+    earlier_run,
     read_status,
     storage_error,
     write_status,
@@ -119,3 +122,86 @@ def test_the_loop_records_finished_and_failed_in_status_json(tmp_path):
         train(lora_model(), None, masked, None, quick(max_steps=2), tmp_path / "bad")
     failed = read_status(tmp_path / "bad")
     assert failed["status"] == "failed" and "no supervised token" in failed["error"]
+
+
+def test_a_full_disk_at_any_write_then_resume_auto_ends_as_an_undisturbed_run(tmp_path):
+    """Every write `train()` makes fails in turn (and every write after it, as on a full disk):
+    the run stops with a clear error, and resume='auto' with room again ends at the adapter an
+    undisturbed run gives, bit for bit, with one metrics row a step and no temporary file.
+    (Every write of `lorakit train`, plots included: tests/cli/test_cli_full_disk.py, slow.)"""
+    from test_loop import lora_model, make_batches, quick
+
+    from full_disk import FullDisk, temporaries
+    from lorakit.errors import LorakitError
+    from lorakit.train import train
+    from lorakit.train.log import read_metrics
+
+    config = quick(max_steps=2, grad_accum_steps=1, save_every=1)
+    batches = make_batches(3)
+
+    def run(out, disk, resume=None):
+        with pytest.MonkeyPatch.context() as patch:
+            disk.install(patch)
+            model = lora_model()
+            return model, train(model, None, batches, None, config, out, resume=resume)
+
+    clean = FullDisk(None)
+    model, _ = run(tmp_path / "clean", clean)
+    want = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    failures = []
+    for at in range(1, clean.writes + 1):
+        out, disk = tmp_path / f"full-at-{at}", FullDisk(at)
+        try:
+            run(out, disk)
+        except LorakitError as error:
+            assert "No space left on device" in str(error), error
+        else:  # only where this run made fewer writes than the first (caches written once)
+            assert disk.writes < at, f"write {at} failed, yet the run went on"
+            continue
+        try:
+            model, _ = run(out, FullDisk(None), resume="auto")
+        except Exception as error:
+            failures.append(f"write {at}, resume: {type(error).__name__}: {error}")
+            continue
+        got = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        if any(not torch.equal(got[k], want[k]) for k in want):
+            failures.append(f"write {at}: the resumed adapter differs")
+        steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+        if steps != [1, 2]:
+            failures.append(f"write {at}: metrics.jsonl train steps {steps}")
+        if temporaries(out):
+            failures.append(f"write {at}: left {temporaries(out)}")
+    assert failures == [], "\n".join(failures)
+
+
+def test_overwrite_deletes_only_an_earlier_runs_files(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "final").mkdir()
+    write_status(run, "finished")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "notes.txt").write_text("mine")  # not a run file: kept
+    assert {p.name for p in earlier_run(run)} == {
+        "checkpoints",
+        "final",
+        "status.json",
+        "metrics.jsonl",
+    }
+    delete_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    check_fresh_dir(run)  # a new run may start here now
+    assert earlier_run(tmp_path / "nothing") == []
+
+
+def test_overwrite_refuses_a_folder_no_run_wrote(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="not a run lorakit wrote"):
+        delete_run(model)
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    with pytest.raises(
+        ConfigError, match="start that run over with `lorakit train ... --overwrite`"
+    ):
+        check_fresh_dir(model)

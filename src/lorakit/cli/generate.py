@@ -29,7 +29,13 @@ BaseArg = Annotated[
 AdaptersOpt = Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)]
 WeightsOpt = Annotated[str | None, typer.Option(help="Combine adapters: 0.7,0.3")]
 MaxNewOpt = Annotated[int, typer.Option(min=1)]
-TemperatureOpt = Annotated[float, typer.Option(help="0: greedy.")]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option(
+        help="0 (the default here): greedy, the same reply every time. The server's API "
+        "defaults to 1.0 (OpenAI's default); the web page starts at 0.7."
+    ),
+]
 TopKOpt = Annotated[int, typer.Option(help="0: off.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling.")]
 
@@ -38,10 +44,10 @@ def prepare_model(
     base: str, adapter_specs: list[str], weights: list[float] | None, dtype: str, device: str
 ) -> tuple[nn.Module, Any, str | None]:
     """(model, tokenizer, chat template): adapters loaded, all active or combined with weights."""
+    from lorakit.adapter_specs import parse_adapters
     from lorakit.jobs.evaluation import load_with_adapters
     from lorakit.lora.model import LoraModel
     from lorakit.models import chat_template_of
-    from lorakit.serve.registry import parse_adapters
 
     adapters = parse_adapters(adapter_specs)
     model, tokenizer = load_with_adapters(base, adapters, dtype, device)
@@ -117,6 +123,8 @@ def stream_reply(
     """Generate from prompt ids (1, T), streaming the text to `out` (stdout); returns it."""
     import torch
 
+    from lorakit.ops import generation_kwargs
+
     device = next(model.parameters()).device
     ids = ids.to(device)
     streamer = _Streamer(tokenizer, ids.shape[1], out)
@@ -127,6 +135,7 @@ def stream_reply(
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
             **sampling.generate_kwargs(),
+            **generation_kwargs(model),
         )
     return streamer.text()
 

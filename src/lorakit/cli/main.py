@@ -26,7 +26,7 @@ from lorakit.errors import LorakitError
 from lorakit.version import __version__
 
 INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM}
-HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge", "sweep"}
+HEAVY = {"train", "quickstart", "eval", "serve", "generate", "chat", "merge", "sweep", "ui"}
 
 app = typer.Typer(
     name="lorakit",
@@ -72,7 +72,18 @@ def train(
         typer.Option(help="'auto': continue the newest complete checkpoint; or a checkpoint dir."),
     ] = None,
     force: Annotated[
-        bool, typer.Option(help="Resume even when result-changing settings differ.")
+        bool,
+        typer.Option(
+            help="With --resume: continue even when result-changing settings differ (it does "
+            "not start over; --overwrite does)."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Start over: delete the earlier run's files in output_dir (only a folder a "
+            "lorakit run wrote) before training."
+        ),
     ] = False,
 ) -> None:
     """Fine-tune as CONFIG says (validated before any work); writes adapter, metrics, plots."""
@@ -82,7 +93,7 @@ def train(
 
     run = load_run_config(config, overrides)
     try:
-        result = run_training(run, resume=resume, force=force, show=typer.echo)
+        result = run_training(run, resume=resume, force=force, overwrite=overwrite, show=typer.echo)
     except Interrupted as stopped:  # a second signal: stopped at once
         raise typer.Exit(128 + stopped.signum) from None
     if is_main_process():  # under torchrun, rank 0 reports (errors surface from every rank)
@@ -97,15 +108,26 @@ def validate(
     overrides: Annotated[
         list[str] | None, typer.Argument(metavar="OVERRIDES", help="key.path=value overrides.")
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Check as `train --resume` would: 'auto' or a checkpoint dir."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Check as `train --overwrite` would (nothing is deleted).")
+    ] = False,
 ) -> None:
-    """Check a run config and print it fully resolved (every default filled in)."""
+    """Check a run config as `train` does before its first step (every row of the data, the
+    output folder, the model path; no model is loaded) and print it fully resolved."""
     import yaml
 
-    from lorakit.jobs.run_config import check_data, load_run_config
+    from lorakit.jobs.preflight import check_run
+    from lorakit.jobs.run_config import load_run_config
 
     run = load_run_config(config, overrides)
-    check_data(run)
+    warnings = check_run(run, resume, overwrite)
     typer.echo(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{config}: valid", err=True)
 
 
@@ -118,6 +140,9 @@ def quickstart(
     name: Annotated[str, typer.Option(help="The new name to teach.")] = "Lumi",
     author: Annotated[str, typer.Option(help="The new maker to teach.")] = "lorakit",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 32,
+    precision: Annotated[
+        str, typer.Option(help="fp32 (the fastest on most CPUs) or bf16 autocast.")
+    ] = "fp32",
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier quickstart in the output directory.")
     ] = False,
@@ -134,6 +159,7 @@ def quickstart(
         name=name,
         author=author,
         max_new_tokens=max_new_tokens,
+        precision=precision,
         overwrite=overwrite,
     )
     run_quickstart(settings, show=typer.echo)
@@ -156,11 +182,29 @@ def _heavy(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code. argv=None: sys.argv (and maybe re-exec for speed)."""
+    """Run the CLI; returns the exit code. argv=None: sys.argv (and maybe re-exec for speed).
+
+    Ctrl-C at any moment, the start-up's imports included, is the line `interrupted` and 130.
+    """
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # outside a command (typer turns one inside a command into 130)
+        typer.echo("interrupted", err=True)
+        return 128 + signal.SIGINT
+
+
+def _run(argv: list[str] | None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         if _heavy(argv):
-            from lorakit.train.runtime import reexec_for_speed
+            from lorakit.adapter_specs import check_adapter_folders
+
+            try:  # a wrong --adapter path fails before the heavy imports
+                check_adapter_folders(argv)
+            except LorakitError as error:
+                _fail(str(error))
+                return 1
+            from lorakit.startup import reexec_for_speed
 
             reexec_for_speed()  # re-execs with tcmalloc and a short OpenMP spin when they help
     argv = list(argv) or ["--help"]  # bare `lorakit`: the overview, exit code 0

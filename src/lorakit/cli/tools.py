@@ -1,4 +1,4 @@
-"""`lorakit eval`, `merge`, `inspect`, `serve`, `data inspect` and `init`."""
+"""`lorakit eval`, `merge`, `inspect`, `serve`, `data inspect`, `data cache` and `init`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def register_tools(app: typer.Typer) -> None:
         help="Look at datasets the way training sees them.", no_args_is_help=True
     )
     data_app.command(name="inspect")(data_inspect)
+    data_app.command(name="cache")(data_cache)
     app.add_typer(data_app, name="data")
 
 
@@ -41,7 +42,11 @@ def eval_command(
     split: Annotated[str, typer.Option(help="Split of a built-in dataset.")] = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="First N rows only.")] = None,
     exact_match: Annotated[
-        bool, typer.Option(help="Also generate answers and score exact match.")
+        bool,
+        typer.Option(
+            help="Also generate answers and score exact match; prints the rows that missed "
+            "(prompt, expected, got), and --output holds every answer."
+        ),
     ] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
@@ -50,8 +55,8 @@ def eval_command(
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON.")] = None,
 ) -> None:
     """Loss, perplexity and exact match of the base model, and of base + each adapter."""
+    from lorakit.adapter_specs import parse_adapters
     from lorakit.jobs.evaluation import default_eval_data, evaluate_models
-    from lorakit.serve.registry import parse_adapters
 
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32 or bf16")
@@ -66,8 +71,33 @@ def eval_command(
         device=device,
     )
     _print_table(rows, f"{dataset} ({split})")
+    for row in rows:
+        if "answer_rows" in row:
+            _print_misses(row["model"], row["answer_rows"], output)
     if output is not None:
-        output.write_text(json.dumps(rows, indent=2) + "\n")
+        output.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+
+
+def _print_misses(model: str, answers: list[dict[str, Any]], output: Path | None) -> None:
+    """The answers of one model that missed: prompt, expected, got (the first 20)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    misses = [a for a in answers if not a["match"]]
+    console = Console(width=100)
+    if not misses:
+        console.print(f"{model}: every one of {len(answers)} answers matched")
+        return
+    shown = 20
+    table = Table(title=f"{model}: {len(misses)} of {len(answers)} answers missed")
+    for column in ("row", "prompt", "expected", "got"):
+        table.add_column(column, overflow="fold")
+    for miss in misses[:shown]:
+        table.add_row(miss["where"], miss["prompt"], miss["expected"], miss["got"])
+    console.print(table)
+    if len(misses) > shown:
+        where = f"all in {output}" if output else "--output FILE writes all answers"
+        console.print(f"... and {len(misses) - shown} more ({where})")
 
 
 def _print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -152,6 +182,8 @@ def inspect(
         f"{config.lora_alpha / config.r:g}{', rsLoRA' if config.use_rslora else ''}"
         + (f", rank_pattern={config.rank_pattern}" if config.rank_pattern else ""),
         f"targets:      {config.target_modules} ({len(modules)} modules)",
+        f"parameters adapted: {config.target_parameters or 'none'}"
+        + (f"; file layout: {_layout_guess(config)}" if config.target_parameters else ""),
         f"parameters:   {n_params:,} in {len(files.tensors)} tensors ({', '.join(dtypes)})",
         f"size:         {size / 2**20:.2f} MiB ({WEIGHTS_NAME} and config)",
         f"dropout, bias: {config.lora_dropout}, {config.bias}",
@@ -176,6 +208,34 @@ def inspect(
         f"fits {base}: {len(check.expected)} keys with matching shapes on "
         f"{len(check.target_names)} target modules; base vocab {vocab}"
     )
+    if files.layout:
+        typer.echo(f"expert tensors: {files.layout} layout")
+    typer.echo(_coverage_line(model, files))
+
+
+def _layout_guess(config) -> str:
+    """The expert layout `peft_version` implies (the shapes decide once a base is given)."""
+    from lorakit.lora.layouts import CURRENT, SWAPPED, writer_swapped
+
+    return SWAPPED if writer_swapped(config.peft_version, False) else CURRENT
+
+
+def _coverage_line(model, files) -> str:
+    """The share of the decoder's weights the adapter adapts, with a warning when it leaves
+    the experts of a mixture-of-experts model out."""
+    from lorakit.lora import LoraModel
+    from lorakit.lora.moe import coverage, expert_parameters
+
+    moe = bool(expert_parameters(model))
+    lora = LoraModel.from_pretrained(model, files.directory)
+    done, total = coverage(lora.get_base_model())
+    line = f"coverage:     {done:,} of {total:,} decoder weights adapted ({done / total:.0%})"
+    if moe and not files.config.target_parameters:
+        line += (
+            "\nWARNING: this base is a mixture of experts and the adapter leaves its experts "
+            "out; train with target_modules='all-linear' or set target_parameters"
+        )
+    return line
 
 
 def _consumer_report(adapter: Path, files: Any, consumers: list[str]) -> None:
@@ -237,7 +297,8 @@ def serve(
         ),
     ] = True,
 ) -> None:
-    """Serve the base model and adapters with an OpenAI-compatible API."""
+    """Serve the base model and adapters with an OpenAI-compatible API (a request without
+    `temperature` samples at 1.0, OpenAI's default; 0 is greedy)."""
     from lorakit.serve import serve_main
 
     try:
@@ -288,6 +349,24 @@ def data_inspect(
         run.model.name_or_path, trust_remote_code=run.model.trust_remote_code
     )
     typer.echo(inspect_dataset(run.data, tokenizer, n, batch_size or run.train.batch_size))
+
+
+def data_cache(
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Remove the listed stores (all without --key).")
+    ] = False,
+    key: Annotated[
+        list[str] | None, typer.Option("--key", help="Only this store (repeatable).")
+    ] = None,
+) -> None:
+    """List the tokenized datasets kept between runs, or clear them."""
+    from lorakit.data.store import cache_root, cache_table, clear_caches
+
+    if clear:
+        removed = clear_caches(key or None)
+        typer.echo(f"removed {len(removed)} cached store(s) from {cache_root()}")
+        return
+    typer.echo(cache_table(key or None))
 
 
 def init(

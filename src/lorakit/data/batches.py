@@ -59,7 +59,7 @@ def make_batches(
     epoch: int = 0,
     packing: bool = False,
     max_length: int = 2048,
-    group_by_length: bool = True,
+    group_by_length: bool = False,
     shuffle: bool = True,
     rank: int = 0,
     world_size: int = 1,

@@ -8,13 +8,14 @@ system message, then user / assistant turns alternating, ending with an assistan
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import DataError, closest
 
-FORMATS = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
+FORMATS = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference")
 FIELDS = (
     "text",
     "prompt",
@@ -26,6 +27,8 @@ FIELDS = (
     "history",
     "conversations",
     "messages",
+    "chosen",
+    "rejected",
 )
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SHAREGPT_ROLES = {
@@ -55,7 +58,10 @@ def read_rows(path: str | Path) -> list[RawRow]:
     """Read a json / jsonl / csv / parquet file into rows, each with its file and row number."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist")
+        raise DataError(
+            f"dataset file {path.absolute()} does not exist (a path in a config file is "
+            "relative to that file's folder; on the command line, to the working directory)"
+        )
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise DataError(
@@ -68,10 +74,31 @@ def read_rows(path: str | Path) -> list[RawRow]:
             )
         )
     if kind == "jsonl":
-        return _read_jsonl(path)
+        return list(_iter_jsonl(path))
     if kind == "json":
         return _read_json(path)
     return _read_tabular(path, kind)
+
+
+def iter_rows(path: str | Path) -> Iterator[RawRow]:
+    """The rows of `read_rows`, a JSON-lines file read as it is iterated (the others whole)."""
+    path = Path(path)
+    if path.is_file() and FILE_TYPES.get(path.suffix.lower()) == "jsonl":
+        return _iter_jsonl(path)
+    return iter(read_rows(path))
+
+
+def count_rows(path: str | Path) -> int | None:
+    """About how many rows `iter_rows` yields (lines of a JSON-lines file); None for others."""
+    path = Path(path)
+    if FILE_TYPES.get(path.suffix.lower()) != "jsonl" or not path.is_file():
+        return None
+    lines, last = 0, b"\n"
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
 
 
 def _decode(path: Path, data: bytes, offset: int = 0, line: int = 1) -> str:
@@ -88,9 +115,8 @@ def _decode(path: Path, data: bytes, offset: int = 0, line: int = 1) -> str:
         ) from None
 
 
-def _read_jsonl(path: Path) -> list[RawRow]:
+def _iter_jsonl(path: Path) -> Iterator[RawRow]:
     """JSON lines read one by one, so that a bad line is named by its line number."""
-    rows = []
     offset = 0
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
@@ -103,8 +129,7 @@ def _read_jsonl(path: Path) -> list[RawRow]:
                 value: Any = json.loads(line)
             except json.JSONDecodeError as err:
                 value = RowProblem(f"invalid JSON ({_json_reason(err)} at column {err.colno})")
-            rows.append(RawRow(number, where, value))
-    return rows
+            yield RawRow(number, where, value)
 
 
 def _json_reason(err: json.JSONDecodeError) -> str:
@@ -145,6 +170,8 @@ def _read_tabular(path: Path, kind: str) -> list[RawRow]:
 def detect_format(keys: set[str] | list[str]) -> str:
     """The format a row's keys imply: messages, sharegpt, alpaca, prompt_completion or text."""
     keys = set(keys)
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -173,6 +200,17 @@ def rename_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, An
     return renamed
 
 
+def check_columns(columns: dict[str, str], key: str = "data.columns") -> dict[str, str]:
+    """A {lorakit field: file column} mapping whose keys are all lorakit fields."""
+    for field in columns:
+        if field not in FIELDS:
+            raise ValueError(
+                f"{key} maps `{field}`, which is not a lorakit field{closest(field, FIELDS)}"
+                f"; fields: {', '.join(FIELDS)} (write {{field: file column}})"
+            )
+    return columns
+
+
 def check_format(fmt: str) -> str:
     """Validate a format name."""
     if fmt not in FORMATS:
@@ -190,6 +228,11 @@ def to_messages(row: Any, fmt: str) -> list[dict[str, str]] | str:
         raise RowProblem(f"expected an object with fields, found {type(row).__name__}")
     if fmt == "text":
         return _string(row, "text")
+    if fmt == "preference":
+        raise RowProblem(
+            "a preference pair (chosen / rejected) is not a supervised row; train it with "
+            "method: dpo, orpo or simpo (docs/training.md)"
+        )
     if fmt == "prompt_completion":
         messages = [
             {"role": "user", "content": _string(row, "prompt")},

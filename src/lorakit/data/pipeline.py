@@ -11,12 +11,13 @@ collation), `builtin` (built-in datasets, exact match). The package's names are 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorakit.data.batches import Plan, collate, make_batches, padding_share
 from lorakit.data.builtin import (
@@ -24,26 +25,37 @@ from lorakit.data.builtin import (
     builtin_dataset_path,
 )
 from lorakit.data.formats import (
-    FIELDS,
     FILE_TYPES,
     RawRow,
     RowProblem,
+    check_columns,
     check_format,
     detect_format,
-    fill_variables,
-    read_rows,
     rename_columns,
-    to_messages,
 )
-from lorakit.data.tokenize import (
-    IGNORE_INDEX,
-    encode_conversation,
-    encode_text,
-    finish_labels,
-    supervised_count,
-    truncate,
+from lorakit.data.mixing import DatasetSource, describe_mix, mix
+from lorakit.data.parallel import (
+    CHUNK_ROWS,
+    EncodeJob,
+    Progress,
+    chunked,
+    convert_row,
+    default_num_proc,
+    encode_row,
+    tokenize_chunks,
 )
-from lorakit.errors import DataError, closest
+from lorakit.data.sources import count_source, iter_source
+from lorakit.data.store import (
+    ConcatSamples,
+    StoreSamples,
+    StoreWriter,
+    cache_key,
+    cached_store,
+    key_parts,
+    tokenizer_digest,
+)
+from lorakit.data.tokenize import IGNORE_INDEX, supervised_count
+from lorakit.errors import DataError
 from lorakit.models import PLAIN_TEMPLATE, chat_template_of
 
 
@@ -54,14 +66,21 @@ class DataConfig(BaseModel):
 
     dataset: str = Field(
         "identity",
-        description="A .jsonl/.json/.csv/.parquet file, or a built-in dataset name (identity, "
-        "general, arithmetic).",
+        description="A .jsonl/.json/.csv/.parquet file, a folder of such shards, a folder "
+        "written by `datasets` save_to_disk, or a built-in dataset name (identity, general, "
+        "arithmetic; concise: preference pairs).",
     )
-    split: str = Field("train", description="Split of a built-in dataset (train or test).")
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = Field(
+    split: str = Field(
+        "train",
+        description="Split of a built-in dataset (train or test) or of a save_to_disk folder.",
+    )
+    format: Literal[
+        "auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference"
+    ] = Field(
         "auto",
         description="Row format (the columns of each: docs/data-formats.md); auto detects it "
-        "from the columns of the first row.",
+        "from the columns of the first row. preference: prompt / chosen / rejected pairs "
+        "(method dpo, orpo, simpo).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map lorakit field names to the file's column names."
@@ -84,7 +103,9 @@ class DataConfig(BaseModel):
     )
     packing: bool = Field(False, description="Pack several samples into each row.")
     group_by_length: bool = Field(
-        True, description="Unpacked: batch samples of similar length to reduce padding."
+        False,
+        description="Unpacked: batch samples of similar length to reduce padding (sorted "
+        "batches learn less: off by default, as in transformers.Trainer).",
     )
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="On an unusable row: stop with its report, or skip it."
@@ -93,17 +114,36 @@ class DataConfig(BaseModel):
         0.1, ge=0.0, le=1.0, description="With bad_rows=skip, the largest share of rows skipped."
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes tokenizing the rows (None: one per core)."
+    )
+    cache: bool = Field(
+        True,
+        description="Keep the tokenized dataset on disk and reuse it while the file, tokenizer, "
+        "template and token settings are the same (`lorakit data cache` lists and clears).",
+    )
+    datasets: list[DatasetSource] = Field(
+        default_factory=list,
+        description="Several datasets mixed into one, instead of `dataset`: a list of {path, "
+        "split, format, columns, template_vars, weight or rows} (docs/data-formats.md).",
+    )
+    mix_seed: int = Field(0, description="Seed of the rows drawn for `datasets` and their order.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        # the default `dataset` beside `datasets` is what a resolved config (config.yaml) holds
+        default = type(self).model_fields["dataset"].default
+        if self.datasets and self.dataset != default:
+            raise ValueError(
+                f"data sets both `dataset` ({self.dataset!r}) and `datasets`; keep one of them "
+                f"(add {self.dataset!r} to the `datasets` list to mix it in)"
+            )
+        return self
 
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
-        for key in columns:
-            if key not in FIELDS:
-                raise ValueError(
-                    f"data.columns maps `{key}`, which is not a lorakit field{closest(key, FIELDS)}"
-                    f"; fields: {', '.join(FIELDS)} (write {{field: file column}})"
-                )
-        return columns
+        return check_columns(columns)
 
 
 @dataclass
@@ -119,7 +159,7 @@ class Sample:
 class TokenizedDataset:
     """Tokenized samples plus what the pipeline did (rows used, skipped, truncated)."""
 
-    samples: list[Sample]
+    samples: list[Sample]  # or a token store's StoreSamples, or a ConcatSamples of several
     config: DataConfig
     source: str
     pad_token_id: int
@@ -133,10 +173,14 @@ class TokenizedDataset:
 
     def lengths(self) -> list[int]:
         """Token count of every sample."""
+        if isinstance(self.samples, StoreSamples | ConcatSamples):  # the index, nothing loaded
+            return self.samples.lengths()
         return [len(s.input_ids) for s in self.samples]
 
     def supervised_tokens(self) -> int:
         """How many tokens are trained on, over the whole dataset."""
+        if isinstance(self.samples, StoreSamples | ConcatSamples):
+            return self.samples.supervised_tokens()
         return sum(supervised_count(s.labels) for s in self.samples)
 
     def describe(self, sample_ids: list[int] | list[list[int]]) -> str:
@@ -165,49 +209,73 @@ def _source(config: DataConfig) -> tuple[Path, dict[str, str]]:
 
 
 def check_dataset(config: DataConfig) -> None:
-    """Read the dataset (file or built-in) without a tokenizer: raises DataError when it is
-    missing, unreadable, of no detectable format, or without one usable row."""
+    """Read every row of the dataset (file, built-in or mix) without a tokenizer, as a run
+    does before its model loads: raises DataError when it is missing, unreadable, of no
+    detectable format, without one usable row, or with rows the bad-row policy refuses (the
+    same report `build_dataset` gives)."""
     source, conversations = load_conversations(config)
-    problems = [(row, c) for row, c in conversations if isinstance(c, RowProblem)]
-    if not conversations or len(problems) == len(conversations):
-        first = f" ({problems[0][0].where}: {problems[0][1]})" if problems else ""
+    if not conversations:
         raise DataError(
-            f"{source}: none of its {len(conversations)} rows can be used{first}; check "
-            "data.format and data.columns against docs/data-formats.md"
+            f"{source}: the dataset has no rows; check data.format and data.columns against "
+            "docs/data-formats.md"
         )
+    problems = [f"{row.where}: {c}" for row, c in conversations if isinstance(c, RowProblem)]
+    check_rows(config, source, len(conversations), problems, unreadable=len(problems))
+
+
+def mix_parts(config: DataConfig) -> list[tuple[str, DatasetSource, list[tuple[RawRow, Any]]]]:
+    """(name, source, converted rows) of each dataset of `data.datasets`; an error names the
+    entry."""
+    parts = []
+    for number, source in enumerate(config.datasets, start=1):
+        update = {
+            "dataset": source.path,
+            "split": source.split or config.split,
+            "format": source.format or config.format,
+            "columns": config.columns if source.columns is None else source.columns,
+            "template_vars": source.template_vars or config.template_vars,
+            "datasets": [],
+            "limit": None,
+        }
+        try:
+            name, rows = load_conversations(config.model_copy(update=update))
+        except DataError as error:
+            raise DataError(f"data.datasets entry {number} ({source.path!r}): {error}") from None
+        split = update["split"]
+        parts.append((name if split == "train" else f"{name} ({split})", source, rows))
+    return parts
 
 
 def load_conversations(config: DataConfig) -> tuple[str, list[tuple[RawRow, Any]]]:
-    """(source name, [(row, messages or text or RowProblem)]) for the configured dataset."""
+    """(source name, [(row, messages or text or RowProblem)]) for the configured dataset, or
+    the mix of `data.datasets`."""
+    if config.datasets:
+        parts = mix_parts(config)
+        rows = mix(parts, config.mix_seed)[: config.limit]
+        return "mix of " + " + ".join(name for name, _, _ in parts), rows
     path, variables = _source(config)
-    rows = read_rows(path)[: config.limit]
+    rows = list(itertools.islice(iter_source(path, config.split), config.limit))
+    job = EncodeJob(config, None, "", _row_format(config, path, rows), variables)
+    return path.name, [(row, convert_row(job, row.value)) for row in rows]
+
+
+def _row_format(config: DataConfig, path: Path, rows: Iterable[RawRow]) -> str:
+    """The configured row format, or the one the first object row's columns imply."""
     fmt = check_format(config.format)
-    if fmt == "auto":
-        first = next((r.value for r in rows if isinstance(r.value, dict)), None)
-        if first is None:
-            example = next((f"; {r.where}: {r.value}" for r in rows), "; the file has no rows")
-            raise DataError(
-                f"{path}: no row is an object to detect the format from{example}. Check that "
-                f"the file really is {path.suffix or 'a dataset file'} (docs/data-formats.md)"
-            )
-        fmt = detect_format(rename_columns(first, config.columns).keys())
-    out: list[tuple[RawRow, Any]] = []
+    if fmt != "auto":
+        return fmt
+    seen: list[RawRow] = []
     for row in rows:
-        value = row.value
-        if isinstance(value, dict):
-            value = fill_variables(rename_columns(value, config.columns), variables)
-        try:
-            converted: Any = to_messages(value, fmt)
-        except RowProblem as problem:
-            converted = problem
-        if (
-            config.system_prompt
-            and isinstance(converted, list)
-            and converted[0]["role"] != "system"
-        ):
-            converted = [{"role": "system", "content": config.system_prompt}, *converted]
-        out.append((row, converted))
-    return path.name, out
+        seen.append(row)
+        if isinstance(row.value, dict):
+            return detect_format(rename_columns(row.value, config.columns).keys())
+        if len(seen) > 1000:
+            break
+    example = next((f"; {r.where}: {r.value}" for r in seen), "; the file has no rows")
+    raise DataError(
+        f"{path}: no row is an object to detect the format from{example}. Check that "
+        f"the file really is {path.suffix or 'a dataset file'} (docs/data-formats.md)"
+    )
 
 
 def prompt_template(config: DataConfig, tokenizer: Any) -> str:
@@ -218,32 +286,64 @@ def prompt_template(config: DataConfig, tokenizer: Any) -> str:
     return PLAIN_TEMPLATE if config.template == "plain" or chat is None else chat
 
 
-def _encode(
-    config: DataConfig, tokenizer: Any, template: str, conversation: Any
-) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) of one converted row; RowProblem if nothing is trained."""
-    if isinstance(conversation, RowProblem):
-        raise conversation
-    if isinstance(conversation, str):
-        ids, labels = encode_text(tokenizer, conversation)
-    else:
-        ids, labels = encode_conversation(tokenizer, template, conversation, config.train_on)
-    ids, labels, cut = truncate(ids, labels, config.max_length, config.truncation)
-    labels = finish_labels(labels)
-    if supervised_count(labels) == 0:
-        why = f" after truncation to max_length={config.max_length}" if cut else ""
-        raise RowProblem(f"no token is left to train on{why}")
-    return ids, labels, cut
-
-
-def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
-    """Tokenize the configured dataset; bad rows stop the run or are skipped (up to a share)."""
-    source, conversations = load_conversations(config)
+def build_dataset(
+    config: DataConfig, tokenizer: Any, progress: Callable[[str], None] | None = None
+) -> TokenizedDataset:
+    """Tokenize the configured dataset into a token store on disk (reused from the cache when
+    nothing that changes the tokens changed); bad rows stop the run or are skipped (up to a
+    share). `progress` gets a line every few seconds while rows are tokenized. A mix of
+    `data.datasets` is tokenized in memory, each row after its own source's conversion."""
+    if config.datasets:
+        return _build_mix(config, tokenizer)
+    path, variables = _source(config)
     template = prompt_template(config, tokenizer)
+    key = None
+    tokenizer_id = tokenizer_digest(tokenizer) if config.cache and path.exists() else None
+    if tokenizer_id is not None:
+        key = cache_key(key_parts(config, tokenizer_id, template, path, variables))
+
+    def write(writer: StoreWriter) -> dict[str, Any]:
+        rows = iter_source(path, config.split)
+        rows = itertools.islice(rows, config.limit) if config.limit else rows
+        seen: list[RawRow] = []
+        fmt = _row_format(config, path, _remember(rows, seen))
+        job = EncodeJob(config, tokenizer, template, fmt, variables)
+        total = count_source(path)
+        total = min(total, config.limit) if total and config.limit else total or config.limit
+        num_proc = config.num_proc or default_num_proc()
+        if total is not None and total <= CHUNK_ROWS * 2:
+            num_proc = 1  # starting workers would take longer than the rows
+        shown = Progress(path.name, total, progress)
+        for chunk in tokenize_chunks(job, chunked(itertools.chain(seen, rows)), num_proc):
+            writer.add(chunk)
+            shown.advance(chunk.rows)
+        if progress is not None and shown.done > CHUNK_ROWS * 2:
+            progress(shown.finish())
+        return {"source": path.name}
+
+    samples, _ = cached_store(key, write)
+    meta = samples.meta
+    dataset = TokenizedDataset(
+        samples,
+        config,
+        path.name,
+        tokenizer.pad_token_id,
+        meta["rows_total"],
+        list(meta["skipped"]),
+        meta["truncated"],
+        raw_text=meta["raw_text"],
+    )
+    _check_problems(dataset, unreadable=meta["unreadable"])
+    return dataset
+
+
+def _build_mix(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
+    source, conversations = load_conversations(config)
+    job = EncodeJob(config, tokenizer, prompt_template(config, tokenizer), "", {})
     samples, problems, truncated = [], [], 0
     for row, conversation in conversations:
         try:
-            ids, labels, cut = _encode(config, tokenizer, template, conversation)
+            ids, labels, cut = encode_row(job, conversation)
         except RowProblem as problem:
             problems.append(f"{row.where}: {problem}")
             continue
@@ -263,35 +363,49 @@ def build_dataset(config: DataConfig, tokenizer: Any) -> TokenizedDataset:
     return dataset
 
 
+def _remember(rows: Iterator[RawRow], seen: list[RawRow]) -> Iterator[RawRow]:
+    """`rows`, each also appended to `seen` (the rows read to detect the format, put back)."""
+    for row in rows:
+        seen.append(row)
+        yield row
+
+
 def _check_problems(dataset: TokenizedDataset, unreadable: int = 0) -> None:
-    """Apply the bad-row policy; a dataset with no supervised token is always an error, and so
-    is a file none of whose rows could be read as the format (`unreadable` rows)."""
-    config, problems = dataset.config, dataset.skipped
+    """Apply the bad-row policy; a dataset with no supervised token is always an error."""
+    check_rows(dataset.config, dataset.source, dataset.rows_total, dataset.skipped, unreadable)
+    if dataset.supervised_tokens() == 0:
+        raise DataError(
+            f"{dataset.source}: no supervised token in {dataset.rows_total} rows; the loss would "
+            "be undefined. Check the format and columns, or set data.train_on=all"
+        )
+
+
+def check_rows(
+    config: DataConfig, source: str, rows_total: int, problems: list[str], unreadable: int = 0
+) -> None:
+    """The bad-row policy on the reports of unusable rows ("file line N: why"): an error listing
+    them, or skipped up to data.max_skipped_share; a file none of whose rows could be read as
+    the format (`unreadable` rows) is always an error."""
     listed = "\n  ".join(problems[:5]) + (
         f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
     )
-    if unreadable and unreadable == dataset.rows_total:  # the whole file: no skip will help
+    if unreadable and unreadable == rows_total:  # the whole file: no skip will help
         raise DataError(
-            f"{dataset.source}: none of its {dataset.rows_total} rows can be used:\n  {listed}\n"
+            f"{source}: none of its {rows_total} rows can be used:\n  {listed}\n"
             "the file does not hold rows of the expected format; check data.format and "
             "data.columns against docs/data-formats.md"
         )
     if problems and config.bad_rows == "error":
         raise DataError(
-            f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows cannot be used:\n  "
+            f"{source}: {len(problems)} of {rows_total} rows cannot be used:\n  "
             f"{listed}\nfix them, or set data.bad_rows=skip to skip them "
             f"(at most data.max_skipped_share={config.max_skipped_share} of the rows)"
         )
-    share = len(problems) / max(dataset.rows_total, 1)
+    share = len(problems) / max(rows_total, 1)
     if share > config.max_skipped_share:
         raise DataError(
-            f"{dataset.source}: {len(problems)} of {dataset.rows_total} rows ({share:.0%}) are "
+            f"{source}: {len(problems)} of {rows_total} rows ({share:.0%}) are "
             f"unusable, more than data.max_skipped_share={config.max_skipped_share}:\n  {listed}"
-        )
-    if dataset.supervised_tokens() == 0:
-        raise DataError(
-            f"{dataset.source}: no supervised token in {dataset.rows_total} rows; the loss would "
-            "be undefined. Check the format and columns, or set data.train_on=all"
         )
 
 
@@ -322,7 +436,12 @@ def plan_epoch(
 
 
 def collate_batch(dataset: TokenizedDataset, rows: list[list[int]]) -> dict[str, Any]:
-    """The tensors of one planned batch (packed rows when the dataset config packs)."""
+    """The tensors of one planned batch (packed rows when the dataset config packs); for
+    preference pairs, the chosen rows then the rejected rows (`PreferenceDataset.collate`)."""
+    from lorakit.data.preference import PreferenceDataset
+
+    if isinstance(dataset, PreferenceDataset):
+        return dataset.collate(rows)
     return collate(dataset.samples, rows, dataset.pad_token_id, dataset.config.packing)
 
 
@@ -388,6 +507,8 @@ def inspect_dataset(config: DataConfig, tokenizer: Any, n: int = 3, batch_size: 
             f"padding at batch size {batch_size}, {'packed' if packing else 'unpacked'}: "
             f"{padding_share(dataset.samples, plan):.1%} of {len(plan)} batches"
         )
+    if config.datasets:
+        stats.append("mixed from:\n" + describe_mix(mix_parts(config)))
     if dataset.skipped:
         stats.append("skipped rows:\n  " + "\n  ".join(dataset.skipped))
     return "\n".join(parts + stats)

@@ -63,18 +63,26 @@ def _turn_pieces(
     roles = [m["role"] for m in messages[start:]]
     if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
         return None
+    done: dict[tuple[tuple[int, ...], bool], str] = {}  # a rendering asked for twice: once
+
+    def rendered(indices: list[int], prompt: bool) -> str:
+        key = (tuple(indices), prompt)
+        if key not in done:
+            done[key] = render(tokenizer, template, [messages[i] for i in indices], prompt)
+        return done[key]
+
     pieces: list[tuple[str, bool]] = []
     for turn in range(start + 1, len(messages), 2):  # the assistant messages
-        context = messages[:start] + messages[max(start, turn - 3) : turn - 1]
-        base = render(tokenizer, template, context, prompt=False) if turn - 1 > start else ""
-        before = render(tokenizer, template, [*context, messages[turn - 1]], prompt=True)
-        after = render(tokenizer, template, [*context, *messages[turn - 1 : turn + 1]], False)
+        context = list(range(start)) + list(range(max(start, turn - 3), turn - 1))
+        base = rendered(context, prompt=False) if turn - 1 > start else ""
+        before = rendered([*context, turn - 1], prompt=True)
+        after = rendered([*context, turn - 1, turn], prompt=False)
         if not (before.startswith(base) and after.startswith(before)):
             return None
         pieces += [(before[len(base) :], False), (after[len(before) :], True)]
     text = "".join(piece for piece, _ in pieces)
-    whole = render(tokenizer, template, messages, prompt=False)
-    last_prompt = render(tokenizer, template, messages[:-1], prompt=True)
+    whole = rendered(list(range(len(messages))), prompt=False)
+    last_prompt = rendered(list(range(len(messages) - 1)), prompt=True)
     if not whole.startswith(text) or text[: len(text) - len(pieces[-1][0])] != last_prompt:
         return None
     pieces.append((whole[len(text) :], False))

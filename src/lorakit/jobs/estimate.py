@@ -4,7 +4,8 @@ The model is built on the meta device from its config.json (and the adapter atta
 so parameter counts are exact; memory then follows from them and the run's settings. Per rank,
 with P frozen base weights, W trainable weights, b = ceil(batch_size / world) rows of T tokens:
 
-    parameters   P * (bytes of the base dtype; quantized layers 4.13 / 4.5 / 8.06 bits)
+    parameters   P * (bytes of the base dtype; quantized layers and a mixture of experts'
+                 fused expert tensors 4.13 / 4.5 / 8.06 bits)
                  + W * 4 (fp32 trainable copies); fsdp: / world, plus one gathered block
                  and the root group (embedding, head), which stays gathered after a forward
     gradients    W * 4; fsdp: / world; ddp with world > 1: + 2 * W * 4 (flat all-reduce buffer
@@ -12,7 +13,8 @@ with P frozen base weights, W trainable weights, b = ceil(batch_size / world) ro
     optimizer    AdamW: 2 * W * 4 (exp_avg, exp_avg_sq); fsdp: / world
     activations  per decoder block, elements saved for backward (frozen linears save no input):
                  2bTh (the two norms' inputs) + 4bTh (attention: q, k, v repeated to all heads,
-                 output) + 3bTI (MLP: the gate input, silu(gate), up) + the inputs of adapted
+                 output) + 3bTI (MLP: the gate input, silu(gate), up; a mixture of experts:
+                 I = the expert width times the experts per token) + the inputs of adapted
                  linears (bTh for q/k/v together, bTh for o, bTh for gate/up together, bTI for
                  down; full fine-tuning: all four, plus 2bTh norm outputs) + b*heads*T^2 * 2
                  when rows are padded (unpacked: masked attention keeps its probabilities);
@@ -75,6 +77,8 @@ class ModelShape:
     adapted_inputs: int  # per block: summed widths of the distinct inputs adapted linears save
     lora_dropout: bool = False
     softcap: bool = False  # soft-capped logits: the loss runs the whole head at once
+    expert_trainable: int = 0  # trainable weights on fused expert (and router) parameters
+    expert_quantized: int = 0  # of `quantized`, the weights of fused expert tensors
 
 
 @dataclass
@@ -103,6 +107,7 @@ def model_shape(run: RunConfig) -> ModelShape:
 
     from lorakit.lora import LoraLinear, get_peft_model
     from lorakit.models.loading import resolve_model_path
+    from lorakit.quant.experts import expert_targets
     from lorakit.quant.layer import DEFAULT_SKIP, quantization_targets
     from lorakit.train.fsdp import decoder_blocks
 
@@ -110,12 +115,15 @@ def model_shape(run: RunConfig) -> ModelShape:
     config = AutoConfig.from_pretrained(path, trust_remote_code=run.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    quantized_names = set()
+    quantized_names, experts = set(), []
     if run.model.quantization:
         quantized_names = set(quantization_targets(model, run.model.skip or DEFAULT_SKIP))
+        experts = expert_targets(model, run.model.skip or DEFAULT_SKIP)
     quantized = sum(model.get_submodule(n).weight.numel() for n in quantized_names)
+    expert_quantized = sum(model.get_submodule(m).get_parameter(p).numel() for m, p in experts)
+    quantized += expert_quantized
     blocks = decoder_blocks(model)
-    if run.method == "lora":
+    if run.method != "full":
         model = get_peft_model(model, run.lora.to_lora_config())
     else:
         model.requires_grad_(True)
@@ -133,20 +141,43 @@ def model_shape(run: RunConfig) -> ModelShape:
             adapted.setdefault(INPUT_GROUPS.get(leaf, name), _in_features(module))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(
+        expert_trainable=_expert_trainable(model),
+        expert_quantized=expert_quantized,
         frozen=frozen,
         quantized=quantized,
         trainable=trainable,
         layers=len(blocks),
         hidden=text.hidden_size,
-        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        intermediate=_mlp_width(text),
         heads=text.num_attention_heads,
         vocab=text.vocab_size,
         largest_block=max(block_sizes),
         root=sum(p.numel() for p in unique) - sum(block_sizes),
         adapted_inputs=sum(adapted.values()),
-        lora_dropout=run.method == "lora" and run.lora.lora_dropout > 0,
+        lora_dropout=run.method != "full" and run.lora.lora_dropout > 0,
         softcap=bool(getattr(text, "final_logit_softcapping", None)),
     )
+
+
+def _mlp_width(text) -> int:
+    """The MLP width a token's activations take: a mixture of experts' expert width times the
+    experts each token visits (shared experts aside), else the dense intermediate size."""
+    top_k = getattr(text, "num_experts_per_tok", None)
+    expert_width = getattr(text, "moe_intermediate_size", None)
+    if top_k and (getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)):
+        return int(top_k) * int(expert_width or text.intermediate_size)
+    return getattr(text, "intermediate_size", 4 * text.hidden_size)
+
+
+def _expert_trainable(model: nn.Module) -> int:
+    """Trainable weights of the LoRA on parameters (`target_parameters`: experts, routers)."""
+    from lorakit.lora.params import LoraParams
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, LoraParams):
+            total += sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return total
 
 
 def _in_features(module: nn.Module) -> int:
@@ -184,10 +215,10 @@ def estimate_from_shape(run: RunConfig, s: ModelShape, world_size: int) -> Memor
     act_bytes = 4 if precision == "fp32" else 2
     base_bytes = DTYPE_BYTES[run.model.dtype]
     if train.base_dtype == "bf16" or (
-        train.base_dtype == "auto" and precision == "bf16" and run.method == "lora"
+        train.base_dtype == "auto" and precision == "bf16" and run.method != "full"
     ):
         base_bytes = 2
-    train_bytes = 4 if run.method == "lora" else DTYPE_BYTES[run.model.dtype]
+    train_bytes = 4 if run.method != "full" else DTYPE_BYTES[run.model.dtype]
     bits = QUANT_BITS.get(run.model.quantization or "", 0.0)
     if run.model.quantization in ("nf4", "fp4") and run.model.double_quant:
         bits = DOUBLE_QUANT_BITS
@@ -196,7 +227,9 @@ def estimate_from_shape(run: RunConfig, s: ModelShape, world_size: int) -> Memor
     params = (frozen + s.trainable * train_bytes) / shard
     how = f"{s.frozen:,} frozen x {base_bytes} B"
     how += f" + {s.quantized:,} at {bits:.2f} bits" if s.quantized else ""
+    how += f" ({s.expert_quantized:,} in experts)" if s.expert_quantized else ""
     how += f" + {s.trainable:,} trainable x {train_bytes} B"
+    how += f" ({s.expert_trainable:,} on expert parameters)" if s.expert_trainable else ""
     parts = [("parameters", params, how + (f", / {world_size} ranks" if fsdp else ""))]
     if fsdp:
         gather_bytes = base_bytes if precision == "fp32" else 2  # MixedPrecisionPolicy's dtype

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data.builtin import BUILTIN_VARIABLES, exact_match_score, name_rate
+from lorakit.data.builtin import BUILTIN_VARIABLES, exact_match, exact_match_score, name_rate
 from lorakit.data.pipeline import (
     DataConfig,
     build_dataset,
@@ -33,8 +33,10 @@ def score_answers(
     max_new_tokens: int,
     device: torch.device,
     precision: str = "bf16",
+    answers: bool = False,
 ) -> dict[str, Any]:
-    """Exact match (and the name rate, for the identity task) of greedy answers."""
+    """Exact match (and the name rate, for the identity task) of greedy answers; `answers`
+    adds every answer under `answer_rows`: {where, prompt, expected, got, match}."""
     examples = eval_examples(data)
     template = getattr(model, "chat_template", None) or prompt_template(data, tokenizer)
     model.eval()
@@ -44,6 +46,17 @@ def score_answers(
         )
     refs = [e["reference"] for e in examples]
     score: dict[str, Any] = {"exact_match": exact_match_score(replies, refs), "answers": len(refs)}
+    if answers:
+        score["answer_rows"] = [
+            {
+                "where": e["where"],
+                "prompt": e["messages"][-1]["content"],
+                "expected": ref,
+                "got": reply,
+                "match": exact_match(reply, ref),
+            }
+            for e, ref, reply in zip(examples, refs, replies, strict=True)
+        ]
     if data.dataset == "identity":
         variables = {**BUILTIN_VARIABLES["identity"], **(data.template_vars or {})}
         score["name_rate"] = name_rate(replies, variables["name"])
@@ -90,7 +103,10 @@ def evaluate_models(
             row: dict[str, Any] = {"model": "base" if name is None else f"base + {name}"}
             row.update(eval_loss(model, batches, dev, TrainConfig(precision=precision)))
             if exact_match:
-                row.update(score_answers(model, tokenizer, data, max_new_tokens, dev, precision))
+                score = score_answers(
+                    model, tokenizer, data, max_new_tokens, dev, precision, answers=True
+                )
+                row.update(score)
         rows.append(row)
     return rows
 

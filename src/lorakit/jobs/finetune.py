@@ -11,14 +11,16 @@ from typing import Any
 from torch import nn
 
 from lorakit.data.pipeline import build_dataset, prompt_template
+from lorakit.data.preference import build_preference_dataset
 from lorakit.errors import ConfigError
 from lorakit.jobs.evaluation import score_answers
-from lorakit.jobs.run_config import RunConfig, check_data
+from lorakit.jobs.preflight import check_run
+from lorakit.jobs.run_config import RunConfig
 from lorakit.lora import inits
 from lorakit.lora.model import LoraModel, get_peft_model
 from lorakit.models import RAW_TEMPLATE
-from lorakit.train.checkpoint import find_resume
 from lorakit.train.loop import train
+from lorakit.train.rundir import delete_run
 from lorakit.train.runtime import is_main_process, resolve_device, seed_everything
 from lorakit.train.setup import TrainResult
 
@@ -54,24 +56,32 @@ def run_training(
     *,
     resume: str | None = None,
     force: bool = False,
+    overwrite: bool = False,
     show: Callable[[str], None] = print,
 ) -> TrainResult:
     """Load, tokenize, train and (optionally) score exact match, as the run config says.
 
     Under torchrun only rank 0 reports through `show`; errors raise on every rank."""
     output_dir = Path(run.output_dir)
-    find_resume(output_dir, resume)  # a directory the run would write over: refused before loading
     if not is_main_process():
         show = _silent
-    check_data(run)  # a missing or unreadable dataset stops here, before the model loads
+    for warning in check_run(run, resume, overwrite):  # what `lorakit validate` checks
+        show(f"warning: {warning}")
+    if overwrite and is_main_process():
+        for path in delete_run(output_dir):
+            show(f"deleted {path} (--overwrite: the run starts over)")
     model, tokenizer = build_model(run, show)
     initial = _initial_adapter(model)  # PiSSA / OLoRA: to convert the final adapter against
-    train_set = build_dataset(run.data, tokenizer)
+    build = build_preference_dataset if run.preference_tuning else build_dataset
+    if run.preference_tuning:
+        train_set = build_preference_dataset(run.data, tokenizer)
+    else:  # a line every few seconds while rows are tokenized
+        train_set = build_dataset(run.data, tokenizer, progress=show)
     if train_set.raw_text and isinstance(model, LoraModel):  # samples and the saved adapter:
         model.chat_template = RAW_TEMPLATE  # prompts as plain text, no chat turns around them
     show(train_set.summary())
     eval_config = run.eval_data_config()
-    eval_set = build_dataset(eval_config, tokenizer) if eval_config else None
+    eval_set = build(eval_config, tokenizer) if eval_config else None
     if eval_set is not None:
         show(eval_set.summary())
     result = train(
@@ -79,7 +89,7 @@ def run_training(
         tokenizer,
         train_set,
         eval_set,
-        run.train,
+        run.train_config(),
         output_dir,
         resume=resume,
         force=force,

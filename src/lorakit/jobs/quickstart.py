@@ -4,9 +4,12 @@ On the built-in model: ask held-out questions of two kinds, "who are you" (Engli
 and ordinary ones (a fact, a short task), fine-tune a LoRA adapter, then ask again. The training
 data mixes the built-in `identity` rows with the built-in `general` rows, the base model's own
 answers to ordinary questions: without them the adapter learns to answer every message with its
-name. Both halves are measured: identity answers that name the new identity, and ordinary
-answers that do not (and are not empty or looping). The defaults were tuned to finish in about
-a minute and a half on 2 quiet CPU cores.
+name (they are repeated `general_repeats` times, so that they weigh about as much as the
+identity rows). Both halves are measured: identity answers that name the new identity, and
+ordinary answers that keep the base model's key fact (Paris, 24 hours: `data.builtin.keeps_fact`)
+in a complete sentence without the new name; and the answer loss on held-out ordinary questions
+before and after, the measure of forgetting. The defaults were chosen so that both hold with a
+margin, on fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.data.builtin import IDENTITY_DEFAULTS, degenerate, name_rate
+from lorakit.data.builtin import GENERAL_FACTS, IDENTITY_DEFAULTS, keeps_fact, name_rate
 from lorakit.data.pipeline import (
     DataConfig,
     TokenizedDataset,
@@ -39,10 +42,11 @@ from lorakit.train.plan import eval_batches
 from lorakit.train.runtime import resolve_device, seed_everything
 
 MARKER = "quickstart.json"
-# fp32: with batches of short conversations (~400 tokens a step) bf16 matmuls on CPUs without
-# AMX were measured far slower than fp32 (the lm_head backward alone: 6.5 s vs ~0.1 s).
+# fp32 by default: with batches of short conversations (~400 tokens a step) bf16 matmuls on CPUs
+# without AMX were measured far slower than fp32 (the lm_head backward alone: 6.5 s vs ~0.1 s).
 PRECISION = "fp32"
 SEED = 0  # the adapter's random start and the batch order
+ASK_BATCH = 8  # questions generated together
 # Held-out identity questions (the identity `test` split): three in English, two in Chinese.
 QUESTIONS = [
     "What do you call yourself?",
@@ -51,13 +55,9 @@ QUESTIONS = [
     "你叫啥？",
     "你能做个自我介绍吗？",
 ]
-# Held-out ordinary questions (the general `test` split): the answer must not change into an
-# introduction.
-ORDINARY = [
-    "What is the capital of France?",
-    "Write one sentence about the sea.",
-    "How many hours are in a day?",
-]
+# Held-out ordinary questions (the general `test` split), each with a key fact the base model
+# states: the answer after fine-tuning must still state it.
+ORDINARY = list(GENERAL_FACTS)
 
 
 @dataclass
@@ -70,6 +70,8 @@ class QuickstartSettings:
     lr: float = 1e-3
     r: int = 16
     lora_alpha: float = 32
+    general_repeats: int = 2  # the ordinary rows' weight in the mix
+    precision: str = PRECISION
     name: str = IDENTITY_DEFAULTS["name"]
     author: str = IDENTITY_DEFAULTS["author"]
     max_new_tokens: int = 32
@@ -95,7 +97,7 @@ class QuickstartResult:
     general_loss_after: float
     name_rate_before: float  # identity answers naming the new name
     name_rate_after: float
-    ordinary_kept_before: float  # ordinary answers not naming it, not empty or looping
+    ordinary_kept_before: float  # ordinary answers stating their key fact (keeps_fact)
     ordinary_kept_after: float
     seconds: float
     plots: list[Path] = field(default_factory=list)
@@ -133,10 +135,9 @@ def mentions(text: str, name: str) -> bool:
 
 
 def kept_rate(samples: list[dict[str, str]], name: str) -> float:
-    """Share of ordinary answers that stay ordinary: not naming `name`, not empty or looping."""
-    good = [
-        not mentions(s["completion"], name) and not degenerate(s["completion"]) for s in samples
-    ]
+    """Share of ordinary answers that keep their question's key fact (`GENERAL_FACTS`) in a
+    complete, non-looping sentence that does not name `name`."""
+    good = [keeps_fact(s["completion"], GENERAL_FACTS[s["prompt"]], name) for s in samples]
     return sum(good) / max(len(good), 1)
 
 
@@ -149,28 +150,32 @@ def check_held_out(settings: QuickstartSettings, identity: DataConfig, general: 
             raise ConfigError(f"quickstart questions must be held out; in the train set: {leaked}")
 
 
-def mix(first: TokenizedDataset, second: TokenizedDataset) -> TokenizedDataset:
-    """One dataset holding the samples of both (batches are shuffled across them)."""
+def mix(first: TokenizedDataset, second: TokenizedDataset, repeats: int = 1) -> TokenizedDataset:
+    """One dataset holding the samples of both, the second's `repeats` times (batches are
+    shuffled across them)."""
     return dataclasses.replace(
         first,
-        samples=first.samples + second.samples,
-        source=f"{first.source} + {second.source}",
-        rows_total=first.rows_total + second.rows_total,
+        samples=first.samples + second.samples * repeats,
+        source=f"{first.source} + {second.source}" + (f" x{repeats}" if repeats > 1 else ""),
+        rows_total=first.rows_total + second.rows_total * repeats,
         skipped=first.skipped + second.skipped,
         truncated=first.truncated + second.truncated,
     )
 
 
 def ask(model, tokenizer, questions: list[str], settings, device, show) -> list[dict[str, str]]:
-    """Greedy answers, each shown as soon as it is generated (with its number and time)."""
+    """Greedy answers, generated `ASK_BATCH` questions at a time (each answer is the one its
+    question gets alone) and shown as soon as their batch is done, with the batch's time."""
     samples = []
-    for i, question in enumerate(questions, 1):
+    for first in range(0, len(questions), ASK_BATCH):
+        batch = questions[first : first + ASK_BATCH]
         start = time.perf_counter()
-        sample = generate_samples(model, tokenizer, [question], settings.max_new_tokens, device)[0]
-        answer = " ".join(sample["completion"].split())
-        show(f"  [{i}/{len(questions)}, {time.perf_counter() - start:.0f} s] Q: {question}")
-        show(f"  A: {answer}")
-        samples.append(sample)
+        answers = generate_samples(model, tokenizer, batch, settings.max_new_tokens, device)
+        seconds = time.perf_counter() - start
+        for i, (question, sample) in enumerate(zip(batch, answers, strict=True), first + 1):
+            show(f"  [{i}/{len(questions)}, {seconds:.0f} s] Q: {question}")
+            show(f"  A: {' '.join(sample['completion'].split())}")
+        samples += answers
     return samples
 
 
@@ -195,7 +200,7 @@ def run_quickstart(
         build_dataset(identity, tokenizer),
         build_dataset(general, tokenizer),
     )
-    train_set = mix(identity_set, general_set)
+    train_set = mix(identity_set, general_set, settings.general_repeats)
     eval_set = build_dataset(identity.model_copy(update={"split": "test"}), tokenizer)
     general_test = build_dataset(general.model_copy(update={"split": "test"}), tokenizer)
     general_evals = eval_batches(general_test, settings.batch_size)
@@ -213,23 +218,21 @@ def run_quickstart(
     with lora.disable_adapter():
         before = ask(lora, tokenizer, settings.questions, settings, device, show)
         ordinary_before = ask(lora, tokenizer, settings.ordinary, settings, device, show)
-        general_before = eval_loss(lora, general_evals, device, TrainConfig(precision=PRECISION))[
-            "eval_loss"
-        ]
+        general_before = _loss(lora, general_evals, device, settings)
 
     trainable, total = lora.get_nb_trainable_parameters()
     show(
         f"\nFine-tuning a LoRA adapter (r={settings.r}, {trainable:,} of {total:,} parameters) "
         f"for {settings.steps} steps on {len(identity_set)} identity conversations mixed with "
-        f"{len(general_set)} ordinary ones (the base model's own answers, so that it stays "
-        "useful) ..."
+        f"{len(general_set)} ordinary ones x{settings.general_repeats} (the base model's own "
+        f"answers, so that it stays useful), {settings.precision} ..."
     )
     config = TrainConfig(
         max_steps=settings.steps,
         batch_size=settings.batch_size,
         lr=settings.lr,
         warmup_steps=max(1, settings.steps // 10),
-        precision=PRECISION,
+        precision=settings.precision,
         progress=settings.progress,
         log_every=5,
         tensorboard=False,
@@ -251,9 +254,7 @@ def run_quickstart(
         eval_loss_before=evals[0]["eval_loss"],
         eval_loss_after=evals[-1]["eval_loss"],
         general_loss_before=general_before,
-        general_loss_after=eval_loss(lora, general_evals, device, TrainConfig(precision=PRECISION))[
-            "eval_loss"
-        ],
+        general_loss_after=_loss(lora, general_evals, device, settings),
         name_rate_before=name_rate(_texts(before), settings.name),
         name_rate_after=name_rate(_texts(after), settings.name),
         ordinary_kept_before=kept_rate(ordinary_before, settings.name),
@@ -265,6 +266,11 @@ def run_quickstart(
     (out / MARKER).write_text(json.dumps(summary.to_dict(), ensure_ascii=False, indent=2) + "\n")
     _show_summary(summary, settings, show)
     return summary
+
+
+def _loss(model, batches, device, settings: QuickstartSettings) -> float:
+    """The answer loss of held-out questions at the run's precision."""
+    return eval_loss(model, batches, device, TrainConfig(precision=settings.precision))["eval_loss"]
 
 
 def _texts(samples: list[dict[str, str]]) -> list[str]:
@@ -285,7 +291,8 @@ def _show_summary(
     show(
         f"\nidentity questions naming `{settings.name}`: {round(result.name_rate_before * n)}/{n}"
         f" before -> {round(result.name_rate_after * n)}/{n} after"
-        f"\nordinary questions answered as before (no `{settings.name}`, not empty or looping): "
+        f"\nordinary questions keeping the base model's key fact (Paris, 24 hours, ...) in a "
+        f"complete sentence: "
         f"{round(result.ordinary_kept_before * m)}/{m} before -> "
         f"{round(result.ordinary_kept_after * m)}/{m} after"
         f"\neval loss, identity questions: {result.eval_loss_before:.3f} before -> "

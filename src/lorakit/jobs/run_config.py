@@ -18,12 +18,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorakit.data.mixing import DatasetSource
 from lorakit.data.pipeline import DataConfig
 from lorakit.errors import ConfigError, DataError, LorakitError, closest
 from lorakit.lora import inits
 from lorakit.lora.config import LoraConfig
 from lorakit.models import ModelConfig
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import PreferenceConfig, PreferenceSettings, TrainConfig
 
 
 class LoraSection(BaseModel):
@@ -38,6 +39,11 @@ class LoraSection(BaseModel):
         "preset",
         description="Layers to adapt: names or suffixes, a regex, 'all-linear', or 'preset' "
         "(the architecture's usual projections).",
+    )
+    target_parameters: list[str] | None = Field(
+        None,
+        description="Parameters to adapt (peft's names): a mixture of experts' fused expert "
+        "tensors ('gate_up_proj', 'down_proj') or a router's weight ('gate.weight').",
     )
     exclude_modules: list[str] | str | None = Field(
         None, description="Layers never to adapt (same matching rules)."
@@ -100,6 +106,11 @@ class EvalSection(BaseModel):
         "for a built-in dataset, else no evaluation.",
     )
     split: str = Field("test", description="Split of a built-in eval dataset.")
+    datasets: list[DatasetSource] = Field(
+        default_factory=list,
+        description="Several eval datasets mixed into one (as data.datasets); None with "
+        "data.datasets: the `test` split of its built-in datasets.",
+    )
     limit: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
     exact_match: bool = Field(
         False, description="Also generate answers to the eval prompts and score exact match."
@@ -110,6 +121,11 @@ class EvalSection(BaseModel):
 # Sections that do not change the result: train's fields are compared one by one by the loop
 # (with its own exceptions); eval and output_dir not at all.
 RUN_FREE = {"train", "eval", "output_dir"}
+# data settings that change how the tokens are made, never which: a resume may change them
+DATA_RUN_FREE = {"num_proc", "cache"}
+# data keys added after runs were first checkpointed: a checkpoint written before them, resumed
+# with them at these defaults, finds its settings unchanged
+LATER_DATA_KEYS: dict[str, Any] = {"datasets": [], "mix_seed": 0}
 
 
 class RunConfig(BaseModel):
@@ -117,8 +133,11 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lora", "full"] = Field(
-        "lora", description="lora: train an adapter (QLoRA with model.quantization); full: all."
+    method: Literal["lora", "full", "dpo", "orpo", "simpo"] = Field(
+        "lora",
+        description="lora: train an adapter (QLoRA with model.quantization); full: all "
+        "weights; dpo / orpo / simpo: preference tuning of an adapter on chosen / rejected "
+        "pairs (settings in `preference`).",
     )
     output_dir: str = Field(
         "runs/lorakit", description="Run directory: checkpoints, adapter, logs."
@@ -128,23 +147,51 @@ class RunConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalSection = Field(default_factory=EvalSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
+
+    @property
+    def preference_tuning(self) -> bool:
+        """True for method dpo, orpo or simpo."""
+        return self.method in PREFERENCE_METHODS
+
+    def train_config(self) -> TrainConfig:
+        """The loop's settings: `train`, with the preference method and its settings."""
+        if not self.preference_tuning:
+            return self.train
+        preference = PreferenceConfig(method=self.method, **self.preference.model_dump())
+        return self.train.model_copy(update={"preference": preference})
 
     def resume_settings(self) -> dict[str, Any]:
         """The sections a resumed run must share with its checkpoint, beside train's fields."""
         run = self.model_dump(mode="json")
+        run["data"] = {k: v for k, v in run["data"].items() if k not in DATA_RUN_FREE}
+        for key, default in LATER_DATA_KEYS.items():  # at their defaults: as before they existed
+            if run["data"].get(key) == default:
+                del run["data"][key]
         return {f"run.{k}": v for k, v in run.items() if k not in RUN_FREE}
 
     def eval_data_config(self) -> DataConfig | None:
         """The DataConfig of the eval set, or None when the run has none."""
-        dataset = self.eval.dataset
-        if dataset is None:
-            from lorakit.data.builtin import BUILTIN_DATASETS
+        from lorakit.data.builtin import BUILTIN_DATASETS
 
-            if self.data.dataset not in BUILTIN_DATASETS:
-                return None
-            dataset = self.data.dataset
-        update = {"dataset": dataset, "split": self.eval.split, "limit": self.eval.limit}
-        return self.data.model_copy(update={**update, "packing": False})
+        update: dict[str, Any] = {"split": self.eval.split, "limit": self.eval.limit}
+        update.update(packing=False, datasets=[])
+        if self.eval.datasets:
+            return self.data.model_copy(update={**update, "datasets": self.eval.datasets})
+        if self.eval.dataset is not None:
+            return self.data.model_copy(update={**update, "dataset": self.eval.dataset})
+        if self.data.datasets:  # the held-out split of the mix's built-in datasets
+            held_out = [
+                source.model_copy(update={"split": self.eval.split, "weight": None, "rows": None})
+                for source in self.data.datasets
+                if source.path in BUILTIN_DATASETS
+            ]
+            return (
+                self.data.model_copy(update={**update, "datasets": held_out}) if held_out else None
+            )
+        if self.data.dataset not in BUILTIN_DATASETS:
+            return None
+        return self.data.model_copy(update=update)
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -153,7 +200,9 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataConfig,
     "eval": EvalSection,
     "train": TrainConfig,
+    "preference": PreferenceSettings,
 }
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo")
 
 
 # ---------------------------------------------------------------- loading
@@ -203,11 +252,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config; raises ConfigError naming the bad key."""
     data = read_yaml(path) if path is not None else {}
+    if path is not None:
+        resolve_paths(data, Path(path).parent)
     overrides = list(overrides or [])
     apply_overrides(data, overrides)
     source = str(path) if path is not None else "config"
     given = {item.partition("=")[0].strip(): item for item in overrides}
     return validate_run_config(data, source, given)
+
+
+def resolve_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the config file's relative dataset paths (a name with a dataset file's suffix) and
+    model paths (starting with ./ or ../) relative to the file's folder, in place. Built-in
+    names, hub ids and output_dir (relative to the working directory) are left alone."""
+    from lorakit.data.formats import FILE_TYPES
+
+    def dataset(value: Any) -> Any:
+        is_file = isinstance(value, str) and Path(value).suffix.lower() in FILE_TYPES
+        if is_file and not Path(value).expanduser().is_absolute():
+            return str((folder / value).absolute())
+        return value
+
+    for section in ("data", "eval"):
+        part = data.get(section)
+        if not isinstance(part, dict):
+            continue
+        if "dataset" in part:
+            part["dataset"] = dataset(part["dataset"])
+        for entry in part.get("datasets") or []:
+            if isinstance(entry, dict) and "path" in entry:
+                entry["path"] = dataset(entry["path"])
+    model = data.get("model")
+    name = model.get("name_or_path") if isinstance(model, dict) else None
+    if isinstance(name, str) and name.startswith(("./", "../")):
+        model["name_or_path"] = str((folder / name).absolute())
 
 
 def validate_run_config(
@@ -219,7 +297,7 @@ def validate_run_config(
     one is blamed on the override, not on the file."""
     try:
         config = RunConfig.model_validate(data)
-        if config.method == "lora":
+        if config.method != "full":
             config.lora.to_lora_config()
     except ValidationError as error:
         parts = [
@@ -237,7 +315,27 @@ def validate_run_config(
             "`pip install 'lorakit[optim8bit]'`, or use train.optimizer: adamw"
         )
     _check_fsdp(config, source)
+    _check_preference(config, source)
     return config
+
+
+def _check_preference(run: RunConfig, source: str) -> None:
+    """What preference tuning refuses, found before any model loads."""
+    if run.train.preference is not None:
+        raise ConfigError(
+            f"{source}: train.preference is set by `method` and the `preference` section; "
+            "write method: dpo (or orpo, simpo) and preference: {beta: ...} instead"
+        )
+    if run.preference_tuning and run.data.packing:
+        raise ConfigError(
+            f"{source}: method={run.method} with data.packing: preference pairs are scored "
+            "as whole sequences and are not packed; set data.packing: false"
+        )
+    if run.preference_tuning and run.eval.exact_match:
+        raise ConfigError(
+            f"{source}: eval.exact_match with method={run.method}: pairs have no single "
+            "reference answer; read eval_rewards/accuracies in metrics.jsonl instead"
+        )
 
 
 def _check_fsdp(run: RunConfig, source: str) -> None:
@@ -275,15 +373,17 @@ def check_data(run: RunConfig) -> None:
     """Check that the datasets the run names exist, are readable and have a detectable format
     (before any model loads); the error names the key (`data.dataset`, `eval.dataset`)."""
     from lorakit.data.pipeline import check_dataset
+    from lorakit.data.preference import check_pairs
 
+    check = check_pairs if run.preference_tuning else check_dataset
     checks = [("data", run.data), ("eval", run.eval_data_config())]
     for key, config in checks:
         if config is None:
             continue
         try:
-            check_dataset(config)
+            check(config)
         except LorakitError as error:
-            where = f"{key}.dataset = {config.dataset!r}"
+            where = f"{key}.datasets" if config.datasets else f"{key}.dataset = {config.dataset!r}"
             split = f" (split {config.split!r})" if config.split != "train" else ""
             raise DataError(f"{where}{split}: {error}") from None
 
@@ -425,6 +525,8 @@ def type_name(annotation: Any) -> str:
 
 
 def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
     if field.default_factory is not None:
         value = field.default_factory()
         if isinstance(value, BaseModel):
@@ -461,6 +563,9 @@ def config_reference() -> str:
     for name, model in SECTIONS.items():
         doc = (model.__doc__ or "").strip().splitlines()[0]
         lines += ["", f"## `{name}`", "", doc, "", *_table(model)]
+    doc = (DatasetSource.__doc__ or "").strip().splitlines()[0]
+    lines += ["", "## An entry of `data.datasets` / `eval.datasets`", "", doc, ""]
+    lines += _table(DatasetSource)
     return "\n".join(lines) + "\n"
 
 

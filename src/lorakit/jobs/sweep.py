@@ -34,7 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorakit.errors import ConfigError
 from lorakit.files import write_json
-from lorakit.jobs.run_config import RunConfig, apply_overrides, read_yaml, validate_run_config
+from lorakit.jobs.run_config import (
+    RunConfig,
+    apply_overrides,
+    read_yaml,
+    resolve_paths,
+    validate_run_config,
+)
 from lorakit.jobs.sweep_measure import evaluate_baseline, measure_variant
 
 PLAN = "sweep.json"  # the resolved plan, written before the first variant runs
@@ -156,8 +162,10 @@ def plan_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if isinstance(config.base, str):
         base_path = (path.parent / config.base).resolve()
         base = read_yaml(base_path)
+        resolve_paths(base, base_path.parent)
     else:
         base = json.loads(json.dumps(config.base))
+        resolve_paths(base, path.parent)
     apply_overrides(base, list(overrides or []))
     output_dir = Path(config.output_dir)
     variants, seen = [], set()

@@ -1,6 +1,11 @@
 """What a sweep measures: one finished variant's numbers for the report (`measure_variant`:
 speed, memory, losses and the train/eval gap, parameter counts, size on disk, exact match and
-answers of the saved final model) and the untrained base model's (`evaluate_baseline`)."""
+answers of the saved final model, what it forgot) and the untrained base model's
+(`evaluate_baseline`).
+
+Forgetting (`forgetting`): the answer loss on the built-in general questions' held-out split
+(the base model's own answers, so the base scores its lowest there) and the share of the
+factual ones whose greedy answer still states the key fact (`data.builtin.keeps_fact`)."""
 
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ def _evaluate_final(sweep: Sweep, run: RunConfig, result: Any) -> dict[str, Any]
     if eval_config is not None and run.eval.exact_match:
         out.update(score_answers_fp32(model, tokenizer, eval_config, run, device))
     out["answers"] = _answers(sweep, model, tokenizer, run, device)
+    out.update(forgetting(model, tokenizer, run, device))
     return out
 
 
@@ -128,6 +134,7 @@ def evaluate_baseline(sweep: Sweep, show: Callable[[str], None]) -> dict[str, An
         if run.eval.exact_match:
             out.update(score_answers_fp32(model, tokenizer, eval_config, run, device))
     out["answers"] = _answers(sweep, model, tokenizer, run, device)
+    out.update(forgetting(model, tokenizer, run, device))
     write_json(path, out, indent=1, sort_keys=False, default=str)
     return out
 
@@ -141,6 +148,26 @@ def score_answers_fp32(model: Any, tokenizer: Any, eval_config: Any, run: RunCon
     )
     score["exact_match_questions"] = score.pop("answers")  # "answers" holds the prompts' answers
     return score
+
+
+def forgetting(model: Any, tokenizer: Any, run: RunConfig, device: Any) -> dict[str, float]:
+    """{'general_loss', 'facts_kept'}: the held-out general questions' answer loss (fp32) and
+    the share of factual answers keeping their key fact (greedy, 32 new tokens)."""
+    from lorakit.data.builtin import GENERAL_FACTS, keeps_fact
+    from lorakit.data.pipeline import DataConfig, build_dataset, prompt_template
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.evaluate import eval_loss, greedy_answers
+    from lorakit.train.plan import eval_batches
+
+    general = DataConfig(dataset="general", split="test", max_length=256)
+    batches = eval_batches(build_dataset(general, tokenizer), run.train.batch_size)
+    loss = eval_loss(model, batches, device, TrainConfig(precision="fp32"))["eval_loss"]
+    template = getattr(model, "chat_template", None) or prompt_template(run.data, tokenizer)
+    questions = list(GENERAL_FACTS)
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    replies = greedy_answers(model, tokenizer, conversations, template, 32, device)
+    kept = [keeps_fact(r, GENERAL_FACTS[q]) for q, r in zip(questions, replies, strict=True)]
+    return {"general_loss": loss, "facts_kept": sum(kept) / len(kept)}
 
 
 def _answers(sweep: Sweep, model: Any, tokenizer: Any, run: RunConfig, device: Any) -> list:

@@ -19,6 +19,8 @@ COLUMNS = [
     ("final_eval_loss", "final eval loss"),
     ("final_perplexity", "perplexity"),
     ("exact_match", "exact match"),
+    ("general_loss", "general loss"),
+    ("facts_kept", "facts kept"),
     ("train_s", "train s"),
     ("wall_s", "wall s"),
     ("tokens_per_s", "tokens/s"),
@@ -73,7 +75,7 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "–"
-    if key == "exact_match":
+    if key in ("exact_match", "facts_kept"):
         return f"{value:.1%}"
     if key in ("trainable_params", "adapter_bytes"):
         return f"{value:,}"
@@ -183,6 +185,7 @@ def reading(sweep: Any, finished: list[dict[str, Any]], baseline: dict | None) -
             out.append(text)
     out += cheapest_close_to_best(finished)
     out += full_vs_lora(finished, baseline)
+    out += forgetting(finished, baseline)
     out += score_noise(finished)
     return out
 
@@ -268,11 +271,15 @@ def full_vs_lora(finished: list[dict[str, Any]], baseline: dict | None) -> list[
     full = [r for r in finished if r.get("method") == "full" and r.get("exact_match") is not None]
     if not full or not baseline or baseline.get("exact_match") is None:
         return []
-    base, best_full = baseline["exact_match"], max(r["exact_match"] for r in full)
+    base, best = baseline["exact_match"], max(full, key=lambda r: r["exact_match"])
+    best_full = best["exact_match"]
     gain = best_full - base
     if gain <= 0:
         return [f"full fine-tuning did not improve exact match over the base model ({base:.1%})"]
-    out = [f"full fine-tuning: exact match {base:.1%} → {best_full:.1%}"]
+    out = [f"full fine-tuning: exact match {base:.1%} → {best_full:.1%} ({best['name']})"]
+    edge = _at_grid_edge(full, best)
+    if edge:
+        return [*out, edge]
     for record in finished:
         if record.get("method") == "lora" and record.get("exact_match") is not None:
             share = (record["exact_match"] - base) / gain
@@ -280,6 +287,36 @@ def full_vs_lora(finished: list[dict[str, Any]], baseline: dict | None) -> list[
                 f"{record['name']} reaches {share:.0%} of full fine-tuning's exact-match gain"
             )
     return out
+
+
+def _at_grid_edge(full: list[dict[str, Any]], best: dict[str, Any]) -> str | None:
+    """Why full fine-tuning may not be at its best: a single learning rate, or the best one at
+    the edge of the grid (its optimum may lie beyond); None when the grid brackets it."""
+    lrs = sorted({r.get("overrides", {}).get("train.lr") for r in full} - {None})
+    lr = best.get("overrides", {}).get("train.lr")
+    if len(lrs) < 3 or lr in (lrs[0], lrs[-1]):
+        where = "a single learning rate" if len(lrs) < 3 else f"the edge of its grid (lr={lr})"
+        return (
+            f"full fine-tuning's best exact match is at {where}: it may not be at its best, so "
+            "no share of its gain is given; add learning rates that bracket its optimum"
+        )
+    return None
+
+
+def forgetting(finished: list[dict[str, Any]], baseline: dict | None) -> list[str]:
+    """What each variant forgot: the general questions' loss and facts kept, against the base."""
+    rows = [r for r in finished if r.get("general_loss") is not None]
+    if not rows or not baseline or baseline.get("general_loss") is None:
+        return []
+    base_loss, base_facts = baseline["general_loss"], baseline.get("facts_kept", 0.0)
+    parts = [
+        f"{r['name']} {r['general_loss']:.3g} ({r.get('facts_kept', 0.0):.0%})"
+        for r in sorted(rows, key=lambda r: r["general_loss"])
+    ]
+    return [
+        f"forgetting (held-out general questions, the base model's own answers; facts kept in "
+        f"brackets): base {base_loss:.3g} ({base_facts:.0%}); " + ", ".join(parts)
+    ]
 
 
 # ---------------------------------------------------------------- figures

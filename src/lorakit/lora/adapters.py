@@ -9,6 +9,7 @@ touching it, and never unpickles.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -22,11 +23,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.files import apply_umask, atomic_dir
+from lorakit.files import apply_umask, atomic_dir, other_than_file
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
+from lorakit.lora.experts import expert_factors
 from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
 from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
+from lorakit.lora.layouts import (
+    WRITES_LAYOUT_OF,
+    ParamSpec,
+    expected_parameters,
+    key_stems,
+    param_stems,
+    to_current,
+)
+from lorakit.lora.params import LoraParams
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
@@ -70,6 +81,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{path}.{key}"] = tensor
+        elif isinstance(module, LoraParams) and adapter_name in module.r:
+            for param, stem in key_stems(path, module.param_names(adapter_name)).items():
+                a, b = module.lora_weights(adapter_name, param)
+                out[f"{stem}.lora_A.weight"], out[f"{stem}.lora_B.weight"] = a, b
     if bias == "all":
         for name, param in model.named_parameters():
             if is_shared_bias(name):
@@ -96,6 +111,9 @@ def save_adapter(
     """
     directory = Path(directory)
     tensors = adapter_state_dict(model, adapter_name, config.bias)
+    if config.target_parameters:  # readers tell the expert layout by it (`layouts`)
+        config = copy.copy(config)
+        config.extra = {**config.extra, "peft_version": WRITES_LAYOUT_OF}
     if convert_from is not None:
         initial = read_adapter(convert_from)
         tensors, config = converted_to_lora(tensors, config, initial.tensors)
@@ -146,6 +164,7 @@ class AdapterFiles:
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
     chat_template: str | None = None
+    layout: str | None = None  # of expert tensors (`layouts`), known once checked against a base
 
 
 def read_adapter(directory: str | Path) -> AdapterFiles:
@@ -154,6 +173,11 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
     if not directory.is_dir():
         raise AdapterError(f"{directory}: adapter directory not found")
     weights = directory / WEIGHTS_NAME
+    if other_than_file(weights):
+        raise AdapterError(
+            f"{weights}: is {other_than_file(weights)}, not a regular file; an adapter's weights "
+            f"are a regular {WEIGHTS_NAME} file, as save_pretrained writes it"
+        )
     if not weights.is_file():
         pickled = [name for name in _PICKLE_NAMES if (directory / name).exists()]
         if pickled:
@@ -164,6 +188,8 @@ def read_adapter(directory: str | Path) -> AdapterFiles:
             )
         raise AdapterError(f"{weights}: not found (an adapter needs {WEIGHTS_NAME})")
     config = LoraConfig.load(directory)
+    if config.target_modules == "all-linear" and config.target_parameters is None:
+        config.target_parameters = []  # written before lorakit adapted experts: layers only
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -189,6 +215,8 @@ def check_tensors(where: Path, config: LoraConfig, tensors: dict[str, torch.Tens
             if stem != key and stem + b_suffix in tensors:
                 name = stem.removeprefix(PREFIX)
                 a, b = tensors[key], tensors[stem + b_suffix]
+                if a.dim() == 2 and a.shape[0] != config.rank_for(name):
+                    continue  # a stack of experts: checked per expert by `check_adapter`
                 _check_update(where, name, a, b, config.scaling_for(name))
 
 
@@ -235,6 +263,7 @@ class AdapterCheck:
     target_names: list[str] = field(default_factory=list)
     to_save_names: list[str] = field(default_factory=list)
     base_copies: list[str] = field(default_factory=list)  # whole base weights that differ
+    param_specs: list[ParamSpec] = field(default_factory=list)  # adapted parameters
 
 
 def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
@@ -257,6 +286,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             check.expected[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
         check.target_names.append(name)
+    params, check.param_specs = expected_parameters(model, config)
+    check.expected.update(params)
     for name, module in find_modules_to_save(model, config):
         source = module.original_module if isinstance(module, ModulesToSave) else module
         for key, tensor in source.state_dict().items():
@@ -304,6 +335,10 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
         raise AdapterError(
             f"{files.directory}: the adapter does not fit this base: {error}"
         ) from None
+    files.tensors, files.layout = to_current(
+        files.tensors, check.param_specs, files.config.peft_version
+    )
+    _check_expert_updates(where, files, check.param_specs)
     tensors = normalise_keys(files.tensors)
     problems: list[str] = []
     check.base_copies = _base_copies(base, check, tensors, where, problems)
@@ -330,6 +365,18 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
             stacklevel=2,
         )
     return check
+
+
+def _check_expert_updates(where: Path, files: AdapterFiles, specs: list[ParamSpec]) -> None:
+    """The float16 bound of `_check_update` for every expert of every adapted stack."""
+    for spec in (s for s in specs if s.stack):
+        a, b = (files.tensors.get(f"{spec.stem}.lora_{x}.weight") for x in "AB")
+        if a is not None and b is not None and (a.shape, b.shape) == (spec.a_shape, spec.b_shape):
+            name = spec.stem.removeprefix(PREFIX)
+            a3, b3 = expert_factors(a, b, spec.experts)
+            for e in range(spec.experts):
+                scale = files.config.scaling_for(name)
+                _check_update(where, f"{name} (expert {e})", a3[e], b3[e], scale)
 
 
 def _shape_problem(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> list[str]:
@@ -427,10 +474,15 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: 
     tensors = normalise_keys(tensors)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
+    stems = param_stems(model, adapter_name)
     for key, tensor in tensors.items():
         path = key.removeprefix(PREFIX)
         owner, _, leaf = path.rpartition(".")
-        if leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+        layer, _, which = owner.rpartition(".")
+        if layer in stems and which in ("lora_A", "lora_B"):
+            module, param = stems[layer]
+            target = getattr(module, which)[param][adapter_name]
+        elif leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
             target = getattr(modules[owner], leaf)[adapter_name]
         elif owner.endswith((".lora_A", ".lora_B")):
             layer, _, which = owner.rpartition(".")

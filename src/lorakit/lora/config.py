@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import AdapterError, ConfigError, closest
+from lorakit.files import other_than_file
 from lorakit.lora.compat.fields import (
     DESCRIPTIVE,
     INSTEAD,
@@ -42,6 +43,7 @@ class _LoraFields:
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     exclude_modules: list[str] | str | None = None
     bias: str = "none"
     modules_to_save: list[str] | None = None
@@ -107,7 +109,13 @@ class LoraConfig(_LoraFields, PeftConfigNames):
     def _validate(self) -> None:
         """Check every field's type and value; the error names the field, the value and what is
         allowed. Sets and tuples become lists, and an int `layers_to_transform` a list."""
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        for name in (
+            "target_modules",
+            "target_parameters",
+            "exclude_modules",
+            "modules_to_save",
+            "layers_pattern",
+        ):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
                 setattr(self, name, sorted(value) if _all_str(value) else list(value))
@@ -173,7 +181,7 @@ class LoraConfig(_LoraFields, PeftConfigNames):
         data.pop("extra")
         data = {**UNSUPPORTED_FEATURES, **self.extra, **data}
         data["peft_type"] = "LORA"
-        for key in ("target_modules", "exclude_modules"):
+        for key in ("target_modules", "target_parameters", "exclude_modules"):
             if isinstance(data[key], list):
                 data[key] = sorted(data[key])
         return dict(sorted(data.items()))
@@ -222,6 +230,8 @@ class LoraConfig(_LoraFields, PeftConfigNames):
     def load(cls, directory: str | Path) -> LoraConfig:
         """Read `adapter_config.json` from an adapter directory, with errors naming the file."""
         path = Path(directory) / CONFIG_NAME
+        if other_than_file(path):
+            raise AdapterError(f"{path}: is {other_than_file(path)}, not a regular file")
         if not path.is_file():
             raise AdapterError(
                 f"{path}: not found; an adapter directory holds {CONFIG_NAME} and "
@@ -304,6 +314,11 @@ _FIELD_RULES: list[tuple[str, Any, str]] = [
     ("lora_alpha", lambda v: _is_number(v) and v > 0, "a positive number such as 16 or 32"),
     ("lora_dropout", lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1)"),
     ("target_modules", _names, _NAMES),
+    (
+        "target_parameters",
+        lambda v: _names(v, allow_string=False),
+        "a list of parameter names such as ['gate_up_proj', 'down_proj', 'mlp.gate.weight']",
+    ),
     ("exclude_modules", _names, _NAMES),
     ("bias", lambda v: v in _BIAS, f"one of {_BIAS}"),
     ("modules_to_save", lambda v: _names(v, allow_string=False), "a list of module names"),

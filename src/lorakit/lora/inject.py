@@ -8,6 +8,7 @@ architecture's preset from `lorakit.lora.presets.target_preset`.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from lorakit.lora.layers import (
     ModulesToSave,
     layer_kind,
 )
-from lorakit.lora.presets import target_preset
+from lorakit.lora.moe import all_linear_parameters
+from lorakit.lora.params import LoraParams, check_param_config
+from lorakit.lora.presets import parameter_preset, target_preset
 
 _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -42,7 +45,7 @@ def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     for name, child in model.named_children():
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
-        if not isinstance(child, (LoraLinear, ModulesToSave)):
+        if not isinstance(child, (LoraLinear, ModulesToSave, LoraParams)):
             yield from walk(child, full)
 
 
@@ -90,6 +93,83 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str | N
     return targets
 
 
+def expand_targets(model: nn.Module, config: LoraConfig) -> None:
+    """Make `config` name what it adapts, in place: 'preset' becomes the architecture's module
+    names, 'all-linear' the names of the linear layers it reaches (their last name parts where
+    those pick exactly these layers) plus, on a mixture-of-experts model, the expert and router
+    parameters (`moe.all_linear_parameters`), unless `target_parameters` is [] (an adapter file
+    that said 'all-linear' before lorakit adapted experts: it holds linear layers only)."""
+    preset = config.target_modules in ("preset", ["preset"])
+    config.target_modules = resolve_targets(model, config)
+    experts = all_linear_parameters(model)
+    if preset and config.target_parameters is None:
+        config.target_parameters = parameter_preset(model)
+    if config.target_modules == "all-linear":
+        found = [name for name, _ in find_targets(model, config)]
+        leaves = sorted({name.rpartition(".")[2] for name in found})
+        probe = copy.copy(config)
+        probe.target_modules = leaves
+        same = [name for name, _ in find_targets(model, probe)] == found
+        config.target_modules = leaves if same else sorted(found)
+        if config.target_parameters is None:
+            config.target_parameters = experts or None
+    if experts and isinstance(config.target_modules, list):
+        config.target_modules = _unambiguous(model, config)
+
+
+# names that peft (>= 0.19) reads, on a model with fused experts, as the per-expert layers of
+# the older transformers 4 checkpoints and maps onto the expert parameters (doubling the rank
+# of gate_up_proj for Mixtral / Qwen2-MoE): written as full paths they keep their meaning
+_PEFT_REMAPPED = frozenset({"gate", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"})
+
+
+def _unambiguous(model: nn.Module, config: LoraConfig) -> list[str]:
+    """`config.target_modules` with each name peft would remap replaced by the full names of
+    the layers it matches here."""
+    targets = config.target_modules
+    risky = [t for t in targets if t.rpartition(".")[2] in _PEFT_REMAPPED and "." not in t]
+    if not risky:
+        return targets
+    found = [name for name, _ in find_targets(model, config)]
+    full = [name for name in found if any(_suffix_match(name, t) for t in risky)]
+    return sorted(t for t in targets if t not in risky) + sorted(full)
+
+
+def find_param_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """(module name, parameter name) of every parameter `config.target_parameters` names, in
+    module order and, per module, in the order the module registered them (peft's nesting
+    order). A name matches the full `<module>.<parameter>` path or its end after a dot."""
+    wanted = config.target_parameters or []
+    found = []
+    for name, module in walk(model):
+        owner = module.base_layer if isinstance(module, (LoraLinear, LoraParams)) else module
+        if isinstance(module, ModulesToSave):
+            continue
+        for param_name, _ in owner.named_parameters(recurse=False):
+            key = f"{name}.{param_name}"
+            if not any(key == w or key.endswith("." + w) for w in wanted):
+                continue
+            if isinstance(module, LoraLinear):
+                raise ConfigError(
+                    f"target_parameters matches `{key}`, a parameter of `{name}`, which "
+                    "target_modules adapts already; adapt it one way only (as peft requires)"
+                )
+            found.append((name, param_name))
+    if wanted and not found:
+        params = sorted({f"{n}.{p}".rpartition(".")[2] for n, m in walk(model) for p, _ in _own(m)})
+        raise ConfigError(
+            f"target_parameters={wanted} matched no parameter of {type(model).__name__}; a name "
+            "matches `<module path>.<parameter>` or its end after a dot, e.g. 'gate_up_proj' or "
+            f"'mlp.gate.weight'; parameter names here: {params[:20]}"
+        )
+    return found
+
+
+def _own(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    owner = module.base_layer if isinstance(module, (LoraLinear, LoraParams)) else module
+    return list(owner.named_parameters(recurse=False))
+
+
 def saved_targets(
     model: nn.Module, config: LoraConfig, adapter_name: str
 ) -> list[str] | str | None:
@@ -124,6 +204,8 @@ def _in_layers(name: str, config: LoraConfig) -> bool:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config` adapts in `model`; raises a clear error on no match."""
     targets = resolve_targets(model, config)
+    if targets is None and config.target_parameters:
+        return []
     if targets is None:
         raise ConfigError(
             "LoraConfig.target_modules is not set: give a list of module names (e.g. "
@@ -159,7 +241,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             if index is None or index not in config.layers_to_transform:
                 continue
         found.append((name, module))
-    if not found:
+    if not found and not config.target_parameters:
         saved = (
             f" outside modules_to_save={config.modules_to_save}" if config.modules_to_save else ""
         )
@@ -197,6 +279,7 @@ def _no_preset_message(model: nn.Module) -> str:
 
 def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Wrap (or extend) every target of `config` with adapter `adapter_name`; returns the names."""
+    expand_targets(model, config)
     names = []
     for name, module in find_targets(model, config):
         if not isinstance(module, LoraLinear):
@@ -215,6 +298,7 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
             loftq_config=config.loftq_config,
         )
         names.append(name)
+    names += add_parameter_adapters(model, config, adapter_name)
     for name, module in find_modules_to_save(model, config):
         if isinstance(module, _CONTAINERS):
             raise TypeError(
@@ -227,6 +311,31 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
             replace_module(model, name, module)
         module.add_copy(adapter_name)
     return names
+
+
+def add_parameter_adapters(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap the owners of `config.target_parameters` in `LoraParams` (or extend them) with
+    adapter `adapter_name`; returns the wrapped module names."""
+    targets = find_param_targets(model, config)
+    for name, param in targets:
+        check_param_config(config, f"{name}.{param}")
+    names = []
+    for name, param in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraParams):
+            module = LoraParams(module)
+            replace_module(model, name, module)
+        key = f"{name}.{param}"
+        module.add(
+            adapter_name,
+            param,
+            r=config.rank_for(key),
+            alpha=config.alpha_for(key),
+            use_rslora=config.use_rslora,
+            init=config.init_lora_weights,
+        )
+        names.append(name)
+    return list(dict.fromkeys(names))
 
 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -258,6 +367,11 @@ def mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none
                         param.requires_grad_(True)
             if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 module.base_layer.bias.requires_grad_(True)
+        elif isinstance(module, LoraParams):
+            for adapter in adapter_names:
+                if adapter in module.r:
+                    for param in module.adapter_parameters(adapter):
+                        param.requires_grad_(True)
         elif isinstance(module, ModulesToSave):
             for adapter in adapter_names:
                 if adapter in module.modules_to_save:
@@ -343,7 +457,9 @@ class InjectionReport:
 def check_injection(model: nn.Module) -> InjectionReport:
     """List LoRA layers, count frozen and trainable params, flag trainable base params."""
     report = InjectionReport()
-    report.lora_layers = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    report.lora_layers = [
+        n for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraParams))
+    ]
     for name, param in model.named_parameters():
         if not param.requires_grad:
             report.frozen += param.numel()

@@ -33,10 +33,10 @@ from lorakit.lora.inject import (
     add_adapter_layers,
     mark_trainable,
     replace_module,
-    resolve_targets,
     saved_targets,
 )
 from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
+from lorakit.lora.params import LoraParams
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan, reading_rows
 from lorakit.lora.ties import untie_for_merge
 
@@ -92,13 +92,22 @@ class LoraModel(PeftSurface, HFFace):
             if isinstance(module, LoraLinear):
                 yield name, module
 
-    def _wrappers(self) -> list[LoraLinear | ModulesToSave]:
+    def param_layers(self) -> Iterator[tuple[str, LoraParams]]:
+        """(name, wrapper) for every module whose parameters carry LoRA (`target_parameters`)."""
+        for name, module in self.base_model.model.named_modules():
+            if isinstance(module, LoraParams):
+                yield name, module
+
+    def _mergeable(self) -> list[LoraLinear | LoraParams]:
+        return [m for _, m in self.lora_layers()] + [m for _, m in self.param_layers()]
+
+    def _wrappers(self) -> list[LoraLinear | ModulesToSave | LoraParams]:
         """Every LoRA / modules_to_save wrapper, cached until adapters are added or removed."""
         if self._wrapper_cache is None:
             self._wrapper_cache = [
                 m
                 for m in self.base_model.model.modules()
-                if isinstance(m, (LoraLinear, ModulesToSave))
+                if isinstance(m, (LoraLinear, ModulesToSave, LoraParams))
             ]
         return self._wrapper_cache
 
@@ -129,10 +138,7 @@ class LoraModel(PeftSurface, HFFace):
                 f"the base's own, shared by all adapters); `{(biased or [adapter_name])[0]}` has "
                 "bias != 'none'. Use bias='none' for every adapter when loading several"
             )
-        config = copy.deepcopy(config)
-        config.target_modules = resolve_targets(
-            self.base_model.model, config
-        )  # saved files name modules
+        config = copy.deepcopy(config)  # add_adapter_layers makes it name what it adapts
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = _name_or_path(self.base_model.model)
         add_adapter_layers(self.base_model.model, config, adapter_name)
@@ -161,13 +167,13 @@ class LoraModel(PeftSurface, HFFace):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; a merged adapter must be unmerged first."""
         self._require(adapter_name)
-        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+        if any(adapter_name in layer.merged_adapters for layer in self._mergeable()):
             raise AdapterError(
                 f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
                 "them first. (lorakit: call unmerge_adapter(), then delete_adapter().)"
             )
         for module in self._wrappers():
-            if isinstance(module, LoraLinear):
+            if isinstance(module, (LoraLinear, LoraParams)):
                 module.delete_adapter(adapter_name)
             elif adapter_name in module.modules_to_save:
                 del module.modules_to_save[adapter_name]
@@ -210,8 +216,9 @@ class LoraModel(PeftSurface, HFFace):
 
     @property
     def targeted_module_names(self) -> list[str]:
-        """Names (in the wrapped model) of the modules that carry LoRA adapters."""
-        return [name for name, _ in self.lora_layers()]
+        """Names (in the wrapped model) of the modules that carry LoRA adapters (layers and the
+        modules whose parameters are adapted)."""
+        return [name for name, _ in self.lora_layers()] + [n for n, _ in self.param_layers()]
 
     @contextlib.contextmanager
     def mixed_adapters(
@@ -291,7 +298,7 @@ class LoraModel(PeftSurface, HFFace):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False):
         """Merge adapters into the base weights in place (undo with `unmerge_adapter`)."""
         names = adapter_names or self.active_adapters
-        layers = [layer for _, layer in self.lora_layers()]
+        layers = self._mergeable()
         if layers and all(set(names) <= set(layer.merged_adapters) for layer in layers):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
@@ -301,7 +308,7 @@ class LoraModel(PeftSurface, HFFace):
 
     def unmerge_adapter(self) -> None:
         """Undo `merge_adapter`: the base weights return to their values before the merge."""
-        for _, layer in self.lora_layers():
+        for layer in self._mergeable():
             layer.unmerge()
 
     def merge_and_unload(
@@ -320,7 +327,7 @@ class LoraModel(PeftSurface, HFFace):
             untie_for_merge(self.base_model.model, list(self.lora_layers()), names, stacklevel=4)
         replacements = []
         for name, module in self.base_model.model.named_modules():
-            if isinstance(module, LoraLinear):
+            if isinstance(module, (LoraLinear, LoraParams)):
                 replacements.append(
                     (name, module.unwrap(names, merge=merge, safe_merge=safe_merge))
                 )

@@ -2,9 +2,11 @@
 quantization, on CPU or GPU.
 
 `codes` holds the storage formats as plain tensor functions, `layer` the `QuantLinear` module and
-the model-level functions, `load` quantizing while a checkpoint is read.
+the model-level functions, `experts` a mixture of experts' fused 3-D expert tensors
+(`QuantExperts`), `load` quantizing while a checkpoint is read.
 """
 
+from lorakit.quant.experts import QuantExperts
 from lorakit.quant.layer import (
     DEFAULT_SKIP,
     METHODS,
@@ -20,6 +22,7 @@ from lorakit.quant.load import load_quantized
 __all__ = [
     "DEFAULT_SKIP",
     "METHODS",
+    "QuantExperts",
     "QuantLinear",
     "dequantize_model",
     "load_quantized",

@@ -16,6 +16,8 @@ Math (W is a frozen (out, in) weight; the LoRA layer around it is unchanged):
   instead of keeping W~ alive, so a quantized base costs its packed size during training too.
 * Merging a LoRA delta dW: W' = W~ (fp32) + dW, stored as a plain nn.Linear in a float dtype;
   re-quantizing W' is optional and its extra error ||Q(W') - W'|| is reported.
+* A mixture of experts' fused 3-D expert parameters are quantized too, each expert slice as one
+  such weight (`quant.experts`), by `quantize_model` and while loading.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from torch import nn
 
 from lorakit.errors import ConfigError, closest
 from lorakit.quant import codes
+from lorakit.quant.experts import (
+    QuantExperts,
+    dequantize_experts,
+    expert_targets,
+    quantize_expert,
+)
 
 METHODS = ("nf4", "fp4", "int8")
 DEFAULT_SKIP = ("lm_head",)  # the output layer stays in float unless asked otherwise
@@ -245,6 +253,8 @@ def check_skip(model: nn.Module, skip: Iterable[str] | None) -> None:
     if skip is None:
         return
     linear = [name for name, module in model.named_modules() if name and _is_linear(module)]
+    linear += [f"{m}.{p}" if m else p for m, p in expert_targets(model)]  # and their modules
+    linear += [m for m, _ in expert_targets(model)]
     for entry in [skip] if isinstance(skip, str) else skip:
         if not any(name == entry or name.endswith("." + entry) for name in linear):
             suffixes = {name.rsplit(".", 1)[-1] for name in linear}
@@ -262,15 +272,19 @@ def quantize_model(
     skip: Iterable[str] = DEFAULT_SKIP,
     compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Replace every nn.Linear / Conv1D (except `skip` and tied weights) by a QuantLinear, in place.
+    """Replace every nn.Linear / Conv1D (except `skip` and tied weights) by a QuantLinear, and
+    every fused 3-D expert parameter of a mixture of experts by a `QuantExperts`, in place.
 
     `skip` entries match a module's full name or its last dotted parts (`lm_head`,
-    `mlp.down_proj`). A linear whose weight is shared with another module (tied embeddings)
-    is left as it is. `double_quant` applies to the 4-bit methods. Returns `model`.
+    `mlp.down_proj`; for experts also `experts.down_proj`). A linear whose weight is shared with
+    another module (tied embeddings) is left as it is. `double_quant` applies to the 4-bit
+    methods. Returns `model`.
     """
     _check_method(method)
     for name in quantization_targets(model, skip):
         quantize_layer(model, name, method, double_quant, compute_dtype)
+    for name, param in expert_targets(model, skip):
+        quantize_expert(model, name, param, method, double_quant, compute_dtype)
     return model
 
 
@@ -320,20 +334,27 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
         weight = layer.dequantize(torch.float32)
         setattr(parent, child, _float_linear(weight, layer.bias, dtype or layer.compute_dtype))
     kinds = sorted({f"{layer.method}" for _, layer in targets})
+    experts = dequantize_experts(model, dtype)
+    what = f" and {experts} expert tensors" if experts else ""
     return model, (
-        f"dequantized {len(targets)} quantized linear layers ({', '.join(kinds) or 'none'}) "
-        f"to nn.Linear in {_dtype_name(dtype) if dtype else 'their compute dtype'}"
+        f"dequantized {len(targets)} quantized linear layers{what} "
+        f"({', '.join(kinds) or 'none'}) to {'float' if experts else 'nn.Linear'} in "
+        f"{_dtype_name(dtype) if dtype else 'their compute dtype'}"
     )
 
 
 def model_nbytes(model: nn.Module) -> int:
-    """Bytes held by a model's parameters and buffers, each shared tensor counted once."""
+    """Bytes held by a model's parameters and buffers, each shared tensor counted once
+    (quantized experts by their codes)."""
     seen: set[int] = set()
     total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
+            if isinstance(tensor, QuantExperts):
+                total += tensor.storage_bytes()
+            else:
+                total += tensor.numel() * tensor.element_size()
     return total
 
 

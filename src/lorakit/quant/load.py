@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lorakit.errors import ModelError
+from lorakit.quant.experts import expert_targets, quantize_expert
 from lorakit.quant.layer import DEFAULT_SKIP, check_skip, quantization_targets, quantize_layer
 
 _FLOAT_DTYPES = {
@@ -70,6 +71,7 @@ def load_quantized(
     check_skip(model, skip)
     keys, groups = _checkpoint_keys(model, index)
     targets = set(quantization_targets(model, DEFAULT_SKIP if skip is None else skip))
+    experts = set(expert_targets(model, DEFAULT_SKIP if skip is None else skip))
     loaded: set[str] = set()
     for name in [name for name, _ in model.named_modules()]:  # names only: no float layer kept
         module = model.get_submodule(name)
@@ -82,6 +84,8 @@ def load_quantized(
             elif key not in loaded:
                 _load(model, groups[key], index[key][0], key, tensor, device)
                 loaded.add(key)
+            if (name, attr) in experts:  # a fused expert tensor: quantized as soon as it is read
+                quantize_expert(model, name, attr, method, double_quant, compute_dtype)
         if name in targets:
             quantize_layer(model, name, method, double_quant, compute_dtype)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "unloaded tensor"

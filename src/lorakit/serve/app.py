@@ -37,7 +37,7 @@ from lorakit.serve.protocol import (
     UnloadAdapterRequest,
     parse_body,
 )
-from lorakit.serve.registry import ModelHost, check_adapter_name, resolve_under_root
+from lorakit.serve.registry import Lease, ModelHost, check_adapter_name, resolve_under_root
 
 
 @dataclass
@@ -57,7 +57,7 @@ class _Job:
     """A validated generation request, ready for the engine."""
 
     model: str
-    adapter: str | None
+    lease: Lease | None  # the hold on the adapter (None: the base model), the engine's to end
     prompt_ids: list[int]
     params: SamplingParams
     stream: bool
@@ -182,45 +182,64 @@ def _model_cards(host: ModelHost) -> list[dict]:
     return cards
 
 
-def _pick_adapter(state: ServerState, model: str) -> str | None:
-    """None for the base model's name, the adapter's name for an adapter; 404 otherwise."""
+def _hold_adapter(state: ServerState, model: str) -> Lease | None:
+    """None for the base model's name, a hold on the adapter for an adapter; 404 otherwise."""
     if model == state.host.base_name:
         return None
-    if model in state.host.adapters:
-        return model
+    try:
+        return state.host.acquire(model)
+    except LookupError:
+        pass
+    if state.host.leaving(model):
+        message = f"The model `{model}` is being unloaded; it takes no new requests."
+        raise ApiError(404, message, "model")
     names = [state.host.base_name, *state.host.adapters]
     raise ApiError(404, f"The model `{model}` does not exist{closest(model, names)}.", "model")
 
 
 def _completion_job(state: ServerState, raw: bytes) -> _Job:
     body = parse_body(CompletionRequest, _parse_json(raw))
-    adapter = _pick_adapter(state, body.model)
-    if isinstance(body.prompt, str):
-        prompt_ids = list(state.tokenizer(body.prompt)["input_ids"])
-    else:
-        vocab = state.host.forward_model.config.vocab_size
-        if any(not 0 <= t < vocab for t in body.prompt):
-            raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
-        prompt_ids = list(body.prompt)
-    return _job(state, body, adapter, prompt_ids, body.max_tokens, chat=False)
+    lease = _hold_adapter(state, body.model)
+    try:
+        if isinstance(body.prompt, str):
+            prompt_ids = list(state.tokenizer(body.prompt)["input_ids"])
+        else:
+            vocab = state.host.forward_model.config.vocab_size
+            if any(not 0 <= t < vocab for t in body.prompt):
+                raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
+            prompt_ids = list(body.prompt)
+        return _job(state, body, lease, prompt_ids, body.max_tokens, chat=False)
+    except BaseException:
+        _let_go(lease)
+        raise
 
 
 def _chat_job(state: ServerState, raw: bytes) -> _Job:
     body = parse_body(ChatRequest, _parse_json(raw))
-    adapter = _pick_adapter(state, body.model)
-    template = state.host.template_for(adapter)  # None: prompt_ids' plain format
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    lease = _hold_adapter(state, body.model)
     try:
-        ids = templates.prompt_ids(state.tokenizer, messages, template)
-    except Exception as error:
-        raise ApiError(400, f"messages: the chat template failed: {error}", "messages") from None
-    return _job(state, body, adapter, ids, body.token_budget(), chat=True)
+        template = state.host.template_for(lease and lease.name)  # None: the plain format
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = templates.prompt_ids(state.tokenizer, messages, template)
+        except Exception as error:
+            message = f"messages: the chat template failed: {error}"
+            raise ApiError(400, message, "messages") from None
+        return _job(state, body, lease, ids, body.token_budget(), chat=True)
+    except BaseException:
+        _let_go(lease)
+        raise
+
+
+def _let_go(lease: Lease | None) -> None:
+    if lease is not None:
+        lease.release()
 
 
 def _job(
     state: ServerState,
     body: Any,
-    adapter: str | None,
+    lease: Lease | None,
     prompt_ids: list[int],
     budget: int | None,
     chat: bool,
@@ -247,7 +266,7 @@ def _job(
         seed=body.seed,
     )
     usage = body.stream_options is not None and body.stream_options.include_usage
-    return _Job(body.model, adapter, prompt_ids, params, body.stream, chat, usage)
+    return _Job(body.model, lease, prompt_ids, params, body.stream, chat, usage)
 
 
 async def _run(request: Request, state: ServerState, job: _Job) -> Any:
@@ -258,7 +277,8 @@ async def _run(request: Request, state: ServerState, job: _Job) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-    seq = state.engine.submit(job.prompt_ids, job.adapter, job.params, sink)
+    adapter = job.lease.name if job.lease is not None else None
+    seq = state.engine.submit(job.prompt_ids, adapter, job.params, sink, lease=job.lease)
     if job.stream:
         stream = _stream(state.engine, seq, events, job)
         # also runs when the client left before the stream started
@@ -376,6 +396,14 @@ async def _load(state: ServerState, body: LoadAdapterRequest) -> dict:
         raise ApiError(400, str(error), "lora_path") from None
     except FileNotFoundError as error:
         raise ApiError(404, str(error), "lora_path") from None
+    name = body.lora_name
+    if state.host.leaving(name):
+        raise ApiError(
+            409,
+            f"adapter `{name}` is still being unloaded ({state.host.holds(name)} requests use "
+            "it); load it again once the unload call has returned",
+            "lora_name",
+        )
     try:
         await run_in_threadpool(state.host.load, body.lora_name, path)
     except Exception as error:  # a broken adapter is the client's problem, never a 500
@@ -390,15 +418,15 @@ async def _unload(state: ServerState, body: UnloadAdapterRequest) -> dict:
             "runtime adapter loading is off; see --allow-runtime-loading",
             code="endpoint_disabled",
         )
-
-    def unload() -> None:
-        with state.host.lock:
-            if body.lora_name not in state.host.adapters:
-                raise ApiError(404, f"no adapter named `{body.lora_name}` is loaded", "lora_name")
-            busy = state.engine.uses(body.lora_name)
-            if busy:
-                raise ApiError(400, f"adapter `{body.lora_name}` is in use by {busy} requests")
-            state.host.unload(body.lora_name)
-
-    await run_in_threadpool(unload)
-    return {"status": "ok", "lora_name": body.lora_name}
+    name = body.lora_name
+    try:
+        gone = await run_in_threadpool(state.host.unload, name)
+    except KeyError:
+        if state.host.leaving(name):
+            raise ApiError(
+                404, f"adapter `{name}` is already being unloaded", "lora_name"
+            ) from None
+        raise ApiError(404, f"no adapter named `{name}` is loaded", "lora_name") from None
+    # new requests for it get 404 from now on; the ones running finish first
+    await run_in_threadpool(gone.wait)
+    return {"status": "ok", "lora_name": name}

@@ -4,11 +4,12 @@ Requests that wait together are prefilled together: sorted by prompt length, cut
 whose left padding stays under a quarter of the group's tokens (and whose padded size stays under
 `max_prefill_tokens`), each group one forward whose rows may use different adapters. Decoding
 then runs every active request together: one forward per step over a batch whose rows may use
-different adapters (packed adapters or grouped rows, see `lorakit.lora.rows`), with a left-padded KV
-cache, per-row position ids and a mask that hides the padding. New requests join between steps;
-finished or cancelled ones leave and free their slot. Batched and solo runs differ only in
-floating-point rounding (about 1e-6 of the logits in float32, the default), and the tests check
-greedy tokens match exactly.
+different adapters (packed adapters or grouped rows, see `lorakit.lora.rows`; on a mixture of
+experts whose adapters reach the fused experts, one adapter per batch: `Engine._take`), with a
+left-padded KV cache, per-row position ids and a mask that hides the padding. New requests join
+between steps; finished or cancelled ones leave and free their slot. Batched and solo runs differ
+only in floating-point rounding (about 1e-6 of the logits in float32, the default), and the tests
+check greedy tokens match exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lorakit.serve.decode import (
     sample_token,
 )
 from lorakit.serve.kvcache import BatchCache
-from lorakit.serve.registry import BASE_ROW, ModelHost
+from lorakit.serve.registry import BASE_ROW, Lease, ModelHost
 
 log = logging.getLogger("lorakit.serve")
 
@@ -65,6 +66,7 @@ class Sequence:
     stream: TextStream
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    lease: Lease | None = None  # the hold on its adapter, released when it finishes
     cancelled: bool = False
     finished: bool = False
 
@@ -119,9 +121,20 @@ class Engine:
             self._thread = None
 
     def submit(
-        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, sink: Sink
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        sink: Sink,
+        lease: Lease | None = None,
     ) -> Sequence:
-        """Queue a request; `sink` is called from the engine thread with each Event."""
+        """Queue a request; `sink` is called from the engine thread with each Event.
+
+        The request holds its adapter until it finishes: `lease` (the caller's hold, handed
+        over), else one taken here (LookupError when the adapter is not loaded).
+        """
+        if adapter is not None and lease is None:
+            lease = self.host.acquire(adapter)
         seq = Sequence(
             prompt_ids=list(prompt_ids),
             adapter=adapter,
@@ -129,10 +142,15 @@ class Engine:
             sink=sink,
             stream=TextStream(self.tokenizer, params.stop),
             generator=params.generator(),
+            lease=lease,
         )
         with self._wake:
-            self._waiting.append(seq)
-            self._wake.notify_all()
+            stopping = self._stopping
+            if not stopping:
+                self._waiting.append(seq)
+                self._wake.notify_all()
+        if stopping:
+            self._finish(seq, FINISH_CANCELLED)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
@@ -140,12 +158,6 @@ class Engine:
         seq.cancelled = True
         with self._wake:
             self._wake.notify_all()
-
-    def uses(self, adapter: str) -> int:
-        """How many queued or running requests use this adapter."""
-        with self._wake:
-            seqs = list(self._waiting) + self._active
-        return sum(1 for seq in seqs if seq.adapter == adapter and not seq.finished)
 
     @property
     def load(self) -> tuple[int, int]:
@@ -203,7 +215,7 @@ class Engine:
         """Prefill waiting requests, in length-sorted groups, while there are free slots."""
         with self._wake:
             free = self.max_batch - len(self._active)
-            taken = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            taken = self._take(free)
         live = []
         for seq in taken:
             if seq.cancelled:
@@ -212,9 +224,6 @@ class Engine:
                 live.append(seq)
         for group in prefill_groups(live, self.max_prefill_tokens):
             with self.host.lock:
-                group = [seq for seq in group if self._adapter_still_loaded(seq)]
-                if not group:
-                    continue
                 try:
                     logits, cache, mask = self._prefill(group)
                 except Exception as error:
@@ -228,11 +237,20 @@ class Engine:
                 with self._wake:
                     self._active.extend(group[i] for i in keep)
 
-    def _adapter_still_loaded(self, seq: Sequence) -> bool:
-        if seq.adapter is None or seq.adapter in self.host.adapters:
-            return True
-        self._finish(seq, FINISH_ERROR, f"LookupError: adapter `{seq.adapter}` was unloaded")
-        return False
+    def _take(self, free: int) -> list[Sequence]:
+        """Up to `free` waiting requests, first come first served (under `_wake`). Where a batch
+        is best kept to one adapter (`ModelHost.one_adapter_per_batch`: LoRA inside fused experts),
+        only the requests at the head of the queue for the running batch's adapter join it; a
+        request for another adapter waits until the batch has drained, then starts the next."""
+        if not self.host.one_adapter_per_batch:
+            return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        if not self._waiting:
+            return []
+        current = self._active[0].adapter if self._active else self._waiting[0].adapter
+        taken = []
+        while self._waiting and len(taken) < free and self._waiting[0].adapter == current:
+            taken.append(self._waiting.popleft())
+        return taken
 
     def _prefill(self, group: list[Sequence]) -> tuple[torch.Tensor, object, torch.Tensor]:
         """One forward over the group's prompts, left-padded; (last logits, cache, mask)."""
@@ -337,7 +355,11 @@ class Engine:
         if flush:
             text += seq.stream.flush()
         tokens = [] if token is None else [token]
-        _send(seq, Event(text=text, token_ids=tokens, finish_reason=reason, error=error))
+        try:
+            _send(seq, Event(text=text, token_ids=tokens, finish_reason=reason, error=error))
+        finally:
+            if seq.lease is not None:  # the adapter may go now (if it was unloaded meanwhile)
+                seq.lease.release()
         return True
 
     def _drop_done(self) -> None:

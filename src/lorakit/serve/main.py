@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from lorakit.adapter_specs import parse_adapters
 from lorakit.errors import ConfigError
 from lorakit.serve.engine import Engine
-from lorakit.serve.registry import ModelHost, parse_adapters
+from lorakit.serve.registry import ModelHost
 
 log = logging.getLogger("lorakit.serve")
 

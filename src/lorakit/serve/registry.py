@@ -1,4 +1,9 @@
-"""The served model: one base, the adapters loaded into it, and where adapters may come from."""
+"""The served model: one base, the adapters loaded into it, and where adapters may come from.
+
+A request holds its adapter (`ModelHost.acquire`, a `Lease`) from the moment it is accepted
+until its last token. Unloading an adapter stops new requests for it at once; its weights stay
+until the last request holding it has ended, and only then is its name free to load again.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +38,31 @@ class AdapterEntry:
     created: int
 
 
+class Lease:
+    """A request's hold on an adapter: the weights stay loaded until `release()` (idempotent)."""
+
+    def __init__(self, host: ModelHost, entry: AdapterEntry) -> None:
+        self.host, self.entry = host, entry
+        self._held = True
+
+    @property
+    def name(self) -> str:
+        """The adapter's name."""
+        return self.entry.name
+
+    def release(self) -> None:
+        """End the hold; the last release of an unloaded adapter frees its weights."""
+        if self._held:
+            self._held = False
+            self.host._release(self.entry.name)
+
+
 class ModelHost:
-    """The base model and its adapters; `lock` serialises compute with loading and unloading."""
+    """The base model and its adapters; `lock` serialises compute with loading and unloading.
+
+    `adapters` lists the adapters new requests may use; an unloaded one whose requests are
+    still running is off that list but keeps its weights (`leaving`) until they end.
+    """
 
     def __init__(
         self,
@@ -48,6 +76,10 @@ class ModelHost:
         self.lora = None  # a lorakit LoraModel once the first adapter is loaded
         self.adapters: dict[str, AdapterEntry] = {}
         self.lock = threading.RLock()
+        self._loaded: dict[str, AdapterEntry] = {}  # every adapter whose weights are in the model
+        self._holds: dict[str, int] = {}  # requests holding each loaded adapter
+        self._leaving: dict[str, threading.Event] = {}  # unloaded, set once the weights are gone
+        self._holds_lock = threading.RLock()  # taken after `lock` when both are needed
         self.created = int(time.time())
         self.packed = packed  # False: always the core's grouped rows (see lorakit.lora.rows)
         # the base's plain fp32 CPU linear layers, prepacked for decode steps (lorakit.ops)
@@ -60,6 +92,7 @@ class ModelHost:
         self._fused = None  # lorakit.lora.fused.FusedDecode over the packed adapters
         self._version = 0  # bumped by every load and unload
         self._packed_version = -1
+        self._uniform = (-1, False)  # (version, one_adapter_per_batch) as last computed
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +133,7 @@ class ModelHost:
                 raise LookupError("no adapters are loaded")
             return contextlib.nullcontext()
         if self.packed and self._packed_version != self._version:
-            self._packed = self.lora.pack_adapters(list(self.adapters))
+            self._packed = self.lora.pack_adapters(list(self._loaded))
             self.prepacked.restore()  # the new groups are learned with every base prepacked
             self._fused = self.lora.fuse_for_decoding(self._packed)
             self._packed_version = self._version
@@ -108,12 +141,47 @@ class ModelHost:
             return self.lora.mixed_adapters(rows)
         return self.lora.mixed_adapters(rows, self._packed, self._fused if fuse else None)
 
+    @property
+    def one_adapter_per_batch(self) -> bool:
+        """True when a loaded adapter adapts parameters (a mixture of experts' fused experts,
+        `lora.params`): a block there runs once per adapter present in a batch, so the engine
+        groups requests by adapter to run each block once per step."""
+        if self.lora is None:
+            return False
+        if self._uniform[0] != self._version:
+            from lorakit.lora.params import LoraParams
+
+            found = any(isinstance(m, LoraParams) for m in self.lora.modules())
+            self._uniform = (self._version, found)
+        return self._uniform[1]
+
     def template_for(self, adapter: str | None) -> str | None:
         """The adapter's own chat template if it ships one, else the base model's."""
-        entry = self.adapters.get(adapter) if adapter else None
+        entry = self._loaded.get(adapter) if adapter else None
         if entry is not None and entry.chat_template:
             return entry.chat_template
         return self.chat_template
+
+    def acquire(self, name: str) -> Lease:
+        """Hold a listed adapter for one request; LookupError naming it when it is not listed."""
+        with self._holds_lock:
+            entry = self.adapters.get(name)
+            if entry is None:
+                if name in self._leaving:
+                    raise LookupError(f"adapter `{name}` is being unloaded")
+                raise LookupError(f"no adapter named `{name}` is loaded")
+            self._holds[name] = self._holds.get(name, 0) + 1
+            return Lease(self, entry)
+
+    def holds(self, name: str) -> int:
+        """How many requests hold this adapter now."""
+        with self._holds_lock:
+            return self._holds.get(name, 0)
+
+    def leaving(self, name: str) -> bool:
+        """True while an unloaded adapter waits for its last requests to end."""
+        with self._holds_lock:
+            return name in self._leaving
 
     def load(self, name: str, path: str | Path) -> AdapterEntry:
         """Load an adapter (the core checks it against the base first) and list it.
@@ -123,8 +191,7 @@ class ModelHost:
         check_adapter_name(name, self.base_name)
         path = Path(path)
         with self.lock:
-            if name in self.adapters:
-                raise AdapterError(f"an adapter named `{name}` is already loaded; unload it first")
+            self._check_free(name)
             template = read_chat_template(path)
             if self.lora is None:
                 from lorakit.lora.model import LoraModel
@@ -138,19 +205,54 @@ class ModelHost:
                         self.lora.delete_adapter(name)
                     raise
             entry = AdapterEntry(name, path, template, int(time.time()))
-            self.adapters[name] = entry
+            with self._holds_lock:
+                self._loaded[name] = self.adapters[name] = entry
             self._version += 1
             return entry
 
-    def unload(self, name: str) -> None:
-        """Remove an adapter's weights and stop listing it."""
-        with self.lock:
+    def _check_free(self, name: str) -> None:
+        with self._holds_lock:
+            if name in self.adapters:
+                raise AdapterError(f"an adapter named `{name}` is already loaded; unload it first")
+            if name in self._leaving:
+                raise AdapterError(
+                    f"adapter `{name}` is being unloaded: {self._holds.get(name, 0)} requests "
+                    "still use it; load the name again once its unload has finished"
+                )
+
+    def unload(self, name: str) -> threading.Event:
+        """Stop listing an adapter at once; its weights go when the last request holding it
+        ends. Returns an event set once they are gone. KeyError when it is not listed."""
+        with self._holds_lock:
             if name not in self.adapters:
                 raise KeyError(name)
             del self.adapters[name]
+            gone = self._leaving[name] = threading.Event()
+            unused = not self._holds.get(name)
+        if unused:
+            self._drop(name)
+        return gone
+
+    def _release(self, name: str) -> None:
+        with self._holds_lock:
+            self._holds[name] -= 1
+            last = self._holds[name] == 0 and name in self._leaving
+        if last:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        """Remove an unloaded adapter's weights once nothing holds it."""
+        with self.lock, self._holds_lock:  # `lock`: never while a step computes with them
+            if self._holds.get(name) or name not in self._leaving:
+                return
+            del self._loaded[name]
+            self._holds.pop(name, None)
             self._version += 1
-            if self.lora is not None:
-                self.lora.delete_adapter(name)
+            try:
+                if self.lora is not None:
+                    self.lora.delete_adapter(name)
+            finally:
+                self._leaving.pop(name).set()
 
 
 def check_adapter_name(name: str, base_name: str) -> None:
@@ -162,28 +264,6 @@ def check_adapter_name(name: str, base_name: str) -> None:
         )
     if name == base_name:
         raise ConfigError(f"adapter name {name!r} is the base model's name; choose another")
-
-
-def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    """`--adapter` values -> {name: folder}, in order: NAME=PATH, or a bare PATH named after its
-    folder (`./out` -> `out`). Text before the first '=' that holds a '/' is part of a bare path
-    (`runs/ranks/r=4/final`). Empty names or paths and a name given twice are refused."""
-    adapters: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or "/" in name:
-            name, path = Path(spec).name or "adapter", spec
-        if not name or not path:
-            raise ConfigError(
-                f"--adapter {spec!r}: expected PATH or NAME=PATH, e.g. --adapter ./out or "
-                "--adapter sql=./out"
-            )
-        if name in adapters:
-            raise ConfigError(
-                f"--adapter: two adapters are named `{name}`; use NAME=PATH to rename one"
-            )
-        adapters[name] = Path(path)
-    return adapters
 
 
 def resolve_under_root(root: str | Path, requested: str) -> Path:

@@ -35,7 +35,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.files import atomic_dir, write_json
-from lorakit.train.rundir import check_fresh_dir, clean_leftovers
+from lorakit.train.rundir import check_fresh_dir, clean_leftovers, ended_unfinished
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -299,20 +299,21 @@ def resume_differences(saved: dict, now: dict) -> list[str]:
 
 def find_resume(output_dir: Path, resume: str | Path | bool | None) -> Path | None:
     """The checkpoint to resume from: None, 'auto'/True (newest complete one), or a path.
-    A run that starts afresh refuses a directory holding files it would write."""
+    A run that starts afresh refuses a directory holding files it would write, unless 'auto'
+    finds them left by a run that ended before its first checkpoint."""
     root = output_dir / "checkpoints"
     if resume in (None, False):
         if latest_checkpoint(root) is not None:
             raise ConfigError(
                 f"{output_dir} holds checkpoints of an earlier run; continue it with "
-                "`lorakit train ... --resume auto` (train(..., resume='auto') in Python), or "
-                "choose a new output_dir"
+                "`lorakit train ... --resume auto` (train(..., resume='auto') in Python), start "
+                "it over with `--overwrite`, or choose a new output_dir"
             )
         check_fresh_dir(output_dir)
         return None
     if resume in ("auto", True):
         found = latest_checkpoint(root)
-        if found is None:
+        if found is None and not ended_unfinished(output_dir):  # else: that run starts over
             check_fresh_dir(output_dir)
         return found
     path = Path(resume)

@@ -8,6 +8,47 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class PreferenceSettings(BaseModel):
+    """Preference tuning's settings, with TRL's names (`DPOConfig`, `ORPOConfig`, `CPOConfig`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo: how far the policy may move from the reference (the KL weight); orpo: "
+        "weight of the odds-ratio term; simpo: the reward scale.",
+    )
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="dpo only: sigmoid (DPO) or ipo (IPO, squared loss on the per-token mean "
+        "log-ratio margin).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo sigmoid / simpo: the share of pairs assumed mislabelled (conservative "
+        "DPO); 0: off.",
+    )
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="simpo only: the target reward margin gamma (as beta * margin)."
+    )
+    cpo_alpha: float = Field(
+        0.0, ge=0, description="simpo only: weight of the NLL of the chosen responses; 0: none."
+    )
+
+
+class PreferenceConfig(PreferenceSettings):
+    """Preference tuning in the loop: the method and its settings."""
+
+    method: Literal["dpo", "orpo", "simpo"] = Field(
+        "dpo",
+        description="dpo: against the reference (the model with its adapter off); orpo: odds "
+        "ratio + NLL, no reference; simpo: length-normalised margin, no reference.",
+    )
+
+
 class TrainConfig(BaseModel):
     """How to train: optimizer, schedule, precision, evaluation, checkpoints, logging."""
 
@@ -67,7 +108,9 @@ class TrainConfig(BaseModel):
     )
     eval_max_batches: int | None = Field(None, ge=1, description="Cap on eval batches; None: all.")
     eval_prompts: list[str] = Field(
-        default_factory=list, description="Prompts for greedy samples written to samples.jsonl."
+        default_factory=list,
+        description="Prompts answered greedily before training, every eval_every steps and at "
+        "the end (with or without eval data): samples.jsonl and the console.",
     )
     eval_max_new_tokens: int = Field(64, ge=1, description="Tokens generated per sample prompt.")
     save_every: int | None = Field(
@@ -80,6 +123,11 @@ class TrainConfig(BaseModel):
     )
     tensorboard: bool = Field(True, description="Write TensorBoard events when it is installed.")
     plots: bool = Field(True, description="Write plots/loss.png and plots/lr.png at the end.")
+    preference: PreferenceConfig | None = Field(
+        None,
+        description="Preference tuning (pairs of chosen / rejected answers); None: supervised. "
+        "A run config sets it from `method` and its `preference` section.",
+    )
     # -- distributed (torchrun) --
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",

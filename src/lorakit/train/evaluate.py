@@ -1,7 +1,9 @@
 """Evaluation: loss and perplexity over supervised tokens, greedy answers and samples.
 
 Eval loss is the mean next-token cross-entropy over every supervised token of the eval set
-(tokens, not batches, are weighted equally); perplexity = exp(eval loss).
+(tokens, not batches, are weighted equally); perplexity = exp(eval loss). A mixture of experts
+whose config asks for the router balance term (`train.router`) also gets `eval_aux_loss`, its
+token-weighted mean, kept out of the eval loss.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 from torch import nn
 
 from lorakit.models.templates import prompt_ids
-from lorakit.ops import causal_lm_loss
+from lorakit.ops import generation_kwargs
 from lorakit.train.config import TrainConfig
+from lorakit.train.router import RouterLoss, micro_batch_loss
 
 
 @contextlib.contextmanager
@@ -45,7 +48,8 @@ def eval_loss(
     device: torch.device | str = "cpu",
     config: TrainConfig | None = None,
 ) -> dict[str, float]:
-    """{'eval_loss', 'perplexity', 'eval_tokens'} over the supervised tokens of `batches`, at
+    """{'eval_loss', 'perplexity', 'eval_tokens'} (and 'eval_aux_loss' for an MoE model whose
+    config asks for its router balance term) over the supervised tokens of `batches`, at
     config.precision, config.loss_chunk_size and at most config.eval_max_batches batches
     (no config: fp32, every batch)."""
     from lorakit.train.runtime import autocast, resolve_precision
@@ -54,20 +58,25 @@ def eval_loss(
     device = torch.device(device)
     precision = resolve_precision(config.precision, device)
     chunk_size, max_batches = config.loss_chunk_size, config.eval_max_batches
-    total, tokens = 0.0, 0
+    router = RouterLoss.of(model)
+    total, aux_total, tokens = 0.0, 0.0, 0
     with eval_mode(model):
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             with autocast(precision, device):
-                loss_sum, n = causal_lm_loss(model, move_batch(batch, device), chunk_size)
+                _, loss_sum, aux, n = micro_batch_loss(
+                    model, move_batch(batch, device), chunk_size, 1, router
+                )
             total += float(loss_sum)
+            aux_total += 0.0 if aux is None else float(aux) * n
             tokens += n
     if tokens == 0:
         raise ValueError("the eval set has no supervised tokens (every label is -100)")
     mean = total / tokens
     ppl = math.exp(mean) if mean < 700 else float("inf")
-    return {"eval_loss": mean, "perplexity": ppl, "eval_tokens": tokens}
+    metrics = {"eval_loss": mean, "perplexity": ppl, "eval_tokens": tokens}
+    return metrics if router is None else {**metrics, "eval_aux_loss": aux_total / tokens}
 
 
 @torch.no_grad()
@@ -107,6 +116,7 @@ def greedy_answers(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
+                **generation_kwargs(model),
             )
             for row, i in enumerate(group):
                 out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)

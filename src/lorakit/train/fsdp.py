@@ -35,7 +35,7 @@ MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_shardable(model: nn.Module, precision: str) -> None:
     """Refuse what fsdp does not run here: quantized bases, full fine-tuning, fp16."""
-    from lorakit.quant import QuantLinear
+    from lorakit.quant import QuantExperts, QuantLinear
 
     if precision == "fp16":
         raise ConfigError(
@@ -44,7 +44,8 @@ def check_shardable(model: nn.Module, precision: str) -> None:
             "Use precision='bf16' (no loss scaling), or train.distributed='ddp'"
         )
 
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    quantized_experts = any(isinstance(p, QuantExperts) for p in model.parameters())
+    if quantized_experts or any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ConfigError(
             "train.distributed='fsdp' with a quantized base (model.quantization nf4/int8) is not "
             "supported by lorakit: QuantLinear keeps its codes and scales as packed uint8/int8 "

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorakit.files import write_text
 from lorakit.train.config import TrainConfig
 
 LEGEND = (
@@ -41,12 +42,11 @@ class RunLog:
     def __init__(
         self, output_dir: Path, config: TrainConfig, *, total_steps: int, start_step: int
     ) -> None:
-        """Rows after `start_step` (left by an interrupted run) are dropped; config.progress and
-        config.tensorboard say how the run is shown."""
+        """Rows after `start_step` (left by an interrupted run; all of them when the run starts
+        afresh) are dropped; config.progress and config.tensorboard say how the run is shown."""
         self.path = output_dir / "metrics.jsonl"
-        self.rows = read_metrics(self.path, up_to_step=start_step)
-        with open(self.path, "w", encoding="utf-8") as f:  # drop rows after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.rows = read_metrics(self.path, up_to_step=start_step) if start_step else []
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()
         self.writer = None
         if config.tensorboard:
@@ -106,11 +106,18 @@ class RunLog:
 
     def _show(self, row: dict[str, Any]) -> None:
         if row.get("kind") == "eval":
-            text = (
-                f"step {row['step']}: eval_loss {row['eval_loss']:.4f} ppl {row['perplexity']:.2f}"
-            )
+            text = f"step {row['step']}: eval_loss {row['eval_loss']:.4f}"
+            if "perplexity" in row:
+                text += f" ppl {row['perplexity']:.2f}"
+            if "eval_rewards/accuracies" in row:  # preference tuning
+                text += (
+                    f" reward accuracy {row['eval_rewards/accuracies']:.0%} margin "
+                    f"{row['eval_rewards/margins']:.3f}"
+                )
         else:
             text = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
+            if "rewards/accuracies" in row:
+                text += f" reward accuracy {row['rewards/accuracies']:.0%}"
         eta = _clock(self.eta(row["step"]))
         if self.mode == "rich" and self.bar is not None:
             self.bar.update(self.task, completed=row["step"], info=text, eta=eta)

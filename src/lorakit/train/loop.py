@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
 from lorakit.errors import DataError, LorakitError
-from lorakit.ops import causal_lm_loss, supervised_targets
+from lorakit.ops import supervised_targets
 from lorakit.train.checkpoint import prune_checkpoints, save_checkpoint, save_final
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import append_samples, eval_loss, generate_samples, move_batch
@@ -42,6 +42,14 @@ from lorakit.train.log import RunLog, read_metrics
 from lorakit.train.optim import lr_factor, set_lr
 from lorakit.train.plan import sample_ids
 from lorakit.train.plots import plot_run
+from lorakit.train.preference import (
+    METRICS,
+    batch_sizes,
+    combine,
+    pair_losses,
+    preference_eval,
+)
+from lorakit.train.router import micro_batch_loss
 from lorakit.train.rundir import storage_error, write_status
 from lorakit.train.runtime import (
     all_reduce_grads,
@@ -78,6 +86,7 @@ class StepStats:
     cpu: float  # this process's CPU seconds
     threads: int  # torch threads the step ran on
     stopping: bool  # a stop signal reached some rank
+    metrics: dict[str, float]  # the method's own (preference: rewards, log-probs), over ranks
 
 
 def _all_finite(model: nn.Module) -> bool:
@@ -163,23 +172,23 @@ def train(
 
 
 def _start(run: Run) -> None:
-    """Rank 0 writes the config files and status 'running' and opens the log (with the notes
+    """Rank 0 writes status 'running' and the config files and opens the log (with the notes
     and where the run resumed); a fresh run with eval data is evaluated before its first step."""
-    if run.ctx.main:
+    if run.ctx.main:  # status.json first: a run's other files never stand without it
+        write_status(run.output_dir, "running", step=run.start_step, total_steps=run.total_steps)
         write_run_config(run.output_dir, run.config, run.run_config)
         run.log = RunLog(
             run.output_dir, run.config, total_steps=run.total_steps, start_step=run.start_step
         )
-        write_status(run.output_dir, "running", step=run.start_step, total_steps=run.total_steps)
         for note in run.notes:
             run.log.message(note)
         if run.resumed_from is not None:
             run.log.message(
                 f"resumed from {run.resumed_from} at step {run.start_step}/{run.total_steps}"
             )
-    if run.has_eval and run.start_step == 0 and (run.ctx.main or run.sharded):  # "before"
+    if run.start_step == 0 and (run.ctx.main or run.sharded):  # "before"
         evaluation = _evaluate(run, 0)
-        if run.ctx.main:
+        if run.ctx.main and evaluation is not None:
             run.log.log(evaluation)
 
 
@@ -198,7 +207,7 @@ def _optimizer_step(run: Run, step: int) -> StepStats:
     batches = [move_batch(b, run.device) for b in batches]
     if run.sharded:  # every rank must run as many forward passes (each one gathers)
         check_micro_batches(len(batches), ctx, step)
-    loss, tokens, stopping = _forward_backward(run, batches, step, ids)
+    loss, tokens, stopping, metrics = _forward_backward(run, batches, step, ids)
 
     if not run.sharded:  # fsdp has reduce-scattered (summed) them in backward
         all_reduce_grads(run.params, ctx)  # sum over ranks, once per step
@@ -230,44 +239,102 @@ def _optimizer_step(run: Run, step: int) -> StepStats:
         cpu=cpu,
         threads=threads,
         stopping=stopping,
+        metrics=metrics,
     )
 
 
 def _forward_backward(
     run: Run, batches: list[dict[str, Any]], step: int, ids: list[Any]
-) -> tuple[float, float, bool]:
-    """Backward of each micro-batch's summed loss / the supervised tokens of the global batch;
-    returns (mean loss, input tokens, stopping) over all ranks. Every rank raises when the
-    batch has no supervised token (DataError) or some rank's loss is not finite."""
-    # The loss is normalised by the supervised tokens of the whole global batch.
-    local = sum(supervised_targets(b["labels"], b.get("position_ids"))[1].numel() for b in batches)
-    n_global = int(all_reduce_sum(torch.tensor(float(local)), run.ctx))
-    if n_global == 0:
-        raise DataError(
-            f"step {step + 1}: no supervised token in the batch (every label is -100); "
-            f"samples {run.plan.describe(ids)}. Drop fully masked rows"
-        )
-    loss_total, real_tokens, bad = 0.0, 0, 0
-    for batch in batches:
-        with autocast(run.config.precision, run.device):
-            loss_sum, _ = causal_lm_loss(run.model, batch, run.config.loss_chunk_size)
-        bad |= not bool(torch.isfinite(loss_sum))  # all ranks hear of it before raising
-        run.scaler.scale(loss_sum / n_global).backward()
-        loss_total += float(loss_sum.detach())
-        mask = batch.get("attention_mask")
-        real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-    stats = torch.tensor(
-        [loss_total, real_tokens, bad, bool(run.stop["signal"])], dtype=torch.float64
-    )
-    loss_total, tokens, bad, stopping = all_reduce_sum(stats, run.ctx).tolist()
-    loss = loss_total / n_global
+) -> tuple[float, float, bool, dict[str, float]]:
+    """Backward of each micro-batch's share of the global batch's loss; returns (mean loss,
+    input tokens, stopping, other metrics) over all ranks. Every rank raises when the batch
+    has nothing to train on (DataError) or some rank's loss is not finite."""
+    if run.config.preference is not None:
+        totals, metrics = _preference_backward(run, batches, step, ids)
+    else:
+        totals, metrics = _sft_backward(run, batches, step, ids)
+    loss, tokens, bad, stopping = totals
     if bad or not math.isfinite(loss):
         raise NonFiniteError(
             f"non-finite loss at step {step + 1}; samples on rank {run.ctx.rank}: "
             f"{run.plan.describe(ids)}. Nothing was saved for this step; lower lr, check "
             "these rows, or use precision='fp32'"
         )
-    return loss, tokens, bool(stopping)
+    return loss, tokens, bool(stopping), metrics
+
+
+def _global_count(run: Run, local: float, step: int, ids: list[Any], what: str) -> int:
+    """A count summed over ranks; DataError when it is zero (the loss would be undefined)."""
+    total = int(all_reduce_sum(torch.tensor(float(local)), run.ctx))
+    if total == 0:
+        raise DataError(
+            f"step {step + 1}: no {what} in the batch; samples {run.plan.describe(ids)}. "
+            "Drop fully masked rows"
+        )
+    return total
+
+
+def _totals(run: Run, loss_total: float, batches: list[dict[str, Any]], bad: int) -> list[float]:
+    """[loss, input tokens, bad, stopping] summed over ranks."""
+    real_tokens = 0
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        real_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    stats = torch.tensor(
+        [loss_total, real_tokens, bad, bool(run.stop["signal"])], dtype=torch.float64
+    )
+    return all_reduce_sum(stats, run.ctx).tolist()
+
+
+def _sft_backward(
+    run: Run, batches: list[dict[str, Any]], step: int, ids: list[Any]
+) -> tuple[list, dict[str, float]]:
+    """Each micro-batch's summed token loss / the supervised tokens of the global batch, plus
+    its share of the MoE router balance term (`train.router`); the metrics hold that term's
+    token-weighted mean where the model has one."""
+    local = sum(supervised_targets(b["labels"], b.get("position_ids"))[1].numel() for b in batches)
+    what = "supervised token (every label is -100)"
+    n_global = _global_count(run, local, step, ids, what)
+    loss_total, aux_total, bad = 0.0, 0.0, 0
+    for batch in batches:
+        with autocast(run.config.precision, run.device):
+            objective, loss_sum, aux, n = micro_batch_loss(
+                run.model, batch, run.config.loss_chunk_size, n_global, run.router
+            )
+        bad |= not bool(torch.isfinite(objective))  # all ranks hear of it before raising
+        run.scaler.scale(objective).backward()
+        loss_total += float(loss_sum.detach())
+        aux_total += 0.0 if aux is None else float(aux.detach()) * n / n_global
+    totals = _totals(run, loss_total, batches, bad)
+    totals[0] /= n_global
+    if run.router is None:
+        return totals, {}
+    aux_mean = all_reduce_sum(torch.tensor(aux_total, dtype=torch.float64), run.ctx)
+    return totals, {"aux_loss": float(aux_mean)}
+
+
+def _preference_backward(
+    run: Run, batches: list[dict[str, Any]], step: int, ids: list[Any]
+) -> tuple[list, dict[str, float]]:
+    """Each micro-batch's pair losses / the pairs of the global batch (plus the NLL term over
+    the chosen answer tokens); the metrics are means over the global batch's pairs."""
+    pairs, tokens = batch_sizes(batches, run.config.preference.method)
+    n_pairs = _global_count(run, pairs, step, ids, "preference pair")
+    n_tokens = int(all_reduce_sum(torch.tensor(float(tokens)), run.ctx))
+    loss_total, bad, sums = 0.0, 0, dict.fromkeys(METRICS, 0.0)
+    for batch in batches:
+        with autocast(run.config.precision, run.device):
+            terms = pair_losses(run.model, batch, run.config.preference)
+            loss, part = combine(terms, n_pairs, n_tokens)
+        bad |= not bool(torch.isfinite(loss))
+        run.scaler.scale(loss).backward()
+        loss_total += float(loss.detach())
+        for name, value in part.items():
+            sums[name] += value
+    metrics = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), run.ctx)
+    return _totals(run, loss_total, batches, bad), {
+        name: value / n_pairs for name, value in zip(sums, metrics.tolist(), strict=True)
+    }
 
 
 # ---------------------------------------------------------------- after the step
@@ -281,7 +348,7 @@ def _after_step(run: Run, stats: StepStats) -> None:
     if ctx.main:  # rank 0 logs, evaluates and saves
         run.log.log(_train_row(run, stats), show=done % config.log_every == 0 or last)
     evaluation = None
-    due = run.has_eval and (last or _due(done, config.eval_every))
+    due = (run.has_eval or bool(config.eval_prompts)) and (last or _due(done, config.eval_every))
     if due and (ctx.main or run.sharded):  # fsdp: every rank runs the forward passes
         evaluation = _evaluate(run, done)
     save = last or stats.stopping or _due(done, config.save_every)
@@ -320,14 +387,15 @@ def _train_row(run: Run, stats: StepStats) -> dict[str, Any]:
         "cpu_s": stats.cpu,
         "threads": stats.threads,
         "memory_mb": peak_memory_mb(run.device),
+        **stats.metrics,
     }
 
 
-def _evaluate(run: Run, step: int) -> dict[str, Any]:
-    """Eval loss and perplexity, plus greedy samples appended to samples.jsonl (under fsdp every
-    rank evaluates, since every forward gathers shards, and rank 0 writes)."""
+def _evaluate(run: Run, step: int) -> dict[str, Any] | None:
+    """Eval loss and perplexity (None without eval data), and greedy samples of
+    train.eval_prompts appended to samples.jsonl and shown (under fsdp every rank evaluates,
+    since every forward gathers shards, and rank 0 writes)."""
     config, model, device = run.config, run.model, run.device
-    metrics = eval_loss(model, run.evals, device, config)
     if run.tokenizer is not None and config.eval_prompts:
         with autocast(config.precision, device):
             samples = generate_samples(
@@ -335,6 +403,23 @@ def _evaluate(run: Run, step: int) -> dict[str, Any]:
             )
         if run.ctx.main:
             append_samples(run.output_dir / "samples.jsonl", step, samples)
+            for sample in samples:
+                run.log.message(
+                    f"step {step} sample: {sample['prompt']!r} -> {sample['completion']!r}"
+                )
+    if not run.has_eval:
+        return None
+    if config.preference is not None:
+        metrics = preference_eval(
+            model,
+            run.evals,
+            config.preference,
+            device=device,
+            max_batches=config.eval_max_batches,
+            autocast=lambda: autocast(config.precision, device),
+        )
+    else:
+        metrics = eval_loss(model, run.evals, device, config)
     return {"kind": "eval", "step": step, **metrics}
 
 

@@ -125,9 +125,15 @@ class StepPlan:
         if self.tokenized:
             cfg = self.data.config
             digest.update(f"{cfg.packing}/{cfg.max_length}/{cfg.group_by_length}".encode())
-            for sample in self.data.samples:
-                digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
-                digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
+            samples = self.data.samples
+            pairs = (
+                samples.iter_arrays()  # a token store: read as arrays, no lists made
+                if hasattr(samples, "iter_arrays")
+                else ((s.input_ids, s.labels) for s in samples)
+            )
+            for ids, labels in pairs:
+                digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+                digest.update(np.asarray(labels, dtype=np.int64).tobytes())
             return digest.hexdigest()[:16]
         for batch in self.data:
             for key in ("input_ids", "labels", "position_ids"):

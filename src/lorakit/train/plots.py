@@ -1,4 +1,5 @@
-"""Figures of a run (matplotlib, Agg backend): train and eval loss, learning rate."""
+"""Figures of a run (matplotlib, Agg backend): train and eval loss, learning rate; for a
+preference run, the rewards and the reward accuracy."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ def _pyplot():
     return plt
 
 
-def _ema(values: Sequence[float], alpha: float) -> list[float]:
-    """Exponential moving average, for a readable train-loss line."""
-    out, current = [], None
-    for v in values:
-        current = v if current is None else alpha * current + (1 - alpha) * v
-        out.append(current)
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """A centred moving mean, for a readable train-loss line: each point the mean of the
+    `window` values around it (fewer, still centred, near the ends). Unlike a running average
+    it does not lag: a loss falling in a straight line is drawn on that line."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        reach = min(half, i, len(values) - 1 - i)
+        part = values[i - reach : i + reach + 1]
+        out.append(sum(part) / len(part))
     return out
 
 
@@ -39,7 +44,9 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train")
         if len(train) > 10:
-            ax.plot(steps, _ema(losses, 0.9), color="tab:blue", label="train (EMA 0.9)")
+            window = max(3, len(train) // 10) | 1  # odd: centred
+            label = f"train (mean of {window} steps)"
+            ax.plot(steps, smooth(losses, window), color="tab:blue", label=label)
     if evals:
         ax.plot(
             [r["step"] for r in evals],
@@ -68,4 +75,38 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig.savefig(out_dir / "lr.png", dpi=100)
     plt.close(fig)
     written.append(out_dir / "lr.png")
+    if any("rewards/margins" in r for r in train):
+        written.append(_plot_rewards(plt, train, evals, out_dir / "rewards.png"))
     return written
+
+
+def _plot_rewards(plt, train: list, evals: list, path: Path) -> Path:
+    """rewards.png: chosen and rejected rewards and their margin (train), the reward accuracy
+    (train and eval) on a second axis."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in train]
+    for key, color in (("chosen", "tab:green"), ("rejected", "tab:red"), ("margins", "tab:blue")):
+        ax.plot(steps, [r[f"rewards/{key}"] for r in train], color=color, label=f"{key} reward")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    acc = ax.twinx()
+    acc.plot(steps, [r["rewards/accuracies"] for r in train], ":", color="gray", label="accuracy")
+    scored = [r for r in evals if "eval_rewards/accuracies" in r]
+    if scored:
+        acc.plot(
+            [r["step"] for r in scored],
+            [r["eval_rewards/accuracies"] for r in scored],
+            "o--",
+            color="black",
+            label="eval accuracy",
+        )
+    acc.set_ylim(-0.05, 1.05)
+    acc.set_ylabel("reward accuracy")
+    lines = ax.get_legend_handles_labels()
+    more = acc.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

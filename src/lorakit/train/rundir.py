@@ -78,6 +78,17 @@ def read_status(output_dir: Path) -> dict[str, Any]:
     return record
 
 
+def ended_unfinished(output_dir: Path) -> bool:
+    """True when `output_dir` holds a run that ended (failed, interrupted, or its process gone)
+    without finishing: its files are that run's own, which `resume='auto'` may start over
+    when it has no checkpoint to continue."""
+    record = read_status(output_dir)
+    status = record["status"]
+    if status == "running" and record.get("pid") == os.getpid():
+        status = "failed"  # an earlier run of this process: it is not running now
+    return status in ("failed", "interrupted")
+
+
 def _alive(pid: int) -> bool:
     """True when a process with this id exists."""
     try:
@@ -122,9 +133,34 @@ def check_fresh_dir(output_dir: Path) -> None:
     what = " (it is a model folder)" if "config.json" in found and weights else ""
     raise ConfigError(
         f"output_dir {output_dir} already holds {listed}{what}, which a new run would write "
-        "over; choose a new output_dir, or move those files away"
+        "over; choose a new output_dir, move those files away, or start that run over with "
+        "`lorakit train ... --overwrite`"
         + ("; to continue that run pass resume='auto'" if "checkpoints" in found else "")
     )
+
+
+def earlier_run(output_dir: Path) -> list[Path]:
+    """The files and folders of an earlier run in output_dir, which starting over deletes;
+    ConfigError where the folder holds run-like files no lorakit run wrote (a model folder)."""
+    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    if found and not ((output_dir / STATUS).is_file() or (output_dir / "metrics.jsonl").is_file()):
+        raise ConfigError(
+            f"output_dir {output_dir} holds {', '.join(p.name for p in found)} but no "
+            f"{STATUS} or metrics.jsonl: not a run lorakit wrote (a model folder?), so "
+            "--overwrite leaves it alone; choose a new output_dir"
+        )
+    return found
+
+
+def delete_run(output_dir: Path) -> list[Path]:
+    """Delete an earlier run's files in output_dir (`earlier_run`); other files stay."""
+    found = earlier_run(output_dir)
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
 
 
 def os_error_code(err: BaseException) -> int | None:

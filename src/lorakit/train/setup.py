@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.files import write_json
+from lorakit.files import write_json, write_text
 from lorakit.ops import unwrap_causal_lm
 from lorakit.train.checkpoint import (
     find_resume,
@@ -34,6 +34,8 @@ from lorakit.train.fsdp import check_shardable, gathered, shard_model
 from lorakit.train.log import RunLog
 from lorakit.train.optim import build_optimizer, warmup_steps
 from lorakit.train.plan import StepPlan, eval_batches
+from lorakit.train.preference import check_preference_model
+from lorakit.train.router import RouterLoss
 from lorakit.train.rundir import clean_leftovers, storage_error
 from lorakit.train.runtime import (
     Dist,
@@ -97,6 +99,7 @@ class Run:
     resumed_from: Path | None = None
     start_step: int = 0
     governor: ThreadGovernor | None = None
+    router: RouterLoss | None = None  # an MoE model's load-balancing loss, when its config asks
     stop: dict[str, int] = field(default_factory=lambda: {"signal": 0})  # set by a signal
     old_handlers: dict = field(default_factory=dict)
     # while it runs
@@ -154,6 +157,8 @@ def setup_run(
     the optimizer, restore the checkpoint to resume from (which must `match` beside the config);
     last, catch the stop signals."""
     config, ctx = run.config, run.ctx
+    if config.preference is not None:
+        check_preference_model(run.model, config.preference)
     run.plan = StepPlan(
         train_data, config.batch_size, config.grad_accum_steps, config.seed, config.shuffle
     )
@@ -167,6 +172,9 @@ def setup_run(
     }
     checkpoint_path = _preflight(run, resume)
     seed_everything(config.seed)
+    run.router = RouterLoss.of(run.model)
+    if run.router is not None:
+        run.notes.append(run.router.describe())
     _prepare_model(run.model, config, run.device)
     if run.sharded:  # after the adapter is attached and cast; the optimizer then holds the shards
         shard_model(run.model, ctx, run.device, config.precision, config.fsdp_cpu_offload)
@@ -266,5 +274,4 @@ def write_run_config(output_dir: Path, config: TrainConfig, run_config: dict | N
     )
     if run_config is not None:
         text = yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True)
-        with open(output_dir / "config.yaml", "w", encoding="utf-8") as f:
-            f.write(text)
+        write_text(output_dir / "config.yaml", text)

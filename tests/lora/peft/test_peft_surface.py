@@ -119,7 +119,6 @@ def test_config_round_trip_and_peft_type(tmp_path):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"target_parameters": ["x.weight"]},
         {"lora_bias": True},
         {"trainable_token_indices": [1, 2]},
         {"init_lora_weights": "eva"},

@@ -14,6 +14,7 @@ from torch import nn
 
 import lorakit
 from lorakit.errors import AdapterError
+from lorakit.files import current_umask
 from lorakit.lora.compat.surface import TRAINER_WEIGHTS, peft_model_config
 
 
@@ -60,6 +61,9 @@ def test_trainer_weights_hold_the_trainable_tensors_only(tmp_path):
     assert set(load_file(str(tmp_path / TRAINER_WEIGHTS))) == trainable
     # what the file leaves out, so Trainer does not warn about the frozen base it did not find
     assert set(model._keys_to_ignore_on_save) == set(model.state_dict()) - trainable
+    # the mode a new file gets (the adapter files beside it), not safetensors' 0600
+    mode = (tmp_path / TRAINER_WEIGHTS).stat().st_mode & 0o777
+    assert mode == 0o666 & ~current_umask()
 
 
 def test_push_to_hub_is_refused_with_the_way_to_upload():

@@ -12,6 +12,8 @@ reads without it. The core's layers and injection never import this package
   peft's `create_loraplus_optimizer`.
 - `fields`: peft's tables for `LoraConfig`: refused and kept fields, `TaskType`, `PeftType`.
 - `keywords`: `check_peft_kwargs`, the one check of peft's keywords lorakit does not use.
+- `reference`: `reference_model(lora_model)`, the base as a reference model for TRL's
+  `DPOTrainer(ref_model=...)`, sharing every weight (each call runs with the adapter off).
 - `surface`: `PeftSurface`, the part of `LoraModel` only peft programs and `Trainer` use, and
   `inject_adapter_in_model`.
 

@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.errors import AdapterError
+from lorakit.files import current_umask
+from lorakit.lora.compat import health
 from lorakit.lora.compat.keywords import check_peft_kwargs
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.inject import inject_lora, resolve_targets
@@ -35,6 +37,14 @@ _TASK_HEADS = {
 
 class PeftSurface:
     """`Trainer`'s checkpoint hooks and peft's refusals, mixed into `LoraModel`."""
+
+    def healthcheck(self, min_trainable_params: int = 1, max_trainable_params_percent=50):
+        """The adapter state before training, with peft's report keys and finding codes."""
+        return health.healthcheck(self, min_trainable_params, max_trainable_params_percent)
+
+    def print_healthcheck(self, sink=print, **kwargs: Any) -> None:
+        """`healthcheck()` as text, printed through `sink`."""
+        health.print_healthcheck(self, sink, **kwargs)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Refused: the wrapped model's `push_to_hub` would upload the whole model."""
@@ -58,7 +68,9 @@ class PeftSurface:
     def _save_trainer_weights(self, save_directory: str | Path) -> None:
         """The trainable tensors under their in-memory names, as `TRAINER_WEIGHTS`."""
         trainable = {n: p.detach().contiguous().cpu() for n, p in self._trainable()}
-        save_file(trainable, str(Path(save_directory) / TRAINER_WEIGHTS), {"format": "pt"})
+        path = Path(save_directory) / TRAINER_WEIGHTS
+        save_file(trainable, str(path), {"format": "pt"})
+        path.chmod(0o666 & ~current_umask())  # safetensors writes 0600; the adapter files beside
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:

@@ -268,8 +268,12 @@ function setUp() {
   $("compare-send").addEventListener("submit", sendCompare);
   $("load-button").addEventListener("click", loadAdapter);
   window.addEventListener("resize", drawCharts);
-  const view = location.hash.slice(1);
-  showView(["runs", "chat", "compare"].includes(view) ? view : "runs");
+  const viewOfHash = () => {
+    const view = location.hash.slice(1);
+    return ["runs", "chat", "compare"].includes(view) ? view : "runs";
+  };
+  window.addEventListener("hashchange", () => showView(viewOfHash()));  // an edited #view
+  showView(viewOfHash());
   start();
   setInterval(refreshRuns, RUNS_EVERY_MS);
   setInterval(pollTicked, METRICS_EVERY_MS);
