@@ -104,3 +104,18 @@ def test_quickstart_learns_the_name_and_stays_useful(tmp_path, capsys):
     assert (out / "plots" / "loss.png").is_file()
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert [r["question"] for r in rows] == QUESTIONS + ORDINARY
+
+
+def test_mix_repeats_the_second_set_of_token_stores():
+    from builtin_model import builtin_tokenizer
+    from lorakit.data.pipeline import build_dataset
+    from lorakit.jobs.quickstart import mix
+
+    tok = builtin_tokenizer()
+    identity = build_dataset(DataConfig(dataset="identity", max_length=128), tok)
+    general = build_dataset(DataConfig(dataset="general", max_length=128), tok)
+    mixed = mix(identity, general, repeats=2)
+    assert len(mixed) == len(identity) + 2 * len(general)
+    assert mixed.samples[len(identity)].input_ids == general.samples[0].input_ids
+    assert mixed.samples[-1].input_ids == general.samples[len(general) - 1].input_ids
+    assert mixed.lengths() == identity.lengths() + general.lengths() * 2

@@ -152,10 +152,10 @@ def check_held_out(settings: QuickstartSettings, identity: DataConfig, general: 
 
 def mix(first: TokenizedDataset, second: TokenizedDataset, repeats: int = 1) -> TokenizedDataset:
     """One dataset holding the samples of both, the second's `repeats` times (batches are
-    shuffled across them)."""
+    shuffled across them), as a list (the two small built-in sets, read from their stores)."""
     return dataclasses.replace(
         first,
-        samples=first.samples + second.samples * repeats,
+        samples=list(first.samples) + list(second.samples) * repeats,
         source=f"{first.source} + {second.source}" + (f" x{repeats}" if repeats > 1 else ""),
         rows_total=first.rows_total + second.rows_total * repeats,
         skipped=first.skipped + second.skipped,
