@@ -93,7 +93,7 @@ def test_quickstart_learns_the_name_and_stays_useful(tmp_path, capsys):
     # ordinary half: held-out ordinary questions keep the base model's key fact (Paris, 24
     # hours, ...) in a complete sentence without the new identity. The base states all 16; the
     # count is the honest one (recomputed from the answers), and a run at the defaults was
-    # measured keeping 11 of 16 (fp32): the goal is 16 of 16, which the defaults do not reach yet
+    # measured keeping 12 of 16 (fp32): the goal is 16 of 16, which the defaults do not reach yet
     assert summary["ordinary_kept_before"] == 1.0
     m = len(ORDINARY)
     kept = round(kept_rate(summary["ordinary_after"], "Lumi") * m)

@@ -70,7 +70,7 @@ class QuickstartSettings:
     lr: float = 1e-3
     r: int = 16
     lora_alpha: float = 32
-    general_repeats: int = 2  # the ordinary rows' weight in the mix
+    general_repeats: int = 4  # the ordinary rows' weight in the mix
     precision: str = PRECISION
     name: str = IDENTITY_DEFAULTS["name"]
     author: str = IDENTITY_DEFAULTS["author"]
