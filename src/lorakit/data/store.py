@@ -199,6 +199,14 @@ def _map(folder: Path, name: str) -> np.ndarray:
     return np.memmap(path, dtype=_ARRAYS[name], mode="r")
 
 
+def _position(index: int, length: int) -> int:
+    """`index` of a sequence of `length` items as a position from 0 (negative from the end)."""
+    position = index + length if index < 0 else index
+    if not 0 <= position < length:
+        raise IndexError(f"sample {index} of {length}")
+    return position
+
+
 class StoreSamples(Sequence):
     """The samples of a store, read on demand: `samples[i]` is a `Sample` with lists, as the
     in-memory pipeline gives; `lengths()` and `supervised_tokens()` read only the index."""
@@ -215,10 +223,7 @@ class StoreSamples(Sequence):
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} of {len(self)}")
+        index = _position(index, len(self))
         return self.sample(index)
 
     def arrays_of(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -289,10 +294,7 @@ class ConcatSamples(Sequence):
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} of {len(self)}")
+        index = _position(index, len(self))
         part = int(np.searchsorted(self.starts, index, side="right")) - 1
         return self.parts[part][index - self.starts[part]]
 
