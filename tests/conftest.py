@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -13,6 +14,11 @@ torch.set_num_threads(2)
 # Runs compared bit for bit keep their thread count on the loaded CI machine
 # (lorakit.train.threads); test_threads.py turns the governor on where it tests it.
 os.environ["LORAKIT_FIXED_THREADS"] = "1"
+# A suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+# ignored, and so would every command the tests start: Ctrl-C's tests need it as a terminal
+# gives it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
