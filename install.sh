@@ -33,6 +33,12 @@ torch_choice() {
   fi
 }
 
+# pip's configuration as `pip config list` prints it ($1: the python whose pip to ask). Not
+# with --quiet, which silences the listing.
+pip_settings() {
+  "$1" -m pip --disable-pip-version-check config list 2>/dev/null || true
+}
+
 # yes when this machine has an NVIDIA GPU (its driver is loaded, or nvidia-smi lists one).
 nvidia_gpu() {
   if [ -e /proc/driver/nvidia/version ] || { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
@@ -74,7 +80,7 @@ pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 # torch is pinned: an unpinned torch could resolve to another build (e.g. a CUDA one).
 torch="torch==2.13.0"
 index=()
-choice="$(torch_choice "$("${pip[@]}" config list 2>/dev/null || true)" "$(nvidia_gpu)" "$(uname -s)")"
+choice="$(torch_choice "$(pip_settings "$venv/bin/python")" "$(nvidia_gpu)" "$(uname -s)")"
 case "$choice" in
   cpu)
     cpu_index="${LORAKIT_TORCH_INDEX:-$cpu_index_default}"

@@ -63,3 +63,18 @@ def test_install_sh_installs_the_chosen_build():
     assert 'index=(--extra-index-url "$cpu_index")' in script
     assert 'install ${index[@]+"${index[@]}"} "$torch" -e' in script
     assert "https://download.pytorch.org/whl/cpu" in script
+
+
+def test_the_settings_read_are_pips_own_listing(tmp_path):
+    """What torch_choice is given: pip's configuration as pip lists it (a source named in the
+    environment included), so a configured mirror or wheel folder is seen."""
+    import sys
+
+    env = {**os.environ, "PIP_FIND_LINKS": str(tmp_path / "wheels"), "PYTHON": "false"}
+    done = subprocess.run(
+        ["bash", "-c", 'source "$1" && pip_settings "$2"', "bash", INSTALL, sys.executable],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert f"find-links='{tmp_path / 'wheels'}'" in done.stdout, done.stdout + done.stderr
