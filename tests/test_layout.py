@@ -32,6 +32,8 @@ LAYERS = {
     "quant": 1,
     "lora": 2,
     "models": 2,
+    "optimizers": 3,  # peft's import paths over lora
+    "tuners": 3,
     "data": 3,
     "train": 4,
     "serve": 4,

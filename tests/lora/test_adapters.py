@@ -260,9 +260,9 @@ def test_fuzzed_weight_files_give_adapter_errors_only(tmp_path_factory, data):
 
 def test_unsupported_peft_feature_is_refused(saved):
     config = json.loads((saved / "adapter_config.json").read_text())
-    config["lora_bias"] = True
+    config["use_qalora"] = True
     (saved / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterError, match="lora_bias"):
+    with pytest.raises(AdapterError, match="use_qalora"):
         LoraModel.from_pretrained(make_tiny_llama(), saved)
 
 

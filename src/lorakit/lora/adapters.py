@@ -24,11 +24,19 @@ from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, atomic_dir, other_than_file
+from lorakit.lora import registry
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.experts import expert_factors
 from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
-from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
+from lorakit.lora.layers import (
+    EMBEDDING,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    ModulesToSave,
+    layer_kind,
+)
 from lorakit.lora.layouts import (
     WRITES_LAYOUT_OF,
     ParamSpec,
@@ -76,8 +84,13 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
             out[f"{path}.{stem}B{suffix}"] = b
             if adapter_name in module.lora_magnitude_vector:
                 out[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
+            if module.lora_b_bias(adapter_name) is not None:
+                out[f"{path}.lora_B.bias"] = module.lora_b_bias(adapter_name)
             if bias == "lora_only" and module.base_layer.bias is not None:
                 out[f"{path}.base_layer.bias"] = module.base_layer.bias
+        elif registry.is_custom(module) and adapter_name in module.r:
+            for key, tensor in registry.adapter_tensors(module, adapter_name).items():
+                out[f"{path}.{key}"] = tensor
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{path}.{key}"] = tensor
@@ -272,8 +285,10 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
     for name, module in find_targets(model, config):
         r = config.rank_for(name)
         kind = layer_kind(module)
-        base = module.base_layer if isinstance(module, LoraLinear) else module
-        if kind == EMBEDDING:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if registry.layer_class(module, config) not in (LoraLinear, LoraEmbedding):
+            check.expected.update(_custom_shapes(base, name, config))
+        elif kind == EMBEDDING:
             n_in, n_out = base.num_embeddings, base.embedding_dim
             check.expected[f"{name}.lora_embedding_A"] = (r, n_in)
             check.expected[f"{name}.lora_embedding_B"] = (n_out, r)
@@ -283,6 +298,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
             check.expected[f"{name}.lora_B.weight"] = (n_out, r)
             if config.use_dora:
                 check.expected[f"{name}.lora_magnitude_vector"] = (n_out,)
+            if config.lora_bias:
+                check.expected[f"{name}.lora_B.bias"] = (n_out,)
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             check.expected[f"{name}.base_layer.bias"] = tuple(base.bias.shape)
         check.target_names.append(name)
@@ -303,6 +320,15 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
             check.expected[key] = tuple(param.shape)
     check.expected = {PREFIX + k: v for k, v in check.expected.items()}
     return check
+
+
+def _custom_shapes(base: nn.Module, name: str, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """The file keys and shapes of a registered layer class's adapter on `base`: the class
+    made on a copy of `base`, its adapter tensors read (`registry.adapter_tensors`)."""
+    layer = registry.wrap(copy.deepcopy(base), "default", config, name)
+    return {
+        f"{name}.{k}": tuple(t.shape) for k, t in registry.adapter_tensors(layer, "default").items()
+    }
 
 
 def _in_out(base: nn.Module, kind: str) -> tuple[int, int]:
@@ -442,7 +468,7 @@ def _base_copies(
         if key not in tensors:
             continue
         module = modules[name]
-        owner = module.base_layer if isinstance(module, LoraLinear) else module
+        owner = module.base_layer if isinstance(module, LoraLayer) else module
         weight = getattr(owner, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise AdapterError(
@@ -462,7 +488,7 @@ def unmatched_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         return []
     found = set()
     for name, module in walk(model):
-        cls = type(module.base_layer if isinstance(module, LoraLinear) else module).__name__
+        cls = type(module.base_layer if isinstance(module, LoraLayer) else module).__name__
         found.update(e for e in config.target_modules if e in (name, cls) or name.endswith("." + e))
     return [e for e in config.target_modules if e not in found and e != "preset"]
 
@@ -475,18 +501,23 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: 
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     stems = param_stems(model, adapter_name)
+    custom = {p: m for p, m in modules.items() if registry.is_custom(m)}
     for key, tensor in tensors.items():
         path = key.removeprefix(PREFIX)
         owner, _, leaf = path.rpartition(".")
         layer, _, which = owner.rpartition(".")
-        if layer in stems and which in ("lora_A", "lora_B"):
+        holder = next((p for p in custom if path.startswith(p + ".lora_")), None)
+        if holder is not None:
+            own = registry.adapter_tensors(custom[holder], adapter_name)
+            target = own[path.removeprefix(holder + ".")]
+        elif layer in stems and which in ("lora_A", "lora_B"):
             module, param = stems[layer]
             target = getattr(module, which)[param][adapter_name]
         elif leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
             target = getattr(modules[owner], leaf)[adapter_name]
         elif owner.endswith((".lora_A", ".lora_B")):
             layer, _, which = owner.rpartition(".")
-            target = getattr(modules[layer], which)[adapter_name].weight
+            target = getattr(getattr(modules[layer], which)[adapter_name], leaf)
         else:
             target = _module_to_save_param(modules, path, adapter_name)
             target = params[path] if target is None else target

@@ -5,7 +5,8 @@ The scaling of an adapter of rank r is `lora_alpha / r`, or `lora_alpha / sqrt(r
 initialisation: True (kaiming A, zero B), 'gaussian', or one from the base weight, 'pissa',
 'pissa_niter_N', 'olora', 'loftq' (with `loftq_config`), which also change the base (`inits.py`).
 `rank_pattern` / `alpha_pattern` map a regex on the module name to a per-module
-rank / alpha; the first pattern that matches the end of the name wins.
+rank / alpha; the first pattern that matches the end of the name wins. `lora_bias` gives each
+adapter a trainable bias on lora_B (merged into the base layer's bias).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _LoraFields:
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
     init_lora_weights: bool | str = True
     loftq_config: dict[str, int] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -80,7 +82,16 @@ class LoraConfig(_LoraFields, PeftConfigNames):
                 )
         super().__init__(**kwargs)
         self.extra = {k: v for k, v in {**self.extra, **extra}.items() if k != "peft_type"}
+        self._custom_modules: dict[type, type] | None = None  # see _register_custom_module
         self._validate()
+
+    def _register_custom_module(self, mapping: dict[type, type]) -> None:
+        """Wrap modules of a type with a LoRA layer class of one's own: `{nn.LSTM: MyLora}`
+        (peft's call; the protocol is in `lorakit.lora.registry`). Checked before the first
+        one is kept; not saved in adapter_config.json, so register it again before loading."""
+        from lorakit.lora.registry import check_mapping
+
+        self._custom_modules = {**(self._custom_modules or {}), **check_mapping(mapping)}
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
         """Write `adapter_config.json` into `save_directory` (made if missing), as peft does."""
@@ -152,6 +163,16 @@ class LoraConfig(_LoraFields, PeftConfigNames):
                 "converted with save_pretrained(path_initial_model_for_weight_conversion=...); "
                 "save it as it is, or drop use_rslora or the patterns",
                 stacklevel=3,
+            )
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(
+                "LoraConfig: lora_bias=True works only with init_lora_weights=True or False (as "
+                f"in peft), got init_lora_weights={self.init_lora_weights!r}"
+            )
+        if self.lora_bias and self.use_dora:
+            raise ConfigError(
+                "LoraConfig: lora_bias=True is not supported with DoRA (nor by peft); set "
+                "use_dora=False or lora_bias=False"
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(
@@ -331,6 +352,7 @@ _FIELD_RULES: list[tuple[str, Any, str]] = [
         "'loftq' or False",
     ),
     ("use_dora", lambda v: isinstance(v, bool), "true or false"),
+    ("lora_bias", lambda v: isinstance(v, bool), "true or false"),
     ("loftq_config", lambda v: isinstance(v, dict), "a mapping {'loftq_bits': 4, 'loftq_iter': 1}"),
     (
         "layers_to_transform",

@@ -1,4 +1,5 @@
-"""Finding target modules, wrapping them with `LoraLinear`, and choosing what trains.
+"""Finding target modules, wrapping them (each in the class `registry` picks: `LoraLinear`,
+`LoraEmbedding` or a registered one), and choosing what trains.
 
 Target rules: a list entry matches a module whose full name equals it, ends with `.` + it, or
 whose class name equals it ("Linear", "Conv1D", "Embedding"); a string is a full regex match
@@ -17,12 +18,12 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.lora import registry
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layers import (
     CONV1D,
-    EMBEDDING,
     LINEAR,
-    LoraEmbedding,
+    LoraLayer,
     LoraLinear,
     ModulesToSave,
     layer_kind,
@@ -45,12 +46,12 @@ def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     for name, child in model.named_children():
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
-        if not isinstance(child, (LoraLinear, ModulesToSave, LoraParams)):
+        if not isinstance(child, (LoraLayer, ModulesToSave, LoraParams)):
             yield from walk(child, full)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, LoraLinear) else module
+    return module.base_layer if isinstance(module, LoraLayer) else module
 
 
 def _suffix_match(name: str, wanted: str) -> bool:
@@ -142,14 +143,14 @@ def find_param_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, 
     wanted = config.target_parameters or []
     found = []
     for name, module in walk(model):
-        owner = module.base_layer if isinstance(module, (LoraLinear, LoraParams)) else module
+        owner = module.base_layer if isinstance(module, (LoraLayer, LoraParams)) else module
         if isinstance(module, ModulesToSave):
             continue
         for param_name, _ in owner.named_parameters(recurse=False):
             key = f"{name}.{param_name}"
             if not any(key == w or key.endswith("." + w) for w in wanted):
                 continue
-            if isinstance(module, LoraLinear):
+            if isinstance(module, LoraLayer):
                 raise ConfigError(
                     f"target_parameters matches `{key}`, a parameter of `{name}`, which "
                     "target_modules adapts already; adapt it one way only (as peft requires)"
@@ -166,7 +167,7 @@ def find_param_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, 
 
 
 def _own(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    owner = module.base_layer if isinstance(module, (LoraLinear, LoraParams)) else module
+    owner = module.base_layer if isinstance(module, (LoraLayer, LoraParams)) else module
     return list(owner.named_parameters(recurse=False))
 
 
@@ -183,7 +184,7 @@ def saved_targets(
     by_name = {t for t in targets if any(_ends_with(n, [t]) for n, _ in modules)}
     if len(by_name) == len(targets):
         return targets
-    wrapped = [n for n, m in modules if isinstance(m, LoraLinear) and adapter_name in m.r]
+    wrapped = [n for n, m in modules if isinstance(m, LoraLayer) and adapter_name in m.r]
     for names in ({n.split(".")[-1] for n in wrapped} | by_name, set(wrapped) | by_name):
         hits = [n for n, _ in modules if _ends_with(n, names) and _in_layers(n, config)]
         if hits == wrapped:
@@ -223,7 +224,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             continue
         if _inside_modules_to_save(name, config.modules_to_save):
             continue  # as in peft: a module saved whole is not also LoRA-adapted
-        if layer_kind(module) is None:
+        if registry.layer_class(module, config) is None:
             if isinstance(targets, list) and type(module).__name__ in targets:
                 continue  # a class-name target matched a container of that name
             kind = type(module).__name__
@@ -234,7 +235,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             )
             raise ConfigError(
                 f"target `{name}` is {what}; target its nn.Linear / Conv1D / nn.Embedding "
-                "children instead\n" + _layer_names_hint(model)
+                "children instead, or register a LoRA layer class for it "
+                "(config._register_custom_module, see lorakit.lora.registry)\n"
+                + _layer_names_hint(model)
             )
         if config.layers_to_transform is not None:
             index = _layer_index(name, config.layers_pattern)
@@ -282,21 +285,14 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
     expand_targets(model, config)
     names = []
     for name, module in find_targets(model, config):
-        if not isinstance(module, LoraLinear):
-            module = (LoraEmbedding if layer_kind(module) == EMBEDDING else LoraLinear)(module)
+        if isinstance(module, LoraLayer):  # peft's call for a layer that has adapters
+            r, alpha = config.rank_for(name), config.alpha_for(name)
+            module.update_layer(adapter_name, r, lora_alpha=alpha, config=config, target_name=name)
+        else:
+            module = registry.wrap(module, adapter_name, config, name)
             replace_module(model, name, module)
         if module.kind == CONV1D:
             config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)
-        module.update_layer(
-            adapter_name,
-            r=config.rank_for(name),
-            lora_alpha=config.alpha_for(name),
-            lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights,
-            use_rslora=config.use_rslora,
-            use_dora=config.use_dora,
-            loftq_config=config.loftq_config,
-        )
         names.append(name)
     names += add_parameter_adapters(model, config, adapter_name)
     for name, module in find_modules_to_save(model, config):
@@ -360,7 +356,11 @@ def mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
-        if isinstance(module, LoraLinear):
+        if registry.is_custom(module):
+            for adapter in adapter_names:
+                for param in registry.adapter_tensors(module, adapter).values():
+                    param.requires_grad_(True)
+        elif isinstance(module, LoraLinear):
             for adapter in adapter_names:
                 if adapter in module.r:
                     for param in module.adapter_parameters(adapter):
@@ -458,7 +458,7 @@ def check_injection(model: nn.Module) -> InjectionReport:
     """List LoRA layers, count frozen and trainable params, flag trainable base params."""
     report = InjectionReport()
     report.lora_layers = [
-        n for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraParams))
+        n for n, m in model.named_modules() if isinstance(m, (LoraLayer, LoraParams))
     ]
     for name, param in model.named_parameters():
         if not param.requires_grad:

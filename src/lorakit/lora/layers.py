@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,24 @@ from lorakit.lora import dora, inits, rows, shared, update
 from lorakit.lora.config import scaling
 from lorakit.lora.rows import RowPlan
 
-LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
+LINEAR, CONV1D, EMBEDDING, CUSTOM = "linear", "conv1d", "embedding", "custom"
+# update_layer's settings when neither the call nor a config gives them
+_DEFAULTS = {
+    "r": None,
+    "lora_alpha": None,
+    "lora_dropout": 0.0,
+    "init_lora_weights": True,
+    "use_rslora": False,
+    "use_dora": False,
+    "loftq_config": None,
+    "lora_bias": False,
+}
 logger = logging.getLogger("lorakit")
 
 
 def layer_kind(module: nn.Module) -> str | None:
     """'linear', 'conv1d', 'embedding', or None when LoRA cannot wrap `module`."""
-    if isinstance(module, LoraLinear):
+    if isinstance(module, LoraLayer):
         return module.kind
     if isinstance(module, nn.Linear):
         return LINEAR
@@ -54,30 +66,37 @@ def is_quantized_linear(module: nn.Module) -> bool:
     )
 
 
-class LoraLinear(nn.Module):
-    """Wraps `nn.Linear`, GPT-2 `Conv1D` or a quantized linear with adapters.
+class LoraLayer:
+    """What every LoRA layer shares (peft's `LoraLayer`): the base layer, the adapters by name
+    (`lora_A` / `lora_B` as `nn.Linear`s, their rank, alpha, scaling, dropout), which are active
+    or merged, adding / deleting / merging them, and the forward `base(x) + scaling * B(A(x))`.
 
-    `LoraLinear(embedding)` gives a `LoraEmbedding`."""
+    Not an `nn.Module` itself, as in peft: lorakit's layers are `LoraLinear(LoraLayer,
+    nn.Module)`, and a layer of one's own for a module type lorakit does not know is
+    `class MyLora(nn.Module, LoraLayer)` (see `lorakit.lora.registry` for the protocol).
+    `LoraLayer(base_layer, adapter_name, config=..., r=..., lora_alpha=...)` is peft's
+    constructor: with an adapter name it adds that adapter at once."""
 
     no_dora: str | None = None  # why this kind of layer refuses DoRA, or None
 
-    def __new__(cls, base_layer: nn.Module | None = None, *args, **kwargs):
-        if cls is LoraLinear and isinstance(base_layer, nn.Embedding):
-            cls = LoraEmbedding
-        return super().__new__(cls)
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        kind = layer_kind(base_layer)
-        if kind is None:
-            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}")
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str | None = None,
+        config=None,
+        **kwargs,
+    ) -> None:
+        if "_modules" not in self.__dict__:
+            nn.Module.__init__(self)
+        kind = layer_kind(base_layer) or _custom_kind(base_layer)
         self.base_layer = base_layer
         self.kind = kind
         self.fan_in_fan_out = kind in (CONV1D, EMBEDDING)  # the base stores W as (in, out)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            self.in_features = getattr(base_layer, "in_features", None)
+            self.out_features = getattr(base_layer, "out_features", None)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -89,10 +108,13 @@ class LoraLinear(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}  # peft's lora_bias: a trainable bias on lora_B
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._rows: RowPlan | None = None
+        if adapter_name is not None:
+            self.update_layer(adapter_name, config=config, **kwargs)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -121,45 +143,98 @@ class LoraLinear(nn.Module):
         a, b = self.lora_weights(name)
         x, factor = shared.dropped(self, x, name)  # dropout(x) = factor * x now
         h = F.linear(x.to(a.dtype), a) * (self.scaling[name] * factor)  # (..., r)
-        return F.linear(h, b).to(result.dtype)  # (..., out)
+        bias = self.lora_b_bias(name)  # lora_bias: scaling * (B h + b), as peft computes it
+        bias = None if bias is None else bias * self.scaling[name]
+        return F.linear(h, b, bias).to(result.dtype)  # (..., out)
+
+    def lora_b_bias(self, name: str) -> torch.Tensor | None:
+        """Adapter `name`'s bias on lora_B (`lora_bias=True`), or None."""
+        return self.lora_B[name].bias if self.lora_bias.get(name) else None
+
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped layer (peft's name)."""
+        return self.base_layer
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the base weight (peft's name)."""
+        return bool(self.merged_adapters)
 
     # ---------------------------------------------------------------- adapters
     def update_layer(
         self,
         adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        init_lora_weights: bool | str = True,
-        use_rslora: bool = False,
-        use_dora: bool = False,
+        r: int | None = None,
+        lora_alpha: float | None = None,
+        lora_dropout: float | None = None,
+        init_lora_weights: bool | str | None = None,
+        use_rslora: bool | None = None,
+        use_dora: bool | None = None,
         loftq_config: dict | None = None,
+        *,
+        config=None,
+        lora_bias: bool | None = None,
+        **kwargs,
     ) -> None:
-        """Add (or replace) adapter `adapter_name` of rank r."""
-        if use_dora and self.no_dora is not None:
+        """Add (or replace) adapter `adapter_name` of rank r. A setting not given is
+        `config`'s (a `LoraConfig`: peft's call shape), else the default; peft's other keywords
+        (`target_name`, ...) are accepted and unused."""
+        given = {
+            "r": r,
+            "lora_alpha": lora_alpha,
+            "lora_dropout": lora_dropout,
+            "init_lora_weights": init_lora_weights,
+            "use_rslora": use_rslora,
+            "use_dora": use_dora,
+            "loftq_config": loftq_config,
+            "lora_bias": lora_bias,
+        }
+        s = {k: v if v is not None else getattr(config, k, _DEFAULTS[k]) for k, v in given.items()}
+        if s["r"] is None or s["lora_alpha"] is None:
+            raise TypeError("update_layer() needs r and lora_alpha (or a config holding them)")
+        if s["use_dora"] and self.no_dora is not None:
             raise ConfigError(self.no_dora)
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = scaling(lora_alpha, r, use_rslora)
-        self.lora_dropout[adapter_name] = (
-            nn.Dropout(lora_dropout) if lora_dropout else nn.Identity()
-        )
-        self._create_weights(adapter_name, r, *self._adapter_placement())
-        if inits.is_mutating(init_lora_weights):
-            inits.initialise(self, adapter_name, init_lora_weights, loftq_config)
+        if s["lora_bias"]:
+            self._check_lora_bias()
+        self.r[adapter_name] = s["r"]
+        self.lora_alpha[adapter_name] = s["lora_alpha"]
+        self.scaling[adapter_name] = scaling(s["lora_alpha"], s["r"], s["use_rslora"])
+        self.lora_bias[adapter_name] = bool(s["lora_bias"])
+        dropout = s["lora_dropout"]
+        self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout else nn.Identity()
+        self._create_weights(adapter_name, s["r"], *self._adapter_placement())
+        if inits.is_mutating(s["init_lora_weights"]):
+            inits.initialise(self, adapter_name, s["init_lora_weights"], s["loftq_config"])
         else:
-            self.reset_lora_parameters(adapter_name, init_lora_weights)
+            self.reset_lora_parameters(adapter_name, s["init_lora_weights"])
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
-        if use_dora:
+        if s["use_dora"]:
             magnitude = dora.initial_magnitude(self, adapter_name)
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude)
         if adapter_name not in self.active_adapters and not self.active_adapters:
             self.active_adapters = [adapter_name]
 
+    def _check_lora_bias(self) -> None:
+        """`lora_bias=True` here: refused on an embedding (as in peft), a warning when the base
+        has no bias (the adapter then cannot be merged, peft's rule)."""
+        if isinstance(self, LoraEmbedding):
+            raise ConfigError(
+                "lora_bias=True is not supported on an embedding layer (nor by peft); exclude "
+                "the embedding from target_modules or set lora_bias=False"
+            )
+        if getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type "
+                f"{type(self.base_layer).__name__} has no bias. This means that merging LoRA "
+                "weights won't be possible.",
+                stacklevel=4,
+            )
+
     def _create_weights(self, name: str, r: int, device, dtype: torch.dtype) -> None:
+        bias = self.lora_bias.get(name, False)
         self.lora_A[name] = nn.Linear(self.in_features, r, False, device, dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, False, device, dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias, device, dtype)
 
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
@@ -174,6 +249,8 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         else:
             nn.init.zeros_(b)
+            if self.lora_bias.get(adapter_name):
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of an adapter: A (r × in), B (out × r)."""
@@ -193,7 +270,7 @@ class LoraLinear(nn.Module):
         ):
             if adapter_name in container:
                 del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
@@ -225,11 +302,15 @@ class LoraLinear(nn.Module):
     @property
     def packable(self) -> bool:
         """Whether `rows.PackedAdapters` may pack this layer (no DoRA or merged adapters)."""
-        return not (self.merged_adapters or self.lora_magnitude_vector)
+        return not (
+            self.merged_adapters or self.lora_magnitude_vector or any(self.lora_bias.values())
+        )
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The trainable tensors of an adapter: A, B and, for DoRA, the magnitude."""
         params = list(self.lora_weights(adapter_name))
+        if self.lora_bias.get(adapter_name):
+            params.append(self.lora_B[adapter_name].bias)
         if adapter_name in self.lora_magnitude_vector:
             params.append(self.lora_magnitude_vector[adapter_name])
         return params
@@ -302,8 +383,11 @@ class LoraLinear(nn.Module):
             earlier = list(self.merged_adapters)  # DoRA's norm needs the unmerged weight
             self.unmerge()
             names = earlier + names
+        new_bias = self._folded_bias(names, +1, safe_merge)  # checked before anything changes
         merged, norms = update.merged_weight(self, names, self.dense_weight().float(), safe_merge)
         self.set_dense_weight(merged)
+        if new_bias is not None:
+            self.base_layer.bias.copy_(new_bias)
         self.dora_merged_norms.update(norms)
         self.merged_adapters.extend(names)
 
@@ -314,8 +398,36 @@ class LoraLinear(nn.Module):
             return
         chosen = [n for n in self.merged_adapters if adapter_names is None or n in adapter_names]
         names = chosen[::-1]
+        new_bias = self._folded_bias(names, -1)
         self.set_dense_weight(update.unmerged_weight(self, names, self.dense_weight().float()))
+        if new_bias is not None:
+            self.base_layer.bias.copy_(new_bias)
         self.merged_adapters = [n for n in self.merged_adapters if n not in names]
+
+    @torch.no_grad()
+    def _folded_bias(
+        self, names: list[str], sign: int, safe_merge: bool = False
+    ) -> torch.Tensor | None:
+        """The base bias with `sign` * scaling * b of each `lora_bias` adapter in `names` added
+        (peft folds lora_B's bias into the base bias on merge), or None when none has one."""
+        biased = [n for n in names if self.lora_bias.get(n)]
+        if not biased:
+            return None
+        base_bias = getattr(self.base_layer, "bias", None)
+        if base_bias is None:
+            raise RuntimeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no "
+                f"bias (adapter {biased[0]!r} on a {type(self.base_layer).__name__}); use the "
+                "adapter unmerged, or train it with lora_bias=False"
+            )
+        total = base_bias.detach().float()
+        for name in biased:
+            total = total + sign * self.scaling[name] * self.lora_B[name].bias.detach().float()
+        if safe_merge and not torch.isfinite(total).all():
+            raise ValueError(
+                f"merging adapter `{biased[0]}` produced non-finite biases; not merged"
+            )
+        return total.to(base_bias.dtype)
 
     def unwrap(self, names: list[str], *, merge: bool, safe_merge: bool = False) -> nn.Module:
         """The base layer, with adapters `names` merged in when `merge` (a quantized base is
@@ -335,13 +447,43 @@ class LoraLinear(nn.Module):
             return base
         if safe_merge and not torch.isfinite(delta).all():
             raise ValueError("merging produced non-finite weights; not merged")
+        new_bias = self._folded_bias(names, +1, safe_merge)
         merged, message = merge_into_quantized(base, delta)
+        if new_bias is not None:
+            merged.bias.data.copy_(new_bias)
         logger.info(message)
         return merged
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
         return f"kind={self.kind}, adapters=[{ranks}], active={self.active_adapters}"
+
+
+class LoraLinear(LoraLayer, nn.Module):
+    """Wraps `nn.Linear`, GPT-2 `Conv1D` or a quantized linear with adapters.
+
+    `LoraLinear(embedding)` gives a `LoraEmbedding`."""
+
+    def __new__(cls, base_layer: nn.Module | None = None, *args, **kwargs):
+        if cls is LoraLinear and isinstance(base_layer, nn.Embedding):
+            cls = LoraEmbedding
+        return super().__new__(cls)
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str | None = None, config=None, **kwargs
+    ) -> None:
+        if type(self) in (LoraLinear, LoraEmbedding) and layer_kind(base_layer) is None:
+            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}")
+        super().__init__(base_layer, adapter_name, config, **kwargs)
+
+
+def _custom_kind(module: nn.Module) -> str:
+    """The kind of a module only a registered layer class adapts: 'linear' when it has peft's
+    `in_features` / `out_features` (a linear layer in another form), else 'custom'."""
+    has_sizes = all(
+        isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features")
+    )
+    return LINEAR if has_sizes else CUSTOM
 
 
 class LoraEmbedding(LoraLinear):

@@ -19,7 +19,7 @@ from torch import nn
 
 import lorakit.lora.adapters as adapter_io
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.lora import shared
+from lorakit.lora import registry, shared
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.compat.hf_face import HFFace
 from lorakit.lora.compat.keywords import check_peft_kwargs
@@ -35,7 +35,7 @@ from lorakit.lora.inject import (
     replace_module,
     saved_targets,
 )
-from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
+from lorakit.lora.layers import LoraLayer, LoraLinear, ModulesToSave, is_quantized_linear
 from lorakit.lora.params import LoraParams
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan, reading_rows
 from lorakit.lora.ties import untie_for_merge
@@ -98,8 +98,15 @@ class LoraModel(PeftSurface, HFFace):
             if isinstance(module, LoraParams):
                 yield name, module
 
-    def _mergeable(self) -> list[LoraLinear | LoraParams]:
-        return [m for _, m in self.lora_layers()] + [m for _, m in self.param_layers()]
+    def custom_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        """(name, layer) for every layer of a registered class (`lorakit.lora.registry`)."""
+        for name, module in self.base_model.model.named_modules():
+            if registry.is_custom(module):
+                yield name, module
+
+    def _mergeable(self) -> list[LoraLayer | LoraParams]:
+        layers = [m for _, m in self.lora_layers()] + [m for _, m in self.custom_layers()]
+        return layers + [m for _, m in self.param_layers()]
 
     def _wrappers(self) -> list[LoraLinear | ModulesToSave | LoraParams]:
         """Every LoRA / modules_to_save wrapper, cached until adapters are added or removed."""
@@ -107,7 +114,7 @@ class LoraModel(PeftSurface, HFFace):
             self._wrapper_cache = [
                 m
                 for m in self.base_model.model.modules()
-                if isinstance(m, (LoraLinear, ModulesToSave, LoraParams))
+                if isinstance(m, (LoraLayer, ModulesToSave, LoraParams))
             ]
         return self._wrapper_cache
 
@@ -173,7 +180,7 @@ class LoraModel(PeftSurface, HFFace):
                 "them first. (lorakit: call unmerge_adapter(), then delete_adapter().)"
             )
         for module in self._wrappers():
-            if isinstance(module, (LoraLinear, LoraParams)):
+            if isinstance(module, (LoraLayer, LoraParams)):
                 module.delete_adapter(adapter_name)
             elif adapter_name in module.modules_to_save:
                 del module.modules_to_save[adapter_name]
@@ -218,7 +225,8 @@ class LoraModel(PeftSurface, HFFace):
     def targeted_module_names(self) -> list[str]:
         """Names (in the wrapped model) of the modules that carry LoRA adapters (layers and the
         modules whose parameters are adapted)."""
-        return [name for name, _ in self.lora_layers()] + [n for n, _ in self.param_layers()]
+        layers = [name for name, _ in self.lora_layers()] + [n for n, _ in self.custom_layers()]
+        return layers + [n for n, _ in self.param_layers()]
 
     @contextlib.contextmanager
     def mixed_adapters(
@@ -327,7 +335,7 @@ class LoraModel(PeftSurface, HFFace):
             untie_for_merge(self.base_model.model, list(self.lora_layers()), names, stacklevel=4)
         replacements = []
         for name, module in self.base_model.model.named_modules():
-            if isinstance(module, (LoraLinear, LoraParams)):
+            if isinstance(module, (LoraLayer, LoraParams)):
                 replacements.append(
                     (name, module.unwrap(names, merge=merge, safe_merge=safe_merge))
                 )

@@ -303,6 +303,7 @@ def check_param_config(config, key: str) -> None:
         "lora_dropout": config.lora_dropout != 0,
         "use_dora": config.use_dora,
         "fan_in_fan_out": config.fan_in_fan_out,
+        "lora_bias": getattr(config, "lora_bias", False),
     }
     for field, bad in problems.items():
         if bad:

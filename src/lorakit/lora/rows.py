@@ -200,7 +200,7 @@ def add_rows(
 def add_adapter(layer: nn.Module, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     """result + scaling * B(A(dropout(x))) as one addmm when the dtypes allow it (else the
     layer's `_delta`); without autograd added into `result` in place, saving a pass over it."""
-    if name in layer.lora_magnitude_vector:
+    if name in layer.lora_magnitude_vector or layer.lora_bias.get(name):
         return result + layer._delta(x, name, result)
     a, b = layer.lora_weights(name)
     same_dtype = result.dtype == a.dtype

@@ -119,7 +119,7 @@ def test_config_round_trip_and_peft_type(tmp_path):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"lora_bias": True},
+        {"use_qalora": True},
         {"trainable_token_indices": [1, 2]},
         {"init_lora_weights": "eva"},
         {"velora_config": {"rank": 2}},

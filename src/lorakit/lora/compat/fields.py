@@ -41,7 +41,6 @@ TASK_TYPES = tuple(t.value for t in TaskType)  # in peft's order
 # nothing; any other value asks for a feature lorakit lacks, so it is refused (when a config is
 # made, and when an adapter is loaded), never silently dropped.
 UNSUPPORTED_FEATURES: dict[str, Any] = {
-    "lora_bias": False,
     "use_qalora": False,
     "trainable_token_indices": None,
     "layer_replication": None,
