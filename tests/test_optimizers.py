@@ -6,10 +6,10 @@ from __future__ import annotations
 import peft
 import torch
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+from tests.conftest import make_tiny_llama
 
 import lorakit
 from lorakit.optimizers import create_loraplus_optimizer
-from tests.conftest import make_tiny_llama
 
 
 def test_groups_equal_peft_groups():

@@ -9,14 +9,14 @@ import peft
 import pytest
 import torch
 from peft.tuners import lora as peft_lora
+from tests.conftest import make_tiny_llama
+from tests.lora.peft.peft_oracle import copy_adapter
 from torch import nn
 
 import lorakit
 from lorakit.lora import registry
 from lorakit.lora.layers import LoraEmbedding, LoraLinear
 from lorakit.tuners import lora as kit_lora
-from tests.conftest import make_tiny_llama
-from tests.lora.peft.peft_oracle import copy_adapter
 
 
 class Scaled(nn.Module):
