@@ -57,6 +57,7 @@ def test_scales_are_folded_into_b_per_module():
     [
         ({"use_dora": True}, "DoRA adapter"),
         ({"bias": "lora_only"}, "bias='lora_only'"),
+        ({"lora_bias": True}, "lora_bias=True"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ],
 )

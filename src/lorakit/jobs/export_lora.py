@@ -36,6 +36,8 @@ def refusals(lora: LoraModel, adapter: str = "default") -> list[str]:
         )
     if config.bias != "none":
         reasons.append(f"bias={config.bias!r}: llama.cpp's LoRA files hold no biases")
+    if config.lora_bias:
+        reasons.append("lora_bias=True: llama.cpp's LoRA files hold A and B only, no bias")
     if config.modules_to_save:
         reasons.append(
             f"modules_to_save={config.modules_to_save}: whole trained modules are not LoRA tensors"

@@ -88,6 +88,7 @@ def combine_adapters(
     config = copy.deepcopy(configs[0])
     config.r, config.lora_alpha = new_rank, new_rank
     config.rank_pattern, config.alpha_pattern, config.use_rslora = {}, {}, False
+    config.lora_bias = any(c.lora_bias for c in configs)  # peft: a bias if any source has one
     config.target_modules = _union_targets(configs)
     jobs = []
     for name, layer in layers:  # all new layers first, as peft creates them
@@ -97,7 +98,9 @@ def combine_adapters(
         rank = sum(layer.r[a] for a, _ in present) if method == "cat" else new_rank
         if rank != new_rank:
             config.rank_pattern[re.escape(name)] = config.alpha_pattern[re.escape(name)] = rank
-        layer.update_layer(adapter_name, rank, rank, config.lora_dropout, True)
+        layer.update_layer(
+            adapter_name, rank, rank, config.lora_dropout, True, lora_bias=config.lora_bias
+        )
         jobs.append((layer, present, rank))
     for layer, present, rank in jobs:
         if method == "cat":
@@ -110,7 +113,21 @@ def combine_adapters(
         with torch.no_grad():
             a_param.copy_(a_new.to(a_param.dtype))
             b_param.copy_(b_new.to(b_param.dtype))
+            _combine_biases(layer, present, adapter_name)
     return config
+
+
+def _combine_biases(layer: LoraLinear, present: list[tuple[str, float]], name: str) -> None:
+    """The new adapter's lora_B bias (its scaling is 1): sum of weight * scaling * bias over the
+    sources that have one, as peft combines them."""
+    bias = layer.lora_b_bias(name)
+    if bias is None:
+        return
+    total = torch.zeros_like(bias)
+    for source, weight in present:
+        if layer.lora_b_bias(source) is not None:
+            total += weight * layer.scaling[source] * layer.lora_b_bias(source)
+    bias.copy_(total)
 
 
 def _check_arguments(combination_type: str, density: float | None, sign_method: str) -> None:

@@ -85,6 +85,13 @@ def _bias(facts: Facts) -> str | None:
     return f"trained biases (bias={config.bias!r})" if config.bias != "none" else None
 
 
+def _lora_bias(facts: Facts) -> str | None:
+    biased = getattr(facts.config, "lora_bias", False) or any(
+        k.endswith(".lora_B.bias") for k in facts.keys
+    )
+    return "a bias on lora_B (lora_bias=True)" if biased else None
+
+
 def _saved(facts: Facts) -> str | None:
     config = facts.config
     return f"modules_to_save={config.modules_to_save}" if config.modules_to_save else None
@@ -169,6 +176,14 @@ RULES = [
     Rule(
         "vllm",
         "refuses",
+        _lora_bias,
+        "start vLLM with --enable-lora-bias (the releases that have it), or merge it",
+        "vllm/lora/models.py: a lora_B bias loads only with --enable-lora-bias "
+        "(LoRAConfig.bias_enabled)",
+    ),
+    Rule(
+        "vllm",
+        "refuses",
         _saved,
         "merge it (whole trained modules cannot be served as LoRA)",
         f"{_VLLM_HELPER}: 'vLLM only supports modules_to_save being None.'",
@@ -219,6 +234,13 @@ RULES = [
         _bias,
         "train with bias='none', or export merged",
         f"{_LLAMA_CPP}: LoRA files hold no biases",
+    ),
+    Rule(
+        "llama.cpp",
+        "refuses",
+        _lora_bias,
+        "export merged (lorakit export ... --adapter DIR)",
+        f"{_LLAMA_CPP}: LoRA files hold A and B only; a lora_B bias has no tensor",
     ),
     Rule("llama.cpp", "refuses", _saved, "export merged", f"{_LLAMA_CPP}: only lora_a / lora_b"),
     Rule(
