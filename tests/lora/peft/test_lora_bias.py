@@ -9,11 +9,11 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import make_tiny_gpt2
+from tests.lora.peft.peft_oracle import add_twin_adapter, twin_models
 
 import lorakit
 from lorakit.lora.consumers import Facts, findings
-from tests.conftest import make_tiny_gpt2
-from tests.lora.peft.peft_oracle import add_twin_adapter, twin_models
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
