@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, atomic_dir, other_than_file
-from lorakit.lora import registry
+from lorakit.lora import registry, replication
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.experts import expert_factors
 from lorakit.lora.inits import converted_to_lora
@@ -280,8 +280,13 @@ class AdapterCheck:
 
 
 def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
-    """File keys and shapes an adapter with `config` must have for `model` (model untouched)."""
+    """File keys and shapes an adapter with `config` must have for `model` (model untouched;
+    with `layer_replication`, a replicated copy is read unless `model` is replicated so)."""
     check = AdapterCheck()
+    wanted = config.layer_replication
+    if wanted and replication.replicated_map(model) != wanted:
+        model = copy.deepcopy(model)
+        replication.replicate(model, wanted)
     for name, module in find_targets(model, config):
         r = config.rank_for(name)
         kind = layer_kind(module)

@@ -6,7 +6,8 @@ initialisation: True (kaiming A, zero B), 'gaussian', or one from the base weigh
 'pissa_niter_N', 'olora', 'loftq' (with `loftq_config`), which also change the base (`inits.py`).
 `rank_pattern` / `alpha_pattern` map a regex on the module name to a per-module
 rank / alpha; the first pattern that matches the end of the name wins. `lora_bias` gives each
-adapter a trainable bias on lora_B (merged into the base layer's bias).
+adapter a trainable bias on lora_B (merged into the base layer's bias); `layer_replication`
+stacks repeated decoder layers that share their weights (`replication.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lorakit.lora.compat.fields import (
     PeftConfigNames,
 )
 from lorakit.lora.inits import check_loftq_config, is_pissa
+from lorakit.lora.replication import check_layer_map
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -56,6 +58,7 @@ class _LoraFields:
     loftq_config: dict[str, int] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
+    layer_replication: list[list[int]] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     task_type: str | None = None
@@ -132,6 +135,10 @@ class LoraConfig(_LoraFields, PeftConfigNames):
                 setattr(self, name, sorted(value) if _all_str(value) else list(value))
         if _is_int(self.layers_to_transform):
             self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.layer_replication, (list, tuple)) and check_layer_map(
+            self.layer_replication
+        ):
+            self.layer_replication = [list(pair) for pair in self.layer_replication]
         for name, check, allowed in _FIELD_RULES:
             if not check(getattr(self, name)):
                 raise self._bad(name, allowed)
@@ -360,6 +367,11 @@ _FIELD_RULES: list[tuple[str, Any, str]] = [
         "a layer index or a list of layer indices (integers >= 0)",
     ),
     ("layers_pattern", _names, "a name such as 'layers' or a list of such names"),
+    (
+        "layer_replication",
+        check_layer_map,
+        "a list of [start, end) layer ranges with 0 <= start < end, e.g. [[0, 4], [2, 5]]",
+    ),
     ("rank_pattern", lambda v: isinstance(v, dict), "a mapping {module regex: rank}"),
     ("alpha_pattern", lambda v: isinstance(v, dict), "a mapping {module regex: lora_alpha}"),
     ("task_type", lambda v: _valid_task_type(v), "a string such as 'CAUSAL_LM'"),

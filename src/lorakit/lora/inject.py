@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.lora import registry
+from lorakit.lora import registry, replication
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layers import (
     CONV1D,
@@ -281,7 +281,11 @@ def _no_preset_message(model: nn.Module) -> str:
 
 
 def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
-    """Wrap (or extend) every target of `config` with adapter `adapter_name`; returns the names."""
+    """Wrap (or extend) every target of `config` with adapter `adapter_name`; returns the names.
+    With `layer_replication`, the layers are replicated first (`replication.replicate`)."""
+    if config.layer_replication:
+        adapted = any(isinstance(m, (LoraLayer, LoraParams)) for m in model.modules())
+        replication.replicate(model, config.layer_replication, adapted)
     expand_targets(model, config)
     names = []
     for name, module in find_targets(model, config):

@@ -19,7 +19,7 @@ from torch import nn
 
 import lorakit.lora.adapters as adapter_io
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.lora import registry, shared
+from lorakit.lora import registry, replication, shared
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.compat.hf_face import HFFace
 from lorakit.lora.compat.keywords import check_peft_kwargs
@@ -120,18 +120,31 @@ class LoraModel(PeftSurface, HFFace):
 
     def add_adapter(
         self,
-        adapter_name: str,
-        config: LoraConfig,
+        adapter_name: str | LoraConfig | None = None,
+        peft_config: LoraConfig | None = None,
         *,
         autocast_adapter_dtype: bool = True,
         **peft_kwargs: Any,
     ) -> None:
         """Add a fresh adapter; the active adapters stay as they are.
 
-        With a float16 / bfloat16 base the adapter is made in float32 (peft's
-        `autocast_adapter_dtype=True`); `autocast_adapter_dtype=False` makes it in the base
-        layer's dtype. `peft_kwargs`: see `compat.keywords`.
+        peft's call `add_adapter("name", config)` (or `adapter_name=`, `peft_config=`), and
+        transformers' `add_adapter(config, adapter_name="name")` (no name: 'default'). Without
+        a config the new adapter takes the active adapter's settings (peft's quicktour shows
+        `add_adapter(adapter_name="new")`). With a float16 / bfloat16 base the adapter is made in
+        float32 (peft's `autocast_adapter_dtype=True`); `autocast_adapter_dtype=False` makes it in
+        the base layer's dtype. `peft_kwargs`: see `compat.keywords`.
         """
+        config = peft_kwargs.pop("config", None) or peft_config  # lorakit's earlier keyword
+        if isinstance(adapter_name, LoraConfig):  # transformers' order: the config first
+            adapter_name, config = peft_kwargs.pop("adapter_name", None) or "default", adapter_name
+        if config is None and self.active_adapters:
+            config = self.peft_config[self.active_adapter]
+        if adapter_name is None or config is None:
+            raise TypeError(
+                "add_adapter() needs an adapter name and a config: add_adapter('name', "
+                "LoraConfig(...))"
+            )
         check_peft_kwargs("add_adapter", peft_kwargs)
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named `{adapter_name}` exists; delete it or pick a name")
@@ -311,6 +324,7 @@ class LoraModel(PeftSurface, HFFace):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
         untie_for_merge(self.base_model.model, list(self.lora_layers()), names)  # own copies
+        replication.unshare(self.base_model.model)  # replicated layers: own weights per copy
         for layer in layers:
             layer.merge(names, safe_merge=safe_merge)
 
@@ -333,6 +347,7 @@ class LoraModel(PeftSurface, HFFace):
         names = adapter_names or self.active_adapters
         if merge:
             untie_for_merge(self.base_model.model, list(self.lora_layers()), names, stacklevel=4)
+            replication.unshare(self.base_model.model)
         replacements = []
         for name, module in self.base_model.model.named_modules():
             if isinstance(module, (LoraLayer, LoraParams)):
@@ -433,6 +448,8 @@ class LoraModel(PeftSurface, HFFace):
         (`peft_kwargs`: see `compat.keywords`).
         """
         adapter = read_for_loading(model_id, config, "from_pretrained", peft_kwargs)
+        if adapter.config.layer_replication:  # the adapter's layers exist once replicated
+            replication.replicate(model, adapter.config.layer_replication)
         adapter_io.check_adapter(model, adapter)
         config = adapter.config
         config.inference_mode = not is_trainable
@@ -464,6 +481,9 @@ class LoraModel(PeftSurface, HFFace):
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named `{adapter_name}` is already loaded")
         adapter = read_for_loading(model_id, config, "load_adapter", peft_kwargs)
+        wanted = adapter.config.layer_replication
+        if wanted and replication.replicated_map(self.base_model.model) != wanted:
+            replication.replicate(self.base_model.model, wanted, adapted=True)  # refuses
         check = adapter_io.check_adapter(self.base_model.model, adapter)
         if check.base_copies:
             raise AdapterError(

@@ -43,7 +43,6 @@ TASK_TYPES = tuple(t.value for t in TaskType)  # in peft's order
 UNSUPPORTED_FEATURES: dict[str, Any] = {
     "use_qalora": False,
     "trainable_token_indices": None,
-    "layer_replication": None,
     "alora_invocation_tokens": None,
     "use_bdlora": None,
     "eva_config": None,
