@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import make_tiny_llama
 from torch import nn
 
 import lorakit
@@ -108,3 +109,33 @@ def test_peft_keywords_are_checked_in_one_place():
     assert model.peft_config["default"].extra["revision"] == "v1"
     with pytest.raises(TypeError, match="add_adapter\\(\\) got an unexpected keyword argument"):
         model.add_adapter("x", _config(), mixed=True)
+
+
+def test_add_adapter_takes_peft_and_transformers_call_shapes():
+    model = lorakit.get_peft_model(
+        make_tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    model.add_adapter("positional", lorakit.LoraConfig(r=3, target_modules=["v_proj"]))
+    model.add_adapter(
+        adapter_name="keywords", peft_config=lorakit.LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    model.add_adapter(
+        lorakit.LoraConfig(r=5, target_modules=["k_proj"]), adapter_name="config first"
+    )
+    model.add_adapter(adapter_name="like active")  # peft's quicktour: the active adapter's settings
+    ranks = {name: config.r for name, config in model.peft_config.items()}
+    assert ranks == {
+        "default": 2,
+        "positional": 3,
+        "keywords": 4,
+        "config first": 5,
+        "like active": 2,
+    }
+    layer = model.get_base_model().model.layers[0].self_attn
+    assert layer.k_proj.r == {"config first": 5} and "like active" in layer.q_proj.r
+    with pytest.raises(ConfigError, match="exists"):
+        model.add_adapter(
+            lorakit.LoraConfig(target_modules=["q_proj"])
+        )  # transformers' name: 'default'
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rank'"):
+        model.add_adapter("x", lorakit.LoraConfig(target_modules=["q_proj"]), rank=3)

@@ -22,7 +22,7 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.lora import registry, replication, shared
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.compat.hf_face import HFFace
-from lorakit.lora.compat.keywords import check_peft_kwargs
+from lorakit.lora.compat.keywords import adapter_call, check_peft_kwargs
 from lorakit.lora.compat.reading import read_for_loading
 from lorakit.lora.compat.surface import PeftSurface, peft_model_config
 from lorakit.lora.compat.tuner import LoraTuner
@@ -119,32 +119,19 @@ class LoraModel(PeftSurface, HFFace):
         return self._wrapper_cache
 
     def add_adapter(
-        self,
-        adapter_name: str | LoraConfig | None = None,
-        peft_config: LoraConfig | None = None,
-        *,
-        autocast_adapter_dtype: bool = True,
-        **peft_kwargs: Any,
+        self, *args: Any, autocast_adapter_dtype: bool = True, **peft_kwargs: Any
     ) -> None:
         """Add a fresh adapter; the active adapters stay as they are.
 
-        peft's call `add_adapter("name", config)` (or `adapter_name=`, `peft_config=`), and
-        transformers' `add_adapter(config, adapter_name="name")` (no name: 'default'). Without
-        a config the new adapter takes the active adapter's settings (peft's quicktour shows
-        `add_adapter(adapter_name="new")`). With a float16 / bfloat16 base the adapter is made in
+        peft's call `add_adapter(adapter_name, peft_config)` (by position or keyword),
+        transformers' `add_adapter(peft_config, adapter_name=...)` (no name: 'default'), and a
+        name only, peft's quicktour call: the new adapter takes the active adapter's settings
+        (`compat.keywords.adapter_call`). With a float16 / bfloat16 base the adapter is made in
         float32 (peft's `autocast_adapter_dtype=True`); `autocast_adapter_dtype=False` makes it in
         the base layer's dtype. `peft_kwargs`: see `compat.keywords`.
         """
-        config = peft_kwargs.pop("config", None) or peft_config  # lorakit's earlier keyword
-        if isinstance(adapter_name, LoraConfig):  # transformers' order: the config first
-            adapter_name, config = peft_kwargs.pop("adapter_name", None) or "default", adapter_name
-        if config is None and self.active_adapters:
-            config = self.peft_config[self.active_adapter]
-        if adapter_name is None or config is None:
-            raise TypeError(
-                "add_adapter() needs an adapter name and a config: add_adapter('name', "
-                "LoraConfig(...))"
-            )
+        active = self.peft_config[self.active_adapter] if self.active_adapters else None
+        adapter_name, config = adapter_call(args, peft_kwargs, active)
         check_peft_kwargs("add_adapter", peft_kwargs)
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named `{adapter_name}` exists; delete it or pick a name")

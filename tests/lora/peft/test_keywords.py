@@ -34,3 +34,23 @@ def test_unknown_keyword_is_a_type_error_as_in_python():
         TypeError, match=r"^add_adapter\(\) got an unexpected keyword argument 'x'$"
     ):
         check_peft_kwargs("add_adapter", {"x": 1, "low_cpu_mem_usage": True})
+
+
+def test_adapter_call_reads_every_shape():
+    from lorakit.lora.compat.keywords import adapter_call
+
+    config, active = object(), object()
+    assert adapter_call(("a", config), {}, active) == ("a", config)
+    assert adapter_call((), {"adapter_name": "a", "peft_config": config}, active) == ("a", config)
+    assert adapter_call((config,), {"adapter_name": "a"}, active) == ("a", config)
+    assert adapter_call((config,), {}, active) == ("default", config)
+    assert adapter_call((), {"adapter_name": "a"}, active) == ("a", active)
+    kwargs = {"config": config, "adapter_name": "b", "low_cpu_mem_usage": True}
+    assert adapter_call((), kwargs, None) == ("b", config)
+    assert kwargs == {"low_cpu_mem_usage": True}  # the rest is check_peft_kwargs' to judge
+    with pytest.raises(TypeError, match="needs an adapter name and a config"):
+        adapter_call(("a",), {}, None)
+    with pytest.raises(TypeError, match="multiple values for argument 'adapter_name'"):
+        adapter_call(("a", config), {"adapter_name": "b"}, None)
+    with pytest.raises(TypeError, match="at most 2 positional"):
+        adapter_call(("a", config, True), {}, None)

@@ -74,3 +74,32 @@ def check_peft_kwargs(function: str, peft_kwargs: dict[str, Any]) -> None:
     for name, value in peft_kwargs.items():
         if name in _REFUSED and _REFUSED[name][0](value):
             raise ConfigError(_REFUSED[name][1])
+
+
+def adapter_call(args: tuple, kwargs: dict[str, Any], active: Any) -> tuple[str, Any]:
+    """(adapter name, config) of an `add_adapter` call, in any of its shapes: peft's
+    `(name, peft_config)` by position or keyword (`config=` too), transformers'
+    `(peft_config, adapter_name=...)` with 'default' for no name, and a name only (peft's
+    quicktour), which takes `active`, the active adapter's config. Pops what it reads."""
+    if len(args) > 2:
+        raise TypeError(f"add_adapter() takes at most 2 positional arguments ({len(args)} given)")
+    name = kwargs.pop("adapter_name", None)
+    config = kwargs.pop("peft_config", None) or kwargs.pop("config", None)
+    for arg in args:
+        if isinstance(arg, str):
+            if name is not None:
+                raise TypeError("add_adapter() got multiple values for argument 'adapter_name'")
+            name = arg
+        else:
+            if config is not None:
+                raise TypeError("add_adapter() got multiple values for argument 'peft_config'")
+            config = arg
+    if config is not None and name is None:
+        name = "default"  # transformers' default adapter name
+    if config is None:
+        config = active
+    if name is None or config is None:
+        raise TypeError(
+            "add_adapter() needs an adapter name and a config: add_adapter('name', LoraConfig(...))"
+        )
+    return name, config
