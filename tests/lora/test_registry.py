@@ -189,3 +189,13 @@ def test_the_builtin_kinds_still_wrap_a_transformers_model():
     )
     kinds = {type(m).__name__ for _, m in model.get_base_model().named_modules()}
     assert {"LoraLinear", "LoraEmbedding"} <= kinds
+
+
+def test_inject_adapter_in_model_keeps_the_registered_mapping():
+    cls = lora_layer_class(kit_lora.LoraLayer)
+    config = lorakit.LoraConfig(target_modules=["custom", "lin0"])
+    config._register_custom_module({Scaled: cls})
+    model = lorakit.inject_adapter_in_model(config, Net())
+    assert isinstance(model.custom, cls) and isinstance(model.lin0, LoraLinear)
+    assert model.custom.lora_A["default"].weight.requires_grad
+    assert not model.custom.base_layer.weight.requires_grad

@@ -8,7 +8,6 @@ and `inject_adapter_in_model`, peft's functional entry point.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from lorakit.files import current_umask
 from lorakit.lora.compat import health
 from lorakit.lora.compat.keywords import check_peft_kwargs
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.inject import inject_lora, resolve_targets
+from lorakit.lora.inject import add_adapter_layers, mark_trainable, resolve_targets
 
 # Hugging Face `Trainer` resumes and loads the best checkpoint of a model that is not a peft
 # `PeftModel` from this file only (`model.load_state_dict(load_file(...), strict=False)`), so a
@@ -108,15 +107,14 @@ def peft_model_config(model: nn.Module, config: LoraConfig, peft_kwargs: dict) -
 def inject_adapter_in_model(
     peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default", **peft_kwargs: Any
 ) -> nn.Module:
-    """peft's `inject_adapter_in_model`: `inject_lora` with the fields of `peft_config` (a
+    """peft's `inject_adapter_in_model`: `inject_lora` with a copy of `peft_config` (a
     'preset' target resolved); wraps `model` in place, freezes the rest and returns it."""
     check_peft_kwargs("inject_adapter_in_model", peft_kwargs)
-    fields = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)}
-    fields = copy.deepcopy(fields)
-    del fields["extra"]
-    fields["target_modules"] = resolve_targets(model, peft_config)
-    rank = fields.pop("r")
-    return inject_lora(model, rank=rank, adapter_name=adapter_name, **fields)
+    config = copy.deepcopy(peft_config)  # keeps a registered layer mapping (registry)
+    config.target_modules = resolve_targets(model, peft_config)
+    add_adapter_layers(model, config, adapter_name)
+    mark_trainable(model, [adapter_name], config.bias)
+    return model
 
 
 __all__ = ["TRAINER_WEIGHTS", "PeftSurface", "inject_adapter_in_model", "peft_model_config"]
