@@ -102,6 +102,8 @@ CORE = (
     "fused",
     "shared",
     "update",
+    "registry",
+    "replication",
 )
 COMPAT = "lorakit.lora.compat"
 
