@@ -176,3 +176,34 @@ def test_weighted_adapters_combine_biases_as_peft(combination_type):
     layer = ours.get_base_model().model.layers[1].mlp.down_proj
     their_layer = theirs.base_model.model.model.layers[1].mlp.down_proj
     torch.testing.assert_close(layer.lora_B["mix"].bias, their_layer.lora_B["mix"].bias, **TOL)
+
+
+def test_peft_state_dict_helpers_carry_the_bias():
+    from peft import get_peft_model_state_dict as peft_get
+
+    ours, theirs = twin_models(biased_llama(), **CONFIG)
+    mine = lorakit.get_peft_model_state_dict(ours)
+    peft_dict = peft_get(theirs)
+    assert sorted(mine) == sorted(peft_dict)
+    fresh = lorakit.get_peft_model(biased_llama(), lorakit.LoraConfig(**CONFIG))
+    partial = {k: v for k, v in peft_dict.items() if not k.endswith("q_proj.lora_B.bias")}
+    result = lorakit.set_peft_model_state_dict(fresh, partial)
+    assert result.missing_keys == [
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.default.bias" for i in (0, 1)
+    ]
+    assert result.unexpected_keys == []
+
+
+def test_merging_into_a_quantized_base_folds_the_bias():
+    from lorakit.quant import quantize_model
+
+    model = biased_llama()
+    quantize_model(model, "nf4")
+    lora = lorakit.get_peft_model(model, lorakit.LoraConfig(**CONFIG))
+    layer = lora.get_base_model().model.layers[0].self_attn.q_proj
+    want = layer.base_layer.bias + layer.scaling["default"] * layer.lora_B["default"].bias
+    with torch.no_grad():
+        unmerged = lora(IDS).logits
+        merged = lora.merge_and_unload()
+        torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.bias, want)
+        torch.testing.assert_close(merged(IDS).logits, unmerged, atol=1e-3, rtol=1e-3)

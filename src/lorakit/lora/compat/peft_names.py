@@ -86,9 +86,10 @@ def _load_base_tensors(model: LoraModel, given: dict, keys: list[str]) -> list[s
 
 def _in_memory_key(file_key: str, adapter_name: str) -> str:
     path = file_key  # in-memory names are the file names with the adapter name added
-    for leaf in (".lora_A.weight", ".lora_B.weight"):
+    for leaf in (".lora_A.weight", ".lora_B.weight", ".lora_B.bias"):
         if path.endswith(leaf):
-            return path.removesuffix(".weight") + f".{adapter_name}.weight"
+            stem, _, tensor = path.rpartition(".")
+            return f"{stem}.{adapter_name}.{tensor}"
     for leaf in (".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"):
         if path.endswith(leaf):
             return f"{path}.{adapter_name}"
