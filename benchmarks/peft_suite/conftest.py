@@ -21,9 +21,11 @@ from pathlib import Path
 
 import peft
 import peft.optimizers
+import peft.tuners.lora
 import pytest
 
 import lorakit
+import lorakit.tuners.lora
 
 for _name in (
     "LoraConfig",
@@ -44,6 +46,9 @@ for _name in (
 ):
     setattr(peft, _name, getattr(lorakit, _name))
 peft.optimizers.create_loraplus_optimizer = lorakit.create_loraplus_optimizer
+# the layer classes peft's docs tell users to subclass for a custom layer type
+for _name in ("LoraLayer", "Linear", "Embedding"):
+    setattr(peft.tuners.lora, _name, getattr(lorakit.tuners.lora, _name))
 
 RESULTS = Path(
     os.environ.get("PEFT_SUITE_RESULTS", Path(__file__).resolve().parent / "results.jsonl")

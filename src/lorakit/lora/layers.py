@@ -383,7 +383,9 @@ class LoraLayer:
             earlier = list(self.merged_adapters)  # DoRA's norm needs the unmerged weight
             self.unmerge()
             names = earlier + names
-        new_bias = self._folded_bias(names, +1, safe_merge)  # checked before anything changes
+        new_bias = update.folded_bias(
+            self, names, +1, safe_merge
+        )  # checked before anything changes
         merged, norms = update.merged_weight(self, names, self.dense_weight().float(), safe_merge)
         self.set_dense_weight(merged)
         if new_bias is not None:
@@ -398,36 +400,11 @@ class LoraLayer:
             return
         chosen = [n for n in self.merged_adapters if adapter_names is None or n in adapter_names]
         names = chosen[::-1]
-        new_bias = self._folded_bias(names, -1)
+        new_bias = update.folded_bias(self, names, -1)
         self.set_dense_weight(update.unmerged_weight(self, names, self.dense_weight().float()))
         if new_bias is not None:
             self.base_layer.bias.copy_(new_bias)
         self.merged_adapters = [n for n in self.merged_adapters if n not in names]
-
-    @torch.no_grad()
-    def _folded_bias(
-        self, names: list[str], sign: int, safe_merge: bool = False
-    ) -> torch.Tensor | None:
-        """The base bias with `sign` * scaling * b of each `lora_bias` adapter in `names` added
-        (peft folds lora_B's bias into the base bias on merge), or None when none has one."""
-        biased = [n for n in names if self.lora_bias.get(n)]
-        if not biased:
-            return None
-        base_bias = getattr(self.base_layer, "bias", None)
-        if base_bias is None:
-            raise RuntimeError(
-                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no "
-                f"bias (adapter {biased[0]!r} on a {type(self.base_layer).__name__}); use the "
-                "adapter unmerged, or train it with lora_bias=False"
-            )
-        total = base_bias.detach().float()
-        for name in biased:
-            total = total + sign * self.scaling[name] * self.lora_B[name].bias.detach().float()
-        if safe_merge and not torch.isfinite(total).all():
-            raise ValueError(
-                f"merging adapter `{biased[0]}` produced non-finite biases; not merged"
-            )
-        return total.to(base_bias.dtype)
 
     def unwrap(self, names: list[str], *, merge: bool, safe_merge: bool = False) -> nn.Module:
         """The base layer, with adapters `names` merged in when `merge` (a quantized base is
@@ -447,7 +424,7 @@ class LoraLayer:
             return base
         if safe_merge and not torch.isfinite(delta).all():
             raise ValueError("merging produced non-finite weights; not merged")
-        new_bias = self._folded_bias(names, +1, safe_merge)
+        new_bias = update.folded_bias(self, names, +1, safe_merge)
         merged, message = merge_into_quantized(base, delta)
         if new_bias is not None:
             merged.bias.data.copy_(new_bias)

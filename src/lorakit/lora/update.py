@@ -4,7 +4,8 @@ For a base weight W (out × in) and an adapter with A (r × in), B (out × r), t
 
     dW = scaling * B @ A,    scaling = lora_alpha / r   (lora_alpha / sqrt(r) with rslora)
 
-Merging adds dW to W; unmerging subtracts it. A DoRA adapter (`dora.py`) instead maps W to
+Merging adds dW to W; unmerging subtracts it. An adapter with `lora_bias` also adds
+scaling * b to the base bias (`folded_bias`). A DoRA adapter (`dora.py`) instead maps W to
 (m / n) * (W + dW) when merged, and back when unmerged. Here every weight is (out, in), in fp32;
 `LoraLinear` converts to and from its base's layout and dtype.
 """
@@ -58,3 +59,28 @@ def unmerged_weight(layer: nn.Module, names: list[str], weight: torch.Tensor) ->
             weight = dora.unmerge_step(layer, name, weight)
         weight = weight - delta
     return weight
+
+
+@torch.no_grad()
+def folded_bias(
+    layer: nn.Module, names: list[str], sign: int, safe_merge: bool = False
+) -> torch.Tensor | None:
+    """The base bias with `sign` * scaling * b added for each `lora_bias` adapter in `names`
+    (merging folds lora_B's bias into the base bias, as peft does), or None when none has one.
+    A base without a bias cannot take it: `RuntimeError`, peft's refusal."""
+    biased = [n for n in names if layer.lora_bias.get(n)]
+    if not biased:
+        return None
+    base_bias = getattr(layer.base_layer, "bias", None)
+    if base_bias is None:
+        raise RuntimeError(
+            "Impossible to merge LoRA with `lora_bias=True` because the base layer has no "
+            f"bias (adapter {biased[0]!r} on a {type(layer.base_layer).__name__}); use the "
+            "adapter unmerged, or train it with lora_bias=False"
+        )
+    total = base_bias.detach().float()
+    for name in biased:
+        total = total + sign * layer.scaling[name] * layer.lora_B[name].bias.detach().float()
+    if safe_merge and not torch.isfinite(total).all():
+        raise ValueError(f"merging adapter `{biased[0]}` produced non-finite biases; not merged")
+    return total.to(base_bias.dtype)
