@@ -102,6 +102,28 @@ def test_blocks_trace_without_graph_breaks_and_compile_once_for_ten_lengths(aot_
     assert all(b._compiled_call_impl is None for b in compiled.blocks)  # eager outside
 
 
+def test_qlora_blocks_break_only_at_the_quantized_matmuls(aot_eager):
+    from lorakit.quant import prepare_model_for_kbit_training, quantize_model
+
+    base = make_tiny_llama()
+    quantize_model(base, "nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    prepare_model_for_kbit_training(base, gradient_checkpointing=False)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS)
+    model = get_peft_model(base, config).train()
+    compiled = Compiled(model)
+    before = compile_counts()
+    for batch in varying_batches(LENGTHS[:4]):
+        with torch.autocast("cpu", dtype=torch.bfloat16), compiled.active():
+            loss, n = causal_lm_loss(model, batch)
+        (loss / n).backward()
+    after = compile_counts()
+    assert after["recompiles"] == before["recompiles"]
+    # the dequantizing matmul runs eagerly: one break per quantized layer (7 per block) and
+    # one where the block's compiled code resumes after the last of them, traced once
+    breaks = after["graph_breaks"] - before["graph_breaks"]
+    assert 0 < breaks <= 8 * len(compiled.blocks)
+
+
 @pytest.mark.slow  # ~20 CPU-s of tracing on 2 cores
 def test_compiled_training_equals_eager_training(aot_eager, tmp_path, capsys):
     off, on = config(compile=False), config(compile=True, progress="plain")

@@ -63,7 +63,9 @@ class Compiled:
             raise ValueError(f"{type(unwrap_causal_lm(model)).__name__}: no decoder blocks")
         # Blocks share their code and differ in parameters only, which dynamo passes in as
         # inputs: the first block's trace and generated code serve every block.
-        self.functions = [torch.compile(b._call_impl, backend=BACKEND, dynamic=True) for b in self.blocks]
+        self.functions = [
+            torch.compile(b._call_impl, backend=BACKEND, dynamic=True) for b in self.blocks
+        ]
         self.first_step_s: float | None = None
         self.counts = compile_counts()  # dynamo's counters are per process: report the change
 
