@@ -102,6 +102,7 @@ def test_blocks_trace_without_graph_breaks_and_compile_once_for_ten_lengths(aot_
     assert all(b._compiled_call_impl is None for b in compiled.blocks)  # eager outside
 
 
+@pytest.mark.slow  # ~25 s of tracing on 2 cores
 def test_qlora_blocks_break_only_at_the_quantized_matmuls(aot_eager):
     from lorakit.quant import prepare_model_for_kbit_training, quantize_model
 
