@@ -67,14 +67,12 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-def test_resolve_compile_auto_compiles_cuda_and_long_cpu_runs_only():
+def test_resolve_compile_auto_compiles_on_cuda_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    long = compiled_module.AUTO_MIN_CPU_STEPS
-    assert resolve_compile("auto", cuda, 10) is True
-    assert resolve_compile("auto", cpu, long - 1) is False
-    assert resolve_compile("auto", cpu, long) is True
-    assert resolve_compile(True, cpu, 1) is True
-    assert resolve_compile(False, cuda, 10**6) is False
+    assert resolve_compile("auto", cuda) is True
+    assert resolve_compile("auto", cpu) is False  # measured slower than eager on a CPU
+    assert resolve_compile(True, cpu) is True
+    assert resolve_compile(False, cuda) is False
 
 
 def test_decoder_blocks_are_the_models_repeated_layers():

@@ -17,8 +17,8 @@ default generator, reseeded every step, so a run and its resume draw the same ma
 The compiled code is attached only around the training forward (`Compiled.active`); evaluation
 and generation run eagerly, so their other shapes (a cache, no autograd) compile nothing.
 
-`auto` compiles on CUDA, and on a CPU only for runs long enough to repay the compile time; the
-numbers it rests on are in docs/benchmarks.md.
+`auto` compiles on CUDA only: on a CPU the compiled step measured slower than the eager one
+(docs/benchmarks.md, "bf16 on an AMX CPU, and train.compile").
 """
 
 from __future__ import annotations
@@ -32,18 +32,16 @@ from torch.fx.experimental import _config as fx_config
 
 from lorakit.ops import unwrap_causal_lm
 
-# CPU, built-in model, bf16 (docs/benchmarks.md): compile costs ~COMPILE_S seconds and saves
-# a few percent per step; `auto` compiles a CPU run only when its steps repay that.
-AUTO_MIN_CPU_STEPS = 400
 BACKEND = "inductor"  # torch.compile's backend (tests trace with "aot_eager": no code generation)
 
 
-def resolve_compile(setting: bool | str, device: torch.device, total_steps: int) -> bool:
-    """Whether to compile: `setting` when it is a bool; auto: on CUDA, or on a CPU for runs of
-    at least AUTO_MIN_CPU_STEPS optimizer steps."""
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """Whether to compile: `setting` when it is a bool; auto: on CUDA only. On a CPU (2 cores,
+    AMX, built-in model, bf16, 8 x 256) the compiled step was 1.47x slower than the eager one
+    besides its compile time (docs/benchmarks.md), so auto leaves CPUs eager."""
     if setting != "auto":
         return bool(setting)
-    return device.type == "cuda" or total_steps >= AUTO_MIN_CPU_STEPS
+    return device.type == "cuda"
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

@@ -261,7 +261,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) 
 def _compiled(run: Run) -> Compiled | None:
     """The compiled decoder blocks when train.compile asks for them (not under fsdp)."""
     config = run.config
-    if run.sharded or not resolve_compile(config.compile, run.device, run.total_steps):
+    if run.sharded or not resolve_compile(config.compile, run.device):
         return None
     if not decoder_blocks(run.model):
         if config.compile == "auto":
