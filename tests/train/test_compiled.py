@@ -189,3 +189,11 @@ def _stop_after(model, steps: int):
 
     model.get_base_model().model.register_forward_pre_hook(hook, with_kwargs=True)
     return model
+
+
+def test_a_run_may_resume_with_compile_switched():
+    from lorakit.train.checkpoint import resume_differences
+
+    saved = config(compile=False).model_dump(mode="json")
+    del saved["compile"]  # a checkpoint written before the setting existed
+    assert resume_differences(saved, config(compile=True).model_dump(mode="json")) == []
