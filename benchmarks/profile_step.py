@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="train.compile: true")
+    parser.add_argument("--static", action="store_true", help="with --compile: static shapes")
     args = parser.parse_args()
 
     import torch
@@ -37,6 +38,7 @@ def main() -> None:
 
     from lorakit import LoraConfig, get_peft_model
     from lorakit.ops import causal_lm_loss
+    from lorakit.train import compiled as compiled_module
     from lorakit.train.compiled import Compiled
     from lorakit.train.runtime import autocast, cast_frozen
 
@@ -52,6 +54,7 @@ def main() -> None:
     lora.train()
     params = [p for p in lora.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    compiled_module.DYNAMIC = not args.static
     compiled = Compiled(lora) if args.compile else None
     device = torch.device("cpu")
 
@@ -63,7 +66,12 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    t0 = time.perf_counter()
     step()
+    print(f"first step {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    step()
+    print(f"second step {time.perf_counter() - t0:.2f} s (unprofiled)")
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()

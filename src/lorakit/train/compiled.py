@@ -33,6 +33,7 @@ from torch.fx.experimental import _config as fx_config
 from lorakit.ops import unwrap_causal_lm
 
 BACKEND = "inductor"  # torch.compile's backend (tests trace with "aot_eager": no code generation)
+DYNAMIC = True  # dynamic shapes from the first call (False: one compilation per batch shape)
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
@@ -62,7 +63,7 @@ class Compiled:
         # Blocks share their code and differ in parameters only, which dynamo passes in as
         # inputs: the first block's trace and generated code serve every block.
         self.functions = [
-            torch.compile(b._call_impl, backend=BACKEND, dynamic=True) for b in self.blocks
+            torch.compile(b._call_impl, backend=BACKEND, dynamic=DYNAMIC) for b in self.blocks
         ]
         self.first_step_s: float | None = None
         self.counts = compile_counts()  # dynamo's counters are per process: report the change
