@@ -11,6 +11,7 @@ of the profiled step, and the matmul ops' share summed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,10 @@ def main() -> None:
     device = torch.device("cpu")
 
     def step() -> None:
-        with autocast(args.precision, device), compiled.active() if compiled else _null():
+        with (
+            autocast(args.precision, device),
+            compiled.active() if compiled else contextlib.nullcontext(),
+        ):
             loss, n = causal_lm_loss(lora, batch)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -89,14 +93,6 @@ def main() -> None:
         print(f"| {e.key} | {e.count} | {ms:.0f} | {e.self_cpu_time_total / total:.1%} |")
     mm = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
     print(f"matmul ops ({', '.join(MATMULS)}): {mm / total:.1%} of self CPU time")
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
