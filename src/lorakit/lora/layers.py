@@ -29,17 +29,22 @@ from lorakit.lora.config import scaling
 from lorakit.lora.rows import RowPlan
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
+CONVND, MHA = "convnd", "mha"  # nn.Conv1d/2d/3d (`conv.py`), nn.MultiheadAttention (`mha.py`)
 logger = logging.getLogger("lorakit")
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d', 'embedding', or None when LoRA cannot wrap `module`."""
+    """'linear', 'conv1d', 'embedding', 'convnd', 'mha', or None when LoRA cannot wrap `module`."""
     if isinstance(module, LoraLinear):
         return module.kind
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, nn.Embedding):
         return EMBEDDING
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONVND
+    if isinstance(module, nn.MultiheadAttention):
+        return MHA
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return CONV1D
     if is_quantized_linear(module):
@@ -74,10 +79,7 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.kind = kind
         self.fan_in_fan_out = kind in (CONV1D, EMBEDDING)  # the base stores W as (in, out)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = self._in_out(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -93,6 +95,12 @@ class LoraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._rows: RowPlan | None = None
+
+    def _in_out(self, base_layer: nn.Module) -> tuple[int, int]:
+        """(in_features, out_features) of the base layer."""
+        if self.fan_in_fan_out:
+            return tuple(base_layer.weight.shape)
+        return base_layer.in_features, base_layer.out_features
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
