@@ -24,11 +24,11 @@ from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, atomic_dir, other_than_file
+from lorakit.lora import conv, mha
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.experts import expert_factors
 from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
-from lorakit.lora import conv, mha
 from lorakit.lora.layers import CONVND, EMBEDDING, MHA, LoraLinear, ModulesToSave, layer_kind
 from lorakit.lora.layouts import (
     WRITES_LAYOUT_OF,
