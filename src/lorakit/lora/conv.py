@@ -33,13 +33,15 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.lora import inits
-from lorakit.lora.layers import LoraLinear
+from lorakit.lora.layers import CONVND, LoraLinear
 
 _CONV_BY_DIM = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}  # weight dims -> the plain class
 
 
 class LoraConv(LoraLinear):
     """Wraps an `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d` with named adapters."""
+
+    kinds = (CONVND,)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -190,6 +192,11 @@ class LoraConv(LoraLinear):
             return weight.flatten(1)
         return weight.reshape(self.base_layer.weight.shape)
 
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Merging into a grouped convolution is refused (see the module's text)."""
+        if any(n in self.r and n not in self.merged_adapters for n in adapter_names):
+            self._refuse_grouped()
+
     def _refuse_grouped(self) -> None:
         if self.groups > 1:
             raise NotImplementedError(
@@ -206,9 +213,7 @@ class LoraConv(LoraLinear):
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Write the adapters into the kernel (groups = 1 only; DoRA: see `dora.py`)."""
-        names = [n for n in adapter_names or self.active_adapters if n in self.r]
-        if any(n not in self.merged_adapters for n in names):
-            self._refuse_grouped()
+        self.check_merge(adapter_names or self.active_adapters)
         super().merge(adapter_names, safe_merge)
 
     @torch.no_grad()

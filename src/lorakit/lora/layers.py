@@ -65,6 +65,7 @@ class LoraLinear(nn.Module):
     `LoraLinear(embedding)` gives a `LoraEmbedding`."""
 
     no_dora: str | None = None  # why this kind of layer refuses DoRA, or None
+    kinds: tuple[str, ...] = (LINEAR, CONV1D, EMBEDDING)  # the `layer_kind`s this class wraps
 
     def __new__(cls, base_layer: nn.Module | None = None, *args, **kwargs):
         if cls is LoraLinear and isinstance(base_layer, nn.Embedding):
@@ -74,8 +75,9 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         kind = layer_kind(base_layer)
-        if kind is None:
-            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}")
+        if kind not in self.kinds:
+            where = "" if kind is None else f" in a {type(self).__name__}"
+            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}{where}")
         self.base_layer = base_layer
         self.kind = kind
         self.fan_in_fan_out = kind in (CONV1D, EMBEDDING)  # the base stores W as (in, out)
@@ -292,6 +294,10 @@ class LoraLinear(nn.Module):
             return None
         unmerged = self.dense_weight().float()
         return update.merged_weight(self, names, unmerged)[0] - unmerged
+
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise, before anything is written, when these adapters cannot merge into this layer
+        (every linear layer can; see `conv.LoraConv`)."""
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

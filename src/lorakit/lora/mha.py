@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from lorakit.errors import ConfigError
 from lorakit.lora import inits
-from lorakit.lora.layers import LoraLinear
+from lorakit.lora.layers import MHA, LoraLinear
 
 _NAME = "MultiheadAttention"
 
@@ -52,6 +52,7 @@ class LoraMHA(LoraLinear):
     `LoraOutProj`. Attributes it lacks (`embed_dim`, `num_heads`, `batch_first`, ...) are the
     base layer's; `out_proj` is the base's own out_proj layer, as in peft."""
 
+    kinds = (MHA,)
     no_dora = (
         f"{_NAME} does not support DoRA (yet), please set use_dora to False (peft refuses it "
         "too); adapt it with plain LoRA or leave it out of target_modules"
