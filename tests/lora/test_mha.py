@@ -169,3 +169,14 @@ def test_saved_file_has_both_projections_and_loads_back(tmp_path):
     torch.manual_seed(0)
     loaded = LoraModel.from_pretrained(Net(), tmp_path)
     torch.testing.assert_close(loaded(x), lora(x))
+
+
+def test_out_proj_targeted_alone_warns_and_the_layer_still_runs():
+    torch.manual_seed(0)
+    base = Net()
+    x = torch.randn(2, 5, E)
+    config = LoraConfig(target_modules=["out_proj"], init_lora_weights=False)
+    with pytest.warns(UserWarning, match="has no effect"):
+        lora = get_peft_model(copy.deepcopy(base), config)
+    assert isinstance(lora.get_base_model().mha.out_proj, LoraOutProj)
+    torch.testing.assert_close(lora(x), base(x))  # as in peft: the attention never calls it

@@ -30,7 +30,7 @@ from lorakit.lora.layers import (
     ModulesToSave,
     layer_kind,
 )
-from lorakit.lora.mha import LoraMHA
+from lorakit.lora.mha import LoraMHA, out_proj_wrapper
 from lorakit.lora.moe import all_linear_parameters
 from lorakit.lora.params import LoraParams, check_param_config
 from lorakit.lora.presets import parameter_preset, target_preset
@@ -289,7 +289,8 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
     names = []
     for name, module in find_targets(model, config):
         if not isinstance(module, LoraLinear):
-            module = _WRAPPERS.get(layer_kind(module), LoraLinear)(module)
+            wrapper = _WRAPPERS.get(layer_kind(module)) or out_proj_wrapper(model, name)
+            module = (wrapper or LoraLinear)(module)
             replace_module(model, name, module)
         if module.kind == CONV1D:
             config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)

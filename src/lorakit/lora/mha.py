@@ -20,6 +20,8 @@ per-row adapters (`adapter_names=`) are refused, as peft refuses them.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -186,6 +188,24 @@ class LoraMHA(LoraLinear):
         base = self.base_layer
         base.out_proj = self._lora_out.base_layer
         return base
+
+
+def out_proj_wrapper(model: nn.Module, name: str) -> type[LoraOutProj] | None:
+    """`LoraOutProj` when module `name` of `model` is the out_proj of a MultiheadAttention that
+    is not itself adapted (as `all-linear` or a target "out_proj" reaches it), with a warning:
+    the layer's forward reads that weight without calling it, so such an adapter has no effect
+    (as in peft). None for any other module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if child != "out_proj" or not isinstance(parent, nn.MultiheadAttention):
+        return None
+    warnings.warn(
+        f"LoRA on `{name}`, the out_proj of a {_NAME}, has no effect: the attention reads its "
+        f"weight without calling it (as in peft); target the {_NAME} (`{parent_name}`) "
+        "instead, which adapts in_proj and out_proj",
+        stacklevel=4,
+    )
+    return LoraOutProj
 
 
 def file_shapes(base: nn.Module, r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
