@@ -117,6 +117,23 @@ def test_several_conv_adapters_and_mixed_rows_equal_peft(tmp_path):
     torch.testing.assert_close(ours(x), theirs(x), **TOL)
 
 
+@pytest.mark.parametrize("combination", ["linear", "cat", "ties"])
+def test_weighted_conv_adapters_equal_peft(combination, tmp_path):
+    _, theirs, ours, x = _twins("conv2d", tmp_path)
+    second = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["conv"], init_lora_weights=False)
+    theirs.add_adapter("second", second)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.load_adapter(tmp_path / "peft" / "second", adapter_name="second")
+    extra = {"density": 0.5} if combination == "ties" else {}
+    for model in (theirs, ours):
+        model.add_weighted_adapter(["default", "second"], [0.7, 0.4], "both", combination, **extra)
+        model.set_adapter("both")
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    with pytest.raises(ValueError, match="not supported by lorakit"):
+        ours.add_weighted_adapter(["default", "second"], [0.7, 0.4], "svd", "svd")
+    assert "svd" not in ours.peft_config
+
+
 class MhaNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
