@@ -59,6 +59,15 @@ class LoraConv(LoraLinear):
     def groups(self) -> int:
         return self.base_layer.groups
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base kernel (as peft's wrapper answers: models read `conv.weight.device`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def _channel_shape(self) -> tuple[int, ...]:
         """(1, -1, 1, ...): a per-channel vector broadcast over a batch of outputs."""
         return (1, -1) + (1,) * (self.base_layer.weight.dim() - 2)
