@@ -82,6 +82,23 @@ def test_forward_is_the_formula(case):
     torch.testing.assert_close(lora(x), expected)
 
 
+def test_the_base_kernel_shows_through_and_dropout_trains():
+    model, x = _case("conv2d")
+    base = copy.deepcopy(model.conv)
+    lora = _wrap(model, lora_dropout=0.5)
+    layer = lora.get_base_model().conv
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    assert (layer.in_features, layer.out_features) == (IN, OUT)
+    lora.train()
+    torch.manual_seed(3)
+    dropped = lora(x)
+    torch.manual_seed(3)
+    mask = F.dropout(torch.ones_like(x), 0.5)
+    torch.testing.assert_close(
+        dropped, _formula(base, layer, "default", x * mask) - base(x * mask) + base(x)
+    )
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if "groups" not in c])
 def test_merge_writes_the_kernel_update_and_unmerge_restores(case):
     model, x = _case(case)
