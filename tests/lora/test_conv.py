@@ -221,13 +221,13 @@ class TinyConvNet(nn.Module):
         self.stem = nn.Conv2d(1, 8, 3, padding=1)
         self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
         self.mix = nn.Conv2d(16, 16, 3, padding=1, groups=groups)
-        self.head = nn.Linear(16, 10)
+        self.head = nn.Linear(16 * 6 * 6, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))
         x = F.relu(self.down(x))
         x = F.relu(self.mix(x))
-        return self.head(x.mean(dim=(2, 3)))
+        return self.head(x.flatten(1))
 
 
 def _synthetic_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,21 +244,21 @@ def _synthetic_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_conv_net_trains_with_lora_on_its_convolutions_and_merges():
     torch.manual_seed(0)
     net = TinyConvNet()
-    images, labels = _synthetic_images(64)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["Conv2d"], modules_to_save=["head"])
+    images, labels = _synthetic_images(32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["Conv2d"])  # the head stays frozen
     lora = get_peft_model(net, config)
     trainable = {n for n, p in lora.get_base_model().named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in trainable if "lora_" in n} == {"stem", "down", "mix"}
     assert not any("base_layer" in n for n in trainable)
-    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=2e-2)
     losses = []
-    for _ in range(60):
+    for _ in range(30):
         loss = F.cross_entropy(lora(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) < 0.25 * sum(losses[:5])  # 2.3 -> near 0 in 30 steps
     lora.eval()
     with torch.no_grad():
         unmerged = lora(images)
