@@ -180,3 +180,24 @@ def test_out_proj_targeted_alone_warns_and_the_layer_still_runs():
         lora = get_peft_model(copy.deepcopy(base), config)
     assert isinstance(lora.get_base_model().mha.out_proj, LoraOutProj)
     torch.testing.assert_close(lora(x), base(x))  # as in peft: the attention never calls it
+
+
+def test_the_update_reaches_the_layer_inside_fsdp():
+    # FSDP(use_orig_params=True) keeps the weights as plain attributes during its forward
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    _, lora, x = _model()
+    with torch.no_grad():
+        expected = lora(x)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(
+            lora, use_orig_params=True, device_id=torch.device("cpu")
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped(x), expected)
+    finally:
+        dist.destroy_process_group()

@@ -7,24 +7,27 @@ adapter of rank r therefore has two parts:
     in_proj:  A (r, E), B (3E, r)      `<path>.lora_A.weight`, `<path>.lora_B.weight`
     out_proj: A (r, E), B (E, r)       `<path>.base_layer.out_proj.lora_A.weight`, ...
 
-and the forward runs the base layer with both weights replaced by W + sum of the running
-adapters' scaling * B @ A (`torch.func.functional_call`, so nothing is written into the base and
-autograd reaches A and B). peft merges the weights in before its forward and unmerges them
-after; the result is the same. LoRA dropout has no effect here, as in peft (no input passes
-through A alone). The out_proj part is a `LoraOutProj`, a `LoraLinear` whose `weight` and `bias`
-are its base's, nested at `base_layer.out_proj`, so its keys are peft's and merging,
-unmerging, deleting and casting reach it as any LoRA layer. Only layers whose q, k and v share
-the embedding size (`_qkv_same_embed_dim`) can be adapted; DoRA, PiSSA / OLoRA / LoftQ and
-per-row adapters (`adapter_names=`) are refused, as peft refuses them.
+and the forward runs the base layer with both weights read as W + the running adapters'
+scaling * B @ A for that call (`_swapped`, the swap `torch.func.functional_call` makes):
+nothing is written into the base, and autograd reaches A and B. peft merges the weights in
+before its forward and unmerges them after; the outputs are the same. LoRA dropout has no
+effect here, as in peft (no input passes through A alone).
+
+The out_proj part is a `LoraOutProj`, a `LoraLinear` whose `weight` and `bias` are its base's,
+nested at `base_layer.out_proj`, so its keys are peft's and merging, unmerging, deleting and
+casting reach it as any LoRA layer. Only layers whose q, k and v share the embedding size
+(`_qkv_same_embed_dim`) can be adapted; DoRA, PiSSA / OLoRA / LoftQ and per-row adapters
+(`adapter_names=`) are refused, as peft refuses them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from lorakit.errors import ConfigError
 from lorakit.lora import inits
@@ -152,7 +155,8 @@ class LoraMHA(LoraLinear):
                 "in_proj_weight": self._updated(self, running),
                 "out_proj.base_layer.weight": self._updated(self._lora_out, running),
             }
-            result = functional_call(self.base_layer, weights, (query, *args), kwargs)
+            with _swapped(self.base_layer, weights):
+                result = self.base_layer(query, *args, **kwargs)
         out, attn = result
         return out.to(query.dtype), attn if attn is None else attn.to(query.dtype)
 
@@ -188,6 +192,29 @@ class LoraMHA(LoraLinear):
         base = self.base_layer
         base.out_proj = self._lora_out.base_layer
         return base
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the context, `module`'s tensors at these paths read as the given ones; on leaving
+    they are the originals again. Like `torch.func.functional_call`'s swap, and also where a
+    wrapper keeps the tensor as a plain attribute beside `_parameters` (FSDP's
+    `use_orig_params` does during its forward), which an attribute read finds first."""
+    saved = []
+    for path, tensor in tensors.items():
+        prefix, _, name = path.rpartition(".")
+        owner = module.get_submodule(prefix) if prefix else module
+        tables = [table for table in (owner._parameters, owner.__dict__) if name in table]
+        if not tables:
+            raise RuntimeError(f"{type(owner).__name__} holds no tensor `{name}` to update")
+        for table in tables:
+            saved.append((table, name, table[name]))
+            table[name] = tensor
+    try:
+        yield
+    finally:
+        for table, name, original in reversed(saved):
+            table[name] = original
 
 
 def out_proj_wrapper(model: nn.Module, name: str) -> type[LoraOutProj] | None:
