@@ -278,6 +278,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
             n_in, n_out = base.num_embeddings, base.embedding_dim
             check.expected[f"{name}.lora_embedding_A"] = (r, n_in)
             check.expected[f"{name}.lora_embedding_B"] = (n_out, r)
+            if config.use_dora:
+                check.expected[f"{name}.lora_magnitude_vector"] = (n_out,)
         elif kind in _FILE_SHAPES:
             for suffix, shape in _FILE_SHAPES[kind](base, r, config.use_dora).items():
                 check.expected[f"{name}.{suffix}"] = shape

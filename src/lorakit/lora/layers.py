@@ -363,13 +363,10 @@ class LoraEmbedding(LoraLinear):
 
     A (r × num_embeddings) is looked up by token id, as the base looks up its weight, so the
     forward adds scaling * B(embedding(x, A^T)); no dropout. The parameters keep peft's names,
-    `lora_embedding_A` and `lora_embedding_B`. DoRA and the inits that read the base weight
+    `lora_embedding_A` and `lora_embedding_B`. DoRA scales both the base's and the adapter's
+    output by m / n, n the norm of each embedding dimension's column of W + dW (peft's form,
+    `dora.py`'s norm on the (dim, num_embeddings) view). The inits that read the base weight
     are not supported here."""
-
-    no_dora = (
-        "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
-        "the embedding from target_modules"
-    )
 
     def _create_weights(self, name: str, r: int, device, dtype: torch.dtype) -> None:
         self.lora_embedding_A[name] = nn.Parameter(
@@ -406,7 +403,12 @@ class LoraEmbedding(LoraLinear):
             base.scale_grad_by_freq,
             base.sparse,
         )
-        return (h @ b.T * self.scaling[name]).to(result.dtype)  # (..., dim)
+        lora = h @ b.T * self.scaling[name]  # (..., dim)
+        if name in self.lora_magnitude_vector:  # DoRA: (m / n) * (base + lora) - base
+            weight = self.dense_weight().to(a.dtype)
+            scale = self.lora_magnitude_vector[name] / dora.weight_norm(self, name, weight)
+            return ((scale - 1) * result.to(a.dtype) + scale * lora).to(result.dtype)
+        return lora.to(result.dtype)
 
     @property
     def packable(self) -> bool:
