@@ -90,9 +90,13 @@ def test_the_base_layers_attributes_show_through():
     layer = lora.get_base_model().mha
     for name in ("embed_dim", "num_heads", "batch_first", "head_dim", "dropout", "kdim"):
         assert getattr(layer, name) == getattr(base.mha, name)
-    assert layer.out_proj is layer.base_layer.out_proj.base_layer
-    assert isinstance(layer.out_proj, nn.Linear)
-    torch.testing.assert_close(layer.in_proj_weight, base.mha.in_proj_weight)
+    assert layer.out_proj is layer.base_layer.out_proj  # the LoraOutProj, not peft's base
+    d_in, d_out = _updates(layer, "default")  # read directly, the weights carry the update
+    torch.testing.assert_close(layer.in_proj_weight, base.mha.in_proj_weight + d_in)
+    torch.testing.assert_close(layer.out_proj.weight, base.mha.out_proj.weight + d_out)
+    with lora.disable_adapter():
+        torch.testing.assert_close(layer.in_proj_weight, base.mha.in_proj_weight)
+        torch.testing.assert_close(layer.out_proj.weight, base.mha.out_proj.weight)
 
 
 def test_merge_unmerge_and_unload():
@@ -102,13 +106,14 @@ def test_merge_unmerge_and_unload():
     expected = lora(x).detach()
     with torch.no_grad():
         lora.merge_adapter()
-        torch.testing.assert_close(layer.in_proj_weight, base.mha.in_proj_weight + d_in)
-        torch.testing.assert_close(layer.out_proj.weight, base.mha.out_proj.weight + d_out)
+        in_proj, out_proj = layer.base_layer.in_proj_weight, layer.out_proj.base_layer.weight
+        torch.testing.assert_close(in_proj, base.mha.in_proj_weight + d_in)
+        torch.testing.assert_close(out_proj, base.mha.out_proj.weight + d_out)
         assert layer.merged_adapters == layer.base_layer.out_proj.merged_adapters == ["default"]
         torch.testing.assert_close(lora(x), expected)
         lora.unmerge_adapter()
-        torch.testing.assert_close(layer.in_proj_weight, base.mha.in_proj_weight)
-        torch.testing.assert_close(layer.out_proj.weight, base.mha.out_proj.weight)
+        torch.testing.assert_close(in_proj, base.mha.in_proj_weight)
+        torch.testing.assert_close(out_proj, base.mha.out_proj.weight)
         with lora.disable_adapter():
             torch.testing.assert_close(lora(x), base(x))
         merged = lora.merge_and_unload()
@@ -171,15 +176,33 @@ def test_saved_file_has_both_projections_and_loads_back(tmp_path):
     torch.testing.assert_close(loaded(x), lora(x))
 
 
-def test_out_proj_targeted_alone_warns_and_the_layer_still_runs():
+def test_out_proj_targeted_alone_takes_effect():
+    # the attention reads out_proj.weight without calling out_proj (peft's adapter is ignored)
     torch.manual_seed(0)
     base = Net()
     x = torch.randn(2, 5, E)
     config = LoraConfig(target_modules=["out_proj"], init_lora_weights=False)
-    with pytest.warns(UserWarning, match="has no effect"):
-        lora = get_peft_model(copy.deepcopy(base), config)
-    assert isinstance(lora.get_base_model().mha.out_proj, LoraOutProj)
-    torch.testing.assert_close(lora(x), base(x))  # as in peft: the attention never calls it
+    lora = get_peft_model(copy.deepcopy(base), config)
+    out = lora.get_base_model().mha.out_proj
+    assert isinstance(out, LoraOutProj)
+    d_out = out.scaling["default"] * out.lora_B["default"].weight @ out.lora_A["default"].weight
+    torch.testing.assert_close(lora(x), _reference(base, torch.zeros(3 * E, E), d_out, x))
+
+
+def test_transformer_encoder_layers_fast_path_sees_the_update():
+    # nn.TransformerEncoderLayer in eval mode reads self_attn's weights itself (no MHA forward)
+    torch.manual_seed(0)
+    base = nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, E)
+    config = LoraConfig(target_modules=["self_attn"], init_lora_weights=False)
+    lora = get_peft_model(copy.deepcopy(base), config).eval()
+    with torch.no_grad():
+        fast = lora(x)
+        with lora.disable_adapter():
+            torch.testing.assert_close(lora(x), base(x))
+    slow = lora(x)  # the adapter's parameters need gradients here: no fast path
+    assert not torch.allclose(fast, base(x), atol=1e-4)
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_the_update_reaches_the_layer_inside_fsdp():

@@ -8,14 +8,18 @@ adapter of rank r therefore has two parts:
     out_proj: A (r, E), B (E, r)       `<path>.base_layer.out_proj.lora_A.weight`, ...
 
 and the forward runs the base layer with both weights read as W + the running adapters'
-scaling * B @ A for that call (`_swapped`, the swap `torch.func.functional_call` makes):
-nothing is written into the base, and autograd reaches A and B. peft merges the weights in
+scaling * B @ A: in_proj_weight swapped in for the call (`_swapped`, the swap
+`torch.func.functional_call` makes), out_proj's through its `weight` (below). Nothing is written
+into the base, and autograd reaches A and B. peft merges the weights in
 before its forward and unmerges them after; the outputs are the same. LoRA dropout has no
 effect here, as in peft (no input passes through A alone).
 
-The out_proj part is a `LoraOutProj`, a `LoraLinear` whose `weight` and `bias` are its base's,
-nested at `base_layer.out_proj`, so its keys are peft's and merging, unmerging, deleting and
-casting reach it as any LoRA layer. Only layers whose q, k and v share the embedding size
+The out_proj part is a `LoraOutProj`, a `LoraLinear` whose `weight` is its base's W + dW and
+`bias` its base's, nested at `base_layer.out_proj`, so its keys are peft's and merging,
+unmerging, deleting and casting reach it as any LoRA layer. `LoraMHA.in_proj_weight` and
+`LoraMHA.out_proj.weight` read the updated weights too, for code that reads them itself instead
+of calling the attention (nn.TransformerEncoderLayer's inference fast path; peft answers the
+base weights there, so its adapter is silently left out). Only layers whose q, k and v share the embedding size
 (`_qkv_same_embed_dim`) can be adapted; DoRA, PiSSA / OLoRA / LoftQ and per-row adapters
 (`adapter_names=`) are refused, as peft refuses them.
 """
@@ -23,7 +27,6 @@ casting reach it as any LoRA layer. Only layers whose q, k and v share the embed
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -36,12 +39,23 @@ from lorakit.lora.layers import MHA, LoraLinear
 _NAME = "MultiheadAttention"
 
 
+def _updated(layer: LoraLinear, names: list[str]) -> torch.Tensor:
+    """The layer's weight + scaling * B @ A of each of `names` not merged into it."""
+    weight = layer._base_weight()
+    for name in names:
+        if name in layer.r and name not in layer.merged_adapters:
+            a, b = layer.lora_weights(name)
+            weight = weight + ((b @ a) * layer.scaling[name]).to(weight.dtype)
+    return weight
+
+
 class LoraOutProj(LoraLinear):
-    """The out_proj of a `LoraMHA`: MultiheadAttention reads its `weight` and `bias`."""
+    """The out_proj of a MultiheadAttention, which reads its `weight` and `bias` without calling
+    it: `weight` is W + the running adapters' updates (W alone when none runs)."""
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return _updated(self, self._running())
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -89,9 +103,18 @@ class LoraMHA(LoraLinear):
             return getattr(modules["base_layer"], name)
 
     @property
-    def out_proj(self) -> nn.Module:
-        """The base layer's own out_proj (an `nn.Linear`), as peft's wrapper answers."""
-        return self.base_layer.out_proj.base_layer
+    def out_proj(self) -> LoraOutProj:
+        """The adapted out_proj (peft answers its base `nn.Linear`): code that reads
+        `attention.out_proj.weight` itself, as nn.TransformerEncoderLayer's inference fast path
+        does, gets the updated weight."""
+        return self.base_layer.out_proj
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        """W + the running adapters' updates, for code that reads it itself (as
+        nn.TransformerEncoderLayer's inference fast path does); the base's own parameter is
+        `base_layer.in_proj_weight`."""
+        return _updated(self, self._running())
 
     @property
     def _lora_out(self) -> LoraOutProj:
@@ -150,25 +173,11 @@ class LoraMHA(LoraLinear):
         running = self._running()
         if not running:
             result = self.base_layer(query, *args, **kwargs)
-        else:
-            weights = {
-                "in_proj_weight": self._updated(self, running),
-                "out_proj.base_layer.weight": self._updated(self._lora_out, running),
-            }
-            with _swapped(self.base_layer, weights):
+        else:  # out_proj's update comes with its `weight` (LoraOutProj)
+            with _swapped(self.base_layer, {"in_proj_weight": _updated(self, running)}):
                 result = self.base_layer(query, *args, **kwargs)
         out, attn = result
         return out.to(query.dtype), attn if attn is None else attn.to(query.dtype)
-
-    @staticmethod
-    def _updated(layer: LoraLinear, names: list[str]) -> torch.Tensor:
-        """The layer's weight + scaling * B @ A of each of `names` not merged into it."""
-        weight = layer._base_weight()
-        for name in names:
-            if name in layer.r and name not in layer.merged_adapters:
-                a, b = layer.lora_weights(name)
-                weight = weight + ((b @ a) * layer.scaling[name]).to(weight.dtype)
-        return weight
 
     # ---------------------------------------------------------------- merging
     @torch.no_grad()
@@ -219,19 +228,13 @@ def _swapped(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[No
 
 def out_proj_wrapper(model: nn.Module, name: str) -> type[LoraOutProj] | None:
     """`LoraOutProj` when module `name` of `model` is the out_proj of a MultiheadAttention that
-    is not itself adapted (as `all-linear` or a target "out_proj" reaches it), with a warning:
-    the layer's forward reads that weight without calling it, so such an adapter has no effect
-    (as in peft). None for any other module."""
+    is not itself adapted (as `all-linear` or a target "out_proj" reaches it): the attention
+    reads that layer's weight without calling it, and a `LoraOutProj`'s weight carries the
+    update (in peft such an adapter has no effect). None for any other module."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if child != "out_proj" or not isinstance(parent, nn.MultiheadAttention):
         return None
-    warnings.warn(
-        f"LoRA on `{name}`, the out_proj of a {_NAME}, has no effect: the attention reads its "
-        f"weight without calling it (as in peft); target the {_NAME} (`{parent_name}`) "
-        "instead, which adapts in_proj and out_proj",
-        stacklevel=4,
-    )
     return LoraOutProj
 
 
