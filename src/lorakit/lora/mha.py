@@ -19,9 +19,11 @@ The out_proj part is a `LoraOutProj`, a `LoraLinear` whose `weight` is its base'
 unmerging, deleting and casting reach it as any LoRA layer. `LoraMHA.in_proj_weight` and
 `LoraMHA.out_proj.weight` read the updated weights too, for code that reads them itself instead
 of calling the attention (nn.TransformerEncoderLayer's inference fast path; peft answers the
-base weights there, so its adapter is silently left out). Only layers whose q, k and v share the embedding size
-(`_qkv_same_embed_dim`) can be adapted; DoRA, PiSSA / OLoRA / LoftQ and per-row adapters
-(`adapter_names=`) are refused, as peft refuses them.
+base weights there, so its adapter is silently left out).
+
+Only layers whose q, k and v share the embedding size (`_qkv_same_embed_dim`) can be adapted;
+DoRA, PiSSA / OLoRA / LoftQ and per-row adapters (`adapter_names=`) are refused, as peft
+refuses them.
 """
 
 from __future__ import annotations
