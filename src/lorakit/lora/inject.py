@@ -239,8 +239,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 else f"a {kind}, which LoRA cannot wrap"
             )
             raise ConfigError(
-                f"target `{name}` is {what}; target its nn.Linear / Conv1D / nn.Embedding "
-                "children instead\n" + _layer_names_hint(model)
+                f"target `{name}` is {what}; target its linear, embedding, convolution or "
+                "MultiheadAttention children instead\n" + _layer_names_hint(model)
             )
         if config.layers_to_transform is not None:
             index = _layer_index(name, config.layers_pattern)
