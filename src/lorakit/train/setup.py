@@ -219,7 +219,7 @@ def _restore(run: Run, checkpoint_path: Path, *, auto: bool, force: bool) -> Non
     """Load a checkpoint into the run; refuses one made with other settings unless `force`."""
     checkpoint_path, saved, skipped = read_resume(checkpoint_path, auto)
     run.notes += skipped
-    diffs = resume_differences(saved["state"]["settings"], run.settings)
+    diffs = resume_differences(_saved_settings(run, saved["state"]["settings"]), run.settings)
     if diffs and not force:
         raise ConfigError(
             f"checkpoint {checkpoint_path} was made with other settings: {'; '.join(diffs)}."
@@ -232,6 +232,15 @@ def _restore(run: Run, checkpoint_path: Path, *, auto: bool, force: bool) -> Non
     run.start_step = run.result.steps = state["step"]
     run.best = state.get("best_eval_loss") or math.inf
     run.resumed_from = checkpoint_path
+
+
+def _saved_settings(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings, its data fingerprint taken as this run's where it is the
+    per-sample one of the same data (a run begun before token stores kept their digest)."""
+    data = settings.get("data")
+    if data in (None, run.settings["data"]) or data != run.plan.fingerprint(per_sample=True):
+        return settings
+    return {**settings, "data": run.settings["data"]}
 
 
 def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
