@@ -93,6 +93,8 @@ def violations() -> list[str]:
 # lora modules that may not import lorakit.lora.compat
 CORE = (
     "layers",
+    "conv",
+    "mha",
     "inject",
     "dora",
     "inits",

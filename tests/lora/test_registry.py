@@ -15,7 +15,9 @@ from torch import nn
 
 import lorakit
 from lorakit.lora import registry
+from lorakit.lora.conv import LoraConv
 from lorakit.lora.layers import LoraEmbedding, LoraLinear
+from lorakit.lora.mha import LoraMHA, LoraOutProj
 from lorakit.tuners import lora as kit_lora
 
 
@@ -85,8 +87,12 @@ def twins(mapping_ours, mapping_theirs, **fields):
 def test_builtin_kinds_go_through_the_registry():
     assert registry.layer_class(nn.Linear(2, 3)) is LoraLinear
     assert registry.layer_class(nn.Embedding(4, 3)) is LoraEmbedding
-    assert registry.layer_class(nn.Conv3d(1, 1, 1)) is None
+    assert registry.layer_class(nn.Conv3d(1, 1, 1)) is LoraConv
+    assert registry.layer_class(nn.MultiheadAttention(4, 2)) is LoraMHA
     assert registry.layer_class(Scaled()) is None
+    attention = nn.MultiheadAttention(4, 2)
+    assert registry.layer_class(attention.out_proj, parent=attention) is LoraOutProj
+    assert registry.layer_class(attention.out_proj) is LoraLinear  # not inside an attention
 
 
 def test_a_registered_class_wins_over_the_builtin_one():

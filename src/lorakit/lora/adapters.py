@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, atomic_dir, other_than_file
-from lorakit.lora import registry, replication
+from lorakit.lora import conv, mha, registry, replication
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.experts import expert_factors
 from lorakit.lora.inits import converted_to_lora
@@ -86,7 +86,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
                 out[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
             if module.lora_b_bias(adapter_name) is not None:
                 out[f"{path}.lora_B.bias"] = module.lora_b_bias(adapter_name)
-            if bias == "lora_only" and module.base_layer.bias is not None:
+            if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = module.base_layer.bias
         elif registry.is_custom(module) and adapter_name in module.r:
             for key, tensor in registry.adapter_tensors(module, adapter_name).items():
@@ -291,12 +291,18 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
         r = config.rank_for(name)
         kind = layer_kind(module)
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        if registry.layer_class(module, config) not in (LoraLinear, LoraEmbedding):
+        layer_cls = registry.layer_class(module, config, registry.parent_of(model, name))
+        if layer_cls in _FILE_SHAPES:
+            for suffix, shape in _FILE_SHAPES[layer_cls](base, r, config.use_dora).items():
+                check.expected[f"{name}.{suffix}"] = shape
+        elif layer_cls not in _OWN_LINEAR:
             check.expected.update(_custom_shapes(base, name, config))
         elif kind == EMBEDDING:
             n_in, n_out = base.num_embeddings, base.embedding_dim
             check.expected[f"{name}.lora_embedding_A"] = (r, n_in)
             check.expected[f"{name}.lora_embedding_B"] = (n_out, r)
+            if config.use_dora:
+                check.expected[f"{name}.lora_magnitude_vector"] = (n_out,)
         else:
             n_in, n_out = _in_out(base, kind)
             check.expected[f"{name}.lora_A.weight"] = (r, n_in)
@@ -334,6 +340,11 @@ def _custom_shapes(base: nn.Module, name: str, config: LoraConfig) -> dict[str, 
     return {
         f"{name}.{k}": tuple(t.shape) for k, t in registry.adapter_tensors(layer, "default").items()
     }
+
+
+# lorakit's layer classes whose file keys are not the linear ones -> (base, r, dora) -> shapes
+_FILE_SHAPES = {conv.LoraConv: conv.file_shapes, mha.LoraMHA: mha.file_shapes}
+_OWN_LINEAR = (LoraLinear, LoraEmbedding, mha.LoraOutProj)  # their keys are read below
 
 
 def _in_out(base: nn.Module, kind: str) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """Finding target modules, wrapping them (each in the class `registry` picks: `LoraLinear`,
-`LoraEmbedding` or a registered one), and choosing what trains.
+`LoraEmbedding`, `LoraConv`, `LoraMHA` or a registered one), and choosing what trains.
 
 Target rules: a list entry matches a module whose full name equals it, ends with `.` + it, or
 whose class name equals it ("Linear", "Conv1D", "Embedding"); a string is a full regex match
@@ -38,7 +38,7 @@ _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 # containers a modules_to_save copy cannot stand in for (they have no forward of their own)
 _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 # layer kinds peft adapts and lorakit does not
-_PEFT_LAYER_KINDS = ("Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "ParamWrapper")
+_PEFT_LAYER_KINDS = ("ParamWrapper",)
 
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -224,7 +224,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             continue
         if _inside_modules_to_save(name, config.modules_to_save):
             continue  # as in peft: a module saved whole is not also LoRA-adapted
-        if registry.layer_class(module, config) is None:
+        if registry.layer_class(module, config, registry.parent_of(model, name)) is None:
             if isinstance(targets, list) and type(module).__name__ in targets:
                 continue  # a class-name target matched a container of that name
             kind = type(module).__name__
@@ -234,8 +234,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 else f"a {kind}, which LoRA cannot wrap"
             )
             raise ConfigError(
-                f"target `{name}` is {what}; target its nn.Linear / Conv1D / nn.Embedding "
-                "children instead, or register a LoRA layer class for it "
+                f"target `{name}` is {what}; target its linear, embedding, convolution or "
+                "MultiheadAttention children instead, or register a LoRA layer class for it "
                 "(config._register_custom_module, see lorakit.lora.registry)\n"
                 + _layer_names_hint(model)
             )
@@ -293,7 +293,8 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
             r, alpha = config.rank_for(name), config.alpha_for(name)
             module.update_layer(adapter_name, r, lora_alpha=alpha, config=config, target_name=name)
         else:
-            module = registry.wrap(module, adapter_name, config, name)
+            parent = registry.parent_of(model, name)
+            module = registry.wrap(module, adapter_name, config, name, parent)
             replace_module(model, name, module)
         if module.kind == CONV1D:
             config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)

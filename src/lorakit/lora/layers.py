@@ -30,6 +30,7 @@ from lorakit.lora.config import scaling
 from lorakit.lora.rows import RowPlan
 
 LINEAR, CONV1D, EMBEDDING, CUSTOM = "linear", "conv1d", "embedding", "custom"
+CONVND, MHA = "convnd", "mha"  # nn.Conv1d/2d/3d (`conv.py`), nn.MultiheadAttention (`mha.py`)
 # update_layer's settings when neither the call nor a config gives them
 _DEFAULTS = {
     "r": None,
@@ -45,13 +46,17 @@ logger = logging.getLogger("lorakit")
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d', 'embedding', or None when LoRA cannot wrap `module`."""
+    """'linear', 'conv1d', 'embedding', 'convnd', 'mha', or None when LoRA cannot wrap `module`."""
     if isinstance(module, LoraLayer):
         return module.kind
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, nn.Embedding):
         return EMBEDDING
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONVND
+    if isinstance(module, nn.MultiheadAttention):
+        return MHA
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return CONV1D
     if is_quantized_linear(module):
@@ -64,6 +69,18 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("in_features", "out_features", "dequantize")) and (
         not isinstance(getattr(module, "weight", None), nn.Parameter)
     )
+
+
+def settings(*args, config=None, **given) -> dict:
+    """update_layer's settings (`_DEFAULTS`' keys) from its arguments: one given, else
+    `config`'s (a `LoraConfig`: peft's call shape), else the default. Other keywords are
+    dropped (peft's `target_name`, ...)."""
+    given.update(zip(list(_DEFAULTS)[: len(args)], args, strict=True))
+    got = {k: given.get(k) for k in _DEFAULTS}
+    s = {k: v if v is not None else getattr(config, k, _DEFAULTS[k]) for k, v in got.items()}
+    if s["r"] is None or s["lora_alpha"] is None:
+        raise TypeError("update_layer() needs r and lora_alpha (or a config holding them)")
+    return s
 
 
 class LoraLayer:
@@ -92,11 +109,7 @@ class LoraLayer:
         self.base_layer = base_layer
         self.kind = kind
         self.fan_in_fan_out = kind in (CONV1D, EMBEDDING)  # the base stores W as (in, out)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features = getattr(base_layer, "in_features", None)
-            self.out_features = getattr(base_layer, "out_features", None)
+        self.in_features, self.out_features = self._in_out(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -115,6 +128,12 @@ class LoraLayer:
         self._rows: RowPlan | None = None
         if adapter_name is not None:
             self.update_layer(adapter_name, config=config, **kwargs)
+
+    def _in_out(self, base_layer: nn.Module) -> tuple[int, int]:
+        """(in_features, out_features) of the base layer (None for a size it does not give)."""
+        if self.fan_in_fan_out:
+            return tuple(base_layer.weight.shape)
+        return getattr(base_layer, "in_features", None), getattr(base_layer, "out_features", None)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -179,19 +198,10 @@ class LoraLayer:
         """Add (or replace) adapter `adapter_name` of rank r. A setting not given is
         `config`'s (a `LoraConfig`: peft's call shape), else the default; peft's other keywords
         (`target_name`, ...) are accepted and unused."""
-        given = {
-            "r": r,
-            "lora_alpha": lora_alpha,
-            "lora_dropout": lora_dropout,
-            "init_lora_weights": init_lora_weights,
-            "use_rslora": use_rslora,
-            "use_dora": use_dora,
-            "loftq_config": loftq_config,
-            "lora_bias": lora_bias,
-        }
-        s = {k: v if v is not None else getattr(config, k, _DEFAULTS[k]) for k, v in given.items()}
-        if s["r"] is None or s["lora_alpha"] is None:
-            raise TypeError("update_layer() needs r and lora_alpha (or a config holding them)")
+        s = settings(
+            r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, loftq_config,
+            config=config, lora_bias=lora_bias,
+        )  # fmt: skip
         if s["use_dora"] and self.no_dora is not None:
             raise ConfigError(self.no_dora)
         if s["lora_bias"]:
@@ -366,6 +376,10 @@ class LoraLayer:
         unmerged = self.dense_weight().float()
         return update.merged_weight(self, names, unmerged)[0] - unmerged
 
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise, before anything is written, when these adapters cannot merge into this layer
+        (every linear layer can; see `conv.LoraConv`)."""
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Write the adapters into the base weight in place (DoRA: see `dora.py`)."""
@@ -439,7 +453,11 @@ class LoraLayer:
 class LoraLinear(LoraLayer, nn.Module):
     """Wraps `nn.Linear`, GPT-2 `Conv1D` or a quantized linear with adapters.
 
-    `LoraLinear(embedding)` gives a `LoraEmbedding`."""
+    `LoraLinear(embedding)` gives a `LoraEmbedding`. Each of lorakit's own classes names the
+    `layer_kind`s it wraps in its own `kinds` and refuses any other base; a subclass of one's
+    own that does not set `kinds` wraps whatever it is registered for."""
+
+    kinds: tuple[str, ...] = (LINEAR, CONV1D)
 
     def __new__(cls, base_layer: nn.Module | None = None, *args, **kwargs):
         if cls is LoraLinear and isinstance(base_layer, nn.Embedding):
@@ -449,8 +467,11 @@ class LoraLinear(LoraLayer, nn.Module):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str | None = None, config=None, **kwargs
     ) -> None:
-        if type(self) in (LoraLinear, LoraEmbedding) and layer_kind(base_layer) is None:
-            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}")
+        own = type(self).__dict__.get("kinds")
+        kind = layer_kind(base_layer)
+        if own is not None and kind not in own:
+            where = "" if kind is None else f" in a {type(self).__name__}"
+            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}{where}")
         super().__init__(base_layer, adapter_name, config, **kwargs)
 
 
@@ -468,13 +489,12 @@ class LoraEmbedding(LoraLinear):
 
     A (r × num_embeddings) is looked up by token id, as the base looks up its weight, so the
     forward adds scaling * B(embedding(x, A^T)); no dropout. The parameters keep peft's names,
-    `lora_embedding_A` and `lora_embedding_B`. DoRA and the inits that read the base weight
+    `lora_embedding_A` and `lora_embedding_B`. DoRA scales both the base's and the adapter's
+    output by m / n, n the norm of each embedding dimension's column of W + dW (peft's form,
+    `dora.py`'s norm on the (dim, num_embeddings) view). The inits that read the base weight
     are not supported here."""
 
-    no_dora = (
-        "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
-        "the embedding from target_modules"
-    )
+    kinds = (EMBEDDING,)
 
     def _create_weights(self, name: str, r: int, device, dtype: torch.dtype) -> None:
         self.lora_embedding_A[name] = nn.Parameter(
@@ -511,7 +531,12 @@ class LoraEmbedding(LoraLinear):
             base.scale_grad_by_freq,
             base.sparse,
         )
-        return (h @ b.T * self.scaling[name]).to(result.dtype)  # (..., dim)
+        lora = h @ b.T * self.scaling[name]  # (..., dim)
+        if name in self.lora_magnitude_vector:  # DoRA: (m / n) * (base + lora) - base
+            weight = self.dense_weight().to(a.dtype)
+            scale = self.lora_magnitude_vector[name] / dora.weight_norm(self, name, weight)
+            return ((scale - 1) * result.to(a.dtype) + scale * lora).to(result.dtype)
+        return lora.to(result.dtype)
 
     @property
     def packable(self) -> bool:

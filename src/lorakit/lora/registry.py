@@ -5,8 +5,11 @@ A target module is wrapped by the first class that claims it:
 1. the config's own mapping, `config._register_custom_module({MyLayer: MyLoraLayer})` (peft's
    call): a module that is an instance of `MyLayer` is wrapped by `MyLoraLayer`; this also
    replaces lorakit's class for a kind it knows (`{nn.Linear: MyLoraLinear}`);
-2. lorakit's built-in rules (`BUILTIN`): `nn.Embedding` -> `LoraEmbedding`; `nn.Linear`,
-   transformers' GPT-2 `Conv1D` and quantized linear layers -> `LoraLinear`.
+2. lorakit's built-in rules (`BUILTIN`): `nn.Embedding` -> `LoraEmbedding`;
+   `nn.Conv1d/2d/3d` -> `LoraConv`; `nn.MultiheadAttention` -> `LoraMHA`; the `out_proj` of an
+   unadapted MultiheadAttention -> `LoraOutProj` (the attention reads its weight without
+   calling it); `nn.Linear`, transformers' GPT-2 `Conv1D` and quantized linear layers ->
+   `LoraLinear`. A rule is a module type or a function of (module, the module that holds it).
 
 Every class is made the same way, peft's constructor call:
 
@@ -39,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.lora.conv import LoraConv
 from lorakit.lora.layers import (
     CONV1D,
     LINEAR,
@@ -47,12 +51,16 @@ from lorakit.lora.layers import (
     LoraLinear,
     layer_kind,
 )
+from lorakit.lora.mha import LoraMHA, LoraOutProj, is_attention_out_proj
 
-Match = type | Callable[[nn.Module], bool]
+Match = type | Callable[[nn.Module, nn.Module | None], bool]
 # (what a module must be, the class that wraps it), first match wins
 BUILTIN: list[tuple[Match, type]] = [
     (nn.Embedding, LoraEmbedding),
-    (lambda module: layer_kind(module) in (LINEAR, CONV1D), LoraLinear),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv),
+    (nn.MultiheadAttention, LoraMHA),
+    (is_attention_out_proj, LoraOutProj),
+    (lambda module, parent: layer_kind(module) in (LINEAR, CONV1D), LoraLinear),
 ]
 
 
@@ -88,22 +96,33 @@ def check_mapping(mapping: Any) -> dict[type, type]:
     return mapping
 
 
-def layer_class(module: nn.Module, config: Any = None) -> type | None:
-    """The LoRA layer class that wraps `module` (its base layer if wrapped), or None."""
+def layer_class(
+    module: nn.Module, config: Any = None, parent: nn.Module | None = None
+) -> type | None:
+    """The LoRA layer class that wraps `module` (its base layer if wrapped), or None; `parent`
+    is the module holding it (for the rules that depend on it)."""
     base = module.base_layer if isinstance(module, LoraLayer) else module
     for key, layer_cls in custom_modules(config).items():
         if isinstance(base, key):
             return layer_cls
     for match, layer_cls in BUILTIN:
-        hit = isinstance(base, match) if isinstance(match, type) else match(base)
+        hit = isinstance(base, match) if isinstance(match, type | tuple) else match(base, parent)
         if hit:
             return layer_cls
     return None
 
 
-def wrap(module: nn.Module, adapter_name: str, config: Any, name: str) -> nn.Module:
+def parent_of(model: nn.Module, name: str) -> nn.Module:
+    """The module of `model` that holds module `name`."""
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
+def wrap(
+    module: nn.Module, adapter_name: str, config: Any, name: str, parent: nn.Module | None = None
+) -> nn.Module:
     """`module` wrapped in its LoRA layer class with adapter `adapter_name` (peft's call)."""
-    layer_cls = layer_class(module, config)
+    layer_cls = layer_class(module, config, parent)
     if layer_cls is None:
         raise TypeError(f"LoRA cannot wrap {type(module).__name__} (`{name}`)")
     return layer_cls(
