@@ -38,6 +38,7 @@ from lorakit.lora.layouts import (
     to_current,
 )
 from lorakit.lora.params import LoraParams
+from lorakit.lora.tokens import DELTA, token_shapes, token_tensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
@@ -85,6 +86,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
             for param, stem in key_stems(path, module.param_names(adapter_name)).items():
                 a, b = module.lora_weights(adapter_name, param)
                 out[f"{stem}.lora_A.weight"], out[f"{stem}.lora_B.weight"] = a, b
+    out.update(token_tensors(model, adapter_name))
     if bias == "all":
         for name, param in model.named_parameters():
             if is_shared_bias(name):
@@ -293,6 +295,7 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
         for key, tensor in source.state_dict().items():
             check.expected[f"{name}.{key}"] = tuple(tensor.shape)
         check.to_save_names.append(name)
+    check.expected.update(token_shapes(model, config))
     if config.bias == "all":
         targets = set(check.target_names)
         for pname, param in model.named_parameters():
@@ -484,6 +487,8 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: 
             target = getattr(module, which)[param][adapter_name]
         elif leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
             target = getattr(modules[owner], leaf)[adapter_name]
+        elif path.endswith("." + DELTA):
+            target = modules[owner].trainable_tokens_delta[adapter_name]
         elif owner.endswith((".lora_A", ".lora_B")):
             layer, _, which = owner.rpartition(".")
             target = getattr(modules[layer], which)[adapter_name].weight

@@ -30,6 +30,7 @@ from lorakit.lora.layers import (
 from lorakit.lora.moe import all_linear_parameters
 from lorakit.lora.params import LoraParams, check_param_config
 from lorakit.lora.presets import parameter_preset, target_preset
+from lorakit.lora.tokens import TrainableTokens, add_token_adapters, check_tokens
 
 _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -45,7 +46,7 @@ def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     for name, child in model.named_children():
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
-        if not isinstance(child, (LoraLinear, ModulesToSave, LoraParams)):
+        if not isinstance(child, (LoraLinear, ModulesToSave, LoraParams, TrainableTokens)):
             yield from walk(child, full)
 
 
@@ -280,6 +281,7 @@ def _no_preset_message(model: nn.Module) -> str:
 def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Wrap (or extend) every target of `config` with adapter `adapter_name`; returns the names."""
     expand_targets(model, config)
+    check_tokens(model, config)
     names = []
     for name, module in find_targets(model, config):
         if not isinstance(module, LoraLinear):
@@ -310,6 +312,7 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
             module = ModulesToSave(module)
             replace_module(model, name, module)
         module.add_copy(adapter_name)
+    add_token_adapters(model, config, adapter_name)
     return names
 
 
@@ -372,6 +375,10 @@ def mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none
                 if adapter in module.r:
                     for param in module.adapter_parameters(adapter):
                         param.requires_grad_(True)
+        elif isinstance(module, TrainableTokens):
+            for adapter in adapter_names:
+                for param in module.adapter_parameters(adapter):
+                    param.requires_grad_(True)
         elif isinstance(module, ModulesToSave):
             for adapter in adapter_names:
                 if adapter in module.modules_to_save:

@@ -39,6 +39,7 @@ from lorakit.lora.layers import LoraLinear, ModulesToSave, is_quantized_linear
 from lorakit.lora.params import LoraParams
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan, reading_rows
 from lorakit.lora.ties import untie_for_merge
+from lorakit.lora.tokens import TrainableTokens
 
 
 class LoraModel(PeftSurface, HFFace):
@@ -98,8 +99,9 @@ class LoraModel(PeftSurface, HFFace):
             if isinstance(module, LoraParams):
                 yield name, module
 
-    def _mergeable(self) -> list[LoraLinear | LoraParams]:
-        return [m for _, m in self.lora_layers()] + [m for _, m in self.param_layers()]
+    def _mergeable(self) -> list[LoraLinear | LoraParams | TrainableTokens]:
+        rows = [m for m in self.base_model.model.modules() if isinstance(m, TrainableTokens)]
+        return [m for _, m in self.lora_layers()] + [m for _, m in self.param_layers()] + rows
 
     def _wrappers(self) -> list[LoraLinear | ModulesToSave | LoraParams]:
         """Every LoRA / modules_to_save wrapper, cached until adapters are added or removed."""
@@ -107,7 +109,7 @@ class LoraModel(PeftSurface, HFFace):
             self._wrapper_cache = [
                 m
                 for m in self.base_model.model.modules()
-                if isinstance(m, (LoraLinear, ModulesToSave, LoraParams))
+                if isinstance(m, (LoraLinear, ModulesToSave, LoraParams, TrainableTokens))
             ]
         return self._wrapper_cache
 
@@ -173,7 +175,7 @@ class LoraModel(PeftSurface, HFFace):
                 "them first. (lorakit: call unmerge_adapter(), then delete_adapter().)"
             )
         for module in self._wrappers():
-            if isinstance(module, (LoraLinear, LoraParams)):
+            if isinstance(module, (LoraLinear, LoraParams, TrainableTokens)):
                 module.delete_adapter(adapter_name)
             elif adapter_name in module.modules_to_save:
                 del module.modules_to_save[adapter_name]
@@ -327,7 +329,7 @@ class LoraModel(PeftSurface, HFFace):
             untie_for_merge(self.base_model.model, list(self.lora_layers()), names, stacklevel=4)
         replacements = []
         for name, module in self.base_model.model.named_modules():
-            if isinstance(module, (LoraLinear, LoraParams)):
+            if isinstance(module, (LoraLinear, LoraParams, TrainableTokens)):
                 replacements.append(
                     (name, module.unwrap(names, merge=merge, safe_merge=safe_merge))
                 )

@@ -43,7 +43,6 @@ TASK_TYPES = tuple(t.value for t in TaskType)  # in peft's order
 UNSUPPORTED_FEATURES: dict[str, Any] = {
     "lora_bias": False,
     "use_qalora": False,
-    "trainable_token_indices": None,
     "layer_replication": None,
     "alora_invocation_tokens": None,
     "use_bdlora": None,
@@ -56,12 +55,10 @@ UNSUPPORTED_FEATURES: dict[str, Any] = {
     "arrow_config": None,
     "kasa_config": None,
     "megatron_config": None,
-    "ensure_weight_tying": False,
 }
 # what to use instead, where lorakit has something
 INSTEAD = {
     "megatron_config": "lorakit shards with FSDP (train.distributed), not Megatron",
-    "trainable_token_indices": "train the whole embedding with modules_to_save=['embed_tokens']",
 }
 # peft fields that only describe how the adapter was made or initialised: kept, not used.
 DESCRIPTIVE = frozenset(
