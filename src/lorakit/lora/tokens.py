@@ -431,6 +431,21 @@ def add_token_adapters(model: nn.Module, config: LoraConfig, adapter_name: str) 
     return list(layers) + heads
 
 
+def new_token_rows(
+    model: nn.Module, ids: list[int], trained_whole: list[str] | None = None
+) -> dict[str, list[int]] | None:
+    """`trainable_token_indices` for tokens just added (ids `ids`): the input embedding's rows
+    and, when the head is not tied to it, the head's rows too (its new rows are random: an
+    adapter that left them out would not reproduce the trained model). Layers trained whole
+    (`trained_whole`, modules_to_save) are left out."""
+    embedding = _layer_name(model, input_embedding(model))
+    head = None if _tied_head(model) else _layer_name(model, _head(model))
+    wanted = [n for n in (embedding, head) if n]
+    whole = trained_whole or []
+    wanted = [n for n in wanted if not any(n == w or n.endswith("." + w) for w in whole)]
+    return {n: list(ids) for n in wanted} or None
+
+
 def token_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's rows under their file key names (no prefix); tied heads write none."""
     return {
