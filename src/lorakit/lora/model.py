@@ -403,6 +403,7 @@ class LoraModel(PeftSurface, HFFace):
                 config,
                 self.chat_template,
                 kwargs.get("path_initial_model_for_weight_conversion"),
+                kwargs.get("save_embedding_layers", "auto"),
             )
         if "state_dict" in kwargs:
             self._save_trainer_weights(save_directory)

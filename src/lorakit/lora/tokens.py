@@ -259,7 +259,7 @@ def _check_disjoint(indices: dict[str, list[int]], names: list[str]) -> None:
 # ----------------------------------------------------------------- choosing the layers
 
 
-def _layer_name(model: nn.Module, module: nn.Module | None) -> str | None:
+def layer_name(model: nn.Module, module: nn.Module | None) -> str | None:
     for name, candidate in model.named_modules():
         if candidate is module:
             return name
@@ -272,7 +272,7 @@ def input_embedding(model: nn.Module) -> nn.Module | None:
     return found if isinstance(found, nn.Module) else None
 
 
-def _head(model: nn.Module) -> nn.Module | None:
+def head_layer(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     found = getter() if callable(getter) else None
     return found if isinstance(found, nn.Module) else None
@@ -280,7 +280,7 @@ def _head(model: nn.Module) -> nn.Module | None:
 
 def _tied_head(model: nn.Module) -> str | None:
     """The name of the output head that shares the input embedding's weight, if any."""
-    embedding, head = input_embedding(model), _head(model)
+    embedding, head = input_embedding(model), head_layer(model)
     if embedding is None or head is None or head is embedding:
         return None
     if isinstance(embedding, TrainableTokens):
@@ -290,7 +290,7 @@ def _tied_head(model: nn.Module) -> str | None:
     weight = getattr(embedding, "weight", None)
     if weight is None or getattr(head, "weight", None) is not weight:
         return None
-    return _layer_name(model, _head(model))
+    return layer_name(model, head_layer(model))
 
 
 def token_layers(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
@@ -300,7 +300,7 @@ def token_layers(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
     if not wanted:
         return {}
     if not isinstance(wanted, dict):
-        name = _layer_name(model, input_embedding(model))
+        name = layer_name(model, input_embedding(model))
         wanted = {"embed_tokens" if name is None else name: list(wanted)}
     names = [n for n, _ in model.named_modules()]
     found = {}
@@ -316,7 +316,7 @@ def token_layers(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
         for hit in hits:
             found[hit] = list(ids)
     head = _tied_head(model)
-    embedding = _layer_name(model, input_embedding(model))
+    embedding = layer_name(model, input_embedding(model))
     if head in found and embedding in found:
         if found[head] == found[embedding]:
             del found[head]  # tied: the head reads the embedding's rows
@@ -341,7 +341,7 @@ def tied_heads(model: nn.Module, config: LoraConfig, layers: dict[str, list[int]
             "trainable_token_indices.",
             stacklevel=4,
         )
-    embedding = _layer_name(model, input_embedding(model))
+    embedding = layer_name(model, input_embedding(model))
     return [head] if head and embedding in layers and head not in layers else []
 
 
@@ -372,7 +372,7 @@ def check_tokens(model: nn.Module, config: LoraConfig) -> None:
     check_token_ids(model, layers)
     saved = config.modules_to_save or []
     lora = [n for n, _ in find_targets(model, config)] if config.target_modules else []
-    head, embedding = _tied_head(model), _layer_name(model, input_embedding(model))
+    head, embedding = _tied_head(model), layer_name(model, input_embedding(model))
     for name in layers:
         if any(name == w or name.endswith("." + w) for w in saved):
             raise ConfigError(
@@ -438,8 +438,8 @@ def new_token_rows(
     and, when the head is not tied to it, the head's rows too (its new rows are random: an
     adapter that left them out would not reproduce the trained model). Layers trained whole
     (`trained_whole`, modules_to_save) are left out."""
-    embedding = _layer_name(model, input_embedding(model))
-    head = None if _tied_head(model) else _layer_name(model, _head(model))
+    embedding = layer_name(model, input_embedding(model))
+    head = None if _tied_head(model) else layer_name(model, head_layer(model))
     wanted = [n for n in (embedding, head) if n]
     whole = trained_whole or []
     wanted = [n for n in wanted if not any(n == w or n.endswith("." + w) for w in whole)]
