@@ -38,7 +38,7 @@ def grown(folder, tie: bool) -> LlamaForCausalLM:
 def _randomise(model) -> None:
     torch.manual_seed(3)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.normal_()
 
