@@ -58,6 +58,7 @@ def test_scales_are_folded_into_b_per_module():
         ({"use_dora": True}, "DoRA adapter"),
         ({"bias": "lora_only"}, "bias='lora_only'"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
     ],
 )
 def test_what_a_lora_file_cannot_hold_is_refused(kwargs, reason):
