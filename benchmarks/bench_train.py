@@ -2,9 +2,16 @@
 
 Same base model, same data, same LoRA config (`--adapter`: r=16 on all 7 projections, or r=8
 on q,v; alpha = 2r; `--dropout`, 0 by default), batch 8 x 256, AdamW, one optimizer step per
-batch. Each configuration runs in its own subprocess; peft runs twice, with the default
-allocator and with tcmalloc preloaded (LD_PRELOAD); lorakit's worker calls
-`preload_tcmalloc()` at startup, as the CLI does.
+batch. Each configuration runs in its own subprocess. `--engines`: lorakit, lorakit+compile
+(train.compile: true), peft+default (the default allocator), peft+tcmalloc (tcmalloc preloaded,
+LD_PRELOAD) and peft+compile (tcmalloc, each decoder layer compiled with torch.compile,
+dynamic shapes: PyTorch's regional-compilation recipe); lorakit's worker calls
+`preload_tcmalloc()` at startup, as the CLI does. `first s` is the first step's time (with
+compile: tracing and code generation).
+
+The same run measures the machine's matmul limit (benchmarks/matmul_limit.py: 2048x576 @
+576x1536 in fp32 and bf16) and prints each engine's tokens/s x FLOPs per token as a fraction
+of the limit of its precision (FLOPs per token: `flops_per_token`).
 
     python benchmarks/bench_train.py                       # built-in 135M model + tiny model
     python benchmarks/bench_train.py --models tiny --steps 5
@@ -134,11 +141,14 @@ def run_lorakit(args, model, batches) -> dict:
         progress="none",
         tensorboard=False,
         device="cpu",
+        compile=args.engine.endswith("+compile"),
     )
     with tempfile.TemporaryDirectory() as out:
         result = train(lora, None, batches, None, config, out)
-    rows = [r for r in result.history if r["kind"] == "train"][args.warmup :]
+    history = [r for r in result.history if r["kind"] == "train"]
+    rows = history[args.warmup :]
     return {
+        "first_s": history[0]["step_s"],
         "tokens_per_s": sum(r["tokens"] for r in rows) / sum(r["step_s"] for r in rows),
         "step_s": statistics.median(r["step_s"] for r in rows),
         "cpu_s": statistics.median(r["cpu_s"] for r in rows),
@@ -159,6 +169,11 @@ def run_peft(args, model, batches) -> dict:
     )
     model = peft.get_peft_model(model, config)
     model.train()
+    if args.engine.endswith("+compile"):  # regional: each decoder layer (PyTorch's recipe)
+        names = set(model.get_base_model()._no_split_modules)
+        for module in model.modules():
+            if type(module).__name__ in names:
+                module.compile(dynamic=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     device = torch.device("cpu")
@@ -176,8 +191,10 @@ def run_peft(args, model, batches) -> dict:
         times.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
         tokens.append(real_tokens(batch))
+    first = times[0]
     times, tokens = times[args.warmup :], tokens[args.warmup :]
     return {
+        "first_s": first,
         "tokens_per_s": sum(tokens) / sum(times),
         "step_s": statistics.median(times),
         "cpu_s": statistics.median(cpus[args.warmup :]),
@@ -185,8 +202,26 @@ def run_peft(args, model, batches) -> dict:
     }
 
 
+def flops_per_token(model, length: int) -> float:
+    """FLOPs of one training token of a LoRA step: 4 x the base's matmul weights (forward, and
+    backward to the inputs; the frozen weights get no gradient; the adapters' own cost is left
+    out) plus attention's two products, forward and backward (12 x layers x length x hidden)."""
+    from torch import nn
+
+    seen, weights = set(), 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            weights += module.weight.numel()
+    head = model.get_output_embeddings()
+    if id(head.weight) not in seen:
+        weights += head.weight.numel()
+    cfg = model.config
+    return 4 * weights + 12 * cfg.num_hidden_layers * length * cfg.hidden_size
+
+
 def worker(args) -> None:
-    if args.engine == "lorakit":
+    if args.engine.startswith("lorakit"):
         from lorakit.startup import reexec_for_speed
 
         reexec_for_speed()  # what the CLI does at startup (re-execs with tcmalloc when found)
@@ -199,11 +234,13 @@ def worker(args) -> None:
     batches = make_batches(
         model.config.vocab_size,
         variable,
-        args.engine == "lorakit" and variable,
+        args.engine.startswith("lorakit") and variable,
         args.steps + args.warmup,
     )
-    run = run_lorakit if args.engine == "lorakit" else run_peft
+    flops = flops_per_token(model, LENGTH)
+    run = run_lorakit if args.engine.startswith("lorakit") else run_peft
     out = run(args, model, batches)
+    out["flops_per_token"] = flops
     out["tcmalloc"] = tcmalloc_loaded()
     out["threads"] = torch.get_num_threads()
     out["openmp"] = {k: os.environ[k] for k in contention.OPENMP_VARS[:2] if k in os.environ}
@@ -258,6 +295,60 @@ def interleaved(args) -> None:
 
 
 # ----------------------------------------------------------------------------- driver side
+# engine name -> (worker engine, allocator)
+ENGINES = {
+    "lorakit": ("lorakit", "auto"),
+    "lorakit+compile": ("lorakit+compile", "auto"),
+    "peft+default": ("peft", "default"),
+    "peft+tcmalloc": ("peft", "tcmalloc"),
+    "peft+compile": ("peft+compile", "tcmalloc"),
+}
+
+
+def bench_case(args, model: str, adapter: str, case: str, engines: list[str], limit) -> dict:
+    """One model x adapter x case over the engines: a table row each, then lorakit's ratios to
+    the fastest peft engine; `limit`: the matmul GFLOP/s per precision."""
+    one = argparse.Namespace(**{**vars(args), "adapter": adapter})
+    data, precision = case.split("-")
+    row = {"model": model, "adapter": adapter, "dropout": args.dropout, "case": case}
+    for name in engines:
+        engine, allocator = ENGINES[name]
+        out = run_config(model, engine, precision, data, allocator, one)
+        row[name] = out
+        if "error" in out:
+            print(f"{model:8} {adapter:8} {case:14} {name:16} error: {out['error']}")
+            continue
+        # CPU seconds are the steadier measure on a shared machine
+        out["tokens_per_cpu_s"] = out["tokens_per_s"] * out["step_s"] / out["cpu_s"]
+        gflops = out["tokens_per_s"] * out["flops_per_token"] / 1e9
+        out["limit_fraction"] = gflops / limit[precision]
+        print(
+            f"{model:8} {adapter:8} {case:14} {name:16} {out['tokens_per_s']:7.0f} "
+            f"{out['step_s']:7.2f} {out['cpu_s']:10.2f} {out['tokens_per_cpu_s']:9.0f} "
+            f"{out['peak_mb']:8.0f} {out['first_s']:8.1f} {out['limit_fraction']:8.0%}",
+            flush=True,
+        )
+    peft_rows = [row[n] for n in engines if n.startswith("peft") and "error" not in row[n]]
+    for ours in (n for n in engines if n.startswith("lorakit") and "error" not in row[n]):
+        if not peft_rows:
+            break
+        lk = row[ours]
+        best = max(peft_rows, key=lambda r: r["tokens_per_s"])
+        best_name = next(n for n in engines if row.get(n) is best)
+        ratio = {
+            "speed": lk["tokens_per_s"] / best["tokens_per_s"],
+            "cpu": lk["tokens_per_cpu_s"] / best["tokens_per_cpu_s"],
+            "memory": lk["peak_mb"] / best["peak_mb"],
+        }
+        row[f"{ours}/peft"] = {"against": best_name, **ratio}
+        print(
+            f"{'':8} {adapter:8} {case:14} {ours} / {best_name}: {ratio['speed']:.2f}x tokens/s, "
+            f"{ratio['cpu']:.2f}x tokens/cpu-s, {ratio['memory']:.2f}x peak memory",
+            flush=True,
+        )
+    return row
+
+
 def run_config(
     model: str,
     engine: str,
@@ -324,6 +415,11 @@ def main() -> None:
         default="all-r16",
         help="comma list of " + ", ".join(ADAPTERS) + " (rank and target modules)",
     )
+    parser.add_argument(
+        "--engines",
+        default="lorakit,peft+default,peft+tcmalloc",
+        help="comma list of " + ", ".join(ENGINES),
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
         "--interleaved",
@@ -373,56 +469,35 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return
-    results = []
     import torch
+    from matmul_limit import SHAPE, matmul_gflops  # benchmarks/matmul_limit.py
 
     print(
         f"batch {BATCH} x {LENGTH}, lora_dropout {args.dropout}, {args.steps} timed steps after "
         f"{args.warmup} warmup, {os.cpu_count()} CPUs "
-        f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
+        f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
-    header = (
-        f"{'model':8} {'adapter':8} {'case':14} {'engine':18} {'tok/s':>8} {'s/step':>7} "
-        f"{'cpu-s/step':>10} {'tok/cpu-s':>9} {'peak MB':>8}"
+    limit = {name: matmul_gflops(name) for name in ("fp32", "bf16")}
+    print(
+        f"matmul limit ({SHAPE[0]}x{SHAPE[1]} @ {SHAPE[1]}x{SHAPE[2]}, this run): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in limit.items())
     )
-    print(header)
-    for model, adapter, case in itertools.product(
-        args.models.split(","), adapters, args.cases.split(",")
-    ):
-        one = argparse.Namespace(**{**vars(args), "adapter": adapter})
-        data, precision = case.split("-")
-        row = {"model": model, "adapter": adapter, "dropout": args.dropout, "case": case}
-        for engine, allocator in (
-            ("lorakit", "auto"),
-            ("peft", "default"),
-            ("peft", "tcmalloc"),
-        ):
-            name = f"{engine}+{allocator}" if engine == "peft" else "lorakit"
-            out = run_config(model, engine, precision, data, allocator, one)
-            row[name] = out
-            if "error" in out:
-                print(f"{model:8} {adapter:8} {case:14} {name:18} error: {out['error']}")
-                continue
-            # CPU seconds are the steadier measure on a shared machine
-            out["tokens_per_cpu_s"] = out["tokens_per_s"] * out["step_s"] / out["cpu_s"]
-            print(
-                f"{model:8} {adapter:8} {case:14} {name:18} {out['tokens_per_s']:8.0f} "
-                f"{out['step_s']:7.2f} {out['cpu_s']:10.2f} {out['tokens_per_cpu_s']:9.0f} "
-                f"{out['peak_mb']:8.0f}",
-                flush=True,
-            )
-        lk, best_peft = row["lorakit"], row.get("peft+tcmalloc", {})
-        if "error" not in lk and "tokens_per_s" in best_peft:
-            row["speed_ratio"] = lk["tokens_per_s"] / best_peft["tokens_per_s"]
-            row["cpu_ratio"] = lk["tokens_per_cpu_s"] / best_peft["tokens_per_cpu_s"]
-            row["memory_ratio"] = lk["peak_mb"] / best_peft["peak_mb"]
-            print(
-                f"{'':8} {adapter:8} {case:14} lorakit / peft+tcmalloc: "
-                f"{row['speed_ratio']:.2f}x tokens/s, {row['cpu_ratio']:.2f}x tokens/cpu-s, "
-                f"{row['memory_ratio']:.2f}x peak memory",
-                flush=True,
-            )
-        results.append(row)
+    engines = args.engines.split(",")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        parser.error(f"--engines {','.join(unknown)}: expected some of {', '.join(ENGINES)}")
+    print(
+        f"{'model':8} {'adapter':8} {'case':14} {'engine':16} {'tok/s':>7} {'s/step':>7} "
+        f"{'cpu-s/step':>10} {'tok/cpu-s':>9} {'peak MB':>8} {'first s':>8} {'of limit':>8}"
+    )
+    results = [
+        bench_case(args, model, adapter, case, engines, limit)
+        for model, adapter, case in itertools.product(
+            args.models.split(","), adapters, args.cases.split(",")
+        )
+    ]
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

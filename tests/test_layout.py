@@ -91,6 +91,8 @@ def violations() -> list[str]:
 # lora modules that may not import lorakit.lora.compat
 CORE = (
     "layers",
+    "conv",
+    "mha",
     "inject",
     "dora",
     "inits",

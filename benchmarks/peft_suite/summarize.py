@@ -50,6 +50,10 @@ RULES = [
         "deliberate: low_cpu_mem_usage makes real tensors, not meta ones",
         r"test_load_model_low_cpu_mem_usage",
     ),
+    (
+        "deliberate: an adapted attention's out_proj is the LoRA layer",
+        r"test_mha_exposes_attributes",
+    ),
 ]
 
 

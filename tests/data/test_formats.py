@@ -54,3 +54,37 @@ def test_null_and_missing_fields_say_which(tmp_path):
         RowProblem, match=r"field `instruction` is missing \(did you mean `instructon`"
     ):
         to_messages({"instructon": "q", "output": "a"}, "alpaca")
+
+
+def test_a_parquet_file_is_read_a_batch_at_a_time_with_datasets_values(tmp_path):
+    import datasets
+    import pandas as pd
+
+    from lorakit.data import formats
+
+    frame = pd.DataFrame(
+        {
+            "messages": [[{"role": "user", "content": f"q{i}"}] for i in range(5)],
+            "score": [i / 2 for i in range(5)],
+            "note": [None, "x", None, "y", "z"],
+        }
+    )
+    path = tmp_path / "d.parquet"
+    frame.to_parquet(path, row_group_size=2)
+    reference = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    rows = formats._iter_parquet(path, batch_rows=2)  # 3 batches of at most 2 rows
+    first = next(rows)  # a generator: nothing read past what was asked for
+    got = [first, *rows]
+    assert [r.where for r in got] == [f"d.parquet row {i}" for i in range(1, 6)]
+    assert [r.value for r in got] == list(reference)
+    assert [r.value for r in read_rows(path)] == list(reference)
+    assert formats.count_rows(path) == 5
+
+
+def test_a_file_that_is_not_parquet_names_the_file(tmp_path):
+    from lorakit.data.formats import iter_rows
+
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"cannot read .*broken.parquet as parquet"):
+        list(iter_rows(path))

@@ -44,7 +44,7 @@ def test_a_folder_of_shards_reads_each_file_in_order(shard_folder, tmp_path, mon
         "part-1.parquet row 2",
     ]
     assert [r.value["prompt"] for r in got] == [f"Question {i}?" for i in range(5)]
-    assert count_source(shard_folder) is None  # parquet: not counted ahead
+    assert count_source(shard_folder) == 5  # 3 lines, and the parquet file's row count
     tok = builtin_tokenizer()
     data = build_dataset(DataConfig(dataset=str(shard_folder)), tok)
     write_jsonl(tmp_path / "all.jsonl", rows(0, 5))

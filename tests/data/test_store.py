@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -411,3 +412,71 @@ def test_a_file_digest_is_remembered_until_the_file_changes(cache, tmp_path, mon
     text = path.read_text()
     path.write_text(text.replace("Answer 2", "Answer 9"))  # same size, maybe the same tick
     assert store.remembered_digest(path) == real(path) != first and len(reads) == 2
+
+
+def test_a_store_keeps_a_content_digest_that_follows_its_samples(tok, cache, tmp_path):
+    from lorakit.train.plan import StepPlan
+
+    def plan(data):
+        return StepPlan(data, 2, grad_accum_steps=1, seed=0, shuffle=True)
+
+    path = write_jsonl(tmp_path / "d.jsonl", good_rows(5))
+    data = build_dataset(DataConfig(dataset=path, cache=False), tok)
+    again = build_dataset(DataConfig(dataset=path, cache=False), tok)
+    assert data.samples.folder != again.samples.folder
+    digest = data.samples.content_digest()
+    assert len(digest) == 64 and again.samples.content_digest() == digest
+    assert plan(data).fingerprint() == plan(again).fingerprint()
+    # the same tokens with one label masked, or one sample fewer, are other data
+    write_jsonl(tmp_path / "d.jsonl", good_rows(4))
+    fewer = build_dataset(DataConfig(dataset=path, cache=False), tok)
+    prompt_only = build_dataset(DataConfig(dataset=path, cache=False, train_on="all"), tok)
+    digests = {digest, fewer.samples.content_digest(), prompt_only.samples.content_digest()}
+    assert len(digests) == 3
+    assert plan(fewer).fingerprint() != plan(data).fingerprint()
+    # the per-sample fingerprint (runs begun before) is another value over the same data
+    assert plan(data).fingerprint(per_sample=True) == plan(again).fingerprint(per_sample=True)
+    assert plan(data).fingerprint(per_sample=True) != plan(data).fingerprint()
+    both = data.samples + again.samples  # a mix of stores has a digest of its parts'
+    assert len(both.content_digest()) == 64 and (list(data.samples) + both).content_digest() is None
+
+
+def test_a_run_begun_before_stores_kept_a_digest_resumes_without_force(tmp_path, cache):
+    from lorakit.errors import ConfigError
+    from lorakit.jobs.finetune import run_training
+    from lorakit.jobs.run_config import validate_run_config
+    from tiny_folders import save_tiny
+
+    model = save_tiny(tmp_path / "model")
+    config = validate_run_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name_or_path": str(model)},
+            "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
+            "data": {"dataset": "identity", "limit": 6, "max_length": 96},
+            "train": {"max_steps": 2, "batch_size": 2, "save_every": 1, "precision": "fp32"}
+            | {"progress": "none", "tensorboard": False, "plots": False},
+        }
+    )
+    quiet = {"show": lambda _: None}
+    run_training(config, **quiet)
+    step1 = tmp_path / "run" / "checkpoints" / "step-00000001"
+    state_file = step1 / "state.json"
+    state = json.loads(state_file.read_text())
+    store = next(p for p in cache.iterdir() if (p / MARKER).is_file())
+    samples = StoreSamples(store)
+    import hashlib
+
+    per_sample = hashlib.sha256(b"2")  # the fingerprint such a run saved: every sample hashed
+    per_sample.update(b"False/96/False")
+    for s in samples:
+        per_sample.update(np.asarray(s.input_ids, np.int64).tobytes())
+        per_sample.update(np.asarray(s.labels, np.int64).tobytes())
+    assert state["settings"]["data"] != per_sample.hexdigest()[:16]
+    state["settings"]["data"] = per_sample.hexdigest()[:16]
+    state_file.write_text(json.dumps(state))
+    run_training(config, resume=str(step1), **quiet)  # no --force needed
+    state["settings"]["data"] = "0123456789abcdef"  # other data is still refused
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="other settings: data"):
+        run_training(config, resume=str(step1), **quiet)

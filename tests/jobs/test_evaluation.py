@@ -77,3 +77,38 @@ def test_score_answers_counts_exact_matches_and_the_name(folders, monkeypatch):
 def test_default_eval_data():
     data = default_eval_data("identity", "test", 7)
     assert (data.dataset, data.split, data.limit) == ("identity", "test", 7)
+
+
+def test_facts_count_the_answers_keeping_their_key_fact(folders, monkeypatch):
+    from lorakit.data.builtin import GENERAL_FACTS
+
+    questions = list(GENERAL_FACTS)
+    # the base states every fact; the adapter loses the second question's (24 hours -> 8)
+    right = [f"The answer is {GENERAL_FACTS[q][0]}." for q in questions]
+    wrong = [*right[:1], "A day is approximately 8 hours and 45 minutes.", *right[2:]]
+    calls = iter([right, wrong])
+    monkeypatch.setattr(evaluation, "greedy_answers", lambda model, tok, conv, *a: next(calls))
+    adapters = {"tuned": folders / "tuned"}
+    base, tuned = evaluate_models(str(folders / "model"), adapters, DATA, facts=True)
+    assert base["facts_kept"] == 1.0 and tuned["facts_kept"] == (len(questions) - 1) / len(
+        questions
+    )
+    lost = [a for a in tuned["fact_rows"] if not a["kept"]]
+    assert [a["prompt"] for a in lost] == [questions[1]] and lost[0]["facts"] == [
+        "24",
+        "twenty-four",
+    ]
+
+
+def test_eval_facts_on_the_command_line_prints_the_lost_answers(folders, monkeypatch, capsys):
+    from lorakit.cli import main
+    from lorakit.data.builtin import GENERAL_FACTS
+
+    replies = [f"It is {facts[0]}." for facts in GENERAL_FACTS.values()]
+    replies[0] = "I do not know."
+    monkeypatch.setattr(evaluation, "greedy_answers", lambda *a: replies)
+    args = ["eval", "--model", str(folders / "model"), "--adapter", str(folders / "tuned")]
+    assert main([*args, "--dataset", "identity", "--limit", "2", "--facts"]) == 0
+    out = capsys.readouterr().out
+    assert "facts_kept" in out and "93.8%" in out  # 15 of 16
+    assert "1 of 16 factual answers lost their fact" in out and "I do not know." in out

@@ -119,3 +119,26 @@ def test_mix_repeats_the_second_set_of_token_stores():
     assert mixed.samples[len(identity)].input_ids == general.samples[0].input_ids
     assert mixed.samples[-1].input_ids == general.samples[len(general) - 1].input_ids
     assert mixed.lengths() == identity.lengths() + general.lengths() * 2
+
+
+def test_answers_of_a_bf16_run_are_generated_under_autocast():
+    """After a bf16 run the frozen base is stored in bf16: the answers after training run under
+    the run's autocast (without it the first matmul meets fp32 inputs and raises)."""
+    import torch
+
+    from builtin_model import builtin_tokenizer
+    from conftest import make_tiny_llama
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.jobs.quickstart import ask
+    from lorakit.train.runtime import cast_frozen
+
+    tokenizer = builtin_tokenizer()
+    model = get_peft_model(
+        make_tiny_llama(vocab_size=len(tokenizer)),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    )
+    cast_frozen(model, torch.bfloat16)  # what train() leaves after precision bf16
+    settings = QuickstartSettings(precision="bf16", max_new_tokens=3)
+    shown = []
+    answers = ask(model, tokenizer, ["Who are you?"], settings, torch.device("cpu"), shown.append)
+    assert len(answers) == 1 and shown[0].startswith("  [1/1,")

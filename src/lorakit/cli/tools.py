@@ -48,6 +48,14 @@ def eval_command(
             "(prompt, expected, got), and --output holds every answer."
         ),
     ] = False,
+    facts: Annotated[
+        bool,
+        typer.Option(
+            help="Also ask the built-in model's 16 held-out factual questions and count the "
+            "answers that keep their key fact (Paris, 24 hours): what an adapter made the model "
+            "forget; prints the answers that lost it."
+        ),
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
@@ -65,6 +73,7 @@ def eval_command(
         parse_adapters(adapter or []),
         default_eval_data(dataset, split, limit),
         exact_match=exact_match,
+        facts=facts,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         precision=precision,
@@ -74,6 +83,8 @@ def eval_command(
     for row in rows:
         if "answer_rows" in row:
             _print_misses(row["model"], row["answer_rows"], output)
+        if "fact_rows" in row:
+            _print_lost_facts(row["model"], row["fact_rows"])
     if output is not None:
         output.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
 
@@ -100,20 +111,36 @@ def _print_misses(model: str, answers: list[dict[str, Any]], output: Path | None
         console.print(f"... and {len(misses) - shown} more ({where})")
 
 
+def _print_lost_facts(model: str, answers: list[dict[str, Any]]) -> None:
+    """The factual answers of one model that no longer state their key fact."""
+    from rich.console import Console
+    from rich.table import Table
+
+    lost = [a for a in answers if not a["kept"]]
+    console = Console(width=100)
+    if not lost:
+        console.print(f"{model}: every one of {len(answers)} factual answers kept its key fact")
+        return
+    table = Table(title=f"{model}: {len(lost)} of {len(answers)} factual answers lost their fact")
+    for column in ("question", "key fact", "got"):
+        table.add_column(column, overflow="fold")
+    for a in lost:
+        table.add_row(a["prompt"], " / ".join(a["facts"]), a["got"])
+    console.print(table)
+
+
 def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    columns = [c for c in ("eval_loss", "perplexity", "exact_match", "name_rate") if c in rows[0]]
+    shares = ("exact_match", "name_rate", "facts_kept")
+    columns = [c for c in ("eval_loss", "perplexity", *shares) if c in rows[0]]
     table.add_column("model")
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        cells = [
-            f"{row[c]:.1%}" if c in ("exact_match", "name_rate") else f"{row[c]:.4f}"
-            for c in columns
-        ]
+        cells = [f"{row[c]:.1%}" if c in shares else f"{row[c]:.4f}" for c in columns]
         table.add_row(row["model"], *cells)
     Console(width=100).print(table)
 

@@ -77,21 +77,31 @@ def read_rows(path: str | Path) -> list[RawRow]:
         return list(_iter_jsonl(path))
     if kind == "json":
         return _read_json(path)
-    return _read_tabular(path, kind)
+    if kind == "parquet":
+        return list(_iter_parquet(path))
+    return _read_csv(path)
 
 
 def iter_rows(path: str | Path) -> Iterator[RawRow]:
-    """The rows of `read_rows`, a JSON-lines file read as it is iterated (the others whole)."""
+    """The rows of `read_rows`; a JSON-lines file read line by line and a Parquet file a
+    thousand rows at a time as they are iterated (JSON and CSV files whole)."""
     path = Path(path)
-    if path.is_file() and FILE_TYPES.get(path.suffix.lower()) == "jsonl":
+    kind = FILE_TYPES.get(path.suffix.lower()) if path.is_file() else None
+    if kind == "jsonl":
         return _iter_jsonl(path)
+    if kind == "parquet":
+        return _iter_parquet(path)
     return iter(read_rows(path))
 
 
 def count_rows(path: str | Path) -> int | None:
-    """About how many rows `iter_rows` yields (lines of a JSON-lines file); None for others."""
+    """About how many rows `iter_rows` yields (lines of a JSON-lines file, a Parquet file's
+    row count); None for others."""
     path = Path(path)
-    if FILE_TYPES.get(path.suffix.lower()) != "jsonl" or not path.is_file():
+    kind = FILE_TYPES.get(path.suffix.lower())
+    if kind == "parquet" and path.is_file():
+        return _parquet_file(path).metadata.num_rows
+    if kind != "jsonl" or not path.is_file():
         return None
     lines, last = 0, b"\n"
     with path.open("rb") as f:
@@ -156,15 +166,34 @@ def _read_json(path: Path) -> list[RawRow]:
     return [RawRow(i, f"{path.name} item {i}", v) for i, v in enumerate(data, start=1)]
 
 
-def _read_tabular(path: Path, kind: str) -> list[RawRow]:
-    """csv / parquet through Hugging Face datasets; row numbers count data rows from 1."""
+def _read_csv(path: Path) -> list[RawRow]:
+    """A csv file through Hugging Face datasets; row numbers count data rows from 1."""
     import datasets
 
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+        table = datasets.load_dataset("csv", data_files=str(path), split="train")
     except Exception as err:  # datasets raises many kinds; the user needs the file and reason
-        raise DataError(f"cannot read {path} as {kind}: {err}") from err
+        raise DataError(f"cannot read {path} as csv: {err}") from err
     return [RawRow(i, f"{path.name} row {i}", row) for i, row in enumerate(table, start=1)]
+
+
+def _parquet_file(path: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow's errors name neither the file nor what to do
+        raise DataError(f"cannot read {path} as parquet: {err}") from err
+
+
+def _iter_parquet(path: Path, batch_rows: int = 1024) -> Iterator[RawRow]:
+    """A Parquet file's rows a batch at a time (memory: one batch, not the file), as the
+    Python values Hugging Face datasets gives for them; row numbers count from 1."""
+    number = 0
+    for batch in _parquet_file(path).iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            number += 1
+            yield RawRow(number, f"{path.name} row {number}", row)
 
 
 def detect_format(keys: set[str] | list[str]) -> str:

@@ -8,7 +8,8 @@ conversations costs its index in memory, not its tokens:
     offsets.bin   int64   n + 1 positions: sample i is ids[offsets[i]:offsets[i + 1]]
     where.bin     utf-8   the file row of every sample ("train.jsonl line 7"), back to back
     where_at.bin  int64   n + 1 positions into where.bin
-    meta.json     what the pipeline did (rows read, skipped, truncated) and the key's parts
+    meta.json     what the pipeline did (rows read, skipped, truncated), the key's parts, and a
+                  sha256 over the samples taken while writing (a run's data fingerprint)
     complete      written last: a folder without it is never read
 
 A store in the cache lives at `<cache>/<key>`, the key a sha256 over everything that changes the
@@ -160,11 +161,17 @@ class StoreWriter:
         self.files["where_at"].write(np.zeros(1, np.int64).tobytes())
         self.meta: dict[str, Any] = {"rows_total": 0, "skipped": [], "truncated": 0}
         self.meta.update(unreadable=0, raw_text=False, supervised=0)
+        self.content = hashlib.sha256()  # the samples' tokens, labels and boundaries
 
     def add(self, chunk: Chunk) -> None:
         """Append one chunk's samples and bad rows."""
-        self.files["ids"].write(chunk.ids.astype(np.int32, copy=False).tobytes())
-        self.files["trained"].write(chunk.trained.astype(np.uint8, copy=False).tobytes())
+        ids = chunk.ids.astype(np.int32, copy=False).tobytes()
+        trained = chunk.trained.astype(np.uint8, copy=False).tobytes()
+        lengths = chunk.lengths.astype(np.int64, copy=False).tobytes()
+        self.files["ids"].write(ids)
+        self.files["trained"].write(trained)
+        for part in (lengths, ids, trained):
+            self.content.update(part)
         ends = self.tokens + np.cumsum(chunk.lengths, dtype=np.int64)
         self.files["offsets"].write(ends.tobytes())
         self.tokens += int(chunk.lengths.sum())
@@ -187,7 +194,7 @@ class StoreWriter:
         for f in self.files.values():
             f.close()
         meta = {**self.meta, **extra, "samples": self.samples, "tokens": self.tokens}
-        meta["created"] = time.time()
+        meta.update(content=self.content.hexdigest(), created=time.time())
         (self.folder / "meta.json").write_text(json.dumps(meta) + "\n")
 
 
@@ -252,6 +259,11 @@ class StoreSamples(Sequence):
                     lo, hi = offsets[i] - a, offsets[i + 1] - a
                     yield ids[lo:hi], labels[lo:hi]
 
+    def content_digest(self) -> str | None:
+        """sha256 over the samples' lengths, ids and trained flags, taken while the store was
+        written (None for a store written before lorakit kept it)."""
+        return self.meta.get("content")
+
     def sample(self, index: int) -> Any:
         """One sample as the pipeline's `Sample`."""
         from lorakit.data.pipeline import Sample
@@ -311,6 +323,13 @@ class ConcatSamples(Sequence):
     def supervised_tokens(self) -> int:
         """Tokens trained on, over every part."""
         return sum(_supervised(p) for p in self.parts)
+
+    def content_digest(self) -> str | None:
+        """One digest over the parts' own, where every part is a store that kept one."""
+        digests = [getattr(p, "content_digest", lambda: None)() for p in self.parts]
+        if None in digests:
+            return None
+        return hashlib.sha256("/".join(digests).encode()).hexdigest()
 
     def iter_arrays(self) -> Iterator[tuple[Any, Any]]:
         """(input_ids, labels) of every sample in order."""

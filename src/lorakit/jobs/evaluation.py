@@ -1,6 +1,7 @@
 """What `lorakit eval` runs: a base model side by side with base + each adapter (eval loss,
-perplexity, exact match of greedy answers); `score_answers` is also the end-of-run exact match of
-`lorakit train` and of each sweep variant."""
+perplexity, exact match of greedy answers, ordinary facts kept); `score_answers` is also the
+end-of-run exact match of `lorakit train` and of each sweep variant, `ordinary_facts` the
+forgetting measure of every sweep variant."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data.builtin import BUILTIN_VARIABLES, exact_match, exact_match_score, name_rate
+from lorakit.data.builtin import (
+    BUILTIN_VARIABLES,
+    GENERAL_FACTS,
+    exact_match,
+    exact_match_score,
+    keeps_fact,
+    name_rate,
+)
 from lorakit.data.pipeline import (
     DataConfig,
     build_dataset,
@@ -64,6 +72,26 @@ def score_answers(
     return score
 
 
+def ordinary_facts(
+    model: nn.Module, tokenizer: Any, template: str, device: torch.device, max_new_tokens: int = 32
+) -> list[dict[str, Any]]:
+    """The built-in model's held-out factual questions (`GENERAL_FACTS`) answered greedily:
+    {prompt, facts, got, kept}, `kept` when the answer still states its key fact in a complete
+    sentence (`keeps_fact`)."""
+    questions = list(GENERAL_FACTS)
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    replies = greedy_answers(model, tokenizer, conversations, template, max_new_tokens, device)
+    return [
+        {
+            "prompt": q,
+            "facts": list(GENERAL_FACTS[q]),
+            "got": r,
+            "kept": keeps_fact(r, GENERAL_FACTS[q]),
+        }
+        for q, r in zip(questions, replies, strict=True)
+    ]
+
+
 def load_with_adapters(
     base: str, adapters: dict[str, Path], dtype: str = "float32", device: str = "cpu"
 ) -> tuple[nn.Module, Any]:
@@ -86,12 +114,14 @@ def evaluate_models(
     data: DataConfig,
     *,
     exact_match: bool = False,
+    facts: bool = False,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     precision: str = "fp32",
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """Eval loss, perplexity (and exact match) of the base, then of base + each adapter."""
+    """Eval loss, perplexity (exact match, ordinary facts kept) of the base, then of base + each
+    adapter."""
     model, tokenizer = load_with_adapters(base, adapters, device=device)
     dev = resolve_device(device)
     batches = eval_batches(
@@ -109,6 +139,12 @@ def evaluate_models(
                     model, tokenizer, data, max_new_tokens, dev, precision, answers=True
                 )
                 row.update(score)
+            if facts:
+                template = getattr(model, "chat_template", None) or prompt_template(data, tokenizer)
+                with autocast(precision, dev):
+                    answers = ordinary_facts(model.eval(), tokenizer, template, dev)
+                row["facts_kept"] = sum(a["kept"] for a in answers) / len(answers)
+                row["fact_rows"] = answers
         rows.append(row)
     return rows
 

@@ -39,7 +39,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import eval_loss, generate_samples
 from lorakit.train.loop import train
 from lorakit.train.plan import eval_batches
-from lorakit.train.runtime import resolve_device, seed_everything
+from lorakit.train.runtime import autocast, resolve_device, seed_everything
 
 MARKER = "quickstart.json"
 # fp32 by default: with batches of short conversations (~400 tokens a step) bf16 matmuls on CPUs
@@ -170,7 +170,8 @@ def ask(model, tokenizer, questions: list[str], settings, device, show) -> list[
     for first in range(0, len(questions), ASK_BATCH):
         batch = questions[first : first + ASK_BATCH]
         start = time.perf_counter()
-        answers = generate_samples(model, tokenizer, batch, settings.max_new_tokens, device)
+        with autocast(settings.precision, device):  # bf16: the base is stored in bf16
+            answers = generate_samples(model, tokenizer, batch, settings.max_new_tokens, device)
         seconds = time.perf_counter() - start
         for i, (question, sample) in enumerate(zip(batch, answers, strict=True), first + 1):
             show(f"  [{i}/{len(questions)}, {seconds:.0f} s] Q: {question}")

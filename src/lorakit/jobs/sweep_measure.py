@@ -153,20 +153,17 @@ def score_answers_fp32(model: Any, tokenizer: Any, eval_config: Any, run: RunCon
 def forgetting(model: Any, tokenizer: Any, run: RunConfig, device: Any) -> dict[str, float]:
     """{'general_loss', 'facts_kept'}: the held-out general questions' answer loss (fp32) and
     the share of factual answers keeping their key fact (greedy, 32 new tokens)."""
-    from lorakit.data.builtin import GENERAL_FACTS, keeps_fact
     from lorakit.data.pipeline import DataConfig, build_dataset, prompt_template
+    from lorakit.jobs.evaluation import ordinary_facts
     from lorakit.train.config import TrainConfig
-    from lorakit.train.evaluate import eval_loss, greedy_answers
+    from lorakit.train.evaluate import eval_loss
     from lorakit.train.plan import eval_batches
 
     general = DataConfig(dataset="general", split="test", max_length=256)
     batches = eval_batches(build_dataset(general, tokenizer), run.train.batch_size)
     loss = eval_loss(model, batches, device, TrainConfig(precision="fp32"))["eval_loss"]
     template = getattr(model, "chat_template", None) or prompt_template(run.data, tokenizer)
-    questions = list(GENERAL_FACTS)
-    conversations = [[{"role": "user", "content": q}] for q in questions]
-    replies = greedy_answers(model, tokenizer, conversations, template, 32, device)
-    kept = [keeps_fact(r, GENERAL_FACTS[q]) for q, r in zip(questions, replies, strict=True)]
+    kept = [a["kept"] for a in ordinary_facts(model, tokenizer, template, device)]
     return {"general_loss": loss, "facts_kept": sum(kept) / len(kept)}
 
 

@@ -24,11 +24,12 @@ from torch import nn
 
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, atomic_dir, other_than_file
+from lorakit.lora import conv, mha
 from lorakit.lora.config import CONFIG_NAME, LoraConfig
 from lorakit.lora.experts import expert_factors
 from lorakit.lora.inits import converted_to_lora
 from lorakit.lora.inject import find_modules_to_save, find_targets, is_shared_bias, walk
-from lorakit.lora.layers import EMBEDDING, LoraLinear, ModulesToSave, layer_kind
+from lorakit.lora.layers import CONVND, EMBEDDING, MHA, LoraLinear, ModulesToSave, layer_kind
 from lorakit.lora.layouts import (
     WRITES_LAYOUT_OF,
     ParamSpec,
@@ -84,7 +85,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
             out[f"{path}.{stem}B{suffix}"] = b
             if adapter_name in module.lora_magnitude_vector:
                 out[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
-            if bias == "lora_only" and module.base_layer.bias is not None:
+            if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = module.base_layer.bias
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
@@ -291,6 +292,11 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
             n_in, n_out = base.num_embeddings, base.embedding_dim
             check.expected[f"{name}.lora_embedding_A"] = (r, n_in)
             check.expected[f"{name}.lora_embedding_B"] = (n_out, r)
+            if config.use_dora:
+                check.expected[f"{name}.lora_magnitude_vector"] = (n_out,)
+        elif kind in _FILE_SHAPES:
+            for suffix, shape in _FILE_SHAPES[kind](base, r, config.use_dora).items():
+                check.expected[f"{name}.{suffix}"] = shape
         else:
             n_in, n_out = _in_out(base, kind)
             check.expected[f"{name}.lora_A.weight"] = (r, n_in)
@@ -319,6 +325,9 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
     check.expected = {PREFIX + k: v for k, v in check.expected.items()}
     check.optional = {PREFIX + k: v for k, v in whole_layer_keys(model, config).items()}
     return check
+
+
+_FILE_SHAPES = {CONVND: conv.file_shapes, MHA: mha.file_shapes}  # kind -> (base, r, dora)
 
 
 def _in_out(base: nn.Module, kind: str) -> tuple[int, int]:

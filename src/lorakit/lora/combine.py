@@ -35,7 +35,7 @@ import torch
 
 from lorakit.errors import ConfigError, closest
 from lorakit.lora.config import LoraConfig
-from lorakit.lora.layers import LoraLinear
+from lorakit.lora.layers import CONVND, LoraLinear
 
 PRUNING = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
 COMBINATIONS = ("linear", "cat", "svd", *PRUNING, *(f"{m}_svd" for m in PRUNING))
@@ -78,6 +78,12 @@ def combine_adapters(
         raise ConfigError(
             f"combination_type={combination_type!r} needs equal ranks, got {sorted(ranks)}; use "
             "'cat' or one of the '_svd' types"
+        )
+    convs = [n for n, layer in layers if layer.kind == CONVND and set(adapters) & set(layer.r)]
+    if svd and convs:
+        raise ConfigError(
+            f"combination_type={combination_type!r} on the convolution `{convs[0]}` is not "
+            "supported by lorakit (peft fails on it too): use 'linear', 'cat' or 'ties'"
         )
     if method == "cat":
         new_rank = sum(c.r for c in configs)
@@ -221,8 +227,8 @@ def _concatenate(
         a_parts.append(a * (weight * layer.scaling[name]))
         b_parts.append(b)
     a_cat, b_cat = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
-    a_full = torch.zeros(rank, a_cat.shape[1])
-    b_full = torch.zeros(b_cat.shape[0], rank)
+    a_full = a_cat.new_zeros(rank, *a_cat.shape[1:])  # a convolution's factors keep their
+    b_full = b_cat.new_zeros(b_cat.shape[0], rank, *b_cat.shape[2:])  # kernel dimensions
     a_full[: a_cat.shape[0]], b_full[:, : b_cat.shape[1]] = a_cat, b_cat
     return a_full, b_full
 

@@ -79,14 +79,14 @@ def merge_step(
     """((m / n) * (W_now + dW), n) for merging DoRA adapter `name` into `merged` (W_now), n the
     row norms of `unmerged` + dW; all (out, in) fp32 (`update.merged_weight` calls this)."""
     norm = torch.linalg.norm(unmerged + delta, dim=1)
-    factor = layer.lora_magnitude_vector[name].float() / norm
+    factor = layer.lora_magnitude_vector[name].float().flatten() / norm  # conv: (1, out, 1..)
     return factor[:, None] * (merged + delta), norm
 
 
 def unmerge_step(layer: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
     """`weight` divided by m / n, n as kept at merge time; what remains is W_now + dW."""
     norm = layer.dora_merged_norms.pop(name)
-    return weight * (norm / layer.lora_magnitude_vector[name].float())[:, None]
+    return weight * (norm / layer.lora_magnitude_vector[name].float().flatten())[:, None]
 
 
 @contextlib.contextmanager

@@ -18,15 +18,19 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.lora.config import LoraConfig
+from lorakit.lora.conv import LoraConv
 from lorakit.lora.layers import (
     CONV1D,
+    CONVND,
     EMBEDDING,
     LINEAR,
+    MHA,
     LoraEmbedding,
     LoraLinear,
     ModulesToSave,
     layer_kind,
 )
+from lorakit.lora.mha import LoraMHA, out_proj_wrapper
 from lorakit.lora.moe import all_linear_parameters
 from lorakit.lora.params import LoraParams, check_param_config
 from lorakit.lora.presets import parameter_preset, target_preset
@@ -38,7 +42,9 @@ _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 # containers a modules_to_save copy cannot stand in for (they have no forward of their own)
 _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 # layer kinds peft adapts and lorakit does not
-_PEFT_LAYER_KINDS = ("Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "ParamWrapper")
+_PEFT_LAYER_KINDS = ("ParamWrapper",)
+# the wrapper of each layer kind that is not a plain linear layer
+_WRAPPERS = {EMBEDDING: LoraEmbedding, CONVND: LoraConv, MHA: LoraMHA}
 
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -234,8 +240,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 else f"a {kind}, which LoRA cannot wrap"
             )
             raise ConfigError(
-                f"target `{name}` is {what}; target its nn.Linear / Conv1D / nn.Embedding "
-                "children instead\n" + _layer_names_hint(model)
+                f"target `{name}` is {what}; target its linear, embedding, convolution or "
+                "MultiheadAttention children instead\n" + _layer_names_hint(model)
             )
         if config.layers_to_transform is not None:
             index = _layer_index(name, config.layers_pattern)
@@ -285,7 +291,8 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
     names = []
     for name, module in find_targets(model, config):
         if not isinstance(module, LoraLinear):
-            module = (LoraEmbedding if layer_kind(module) == EMBEDDING else LoraLinear)(module)
+            wrapper = _WRAPPERS.get(layer_kind(module)) or out_proj_wrapper(model, name)
+            module = (wrapper or LoraLinear)(module)
             replace_module(model, name, module)
         if module.kind == CONV1D:
             config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)

@@ -29,17 +29,22 @@ from lorakit.lora.config import scaling
 from lorakit.lora.rows import RowPlan
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
+CONVND, MHA = "convnd", "mha"  # nn.Conv1d/2d/3d (`conv.py`), nn.MultiheadAttention (`mha.py`)
 logger = logging.getLogger("lorakit")
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d', 'embedding', or None when LoRA cannot wrap `module`."""
+    """'linear', 'conv1d', 'embedding', 'convnd', 'mha', or None when LoRA cannot wrap `module`."""
     if isinstance(module, LoraLinear):
         return module.kind
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, nn.Embedding):
         return EMBEDDING
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONVND
+    if isinstance(module, nn.MultiheadAttention):
+        return MHA
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return CONV1D
     if is_quantized_linear(module):
@@ -60,6 +65,7 @@ class LoraLinear(nn.Module):
     `LoraLinear(embedding)` gives a `LoraEmbedding`."""
 
     no_dora: str | None = None  # why this kind of layer refuses DoRA, or None
+    kinds: tuple[str, ...] = (LINEAR, CONV1D, EMBEDDING)  # the `layer_kind`s this class wraps
 
     def __new__(cls, base_layer: nn.Module | None = None, *args, **kwargs):
         if cls is LoraLinear and isinstance(base_layer, nn.Embedding):
@@ -69,15 +75,13 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         kind = layer_kind(base_layer)
-        if kind is None:
-            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}")
+        if kind not in self.kinds:
+            where = "" if kind is None else f" in a {type(self).__name__}"
+            raise TypeError(f"LoRA cannot wrap {type(base_layer).__name__}{where}")
         self.base_layer = base_layer
         self.kind = kind
         self.fan_in_fan_out = kind in (CONV1D, EMBEDDING)  # the base stores W as (in, out)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = self._in_out(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -93,6 +97,12 @@ class LoraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._rows: RowPlan | None = None
+
+    def _in_out(self, base_layer: nn.Module) -> tuple[int, int]:
+        """(in_features, out_features) of the base layer."""
+        if self.fan_in_fan_out:
+            return tuple(base_layer.weight.shape)
+        return base_layer.in_features, base_layer.out_features
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -285,6 +295,10 @@ class LoraLinear(nn.Module):
         unmerged = self.dense_weight().float()
         return update.merged_weight(self, names, unmerged)[0] - unmerged
 
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise, before anything is written, when these adapters cannot merge into this layer
+        (every linear layer can; see `conv.LoraConv`)."""
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Write the adapters into the base weight in place (DoRA: see `dora.py`)."""
@@ -349,13 +363,10 @@ class LoraEmbedding(LoraLinear):
 
     A (r × num_embeddings) is looked up by token id, as the base looks up its weight, so the
     forward adds scaling * B(embedding(x, A^T)); no dropout. The parameters keep peft's names,
-    `lora_embedding_A` and `lora_embedding_B`. DoRA and the inits that read the base weight
+    `lora_embedding_A` and `lora_embedding_B`. DoRA scales both the base's and the adapter's
+    output by m / n, n the norm of each embedding dimension's column of W + dW (peft's form,
+    `dora.py`'s norm on the (dim, num_embeddings) view). The inits that read the base weight
     are not supported here."""
-
-    no_dora = (
-        "DoRA (use_dora=True) on an embedding layer is not supported by lorakit; exclude "
-        "the embedding from target_modules"
-    )
 
     def _create_weights(self, name: str, r: int, device, dtype: torch.dtype) -> None:
         self.lora_embedding_A[name] = nn.Parameter(
@@ -392,7 +403,12 @@ class LoraEmbedding(LoraLinear):
             base.scale_grad_by_freq,
             base.sparse,
         )
-        return (h @ b.T * self.scaling[name]).to(result.dtype)  # (..., dim)
+        lora = h @ b.T * self.scaling[name]  # (..., dim)
+        if name in self.lora_magnitude_vector:  # DoRA: (m / n) * (base + lora) - base
+            weight = self.dense_weight().to(a.dtype)
+            scale = self.lora_magnitude_vector[name] / dora.weight_norm(self, name, weight)
+            return ((scale - 1) * result.to(a.dtype) + scale * lora).to(result.dtype)
+        return lora.to(result.dtype)
 
     @property
     def packable(self) -> bool:

@@ -304,6 +304,8 @@ class LoraModel(PeftSurface, HFFace):
         if layers and all(set(names) <= set(layer.merged_adapters) for layer in layers):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
+        for _, layer in self.lora_layers():
+            layer.check_merge(names)  # a layer that cannot merge refuses before any is written
         untie_for_merge(self.base_model.model, list(self.lora_layers()), names)  # own copies
         for layer in layers:
             layer.merge(names, safe_merge=safe_merge)
@@ -326,6 +328,8 @@ class LoraModel(PeftSurface, HFFace):
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         names = adapter_names or self.active_adapters
         if merge:
+            for _, layer in self.lora_layers():
+                layer.check_merge(names)
             untie_for_merge(self.base_model.model, list(self.lora_layers()), names, stacklevel=4)
         replacements = []
         for name, module in self.base_model.model.named_modules():

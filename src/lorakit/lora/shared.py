@@ -23,6 +23,10 @@ this thread and on a helper thread, from two generators seeded by two draws of t
 generator: the masks still follow from its state alone. The mask is kept for backward as
 bytes, a quarter of the float mask's memory; the 1/(1-p) is left to the caller's scaling. On
 other devices torch's fused dropout runs.
+
+Inside `torch.compile` (train.compile) each layer runs torch's dropout, whose random numbers
+inductor draws inside the kernel that applies them: no record is kept, and each adapter layer
+draws its own mask (peft's rule), still from torch's default generator.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ def dropped(layer: nn.Module, x: torch.Tensor, name: str) -> tuple[torch.Tensor,
     rate = dropout_rate(dropout)
     if not rate:
         return x, 1.0
+    if torch.compiler.is_compiling():  # inductor fuses its own mask with the multiply
+        return dropout(x), 1.0
     key = (name, rate, x._version, torch.is_grad_enabled())
     rec = _record
     if rec.x is not None and rec.x() is x and rec.key == key and layer not in rec.layers:

@@ -20,7 +20,8 @@ from lorakit.lora import dora
 def lora_weight(layer: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
     """B @ A (out, in) in `dtype`, without the scaling."""
     a, b = layer.lora_weights(name)
-    return (b @ a).to(dtype)
+    # flatten(1): a convolution's A (r, in, *k) and B (out, r, 1, ...) as matrices (`conv.py`)
+    return (b.flatten(1) @ a.flatten(1)).to(dtype)
 
 
 def scaled_update(layer: nn.Module, name: str) -> torch.Tensor:

@@ -178,7 +178,7 @@ class QuantLinear(nn.Module):
         """y = x W~^T + b, computed in the compute dtype, returned in x's dtype."""
         h = x.to(self.compute_dtype)
         if torch.is_grad_enabled() and h.requires_grad:
-            y = _DequantizedMatmul.apply(h, self)
+            y = _dequantized_matmul(h, self)
         else:
             y = self.matmul(h)
         if self.bias is not None:
@@ -234,6 +234,12 @@ class _DequantizedMatmul(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         weight = ctx.layer.dequantize(grad_output.dtype)  # (out, in)
         return grad_output @ weight, None
+
+
+@torch.compiler.disable  # dynamo cannot trace an autograd.Function given a module: runs eager
+def _dequantized_matmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """x W~^T with the weight dequantized again in backward (`_DequantizedMatmul`)."""
+    return _DequantizedMatmul.apply(x, layer)
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -275,8 +275,11 @@ def save_final(path: Path, model: nn.Module, extra: dict[str, Any] | None = None
     return path
 
 
-# Fields that may change between a run and its resume without changing the result.
+# Fields that may change between a run and its resume without changing the result (`compile`
+# changes rounding and, with dropout, which masks are drawn, not the recipe; checkpoints from
+# before it existed have no such key).
 RESUME_FREE = {
+    "compile",
     "eval_every",
     "eval_max_batches",
     "eval_prompts",

@@ -297,7 +297,7 @@ def _sft_backward(
     n_global = _global_count(run, local, step, ids, what)
     loss_total, aux_total, bad = 0.0, 0.0, 0
     for batch in batches:
-        with autocast(run.config.precision, run.device):
+        with autocast(run.config.precision, run.device), _compiled(run):
             objective, loss_sum, aux, n = micro_batch_loss(
                 run.model, batch, run.config.loss_chunk_size, n_global, run.router
             )
@@ -311,6 +311,11 @@ def _sft_backward(
         return totals, {}
     aux_mean = all_reduce_sum(torch.tensor(aux_total, dtype=torch.float64), run.ctx)
     return totals, {"aux_loss": float(aux_mean)}
+
+
+def _compiled(run: Run) -> contextlib.AbstractContextManager:
+    """The compiled decoder blocks switched on (train.compile), or nothing."""
+    return run.compiled.active() if run.compiled is not None else contextlib.nullcontext()
 
 
 def _preference_backward(
@@ -347,6 +352,9 @@ def _after_step(run: Run, stats: StepStats) -> None:
     last = done == run.total_steps
     if ctx.main:  # rank 0 logs, evaluates and saves
         run.log.log(_train_row(run, stats), show=done % config.log_every == 0 or last)
+        if run.compiled is not None:
+            for line in run.compiled.report(stats.elapsed, last):
+                run.log.message(line)
     evaluation = None
     due = (run.has_eval or bool(config.eval_prompts)) and (last or _due(done, config.eval_every))
     if due and (ctx.main or run.sharded):  # fsdp: every rank runs the forward passes

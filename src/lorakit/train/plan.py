@@ -119,13 +119,19 @@ class StepPlan:
             return f"{ids} ({self.data.describe(ids)})"
         return str(ids)
 
-    def fingerprint(self) -> str:
-        """sha256 over token ids and labels (and batching settings): changes with the data."""
+    def fingerprint(self, per_sample: bool = False) -> str:
+        """sha256 over the batching settings and the data: changes with the data. A token store
+        gives the digest it kept when written (O(1) at any size); `per_sample` hashes every
+        sample's ids and labels instead, the fingerprint of runs begun before stores kept one."""
         digest = hashlib.sha256(f"{self.batch_size}".encode())
         if self.tokenized:
             cfg = self.data.config
             digest.update(f"{cfg.packing}/{cfg.max_length}/{cfg.group_by_length}".encode())
             samples = self.data.samples
+            content = None if per_sample else getattr(samples, "content_digest", lambda: None)()
+            if content is not None:
+                digest.update(f"store:{content}".encode())
+                return digest.hexdigest()[:16]
             pairs = (
                 samples.iter_arrays()  # a token store: read as arrays, no lists made
                 if hasattr(samples, "iter_arrays")

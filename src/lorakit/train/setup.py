@@ -29,6 +29,7 @@ from lorakit.train.checkpoint import (
     restore_checkpoint,
     resume_differences,
 )
+from lorakit.train.compiled import Compiled, decoder_blocks, resolve_compile
 from lorakit.train.config import TrainConfig
 from lorakit.train.fsdp import check_shardable, gathered, shard_model
 from lorakit.train.log import RunLog
@@ -100,6 +101,7 @@ class Run:
     start_step: int = 0
     governor: ThreadGovernor | None = None
     router: RouterLoss | None = None  # an MoE model's load-balancing loss, when its config asks
+    compiled: Compiled | None = None  # the compiled decoder blocks (train.compile)
     stop: dict[str, int] = field(default_factory=lambda: {"signal": 0})  # set by a signal
     old_handlers: dict = field(default_factory=dict)
     # while it runs
@@ -178,6 +180,7 @@ def setup_run(
     _prepare_model(run.model, config, run.device)
     if run.sharded:  # after the adapter is attached and cast; the optimizer then holds the shards
         shard_model(run.model, ctx, run.device, config.precision, config.fsdp_cpu_offload)
+    run.compiled = _compiled(run)
     run.optimizer, run.params = build_optimizer(run.model, config)
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
     run.result = TrainResult(output_dir=run.output_dir, steps=0, total_steps=run.total_steps)
@@ -216,7 +219,7 @@ def _restore(run: Run, checkpoint_path: Path, *, auto: bool, force: bool) -> Non
     """Load a checkpoint into the run; refuses one made with other settings unless `force`."""
     checkpoint_path, saved, skipped = read_resume(checkpoint_path, auto)
     run.notes += skipped
-    diffs = resume_differences(saved["state"]["settings"], run.settings)
+    diffs = resume_differences(_saved_settings(run, saved["state"]["settings"]), run.settings)
     if diffs and not force:
         raise ConfigError(
             f"checkpoint {checkpoint_path} was made with other settings: {'; '.join(diffs)}."
@@ -229,6 +232,15 @@ def _restore(run: Run, checkpoint_path: Path, *, auto: bool, force: bool) -> Non
     run.start_step = run.result.steps = state["step"]
     run.best = state.get("best_eval_loss") or math.inf
     run.resumed_from = checkpoint_path
+
+
+def _saved_settings(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings, its data fingerprint taken as this run's where it is the
+    per-sample one of the same data (a run begun before token stores kept their digest)."""
+    data = settings.get("data")
+    if data in (None, run.settings["data"]) or data != run.plan.fingerprint(per_sample=True):
+        return settings
+    return {**settings, "data": run.settings["data"]}
 
 
 def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
@@ -253,6 +265,24 @@ def _prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) 
             raise ConfigError("gradient_checkpointing needs a Hugging Face model")
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+
+
+def _compiled(run: Run) -> Compiled | None:
+    """The compiled decoder blocks when train.compile asks for them (not under fsdp)."""
+    config = run.config
+    if run.sharded or not resolve_compile(config.compile, run.device):
+        return None
+    if not decoder_blocks(run.model):
+        if config.compile == "auto":
+            return None
+        name = type(unwrap_causal_lm(run.model)).__name__
+        raise ConfigError(
+            f"train.compile: {name} names no repeated decoder block (_no_split_modules) to "
+            "compile; set train.compile: false"
+        )
+    compiled = Compiled(run.model)
+    run.notes.append(compiled.describe())
+    return compiled
 
 
 def _clean_leftovers(output_dir: Path) -> list[str]:

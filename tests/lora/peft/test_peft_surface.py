@@ -131,8 +131,8 @@ def test_unimplemented_peft_features_are_refused_by_name(kwargs):
 
 
 def test_unsupported_layer_kind_is_refused_by_name():
-    model = nn.Sequential(nn.Conv2d(3, 3, 1))
-    with pytest.raises(ConfigError, match="LoRA on a Conv2d is not supported by lorakit"):
+    model = nn.Sequential(nn.LayerNorm(3))
+    with pytest.raises(ConfigError, match="`0` is a LayerNorm, which LoRA cannot wrap"):
         lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["0"]))
 
 
