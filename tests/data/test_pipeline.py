@@ -257,3 +257,28 @@ def test_inspect_marks_supervised_tokens(tok):
     report = inspect_dataset(DataConfig(dataset="arithmetic"), tok, n=2)
     assert report.count("⟦") == 2 and "⟦14<|im_end|>\n⟧" in report
     assert "500 of 500 rows used" in report and "padding at batch size 8, packed" in report
+
+
+def test_a_checked_file_is_not_read_again_until_it_or_the_settings_change(tmp_path, monkeypatch):
+
+    from lorakit.data import pipeline
+
+    monkeypatch.setenv("LORAKIT_DATA_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reads = []
+    real = pipeline.load_conversations
+    monkeypatch.setattr(pipeline, "load_conversations", lambda c: reads.append(c) or real(c))
+    config = DataConfig(dataset=str(path))
+    pipeline.check_dataset(config)
+    pipeline.check_dataset(config)  # passed before with the same file and settings: not read
+    assert len(reads) == 1
+    pipeline.check_dataset(DataConfig(dataset=str(path), limit=2))  # other row settings
+    pipeline.check_dataset(DataConfig(dataset=str(path), cache=False))  # no memo without a cache
+    assert len(reads) == 3
+    path.write_text(path.read_text() + "{not json\n")  # the file changed: read, and refused
+    with pytest.raises(DataError, match="d.jsonl line 5"):
+        pipeline.check_dataset(config)
+    with pytest.raises(DataError, match="d.jsonl line 5"):  # a failed check is not remembered
+        pipeline.check_dataset(config)

@@ -59,6 +59,7 @@ def test_scales_are_folded_into_b_per_module():
         ({"bias": "lora_only"}, "bias='lora_only'"),
         ({"lora_bias": True}, "lora_bias=True"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
     ],
 )
 def test_what_a_lora_file_cannot_hold_is_refused(kwargs, reason):

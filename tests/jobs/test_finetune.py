@@ -93,3 +93,40 @@ def test_a_run_folder_and_missing_data_are_refused_before_the_model_loads(
     (done / "COMPLETE").write_text("ok\n")
     with pytest.raises(ConfigError, match="--resume auto"):
         run_training(run_config(tiny_dir, tmp_path / "b"), show=lambda _: None)
+
+
+def test_added_tokens_train_only_their_rows_and_travel_with_the_adapter(tiny_dir, tmp_path):
+    import peft
+    import torch
+    from safetensors.torch import load_file
+
+    from lorakit.jobs.evaluation import load_with_adapters
+    from lorakit.models import load_model
+
+    out = tmp_path / "out"
+    run = run_config(
+        tiny_dir, out, model={"name_or_path": str(tiny_dir), "add_tokens": ["<a>", "<b>"]}
+    )
+    lines = []
+    result = run_training(run, show=lines.append)
+    assert "added tokens: <a>=49152, <b>=49153; vocabulary 49,154" in lines
+    final = result.final_dir
+    tensors = load_file(final / "adapter_model.safetensors")
+    rows = {k: v.shape for k, v in tensors.items() if "token_adapter" in k}
+    assert rows == {
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (2, 32),
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta": (2, 32),
+    }
+    model, tokenizer = load_with_adapters(str(tiny_dir), {"run": final})
+    assert tokenizer.convert_tokens_to_ids(["<a>", "<b>"]) == [49152, 49153]
+    ids = tokenizer("x <a> y <b>", return_tensors="pt").input_ids
+    assert 49152 in ids[0] and 49153 in ids[0]
+    base = load_model(str(tiny_dir))
+    base.resize_token_embeddings(len(tokenizer))
+    theirs = peft.PeftModel.from_pretrained(base, str(final)).eval()
+    with torch.no_grad():
+        ours = model(ids).logits
+        assert torch.allclose(ours, theirs(ids).logits, atol=1e-5)
+        plain = load_model(str(tiny_dir))
+        plain.resize_token_embeddings(len(tokenizer))
+        assert not torch.allclose(ours[..., -2:], plain(ids).logits[..., -2:], atol=1e-4)

@@ -11,7 +11,10 @@ collation), `builtin` (built-in datasets, exact match). The package's names are 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,13 +53,17 @@ from lorakit.data.store import (
     StoreSamples,
     StoreWriter,
     cache_key,
+    cache_root,
     cached_store,
     key_parts,
+    remembered_digest,
     tokenizer_digest,
 )
 from lorakit.data.tokenize import IGNORE_INDEX, supervised_count
 from lorakit.errors import DataError
+from lorakit.files import write_text
 from lorakit.models import PLAIN_TEMPLATE, chat_template_of
+from lorakit.version import __version__
 
 
 class DataConfig(BaseModel):
@@ -212,7 +219,11 @@ def check_dataset(config: DataConfig) -> None:
     """Read every row of the dataset (file, built-in or mix) without a tokenizer, as a run
     does before its model loads: raises DataError when it is missing, unreadable, of no
     detectable format, without one usable row, or with rows the bad-row policy refuses (the
-    same report `build_dataset` gives)."""
+    same report `build_dataset` gives). A file that passed with the same settings before (its
+    contents' digest remembered in the cache) is not read again."""
+    memo = _checked_memo(config)
+    if memo is not None and memo.is_file():
+        return
     source, conversations = load_conversations(config)
     if not conversations:
         raise DataError(
@@ -221,6 +232,25 @@ def check_dataset(config: DataConfig) -> None:
         )
     problems = [f"{row.where}: {c}" for row, c in conversations if isinstance(c, RowProblem)]
     check_rows(config, source, len(conversations), problems, unreadable=len(problems))
+    if memo is not None:
+        with contextlib.suppress(OSError):  # a read-only cache: check again next time
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_text(memo, "passed\n")
+
+
+def _checked_memo(config: DataConfig) -> Path | None:
+    """Where a passed check of this source and these row settings is remembered (None for a
+    mix, a missing source or data.cache false)."""
+    if config.datasets or not config.cache:
+        return None
+    path, _ = _source(config)
+    if not path.exists():
+        return None
+    fields = ("split", "format", "columns", "limit", "bad_rows", "max_skipped_share")
+    parts = {k: getattr(config, k) for k in fields}
+    parts.update(version=__version__, digest=remembered_digest(path), name=path.name)
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_root() / "checked" / key[:32]
 
 
 def mix_parts(config: DataConfig) -> list[tuple[str, DatasetSource, list[tuple[RawRow, Any]]]]:

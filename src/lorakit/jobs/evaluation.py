@@ -28,6 +28,7 @@ from lorakit.data.pipeline import (
 )
 from lorakit.lora.model import LoraModel
 from lorakit.models import load_model, load_tokenizer
+from lorakit.models.vocab import adapter_tokenizer, fit_vocabulary
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import eval_loss, greedy_answers
 from lorakit.train.plan import eval_batches
@@ -95,8 +96,9 @@ def load_with_adapters(
     base: str, adapters: dict[str, Path], dtype: str = "float32", device: str = "cpu"
 ) -> tuple[nn.Module, Any]:
     """The base model with these adapters loaded (a LoraModel), or the bare base; + tokenizer."""
-    tokenizer = load_tokenizer(base)
+    tokenizer = adapter_tokenizer(adapters.values()) or load_tokenizer(base)
     model = load_model(base, dtype=dtype, device=device)
+    fit_vocabulary(model, tokenizer)  # an adapter trained with added tokens
     if not adapters:
         return model.eval(), tokenizer
     items = list(adapters.items())

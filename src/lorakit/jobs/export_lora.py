@@ -42,6 +42,11 @@ def refusals(lora: LoraModel, adapter: str = "default") -> list[str]:
         reasons.append(
             f"modules_to_save={config.modules_to_save}: whole trained modules are not LoRA tensors"
         )
+    if config.trainable_token_indices:
+        reasons.append(
+            "trainable_token_indices: trained token rows are not LoRA tensors (and a grown "
+            "vocabulary needs the merged model's own tokenizer)"
+        )
     model_config = lora.base_model.model.config
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
     for name, layer in lora.lora_layers():

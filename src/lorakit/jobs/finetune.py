@@ -18,7 +18,9 @@ from lorakit.jobs.preflight import check_run
 from lorakit.jobs.run_config import RunConfig
 from lorakit.lora import inits
 from lorakit.lora.model import LoraModel, get_peft_model
+from lorakit.lora.tokens import new_token_rows
 from lorakit.models import RAW_TEMPLATE
+from lorakit.models.vocab import add_tokens
 from lorakit.train.loop import train
 from lorakit.train.rundir import delete_run
 from lorakit.train.runtime import is_main_process, resolve_device, seed_everything
@@ -35,6 +37,7 @@ def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn
             "cannot be trained; use method=lora (QLoRA) or drop model.quantization"
         )
     model, tokenizer = load_model_and_tokenizer(run.model)
+    new_ids = _add_tokens(run, model, tokenizer, show)
     if run.method == "full":
         model.requires_grad_(True)
         show(f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -44,7 +47,10 @@ def build_model(run: RunConfig, show: Callable[[str], None] = print) -> tuple[nn
 
         prepare_model_for_kbit_training(model, run.train.gradient_checkpointing)
     seed_everything(run.train.seed)  # lora_A's random start: the same seed, the same run
-    lora = get_peft_model(model, run.lora.to_lora_config())
+    config = run.lora.to_lora_config()
+    if new_ids:
+        config.trainable_token_indices = new_token_rows(model, new_ids, config.modules_to_save)
+    lora = get_peft_model(model, config)
     lora.chat_template = prompt_template(run.data, tokenizer)
     trainable, total = lora.get_nb_trainable_parameters()
     show(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -107,6 +113,10 @@ def run_training(
             show("final adapter: written as the plain LoRA (rank 2r) for the original base model")
     if result.final_dir is not None and run.method == "full":
         tokenizer.save_pretrained(result.final_dir)
+    elif run.model.add_tokens and is_main_process():  # the adapter's rows need its vocabulary
+        for folder in (result.final_dir, result.best_dir):
+            if folder is not None:
+                tokenizer.save_pretrained(folder)
     if eval_config is not None and run.eval.exact_match and not result.interrupted:
         device = resolve_device(run.train.device)
         score = score_answers(model, tokenizer, eval_config, run.eval.max_new_tokens, device)
@@ -127,6 +137,21 @@ def _initial_adapter(model: nn.Module) -> tempfile.TemporaryDirectory | None:
     folder = tempfile.TemporaryDirectory(prefix="lorakit-initial-adapter-")
     model.save_pretrained(folder.name)
     return folder
+
+
+def _add_tokens(run: RunConfig, model: nn.Module, tokenizer: Any, show) -> list[int]:
+    """`model.add_tokens` added to the tokenizer and the model grown to hold them; their ids."""
+    if not run.model.add_tokens:
+        return []
+    if run.lora.trainable_token_indices is not None and run.method != "full":
+        raise ConfigError(
+            "model.add_tokens sets lora.trainable_token_indices to the added tokens' ids; "
+            "leave lora.trainable_token_indices out (or add the tokens yourself and list ids)"
+        )
+    ids = add_tokens(model, tokenizer, run.model.add_tokens, run.model.add_tokens_special)
+    shown = ", ".join(f"{t}={i}" for t, i in zip(run.model.add_tokens, ids, strict=True))
+    show(f"added tokens: {shown}; vocabulary {len(tokenizer):,}")
+    return ids
 
 
 def _silent(text: str) -> None:

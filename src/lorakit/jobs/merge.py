@@ -22,6 +22,7 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.files import apply_umask, atomic_dir, staging_dir
 from lorakit.lora.model import LoraModel
 from lorakit.models import chat_template_of, load_model, load_tokenizer
+from lorakit.models.vocab import adapter_tokenizer, fit_vocabulary
 
 # Largest allowed |merged - unmerged| logit. The merge is done and checked in fp32, where the two
 # differ only by summation order; a 16-bit output is cast afterwards and its extra rounding is
@@ -167,8 +168,9 @@ def merge_and_export(
     if dtype not in _TORCH_DTYPES:
         raise ConfigError(f"dtype `{dtype}`: expected one of {', '.join(_TORCH_DTYPES)}")
     tolerance = TOLERANCE if tolerance is None else tolerance
-    tokenizer = load_tokenizer(base)
+    tokenizer = adapter_tokenizer([adapter]) or load_tokenizer(base)
     model = load_model(base, dtype="float32", device=device, quantization=quantization)
+    fit_vocabulary(model, tokenizer)  # an adapter trained with added tokens
     dequantized = None
     if quantization is not None:
         from lorakit.quant.layer import dequantize_model

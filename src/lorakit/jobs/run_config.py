@@ -76,6 +76,14 @@ class LoraSection(BaseModel):
     alpha_pattern: dict[str, float] = Field(
         default_factory=dict, description="Regex on the layer name -> lora_alpha for that layer."
     )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = Field(
+        None,
+        description="Token ids whose embedding rows train (only those rows are saved), or "
+        "{layer: ids}; model.add_tokens sets it to the added tokens' ids.",
+    )
+    ensure_weight_tying: bool = Field(
+        False, description="Keep a head tied to the embedding tied (peft's meaning)."
+    )
 
     def to_lora_config(self) -> LoraConfig:
         """The `lorakit.LoraConfig` this section describes ('preset' is resolved on injection)."""

@@ -46,6 +46,14 @@ from lorakit.lora.layouts import (
     to_current,
 )
 from lorakit.lora.params import LoraParams
+from lorakit.lora.token_files import (
+    BASE_WEIGHT,
+    refresh_originals,
+    whole_copy_target,
+    whole_layer_keys,
+    whole_layers,
+)
+from lorakit.lora.tokens import DELTA, token_shapes, token_tensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
@@ -98,6 +106,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
             for param, stem in key_stems(path, module.param_names(adapter_name)).items():
                 a, b = module.lora_weights(adapter_name, param)
                 out[f"{stem}.lora_A.weight"], out[f"{stem}.lora_B.weight"] = a, b
+    out.update(token_tensors(model, adapter_name))
     if bias == "all":
         for name, param in model.named_parameters():
             if is_shared_bias(name):
@@ -112,6 +121,7 @@ def save_adapter(
     config: LoraConfig,
     chat_template: str | None = None,
     convert_from: str | Path | None = None,
+    embedding_layers: str | bool = "auto",
 ) -> Path:
     """Write one adapter atomically (`files.atomic_dir`): the whole folder is staged, fsynced
     and renamed into place, so `directory` holds the old adapter or the new one, never a mix.
@@ -120,10 +130,13 @@ def save_adapter(
 
     `convert_from`: the adapter saved right after a PiSSA / OLoRA initialisation; the adapter is
     then written as the equivalent plain LoRA for the original base (`inits.converted_to_lora`),
-    and that folder's config gets init_lora_weights=True, as peft does.
+    and that folder's config gets init_lora_weights=True, as peft does. `embedding_layers`:
+    peft's `save_embedding_layers` (`tokens.whole_layers`).
     """
     directory = Path(directory)
     tensors = adapter_state_dict(model, adapter_name, config.bias)
+    whole = whole_layers(model, config, adapter_name, embedding_layers)
+    tensors.update({PREFIX + k: v.detach().cpu().clone() for k, v in whole.items()})
     if config.target_parameters:  # readers tell the expert layout by it (`layouts`)
         config = copy.copy(config)
         config.extra = {**config.extra, "peft_version": WRITES_LAYOUT_OF}
@@ -277,6 +290,7 @@ class AdapterCheck:
     to_save_names: list[str] = field(default_factory=list)
     base_copies: list[str] = field(default_factory=list)  # whole base weights that differ
     param_specs: list[ParamSpec] = field(default_factory=list)  # adapted parameters
+    optional: dict[str, tuple[int, ...]] = field(default_factory=dict)  # whole vocab layers
 
 
 def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
@@ -321,6 +335,7 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
         for key, tensor in source.state_dict().items():
             check.expected[f"{name}.{key}"] = tuple(tensor.shape)
         check.to_save_names.append(name)
+    check.expected.update(token_shapes(model, config))
     if config.bias == "all":
         targets = set(check.target_names)
         for pname, param in model.named_parameters():
@@ -330,6 +345,7 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> AdapterCheck:
             key = f"{owner}.base_layer.bias" if owner in targets else pname
             check.expected[key] = tuple(param.shape)
     check.expected = {PREFIX + k: v for k, v in check.expected.items()}
+    check.optional = {PREFIX + k: v for k, v in whole_layer_keys(model, config).items()}
     return check
 
 
@@ -389,7 +405,17 @@ def check_adapter(model: nn.Module, adapter: str | Path | AdapterFiles) -> Adapt
             problems.append(f"missing key {key} (expected shape {list(shape)})")
         else:
             problems += _shape_problem(key, tensors[key], shape)
-    unexpected = sorted(set(tensors) - set(check.expected) - set(_base_copy_keys(check)))
+    for key, shape in check.optional.items():
+        if key.endswith(DELTA) or key not in tensors:  # a tied head's copy of the rows
+            problems += _shape_problem(key, tensors[key], shape) if key in tensors else []
+        elif not _shape_problem(key, tensors[key], shape):
+            weight = whole_copy_target(base, key.removeprefix(PREFIX))
+            if not torch.equal(tensors[key].to(weight.dtype), weight.detach()):
+                check.base_copies.append(key)
+        else:
+            problems += _shape_problem(key, tensors[key], shape)
+    known = set(check.expected) | set(_base_copy_keys(check)) | set(check.optional)
+    unexpected = sorted(set(tensors) - known)
     problems += [f"unexpected key {key}: the base has no such module" for key in unexpected]
     if problems:
         raise AdapterError(
@@ -514,7 +540,6 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: 
     """Copy tensors under peft's file key names into adapter `adapter_name` of `model` (the
     wrapped model, its LoRA layers injected); the keys were checked (`check_adapter`)."""
     tensors = normalise_keys(tensors)
-    params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     stems = param_stems(model, adapter_name)
     custom = {p: m for p, m in modules.items() if registry.is_custom(m)}
@@ -531,13 +556,18 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: 
             target = getattr(module, which)[param][adapter_name]
         elif leaf in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
             target = getattr(modules[owner], leaf)[adapter_name]
+        elif path.endswith("." + DELTA):
+            target = modules[owner].trainable_tokens_delta[adapter_name]
+        elif path.endswith("." + BASE_WEIGHT):
+            target = whole_copy_target(model, path)
         elif owner.endswith((".lora_A", ".lora_B")):
             layer, _, which = owner.rpartition(".")
             target = getattr(getattr(modules[layer], which)[adapter_name], leaf)
         else:
             target = _module_to_save_param(modules, path, adapter_name)
-            target = params[path] if target is None else target
+            target = model.get_parameter(path) if target is None else target
         target.copy_(tensor.to(target.dtype))
+    refresh_originals(model, adapter_name)
 
 
 def _module_to_save_param(modules: dict, path: str, adapter_name: str) -> torch.Tensor | None:

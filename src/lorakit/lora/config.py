@@ -56,6 +56,8 @@ class _LoraFields:
     lora_bias: bool = False
     init_lora_weights: bool | str = True
     loftq_config: dict[str, int] = field(default_factory=dict)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     layer_replication: list[list[int]] | None = None
@@ -321,6 +323,14 @@ def _all_str(values: Any) -> bool:
     return all(isinstance(v, str) for v in values)
 
 
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(i) and i >= 0 for i in value)
+
+
+def _token_map(value: dict) -> bool:
+    return all(isinstance(k, str) and k and _token_ids(v) for k, v in value.items())
+
+
 def _names(value: Any, allow_string: bool = True) -> bool:
     """None, a string (when allowed) or a list of non-empty strings."""
     if value is None or (allow_string and isinstance(value, str)):
@@ -361,6 +371,12 @@ _FIELD_RULES: list[tuple[str, Any, str]] = [
     ("use_dora", lambda v: isinstance(v, bool), "true or false"),
     ("lora_bias", lambda v: isinstance(v, bool), "true or false"),
     ("loftq_config", lambda v: isinstance(v, dict), "a mapping {'loftq_bits': 4, 'loftq_iter': 1}"),
+    (
+        "trainable_token_indices",
+        lambda v: v is None or _token_ids(v) or (isinstance(v, dict) and _token_map(v)),
+        "a list of token ids (rows of the input embedding) or {layer name: [token ids]}",
+    ),
+    ("ensure_weight_tying", lambda v: isinstance(v, bool), "true or false"),
     (
         "layers_to_transform",
         lambda v: v is None or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),

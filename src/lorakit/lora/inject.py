@@ -31,6 +31,7 @@ from lorakit.lora.layers import (
 from lorakit.lora.moe import all_linear_parameters
 from lorakit.lora.params import LoraParams, check_param_config
 from lorakit.lora.presets import parameter_preset, target_preset
+from lorakit.lora.tokens import TrainableTokens, add_token_adapters, check_tokens
 
 _LAYER_INDEX_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -46,7 +47,7 @@ def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     for name, child in model.named_children():
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
-        if not isinstance(child, (LoraLayer, ModulesToSave, LoraParams)):
+        if not isinstance(child, (LoraLayer, ModulesToSave, LoraParams, TrainableTokens)):
             yield from walk(child, full)
 
 
@@ -287,6 +288,7 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
         adapted = any(isinstance(m, (LoraLayer, LoraParams)) for m in model.modules())
         replication.replicate(model, config.layer_replication, adapted)
     expand_targets(model, config)
+    check_tokens(model, config)
     names = []
     for name, module in find_targets(model, config):
         if isinstance(module, LoraLayer):  # peft's call for a layer that has adapters
@@ -311,6 +313,7 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, adapter_name: str) 
             module = ModulesToSave(module)
             replace_module(model, name, module)
         module.add_copy(adapter_name)
+    add_token_adapters(model, config, adapter_name)
     return names
 
 
@@ -377,6 +380,10 @@ def mark_trainable(model: nn.Module, adapter_names: list[str], bias: str = "none
                 if adapter in module.r:
                     for param in module.adapter_parameters(adapter):
                         param.requires_grad_(True)
+        elif isinstance(module, TrainableTokens):
+            for adapter in adapter_names:
+                for param in module.adapter_parameters(adapter):
+                    param.requires_grad_(True)
         elif isinstance(module, ModulesToSave):
             for adapter in adapter_names:
                 if adapter in module.modules_to_save:

@@ -39,6 +39,7 @@ from lorakit.lora.layers import LoraLayer, LoraLinear, ModulesToSave, is_quantiz
 from lorakit.lora.params import LoraParams
 from lorakit.lora.rows import BASE, PackedAdapters, RowPlan, reading_rows
 from lorakit.lora.ties import untie_for_merge
+from lorakit.lora.tokens import TrainableTokens
 
 
 class LoraModel(PeftSurface, HFFace):
@@ -104,9 +105,10 @@ class LoraModel(PeftSurface, HFFace):
             if registry.is_custom(module):
                 yield name, module
 
-    def _mergeable(self) -> list[LoraLayer | LoraParams]:
+    def _mergeable(self) -> list[LoraLayer | LoraParams | TrainableTokens]:
         layers = [m for _, m in self.lora_layers()] + [m for _, m in self.custom_layers()]
-        return layers + [m for _, m in self.param_layers()]
+        rows = [m for m in self.base_model.model.modules() if isinstance(m, TrainableTokens)]
+        return layers + [m for _, m in self.param_layers()] + rows
 
     def _wrappers(self) -> list[LoraLinear | ModulesToSave | LoraParams]:
         """Every LoRA / modules_to_save wrapper, cached until adapters are added or removed."""
@@ -114,7 +116,7 @@ class LoraModel(PeftSurface, HFFace):
             self._wrapper_cache = [
                 m
                 for m in self.base_model.model.modules()
-                if isinstance(m, (LoraLayer, ModulesToSave, LoraParams))
+                if isinstance(m, (LoraLayer, ModulesToSave, LoraParams, TrainableTokens))
             ]
         return self._wrapper_cache
 
@@ -180,7 +182,7 @@ class LoraModel(PeftSurface, HFFace):
                 "them first. (lorakit: call unmerge_adapter(), then delete_adapter().)"
             )
         for module in self._wrappers():
-            if isinstance(module, (LoraLayer, LoraParams)):
+            if isinstance(module, (LoraLayer, LoraParams, TrainableTokens)):
                 module.delete_adapter(adapter_name)
             elif adapter_name in module.modules_to_save:
                 del module.modules_to_save[adapter_name]
@@ -341,7 +343,7 @@ class LoraModel(PeftSurface, HFFace):
             replication.unshare(self.base_model.model)
         replacements = []
         for name, module in self.base_model.model.named_modules():
-            if isinstance(module, (LoraLayer, LoraParams)):
+            if isinstance(module, (LoraLayer, LoraParams, TrainableTokens)):
                 replacements.append(
                     (name, module.unwrap(names, merge=merge, safe_merge=safe_merge))
                 )
@@ -415,6 +417,7 @@ class LoraModel(PeftSurface, HFFace):
                 config,
                 self.chat_template,
                 kwargs.get("path_initial_model_for_weight_conversion"),
+                kwargs.get("save_embedding_layers", "auto"),
             )
         if "state_dict" in kwargs:
             self._save_trainer_weights(save_directory)

@@ -58,6 +58,15 @@ class ModelConfig(BaseModel):
         description="Linear layers left unquantized, by name or last dotted parts (None: "
         "lm_head; tied layers always are); needs quantization.",
     )
+    add_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens to add to the tokenizer (e.g. ['<|tool|>']); the embedding (and "
+        "head) grow to hold them, a LoRA run trains just their rows (trainable_token_indices) "
+        "and saves the tokenizer next to the adapter.",
+    )
+    add_tokens_special: bool = Field(
+        True, description="Add model.add_tokens as special tokens (never split, one id each)."
+    )
 
     @field_validator("compute_dtype", "skip")
     @classmethod

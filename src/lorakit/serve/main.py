@@ -173,6 +173,7 @@ def serve_main(
             f"{missing}; install the serve extra: pip install 'lorakit[serve]'"
         ) from None
     from lorakit.models import load_model, load_tokenizer
+    from lorakit.models.vocab import adapter_tokenizer, fit_vocabulary
 
     specs = adapters if isinstance(adapters, dict) else parse_adapters(list(adapters or []))
     state = None
@@ -180,9 +181,12 @@ def serve_main(
         if specs or adapters_root is not None:
             raise ConfigError("--adapter and --adapters-root need a base model: pass --model BASE")
     else:
+        base = load_model(model, dtype=dtype, device=device)
+        tokenizer = adapter_tokenizer(specs.values()) or load_tokenizer(model)
+        fit_vocabulary(base, tokenizer)  # adapters trained with added tokens
         state = build_state(
-            load_model(model, dtype=dtype, device=device),
-            load_tokenizer(model),
+            base,
+            tokenizer,
             base_name=served_model_name or model,
             adapters=specs,
             max_batch=max_batch,

@@ -120,7 +120,7 @@ def test_config_round_trip_and_peft_type(tmp_path):
     "kwargs",
     [
         {"use_qalora": True},
-        {"trainable_token_indices": [1, 2]},
+        {"alora_invocation_tokens": [1, 2]},
         {"init_lora_weights": "eva"},
         {"velora_config": {"rank": 2}},
     ],

@@ -42,7 +42,6 @@ TASK_TYPES = tuple(t.value for t in TaskType)  # in peft's order
 # made, and when an adapter is loaded), never silently dropped.
 UNSUPPORTED_FEATURES: dict[str, Any] = {
     "use_qalora": False,
-    "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "use_bdlora": None,
     "eva_config": None,
@@ -54,12 +53,10 @@ UNSUPPORTED_FEATURES: dict[str, Any] = {
     "arrow_config": None,
     "kasa_config": None,
     "megatron_config": None,
-    "ensure_weight_tying": False,
 }
 # what to use instead, where lorakit has something
 INSTEAD = {
     "megatron_config": "lorakit shards with FSDP (train.distributed), not Megatron",
-    "trainable_token_indices": "train the whole embedding with modules_to_save=['embed_tokens']",
 }
 # peft fields that only describe how the adapter was made or initialised: kept, not used.
 DESCRIPTIVE = frozenset(
