@@ -71,6 +71,7 @@ class QuickstartSettings:
     r: int = 16
     lora_alpha: float = 32
     general_repeats: int = 4  # the ordinary rows' weight in the mix
+    target_modules: list[str] | None = None  # None: the model's preset (all projections)
     precision: str = PRECISION
     name: str = IDENTITY_DEFAULTS["name"]
     author: str = IDENTITY_DEFAULTS["author"]
@@ -210,7 +211,9 @@ def run_quickstart(
     lora = get_peft_model(
         model,
         LoraConfig(
-            r=settings.r, lora_alpha=settings.lora_alpha, target_modules=target_preset(model)
+            r=settings.r,
+            lora_alpha=settings.lora_alpha,
+            target_modules=settings.target_modules or target_preset(model),
         ),
     )
     lora.chat_template = chat_template_of(tokenizer)
