@@ -97,7 +97,7 @@ def test_quickstart_learns_the_name_and_stays_useful(tmp_path, capsys):
     assert summary["ordinary_kept_before"] == 1.0
     m = len(ORDINARY)
     kept = round(kept_rate(summary["ordinary_after"], "Lumi") * m)
-    assert kept == round(summary["ordinary_kept_after"] * m) >= 11
+    assert kept == round(summary["ordinary_kept_after"] * m) >= 14  # 15 of 16 in the README
     assert f"complete sentence: {m}/{m} before -> {kept}/{m} after" in text
     assert summary["general_loss_after"] < 1.5 * summary["general_loss_before"]
     assert (out / "final" / "adapter_model.safetensors").is_file()
