@@ -280,3 +280,22 @@ def test_the_tree_is_ruff_clean():
             text=True,
         )
         assert done.returncode == 0, f"ruff {' '.join(command)} failed:\n{done.stdout}{done.stderr}"
+
+
+def duplicate_test_names(tests: Path = TESTS) -> list[str]:
+    """Test file names used in more than one folder: pytest imports test modules by their
+    base name (no __init__.py), so the second one fails to collect."""
+    names = sorted(p.name for p in tests.rglob("test_*.py"))
+    return sorted({n for n in names if names.count(n) > 1})
+
+
+def test_test_file_names_are_unique():
+    assert duplicate_test_names() == []
+
+
+def test_the_name_check_sees_a_duplicate(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test_same.py").write_text("")
+    (tmp_path / "a" / "test_other.py").write_text("")
+    assert duplicate_test_names(tmp_path) == ["test_same.py"]
